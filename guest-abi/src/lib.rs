@@ -1,0 +1,435 @@
+//! The contract between the VMM and the guest kernel, in one place.
+//!
+//! Both sides build against this crate, so a port number, a command code or a
+//! field offset cannot drift between them. Everything here is plain data:
+//! `#[repr(C)]` structs with compile-time size checks, constants, and pure
+//! decoding helpers. Nothing here trusts the other side: the VMM decodes every
+//! raw field it reads from guest memory with the `TryFrom`/`decode` helpers,
+//! which never panic.
+//!
+//! # The channel, step by step
+//!
+//! 1. The VMM boots the kernel with the Linux x86-64 64-bit boot protocol
+//!    (`RSI` = `boot_params`). Nothing below is needed to boot: on a VMM that
+//!    does not implement these ports the guest still boots and shuts down by
+//!    i8042 reset.
+//! 2. The guest reads [`port::IDENT`]. If it returns [`PV_MAGIC`], the
+//!    paravirtual interface is present.
+//! 3. The guest writes the guest-physical address of its [`StatsBlock`] to
+//!    [`port::STATS`] and of its [`Mailbox`] to [`port::MAILBOX`] (each once,
+//!    32-bit, below 4 GiB), and [`port::READY`] once it is ready for work.
+//! 4. When idle, the guest reads [`port::WAIT`]: the VMM blocks that vCPU until
+//!    it has written a command into the mailbox, so an idle VM costs no host
+//!    CPU. The guest runs the command, fills in the result, and writes the
+//!    command's sequence number to [`port::DONE`].
+//! 5. The guest ends with an exit code on [`port::EXIT`] (or an i8042 reset).
+//!
+//! The stats block is updated under a sequence counter (odd while the guest
+//! writes), so the VMM can read a consistent snapshot while the guest runs.
+#![no_std]
+
+/// Version of this contract; bumped on any incompatible change. The guest
+/// writes it into every structure it shares; the VMM rejects other versions.
+pub const ABI_VERSION: u32 = 1;
+
+/// Returned by a read of [`port::IDENT`] when the VMM implements this contract.
+pub const PV_MAGIC: u32 = 0x4D4D_5650; // "PVMM", little-endian.
+
+/// Magic at the start of [`StatsBlock`].
+pub const STATS_MAGIC: u32 = 0x5354_4154; // "TATS"
+/// Magic at the start of [`Mailbox`].
+pub const MAILBOX_MAGIC: u32 = 0x584F_424D; // "MBOX"
+/// Magic at the start of [`ApBoot`].
+pub const AP_BOOT_MAGIC: u32 = 0x544F_4241; // "ABOT"
+
+/// Size of a guest page: the unit of the memmap, the allocator and `mincore`.
+pub const PAGE_SIZE: u64 = 4096;
+/// Size of a `struct page` in the guest's memmap.
+pub const STRUCT_PAGE_SIZE: u64 = 64;
+/// Default memmap section: 128 MiB of memory (x86-64 Linux `SECTION_SIZE_BITS`).
+pub const SECTION_SIZE: u64 = 128 << 20;
+/// Default memory covered by one memmap chunk: 2 MiB (32 KiB of memmap).
+pub const DEFAULT_CHUNK_SIZE: u64 = 2 << 20;
+/// Smallest allowed chunk: 128 KiB of memory (2 KiB of memmap).
+pub const MIN_CHUNK_SIZE: u64 = 128 << 10;
+
+/// I/O ports. All paravirtual ports take or return 32-bit values.
+pub mod port {
+    /// COM1, a 16550 UART (8 ports).
+    pub const SERIAL_COM1: u16 = 0x3f8;
+    /// i8042 command port: writing 0xFE resets the machine (the VM exits).
+    pub const I8042_COMMAND: u16 = 0x64;
+    /// i8042 value that requests a reset.
+    pub const I8042_RESET: u8 = 0xfe;
+
+    /// First paravirtual port.
+    pub const PV_BASE: u16 = 0x510;
+    /// in: [`crate::PV_MAGIC`] if the paravirtual interface is present.
+    pub const IDENT: u16 = PV_BASE;
+    /// out: the guest's exit code; the VM stops.
+    pub const EXIT: u16 = PV_BASE + 4;
+    /// out: a [`crate::Phase`] the guest reached (for boot timings).
+    pub const PHASE: u16 = PV_BASE + 8;
+    /// out: guest-physical address of the [`crate::StatsBlock`].
+    pub const STATS: u16 = PV_BASE + 12;
+    /// out: guest-physical address of the [`crate::Mailbox`].
+    pub const MAILBOX: u16 = PV_BASE + 16;
+    /// in: blocks until a command is in the mailbox; returns its sequence number.
+    pub const WAIT: u16 = PV_BASE + 20;
+    /// in: like `WAIT` but never blocks; returns 0 when no command is pending.
+    pub const POLL: u16 = PV_BASE + 24;
+    /// out: the sequence number of the command the guest has finished.
+    pub const DONE: u16 = PV_BASE + 28;
+    /// out: from an exception handler; `RDI` = vector, `RSI` = error code,
+    /// `RDX` = faulting RIP, `RCX` = CR2. The VM stops with a failure.
+    pub const EXCEPTION: u16 = PV_BASE + 32;
+    /// out: guest-physical address of an [`crate::ApBoot`]; the VMM starts the
+    /// application processors in long mode at its entry.
+    pub const AP_BOOT: u16 = PV_BASE + 36;
+    /// in (on an application processor): blocks until the BSP writes
+    /// `AP_RELEASE`; returns the release generation.
+    pub const AP_PARK: u16 = PV_BASE + 40;
+    /// out (on the BSP): wakes every application processor parked on `AP_PARK`.
+    pub const AP_RELEASE: u16 = PV_BASE + 44;
+    /// Last paravirtual port (exclusive).
+    pub const PV_END: u16 = PV_BASE + 48;
+}
+
+/// Ports below this number are granted to a ring-3 kernel through the TSS I/O
+/// permission bitmap; every port this contract uses is below it.
+pub const IO_BITMAP_PORTS: u16 = 0x600;
+
+/// Boot phases the guest announces on [`port::PHASE`], in order.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Kernel entry, after the minimal ring-0 set-up (in ring 3 if `cpl=3`).
+    Entered = 1,
+    /// The memory manager has done its boot-time memmap work.
+    MemoryReady = 2,
+    /// The guest is ready for work (the boot is over).
+    Ready = 3,
+}
+
+impl Phase {
+    /// Decodes a value written by the guest.
+    pub fn decode(raw: u32) -> Option<Phase> {
+        match raw {
+            1 => Some(Phase::Entered),
+            2 => Some(Phase::MemoryReady),
+            3 => Some(Phase::Ready),
+            _ => None,
+        }
+    }
+}
+
+/// Exit codes the guest uses on [`port::EXIT`].
+pub mod exit_code {
+    /// Clean shutdown.
+    pub const OK: u32 = 0;
+    /// The kernel panicked.
+    pub const PANIC: u32 = 101;
+    /// The kernel could not boot (bad boot parameters, no memory, ...).
+    pub const BOOT_FAILED: u32 = 102;
+}
+
+/// How the guest initializes its memmap (`memmap_init=` on its command line).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every struct page before the guest is ready.
+    Eager = 0,
+    /// Like eager, split across all vCPUs.
+    Parallel = 1,
+    /// One section before ready, the rest in the background.
+    Deferred = 2,
+    /// One chunk at boot, more when an allocation needs it.
+    OnDemand = 3,
+}
+
+impl Strategy {
+    /// All strategies, in their numeric order.
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Eager,
+        Strategy::Parallel,
+        Strategy::Deferred,
+        Strategy::OnDemand,
+    ];
+
+    /// The name used on command lines and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Strategy::Eager => "eager",
+            Strategy::Parallel => "parallel",
+            Strategy::Deferred => "deferred",
+            Strategy::OnDemand => "ondemand",
+        }
+    }
+
+    /// Parses a name as written by [`Strategy::name`].
+    pub fn from_name(name: &str) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Decodes the raw value from a [`StatsBlock`].
+    pub fn decode(raw: u32) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|s| *s as u32 == raw)
+    }
+}
+
+/// Bits of [`StatsBlock::flags`].
+pub mod stats_flags {
+    /// The allocator's slow path still checks for uninitialized memory.
+    pub const GROW_CHECK_ON: u32 = 1 << 0;
+    /// Each section's memmap lives at the start of the section.
+    pub const MEMMAP_ON_MEMORY: u32 = 1 << 1;
+    /// Every struct page is initialized.
+    pub const FULLY_INITIALIZED: u32 = 1 << 2;
+    /// The block was filled by a test workload with deliberate garbage.
+    pub const TEST_CORRUPT: u32 = 1 << 31;
+}
+
+/// A contiguous guest-physical range, `[start, start + len)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpaRange {
+    /// First byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Most memmap ranges a stats block may list (one per section at most).
+pub const MAX_MEMMAP_RANGES: usize = 32;
+
+/// The guest's memory report, published at the address given on [`port::STATS`].
+///
+/// The guest increments `seq` to an odd value before it changes any field and
+/// to the next even value after; a reader that sees the same even `seq`
+/// before and after copying the block has a consistent snapshot. All byte
+/// counts are bytes, page counts are 4 KiB pages, cycles are guest TSC cycles.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatsBlock {
+    /// [`STATS_MAGIC`].
+    pub magic: u32,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// Sequence counter: odd while the guest is writing.
+    pub seq: u64,
+    /// [`Strategy`] as `u32`.
+    pub strategy: u32,
+    /// [`stats_flags`] bits.
+    pub flags: u32,
+    /// Memory covered by one memmap chunk, in bytes.
+    pub chunk_bytes: u64,
+    /// Memory covered by one memmap section, in bytes.
+    pub section_bytes: u64,
+    /// Pages of RAM covered by the memmap.
+    pub total_pages: u64,
+    /// Pages whose struct page is initialized.
+    pub initialized_pages: u64,
+    /// Pages handed out by the allocator.
+    pub allocated_pages: u64,
+    /// Pages on the allocator's free lists.
+    pub free_pages: u64,
+    /// Pages reserved (kernel, boot data, the memmap itself).
+    pub reserved_pages: u64,
+    /// Bytes of guest RAM set aside for the memmap.
+    pub memmap_bytes_reserved: u64,
+    /// Bytes of memmap written (initialized struct pages, in whole struct pages).
+    pub memmap_bytes_initialized: u64,
+    /// Chunks in the memmap.
+    pub chunks_total: u64,
+    /// Chunks whose struct pages are initialized.
+    pub chunks_initialized: u64,
+    /// Times the allocator's slow path grew the initialized memory.
+    pub grow_events: u64,
+    /// Guest TSC cycles spent initializing struct pages.
+    pub init_cycles: u64,
+    /// Allocations that failed after growing (out of memory).
+    pub alloc_failures: u64,
+    /// Number of vCPUs the guest runs on.
+    pub cpus: u32,
+    /// Number of valid entries in `memmap_ranges`.
+    pub memmap_range_count: u32,
+    /// Where the memmap lives in guest-physical memory.
+    pub memmap_ranges: [GpaRange; MAX_MEMMAP_RANGES],
+    /// Guest TSC at kernel entry.
+    pub tsc_entry: u64,
+    /// Guest TSC when the memory manager finished its boot-time work.
+    pub tsc_memory_ready: u64,
+    /// Guest TSC when the guest became ready.
+    pub tsc_ready: u64,
+    /// Guest TSC when background initialization finished (0 if not yet).
+    pub tsc_fully_initialized: u64,
+    /// Reserved for future fields; zero.
+    pub reserved: [u64; 10],
+}
+
+const _: () = assert!(core::mem::size_of::<StatsBlock>() == 768);
+const _: () = assert!(core::mem::size_of::<GpaRange>() == 16);
+
+/// Commands the VMM puts in the [`Mailbox`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Refresh the stats block; no other effect.
+    Report = 1,
+    /// Allocate and write `arg0` bytes more (`arg1` bit 0: do not write them).
+    Alloc = 2,
+    /// Free `arg0` bytes of what earlier commands allocated.
+    Free = 3,
+    /// Allocate or free so the workload holds `arg0` bytes.
+    SetTarget = 4,
+    /// Shut down with exit code `arg0`.
+    Shutdown = 5,
+    /// Benchmark: `arg0` order-0 alloc+free pairs; `result0` = TSC cycles.
+    BenchAllocFree = 6,
+}
+
+impl Command {
+    /// Decodes a raw command code.
+    pub fn decode(raw: u32) -> Option<Command> {
+        match raw {
+            1 => Some(Command::Report),
+            2 => Some(Command::Alloc),
+            3 => Some(Command::Free),
+            4 => Some(Command::SetTarget),
+            5 => Some(Command::Shutdown),
+            6 => Some(Command::BenchAllocFree),
+            _ => None,
+        }
+    }
+}
+
+/// Outcome of a command, in [`Mailbox::status`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandStatus {
+    /// Not finished (or never started).
+    Pending = 0,
+    /// Done.
+    Ok = 1,
+    /// The allocation could not be satisfied even after growing; what could
+    /// be allocated stays allocated and the guest stays usable.
+    OutOfMemory = 2,
+    /// Unknown command or bad argument.
+    Invalid = 3,
+}
+
+impl CommandStatus {
+    /// Decodes a raw status.
+    pub fn decode(raw: u32) -> Option<CommandStatus> {
+        match raw {
+            0 => Some(CommandStatus::Pending),
+            1 => Some(CommandStatus::Ok),
+            2 => Some(CommandStatus::OutOfMemory),
+            3 => Some(CommandStatus::Invalid),
+            _ => None,
+        }
+    }
+}
+
+/// The command mailbox, at the address given on [`port::MAILBOX`].
+///
+/// The VMM writes `cmd`, `arg0`, `arg1`, then `seq` (one more than the last),
+/// then answers the guest's [`port::WAIT`] read with `seq`. The guest writes
+/// `status`, `result0`, `result1`, then `done_seq = seq`, then writes `seq` to
+/// [`port::DONE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Mailbox {
+    /// [`MAILBOX_MAGIC`].
+    pub magic: u32,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// Sequence number of the current command (VMM writes).
+    pub seq: u64,
+    /// [`Command`] as `u32` (VMM writes).
+    pub cmd: u32,
+    /// [`CommandStatus`] as `u32` (guest writes).
+    pub status: u32,
+    /// First argument (VMM writes).
+    pub arg0: u64,
+    /// Second argument (VMM writes).
+    pub arg1: u64,
+    /// Sequence number of the last finished command (guest writes).
+    pub done_seq: u64,
+    /// First result (guest writes): bytes the workload holds afterwards, or
+    /// the benchmark's cycles.
+    pub result0: u64,
+    /// Second result (guest writes): command-specific.
+    pub result1: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Mailbox>() == 64);
+
+/// Application-processor boot record, at the address given on [`port::AP_BOOT`].
+///
+/// The VMM starts vCPU `i` (1 <= i < `cpu_count`) in 64-bit mode with the
+/// same segments and control registers as the BSP had at entry, `CR3` =
+/// `cr3`, `RIP` = `entry`, `RSP` = `stacks_base + i * stack_size` (the top of
+/// its stack; stack `i` spans `stacks_base + (i - 1) * stack_size ..`), and
+/// `RDI` = `i`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApBoot {
+    /// [`AP_BOOT_MAGIC`].
+    pub magic: u32,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// Guest-physical (identity-mapped) entry point for application processors.
+    pub entry: u64,
+    /// Page-table root the application processors start with.
+    pub cr3: u64,
+    /// Base of the application processors' stacks.
+    pub stacks_base: u64,
+    /// Size of each stack.
+    pub stack_size: u64,
+    /// Number of CPUs the guest wants started, BSP included.
+    pub cpu_count: u32,
+    /// Reserved; zero.
+    pub reserved: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ApBoot>() == 48);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategy_names_round_trip() {
+        for s in Strategy::ALL {
+            assert_eq!(Strategy::from_name(s.name()), Some(s));
+            assert_eq!(Strategy::decode(s as u32), Some(s));
+        }
+        assert_eq!(Strategy::from_name("lazy"), None);
+        assert_eq!(Strategy::decode(4), None);
+    }
+
+    #[test]
+    fn command_and_status_decode_rejects_unknown_values() {
+        assert_eq!(Command::decode(2), Some(Command::Alloc));
+        assert_eq!(Command::decode(0), None);
+        assert_eq!(Command::decode(u32::MAX), None);
+        assert_eq!(CommandStatus::decode(2), Some(CommandStatus::OutOfMemory));
+        assert_eq!(CommandStatus::decode(9), None);
+        assert_eq!(Phase::decode(3), Some(Phase::Ready));
+        assert_eq!(Phase::decode(0), None);
+    }
+
+    #[test]
+    fn ports_do_not_overlap_legacy_devices() {
+        assert!(port::PV_BASE >= port::SERIAL_COM1 + 8);
+        assert!(port::PV_END <= IO_BITMAP_PORTS);
+        assert_eq!((port::AP_RELEASE - port::PV_BASE) % 4, 0);
+    }
+
+    #[test]
+    fn default_chunk_is_32_kib_of_memmap() {
+        assert_eq!(DEFAULT_CHUNK_SIZE / PAGE_SIZE * STRUCT_PAGE_SIZE, 32 << 10);
+        assert_eq!(SECTION_SIZE % DEFAULT_CHUNK_SIZE, 0);
+    }
+}

@@ -1,0 +1,10 @@
+//! The guest kernel's architecture-independent parts, built for the guest
+//! (`x86_64-unknown-none`) and for the host, where they are unit-tested.
+//!
+//! - [`mm`]: the physical memory manager (struct pages, memmap, buddy allocator,
+//!   the four memmap initialization strategies).
+//! - [`cmdline`]: parsing of the kernel command line.
+#![cfg_attr(target_os = "none", no_std)]
+
+pub mod cmdline;
+pub mod mm;

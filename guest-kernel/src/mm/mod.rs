@@ -1,0 +1,1 @@
+//! Physical memory manager (placeholder until the real one lands).
