@@ -28,6 +28,22 @@
 //! writes), so the VMM can read a consistent snapshot while the guest runs.
 #![no_std]
 
+/// The records are plain integers with no padding holes that matter and no
+/// invalid bit patterns, so any bytes are a valid value: the VMM may read
+/// them from untrusted guest memory (and must validate the values).
+#[cfg(feature = "vm-memory")]
+mod byte_valued {
+    // SAFETY: each type is `#[repr(C)]`, made only of integers (and arrays
+    // of `GpaRange`, itself integers), so every byte pattern is valid.
+    unsafe impl vm_memory::ByteValued for super::StatsBlock {}
+    // SAFETY: as above.
+    unsafe impl vm_memory::ByteValued for super::Mailbox {}
+    // SAFETY: as above.
+    unsafe impl vm_memory::ByteValued for super::ApBoot {}
+    // SAFETY: as above.
+    unsafe impl vm_memory::ByteValued for super::GpaRange {}
+}
+
 /// Version of this contract; bumped on any incompatible change. The guest
 /// writes it into every structure it shares; the VMM rejects other versions.
 pub const ABI_VERSION: u32 = 1;
@@ -81,7 +97,8 @@ pub mod port {
     /// out: the sequence number of the command the guest has finished.
     pub const DONE: u16 = PV_BASE + 28;
     /// out: from an exception handler; `RDI` = vector, `RSI` = error code,
-    /// `RDX` = faulting RIP, `RCX` = CR2. The VM stops with a failure.
+    /// `R8` = faulting RIP, `R9` = CR2, `R10` = faulting CS. The VM stops
+    /// with a failure.
     pub const EXCEPTION: u16 = PV_BASE + 32;
     /// out: guest-physical address of an [`crate::ApBoot`]; the VMM starts the
     /// application processors in long mode at its entry.
@@ -209,7 +226,7 @@ pub const MAX_MEMMAP_RANGES: usize = 32;
 /// before and after copying the block has a consistent snapshot. All byte
 /// counts are bytes, page counts are 4 KiB pages, cycles are guest TSC cycles.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatsBlock {
     /// [`STATS_MAGIC`].
     pub magic: u32,
@@ -338,7 +355,7 @@ impl CommandStatus {
 /// `status`, `result0`, `result1`, then `done_seq = seq`, then writes `seq` to
 /// [`port::DONE`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Mailbox {
     /// [`MAILBOX_MAGIC`].
     pub magic: u32,
@@ -373,7 +390,7 @@ const _: () = assert!(core::mem::size_of::<Mailbox>() == 64);
 /// its stack; stack `i` spans `stacks_base + (i - 1) * stack_size ..`), and
 /// `RDI` = `i`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApBoot {
     /// [`AP_BOOT_MAGIC`].
     pub magic: u32,

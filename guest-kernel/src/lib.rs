@@ -3,8 +3,9 @@
 //!
 //! - [`mm`]: the physical memory manager (struct pages, memmap, buddy allocator,
 //!   the four memmap initialization strategies).
-//! - [`cmdline`]: parsing of the kernel command line.
+//! - [`cmdline`] and [`config`]: the kernel command line and what it selects.
 #![cfg_attr(target_os = "none", no_std)]
 
 pub mod cmdline;
+pub mod config;
 pub mod mm;

@@ -1,0 +1,228 @@
+//! The VM's life cycle: `GET /` ([`InstanceInfo`]), `PUT /actions`
+//! ([`InstanceActionInfo`]) and `PATCH /vm` ([`VmStateUpdate`]).
+//!
+//! The states, and what moves the VM between them:
+//!
+//! ```text
+//! NotStarted --InstanceStart--> Running <--PATCH /vm Paused/Resumed--> Paused
+//!                                  |
+//!                                  +--guest exit, Shutdown, Ctrl-Alt-Del--> Halted
+//!                                  +--error (KVM, bad guest)--------------> Failed
+//! ```
+//!
+//! `Halted` and `Failed` are final: the process serves the API (reports,
+//! metrics) until it is killed, but the VM cannot run again.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Where the VM is in its life cycle.
+///
+/// JSON: the variant name as a string. The details of the two final states
+/// are separate fields of [`InstanceInfo`] (`exit_code`, `failure_reason`), so
+/// `state` is always a plain string that scripts can compare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VmState {
+    /// Configurable; `InstanceStart` has not been sent.
+    NotStarted,
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are stopped by `PATCH /vm`; guest memory is kept.
+    Paused,
+    /// The guest shut down (exit code in [`InstanceInfo::exit_code`]).
+    Halted,
+    /// The VM stopped on an error ([`InstanceInfo::failure_reason`]).
+    Failed,
+}
+
+impl VmState {
+    /// All states.
+    pub const ALL: [VmState; 5] = [
+        VmState::NotStarted,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Halted,
+        VmState::Failed,
+    ];
+
+    /// The JSON spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            VmState::NotStarted => "NotStarted",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Halted => "Halted",
+            VmState::Failed => "Failed",
+        }
+    }
+
+    /// True once the VM has been started (whatever happened since).
+    pub const fn started(self) -> bool {
+        !matches!(self, VmState::NotStarted)
+    }
+
+    /// True for the states the VM never leaves.
+    pub const fn is_final(self) -> bool {
+        matches!(self, VmState::Halted | VmState::Failed)
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The answer to `GET /`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceInfo {
+    /// Instance id (given on the VMM command line, or generated).
+    pub id: String,
+    /// Life-cycle state.
+    pub state: VmState,
+    /// Version of the VMM binary.
+    pub vmm_version: String,
+    /// Whether `InstanceStart` has been accepted (`state != NotStarted`).
+    pub started: bool,
+    /// The guest's exit code once `state` is `Halted`, else `null`.
+    pub exit_code: Option<i32>,
+    /// What went wrong once `state` is `Failed`, else `null`.
+    pub failure_reason: Option<String>,
+}
+
+impl InstanceInfo {
+    /// Builds the info for `state`, keeping `started` consistent with it.
+    pub fn new(id: impl Into<String>, vmm_version: impl Into<String>, state: VmState) -> Self {
+        InstanceInfo {
+            id: id.into(),
+            state,
+            vmm_version: vmm_version.into(),
+            started: state.started(),
+            exit_code: None,
+            failure_reason: None,
+        }
+    }
+}
+
+/// What `PUT /actions` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ActionType {
+    /// Build the VM from the configuration and run it (`NotStarted` only).
+    InstanceStart,
+    /// Press Ctrl-Alt-Del: the guest is asked to shut down cleanly.
+    SendCtrlAltDel,
+    /// Stop the VM now; the state becomes `Halted`.
+    Shutdown,
+}
+
+impl ActionType {
+    /// All actions.
+    pub const ALL: [ActionType; 3] = [
+        ActionType::InstanceStart,
+        ActionType::SendCtrlAltDel,
+        ActionType::Shutdown,
+    ];
+}
+
+/// The body of `PUT /actions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionInfo {
+    /// The action.
+    pub action_type: ActionType,
+}
+
+/// The state `PATCH /vm` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VmStateTarget {
+    /// Stop the vCPUs (`Running` only).
+    Paused,
+    /// Run them again (`Paused` only).
+    Resumed,
+}
+
+impl VmStateTarget {
+    /// All targets.
+    pub const ALL: [VmStateTarget; 2] = [VmStateTarget::Paused, VmStateTarget::Resumed];
+}
+
+/// The body of `PATCH /vm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateUpdate {
+    /// The state wanted.
+    pub state: VmStateTarget,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn states_serialize_as_plain_strings() {
+        for s in VmState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), json!(s.name()));
+            assert_eq!(
+                serde_json::from_value::<VmState>(json!(s.name())).unwrap(),
+                s
+            );
+            assert_eq!(s.to_string(), s.name());
+        }
+        assert!(serde_json::from_value::<VmState>(json!("running")).is_err());
+    }
+
+    #[test]
+    fn final_and_started() {
+        assert!(!VmState::NotStarted.started());
+        assert!(VmState::Halted.started() && VmState::Halted.is_final());
+        assert!(VmState::Failed.is_final());
+        assert!(!VmState::Paused.is_final());
+    }
+
+    #[test]
+    fn instance_info_keeps_every_key() {
+        let mut info = InstanceInfo::new("vm0", "0.1.0", VmState::Failed);
+        info.failure_reason = Some("KVM_RUN: Bad address".into());
+        assert_eq!(
+            serde_json::to_value(&info).unwrap(),
+            json!({
+                "id": "vm0", "state": "Failed", "vmm_version": "0.1.0",
+                "started": true, "exit_code": null,
+                "failure_reason": "KVM_RUN: Bad address"
+            })
+        );
+    }
+
+    #[test]
+    fn actions_parse() {
+        for a in ActionType::ALL {
+            let body = json!({ "action_type": a });
+            let parsed: InstanceActionInfo = serde_json::from_value(body).unwrap();
+            assert_eq!(parsed.action_type, a);
+        }
+        let v: InstanceActionInfo =
+            serde_json::from_str(r#"{"action_type":"SendCtrlAltDel"}"#).unwrap();
+        assert_eq!(v.action_type, ActionType::SendCtrlAltDel);
+        assert!(serde_json::from_str::<InstanceActionInfo>(r#"{"action_type":"Reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(serde_json::from_str::<InstanceActionInfo>(
+            r#"{"action_type":"Shutdown","force":true}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<VmStateUpdate>(r#"{"state":"Paused","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn vm_state_update_accepts_only_paused_and_resumed() {
+        for t in VmStateTarget::ALL {
+            let v: VmStateUpdate = serde_json::from_value(json!({ "state": t })).unwrap();
+            assert_eq!(v.state, t);
+        }
+        assert!(serde_json::from_str::<VmStateUpdate>(r#"{"state":"Running"}"#).is_err());
+    }
+}

@@ -1,0 +1,463 @@
+//! `PUT /machine-config` and `GET /machine-config`: vCPUs, memory size and how
+//! the guest initializes its memmap.
+//!
+//! The request body is a [`MachineConfigUpdate`]: every field is optional and
+//! only the fields given change. The VMM keeps one [`MachineConfig`], starting
+//! from [`MachineConfig::default`], and merges each update into it with
+//! [`MachineConfig::apply`], which validates the result and leaves the config
+//! untouched if it is invalid. `GET` answers the full, merged [`MachineConfig`].
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 32;
+/// Most guest memory a VM may have, in MiB (1 TiB).
+pub const MAX_MEM_SIZE_MIB: u64 = 1 << 20;
+/// Smallest memmap chunk, in KiB (matches the guest's `MIN_CHUNK_SIZE`).
+pub const MIN_CHUNK_KIB: u64 = 128;
+/// Largest memmap chunk, in KiB (128 MiB: one memory section).
+pub const MAX_CHUNK_KIB: u64 = 128 << 10;
+
+/// Default vCPU count.
+pub const DEFAULT_VCPU_COUNT: u8 = 1;
+/// Default guest memory, in MiB.
+pub const DEFAULT_MEM_SIZE_MIB: u64 = 2048;
+/// Default memmap chunk, in KiB (matches the guest's `DEFAULT_CHUNK_SIZE`).
+pub const DEFAULT_CHUNK_KIB: u64 = 2048;
+
+/// How the guest initializes its memmap (the page metadata array); passed to
+/// the guest as `memmap_init=` on its command line. JSON: `"eager"`,
+/// `"parallel"`, `"deferred"`, `"ondemand"` (the names of
+/// `guest_abi::Strategy::name`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Every page's metadata before the guest reports ready.
+    Eager,
+    /// Like eager, split across all vCPUs.
+    Parallel,
+    /// One section before ready, the rest in the background.
+    Deferred,
+    /// One chunk at boot, more when an allocation needs it.
+    #[default]
+    OnDemand,
+}
+
+impl Strategy {
+    /// All strategies, in the guest's numeric order.
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Eager,
+        Strategy::Parallel,
+        Strategy::Deferred,
+        Strategy::OnDemand,
+    ];
+
+    /// The JSON and command-line name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Strategy::Eager => "eager",
+            Strategy::Parallel => "parallel",
+            Strategy::Deferred => "deferred",
+            Strategy::OnDemand => "ondemand",
+        }
+    }
+
+    /// Parses a name as written by [`Strategy::name`].
+    pub fn from_name(name: &str) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The privilege level the guest kernel runs its code at after entry.
+///
+/// JSON: always written as a string, `"auto"`, `"0"` or `"3"`, so the field
+/// has a single type; on input the integers `0` and `3` are accepted too,
+/// since that is what people type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GuestCpl {
+    /// Let the guest choose.
+    #[default]
+    Auto,
+    /// Ring 0.
+    Ring0,
+    /// Ring 3.
+    Ring3,
+}
+
+impl GuestCpl {
+    /// All values.
+    pub const ALL: [GuestCpl; 3] = [GuestCpl::Auto, GuestCpl::Ring0, GuestCpl::Ring3];
+
+    /// The JSON (and command-line, `cpl=`) spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            GuestCpl::Auto => "auto",
+            GuestCpl::Ring0 => "0",
+            GuestCpl::Ring3 => "3",
+        }
+    }
+
+    /// Parses a name as written by [`GuestCpl::name`].
+    pub fn from_name(name: &str) -> Option<GuestCpl> {
+        GuestCpl::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+impl fmt::Display for GuestCpl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for GuestCpl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for GuestCpl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<GuestCpl, D::Error> {
+        struct CplVisitor;
+        impl de::Visitor<'_> for CplVisitor {
+            type Value = GuestCpl;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#""auto", "0", "3", 0 or 3"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<GuestCpl, E> {
+                GuestCpl::from_name(v)
+                    .ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<GuestCpl, E> {
+                match v {
+                    0 => Ok(GuestCpl::Ring0),
+                    3 => Ok(GuestCpl::Ring3),
+                    _ => Err(E::invalid_value(de::Unexpected::Unsigned(v), &self)),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<GuestCpl, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::invalid_value(de::Unexpected::Signed(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(CplVisitor)
+    }
+}
+
+/// The full machine configuration, as `GET /machine-config` answers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1..=32.
+    pub vcpu_count: u8,
+    /// Guest memory in MiB: more than 0, a multiple of 2 (whole 2 MiB pages).
+    pub mem_size_mib: u64,
+    /// How the guest initializes its memmap.
+    pub memmap_init: Strategy,
+    /// Memmap initialization unit in KiB: a power of two in 128..=131072.
+    pub memmap_chunk_kib: u64,
+    /// Privilege level of the guest kernel.
+    pub guest_cpl: GuestCpl,
+    /// Place the memmap in the memory it describes (like Linux's
+    /// `memmap_on_memory`) rather than in one block at the start.
+    pub memmap_on_memory: bool,
+    /// Back guest memory with 2 MiB huge pages on the host.
+    pub huge_pages: bool,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: DEFAULT_VCPU_COUNT,
+            mem_size_mib: DEFAULT_MEM_SIZE_MIB,
+            memmap_init: Strategy::OnDemand,
+            memmap_chunk_kib: DEFAULT_CHUNK_KIB,
+            guest_cpl: GuestCpl::Auto,
+            memmap_on_memory: false,
+            huge_pages: false,
+        }
+    }
+}
+
+/// The body of `PUT /machine-config`: the fields to change; absent (or
+/// `null`) fields keep their current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// See [`MachineConfig::vcpu_count`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u8>,
+    /// See [`MachineConfig::mem_size_mib`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<u64>,
+    /// See [`MachineConfig::memmap_init`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memmap_init: Option<Strategy>,
+    /// See [`MachineConfig::memmap_chunk_kib`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memmap_chunk_kib: Option<u64>,
+    /// See [`MachineConfig::guest_cpl`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cpl: Option<GuestCpl>,
+    /// See [`MachineConfig::memmap_on_memory`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memmap_on_memory: Option<bool>,
+    /// See [`MachineConfig::huge_pages`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<bool>,
+}
+
+/// Why a machine configuration was refused. Each message names the field, the
+/// rule and the value given, and says what to send instead.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MachineConfigError {
+    /// `vcpu_count` out of range.
+    #[error("vcpu_count must be between 1 and {MAX_VCPUS} (got {0})")]
+    VcpuCount(u8),
+    /// `mem_size_mib` is zero.
+    #[error("mem_size_mib must be greater than 0 (got 0); the default is {DEFAULT_MEM_SIZE_MIB}")]
+    MemSizeZero,
+    /// `mem_size_mib` is odd.
+    #[error("mem_size_mib must be a multiple of 2 (got {0}); use {below} or {above}", below = .0 - 1, above = .0 + 1)]
+    MemSizeOdd(u64),
+    /// `mem_size_mib` too large.
+    #[error("mem_size_mib must be at most {MAX_MEM_SIZE_MIB} (got {0})")]
+    MemSizeTooLarge(u64),
+    /// `memmap_chunk_kib` is not a power of two.
+    #[error("memmap_chunk_kib must be a power of two (got {got}); use {below} or {above}", got = .0, below = prev_power_of_two(*.0), above = .0.next_power_of_two())]
+    ChunkNotPowerOfTwo(u64),
+    /// `memmap_chunk_kib` out of range.
+    #[error("memmap_chunk_kib must be between {MIN_CHUNK_KIB} and {MAX_CHUNK_KIB} (got {0})")]
+    ChunkOutOfRange(u64),
+}
+
+/// The largest power of two not above `v` (`v` > 0).
+fn prev_power_of_two(v: u64) -> u64 {
+    1 << (63 - v.max(1).leading_zeros())
+}
+
+impl MachineConfig {
+    /// Checks every rule; the first broken one is returned.
+    pub fn validate(&self) -> Result<(), MachineConfigError> {
+        if !(1..=MAX_VCPUS).contains(&self.vcpu_count) {
+            return Err(MachineConfigError::VcpuCount(self.vcpu_count));
+        }
+        match self.mem_size_mib {
+            0 => return Err(MachineConfigError::MemSizeZero),
+            m if m > MAX_MEM_SIZE_MIB => return Err(MachineConfigError::MemSizeTooLarge(m)),
+            m if m % 2 != 0 => return Err(MachineConfigError::MemSizeOdd(m)),
+            _ => {}
+        }
+        let chunk = self.memmap_chunk_kib;
+        if !(MIN_CHUNK_KIB..=MAX_CHUNK_KIB).contains(&chunk) {
+            return Err(MachineConfigError::ChunkOutOfRange(chunk));
+        }
+        if !chunk.is_power_of_two() {
+            return Err(MachineConfigError::ChunkNotPowerOfTwo(chunk));
+        }
+        Ok(())
+    }
+
+    /// Returns this config with the fields given in `update` replaced (no
+    /// validation).
+    pub fn merged(&self, update: &MachineConfigUpdate) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: update.vcpu_count.unwrap_or(self.vcpu_count),
+            mem_size_mib: update.mem_size_mib.unwrap_or(self.mem_size_mib),
+            memmap_init: update.memmap_init.unwrap_or(self.memmap_init),
+            memmap_chunk_kib: update.memmap_chunk_kib.unwrap_or(self.memmap_chunk_kib),
+            guest_cpl: update.guest_cpl.unwrap_or(self.guest_cpl),
+            memmap_on_memory: update.memmap_on_memory.unwrap_or(self.memmap_on_memory),
+            huge_pages: update.huge_pages.unwrap_or(self.huge_pages),
+        }
+    }
+
+    /// Applies a partial update: on success the merged config replaces this
+    /// one; on error this one is unchanged.
+    pub fn apply(&mut self, update: &MachineConfigUpdate) -> Result<(), MachineConfigError> {
+        let merged = self.merged(update);
+        merged.validate()?;
+        *self = merged;
+        Ok(())
+    }
+
+    /// Guest memory in bytes.
+    pub fn mem_size_bytes(&self) -> u64 {
+        self.mem_size_mib << 20
+    }
+
+    /// Memmap chunk in bytes.
+    pub fn memmap_chunk_bytes(&self) -> u64 {
+        self.memmap_chunk_kib << 10
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(json: &str) -> MachineConfigUpdate {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_as_documented() {
+        let c = MachineConfig::default();
+        c.validate().unwrap();
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "vcpu_count": 1, "mem_size_mib": 2048, "memmap_init": "ondemand",
+                "memmap_chunk_kib": 2048, "guest_cpl": "auto",
+                "memmap_on_memory": false, "huge_pages": false
+            })
+        );
+    }
+
+    #[test]
+    fn partial_update_changes_only_given_fields() {
+        let mut c = MachineConfig::default();
+        c.apply(&update(r#"{"vcpu_count": 4, "memmap_init": "deferred"}"#))
+            .unwrap();
+        assert_eq!(c.vcpu_count, 4);
+        assert_eq!(c.memmap_init, Strategy::Deferred);
+        assert_eq!(c.mem_size_mib, DEFAULT_MEM_SIZE_MIB);
+        // A later update keeps the earlier one's fields.
+        c.apply(&update(r#"{"mem_size_mib": 512, "huge_pages": null}"#))
+            .unwrap();
+        assert_eq!(
+            (c.vcpu_count, c.mem_size_mib, c.huge_pages),
+            (4, 512, false)
+        );
+        // An empty update is a no-op.
+        let before = c.clone();
+        c.apply(&update("{}")).unwrap();
+        assert_eq!(c, before);
+    }
+
+    #[test]
+    fn invalid_update_leaves_config_unchanged() {
+        let mut c = MachineConfig::default();
+        let err = c
+            .apply(&update(r#"{"vcpu_count": 2, "mem_size_mib": 3}"#))
+            .unwrap_err();
+        assert_eq!(err, MachineConfigError::MemSizeOdd(3));
+        assert_eq!(c, MachineConfig::default());
+    }
+
+    #[test]
+    fn validation_messages_say_what_to_do() {
+        let msg = |u: &str| {
+            MachineConfig::default()
+                .merged(&update(u))
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            msg(r#"{"mem_size_mib": 3}"#),
+            "mem_size_mib must be a multiple of 2 (got 3); use 2 or 4"
+        );
+        assert_eq!(
+            msg(r#"{"mem_size_mib": 0}"#),
+            "mem_size_mib must be greater than 0 (got 0); the default is 2048"
+        );
+        assert_eq!(
+            msg(r#"{"vcpu_count": 0}"#),
+            "vcpu_count must be between 1 and 32 (got 0)"
+        );
+        assert_eq!(
+            msg(r#"{"vcpu_count": 33}"#),
+            "vcpu_count must be between 1 and 32 (got 33)"
+        );
+        assert_eq!(
+            msg(r#"{"memmap_chunk_kib": 1000}"#),
+            "memmap_chunk_kib must be a power of two (got 1000); use 512 or 1024"
+        );
+        assert_eq!(
+            msg(r#"{"memmap_chunk_kib": 64}"#),
+            "memmap_chunk_kib must be between 128 and 131072 (got 64)"
+        );
+        assert_eq!(
+            msg(r#"{"memmap_chunk_kib": 262144}"#),
+            "memmap_chunk_kib must be between 128 and 131072 (got 262144)"
+        );
+        assert_eq!(
+            msg(r#"{"mem_size_mib": 2097152}"#),
+            "mem_size_mib must be at most 1048576 (got 2097152)"
+        );
+    }
+
+    #[test]
+    fn bounds_are_accepted() {
+        for u in [
+            r#"{"vcpu_count": 32, "mem_size_mib": 2, "memmap_chunk_kib": 128}"#,
+            r#"{"vcpu_count": 1, "mem_size_mib": 1048576, "memmap_chunk_kib": 131072}"#,
+        ] {
+            MachineConfig::default()
+                .merged(&update(u))
+                .validate()
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<MachineConfigUpdate>(r#"{"vcpus": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `vcpus`"), "{err}");
+        assert!(serde_json::from_str::<MachineConfig>(r#"{"x": 1}"#).is_err());
+    }
+
+    #[test]
+    fn vcpu_count_out_of_u8_is_a_parse_error() {
+        assert!(serde_json::from_str::<MachineConfigUpdate>(r#"{"vcpu_count": 300}"#).is_err());
+        assert!(serde_json::from_str::<MachineConfigUpdate>(r#"{"vcpu_count": -1}"#).is_err());
+    }
+
+    #[test]
+    fn strategy_names() {
+        for s in Strategy::ALL {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.name()));
+            assert_eq!(serde_json::from_str::<Strategy>(&json).unwrap(), s);
+            assert_eq!(Strategy::from_name(s.name()), Some(s));
+        }
+        assert!(serde_json::from_str::<Strategy>(r#""OnDemand""#).is_err());
+    }
+
+    #[test]
+    fn guest_cpl_is_written_as_string_and_read_from_string_or_integer() {
+        for c in GuestCpl::ALL {
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(json, format!("\"{}\"", c.name()));
+            assert_eq!(serde_json::from_str::<GuestCpl>(&json).unwrap(), c);
+        }
+        assert_eq!(
+            serde_json::from_str::<GuestCpl>("0").unwrap(),
+            GuestCpl::Ring0
+        );
+        assert_eq!(
+            serde_json::from_str::<GuestCpl>("3").unwrap(),
+            GuestCpl::Ring3
+        );
+        for bad in ["1", "-1", "\"ring0\"", "\"\"", "true", "null", "3.0"] {
+            assert!(serde_json::from_str::<GuestCpl>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn byte_helpers() {
+        let c = MachineConfig::default();
+        assert_eq!(c.mem_size_bytes(), 2048 << 20);
+        assert_eq!(c.memmap_chunk_bytes(), 2 << 20);
+    }
+}

@@ -1,0 +1,636 @@
+//! Checks `openapi.yaml` against the Rust types, so the spec cannot drift:
+//! the routes (both ways), each operation's request, success and error
+//! bodies, and for every schema its property names, required list,
+//! nullability, JSON types and enum values.
+//!
+//! The serde side is never restated by hand: each struct gets a fully
+//! populated example (every `Option` is `Some`) and a minimal one (every
+//! `Option` is `None`), and the test serializes them. The full example gives
+//! the property names (recursively); the keys left in the minimal one are the
+//! required ones (request types skip `None`s; response types write them as
+//! `null`, and those must be `nullable`). For request types, removing each
+//! key in turn and deserializing confirms which keys are really optional.
+
+use crate::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+
+const SPEC: &str = include_str!("../openapi.yaml");
+
+fn spec() -> Value {
+    serde_yaml_ng::from_str(SPEC).expect("openapi.yaml is not valid YAML")
+}
+
+/// A struct's two examples, as JSON, and a way to deserialize JSON into it.
+struct Sample {
+    name: &'static str,
+    full: Value,
+    minimal: Value,
+    request: bool,
+    parses: fn(&Value) -> Result<(), String>,
+}
+
+fn parses<T: DeserializeOwned>(v: &Value) -> Result<(), String> {
+    serde_json::from_value::<T>(v.clone())
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn sample<T: Serialize + DeserializeOwned>(
+    name: &'static str,
+    request: bool,
+    full: T,
+    minimal: T,
+) -> Sample {
+    Sample {
+        name,
+        full: serde_json::to_value(full).unwrap(),
+        minimal: serde_json::to_value(minimal).unwrap(),
+        request,
+        parses: parses::<T>,
+    }
+}
+
+fn guest_view() -> GuestMemoryView {
+    GuestMemoryView {
+        pages_total: 524_288,
+        pages_initialized: 32_768,
+        pages_allocated: 1_000,
+        pages_free: 30_000,
+        pages_reserved: 1_768,
+        memmap_bytes_reserved: 32 << 20,
+        memmap_bytes_initialized: 2 << 20,
+        chunks_total: 1_024,
+        chunks_initialized: 64,
+        chunk_bytes: 2 << 20,
+        grow_events: 3,
+        init_cycles: 123_456,
+        init_us: Some(41.5),
+        alloc_failures: 0,
+        grow_check_on: true,
+        fully_initialized: false,
+        memmap_on_memory: true,
+        allocated_bytes: 4_096_000,
+        workload_bytes: 1 << 20,
+        cpus: 2,
+    }
+}
+
+fn host_view(pss: Option<u64>) -> HostMemoryView {
+    HostMemoryView {
+        guest_ram_bytes: 2 << 30,
+        guest_ram_resident_bytes: 40 << 20,
+        memmap_resident_bytes: 2 << 20,
+        memmap_range_bytes: 32 << 20,
+        vmm_rss_bytes: 6 << 20,
+        vmm_pss_bytes: pss,
+        kvm_memslot_bytes_estimate: 4 << 20,
+        kvm_estimate_note: "rmap 8 B per 4 KiB page".into(),
+    }
+}
+
+fn timings_full() -> BootTimings {
+    BootTimings {
+        process_start: Some(0.5),
+        vm_created: Some(1200.5),
+        vcpu_first_entry: Some(1500.5),
+        guest_first_port_write: Some(1600.5),
+        guest_entered: Some(1700.5),
+        guest_memory_ready: Some(1900.5),
+        guest_ready: Some(2000.5),
+        guest_fully_initialized: Some(9000.5),
+        guest_init_memmap_us: Some(200.5),
+        guest_init_total_us: Some(300.5),
+        guest_init_full_memmap_us: Some(7300.5),
+    }
+}
+
+fn report_full() -> MemoryReport {
+    MemoryReport {
+        valid: true,
+        invalid_reason: Some("stale".into()),
+        strategy: Some(Strategy::Deferred),
+        guest: Some(guest_view()),
+        host: host_view(Some(5 << 20)),
+        timings: timings_full(),
+    }
+}
+
+fn report_minimal() -> MemoryReport {
+    MemoryReport {
+        valid: false,
+        invalid_reason: None,
+        strategy: None,
+        guest: None,
+        host: host_view(None),
+        timings: BootTimings::default(),
+    }
+}
+
+fn samples() -> Vec<Sample> {
+    let mut guest_min = guest_view();
+    guest_min.init_us = None;
+    let mut info_full = InstanceInfo::new("vm0", "0.1.0", VmState::Halted);
+    info_full.exit_code = Some(-3);
+    info_full.failure_reason = Some("reason".into());
+    let config_full = MachineConfig {
+        vcpu_count: 4,
+        mem_size_mib: 512,
+        memmap_init: Strategy::Parallel,
+        memmap_chunk_kib: 128,
+        guest_cpl: GuestCpl::Ring3,
+        memmap_on_memory: true,
+        huge_pages: true,
+    };
+    let update_full = MachineConfigUpdate {
+        vcpu_count: Some(2),
+        mem_size_mib: Some(1024),
+        memmap_init: Some(Strategy::Eager),
+        memmap_chunk_kib: Some(4096),
+        guest_cpl: Some(GuestCpl::Ring0),
+        memmap_on_memory: Some(true),
+        huge_pages: Some(false),
+    };
+    let metrics_full = Metrics {
+        vm_exits: VmExitCounts {
+            io_in: 1,
+            io_out: 2,
+            mmio_read: 3,
+            mmio_write: 4,
+            hlt: 5,
+            shutdown: 6,
+            system_event: 7,
+            failed: 8,
+            other: 9,
+        },
+        api_requests: 10,
+        api_errors: 11,
+        guest_commands: 12,
+        serial_bytes: 13,
+    };
+    let status = |report| GuestMemoryStatus {
+        target_mib: 64,
+        held_bytes: 64 << 20,
+        status: GuestMemoryOutcome::OutOfMemory,
+        report,
+    };
+    vec![
+        sample(
+            "ApiErrorBody",
+            false,
+            ApiErrorBody {
+                fault_message: "x".into(),
+            },
+            ApiErrorBody {
+                fault_message: "x".into(),
+            },
+        ),
+        sample(
+            "InstanceInfo",
+            false,
+            info_full,
+            InstanceInfo::new("vm0", "0.1.0", VmState::NotStarted),
+        ),
+        sample("MachineConfig", false, config_full.clone(), config_full),
+        sample(
+            "MachineConfigUpdate",
+            true,
+            update_full,
+            MachineConfigUpdate::default(),
+        ),
+        sample(
+            "BootSource",
+            true,
+            BootSource {
+                kernel_image_path: Some("/k".into()),
+                boot_args: Some("quiet".into()),
+            },
+            BootSource::default(),
+        ),
+        sample(
+            "InstanceActionInfo",
+            true,
+            InstanceActionInfo {
+                action_type: ActionType::Shutdown,
+            },
+            InstanceActionInfo {
+                action_type: ActionType::Shutdown,
+            },
+        ),
+        sample(
+            "VmStateUpdate",
+            true,
+            VmStateUpdate {
+                state: VmStateTarget::Paused,
+            },
+            VmStateUpdate {
+                state: VmStateTarget::Paused,
+            },
+        ),
+        sample("MemoryReport", false, report_full(), report_minimal()),
+        sample("GuestMemoryView", false, guest_view(), guest_min),
+        sample("HostMemoryView", false, host_view(Some(1)), host_view(None)),
+        sample("BootTimings", false, timings_full(), BootTimings::default()),
+        sample(
+            "GuestMemoryTarget",
+            true,
+            GuestMemoryTarget { target_mib: 64 },
+            GuestMemoryTarget { target_mib: 64 },
+        ),
+        sample(
+            "GuestMemoryStatus",
+            false,
+            status(Some(report_full())),
+            status(None),
+        ),
+        sample("Metrics", false, metrics_full.clone(), metrics_full.clone()),
+        sample(
+            "VmExitCounts",
+            false,
+            metrics_full.vm_exits.clone(),
+            metrics_full.vm_exits,
+        ),
+    ]
+}
+
+/// String enums: schema name and every value serde writes.
+fn string_enums() -> Vec<(&'static str, Vec<Value>)> {
+    fn all<T: Serialize>(values: &[T]) -> Vec<Value> {
+        values
+            .iter()
+            .map(|v| serde_json::to_value(v).unwrap())
+            .collect()
+    }
+    vec![
+        ("VmState", all(&VmState::ALL)),
+        ("Strategy", all(&Strategy::ALL)),
+        ("ActionType", all(&ActionType::ALL)),
+        ("VmStateTarget", all(&VmStateTarget::ALL)),
+        ("GuestMemoryOutcome", all(&GuestMemoryOutcome::ALL)),
+        ("GuestCpl", all(&GuestCpl::ALL)),
+    ]
+}
+
+/// Follows `$ref`, and `allOf` with a single member (the OpenAPI 3.0 way to
+/// put `nullable` or `default` beside a reference).
+fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let name = r
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("unexpected $ref {r}"));
+        let target = &spec["components"]["schemas"][name];
+        assert!(!target.is_null(), "dangling $ref {r}");
+        return resolve(spec, target);
+    }
+    if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
+        assert_eq!(all.len(), 1, "allOf with more than one member: {schema}");
+        return resolve(spec, &all[0]);
+    }
+    schema
+}
+
+/// The schema name a `$ref` (possibly inside a one-member `allOf`) points to.
+fn ref_name(schema: &Value) -> Option<&str> {
+    let schema = match schema.get("allOf").and_then(Value::as_array) {
+        Some(all) if all.len() == 1 => &all[0],
+        _ => schema,
+    };
+    schema
+        .get("$ref")?
+        .as_str()?
+        .strip_prefix("#/components/schemas/")
+}
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn type_matches(ty: &str, v: &Value) -> bool {
+    match ty {
+        "string" => v.is_string(),
+        "integer" => v.is_u64() || v.is_i64(),
+        // Stricter than JSON Schema on purpose: an integer field (u64) must
+        // not be spec'd as a number. Float examples are never whole numbers,
+        // and serde_json keeps f64s as f64 anyway.
+        "number" => v.is_f64(),
+        "boolean" => v.is_boolean(),
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        _ => false,
+    }
+}
+
+/// Checks a non-null value against a schema, recursively; appends problems.
+fn check_value(spec: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String>) {
+    let schema = resolve(spec, schema);
+    if let Some(branches) = schema.get("oneOf").and_then(Value::as_array) {
+        let mut matching = 0;
+        for b in branches {
+            let mut sub = Vec::new();
+            check_value(spec, b, v, at, &mut sub);
+            matching += usize::from(sub.is_empty());
+        }
+        if matching != 1 {
+            errs.push(format!(
+                "{at}: {v} matches {matching} oneOf branches, not 1"
+            ));
+        }
+        return;
+    }
+    let Some(ty) = schema.get("type").and_then(Value::as_str) else {
+        errs.push(format!("{at}: schema has no type"));
+        return;
+    };
+    if !type_matches(ty, v) {
+        errs.push(format!("{at}: {v} is not of type {ty}"));
+    }
+    if let Some(values) = schema.get("enum").and_then(Value::as_array) {
+        if !values.contains(v) {
+            errs.push(format!("{at}: {v} not in enum {values:?}"));
+        }
+    }
+    if ty == "object" && v.is_object() {
+        let props = &schema["properties"];
+        if !props.is_object() {
+            errs.push(format!("{at}: object schema without properties"));
+            return;
+        }
+        if schema.get("additionalProperties") != Some(&json!(false)) {
+            errs.push(format!("{at}: additionalProperties must be false"));
+        }
+        let (want, have) = (keys(v), keys(props));
+        if want != have {
+            errs.push(format!(
+                "{at}: serde fields {want:?} but spec properties {have:?}"
+            ));
+        }
+        for (k, child) in v.as_object().unwrap() {
+            if child.is_null() || props.get(k).is_none() {
+                continue;
+            }
+            check_value(spec, &props[k], child, &format!("{at}.{k}"), errs);
+        }
+    }
+}
+
+fn check_sample(spec: &Value, s: &Sample, errs: &mut Vec<String>) {
+    let name = s.name;
+    let schema = &spec["components"]["schemas"][name];
+    if schema.is_null() {
+        errs.push(format!("{name}: missing from components.schemas"));
+        return;
+    }
+    // Names, types, enums, recursively.
+    check_value(spec, schema, &s.full, name, errs);
+    assert!(
+        !s.full.as_object().unwrap().values().any(Value::is_null),
+        "{name}: the full example must fill every field"
+    );
+    // Required = the keys a minimal value still has.
+    let required: BTreeSet<String> = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().map(|k| k.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    let present = keys(&s.minimal);
+    if required != present {
+        errs.push(format!(
+            "{name}: required {required:?} but serde always writes {present:?}"
+        ));
+    }
+    // Nullable = the field is an Option.
+    for (k, prop) in schema["properties"].as_object().into_iter().flatten() {
+        let nullable = prop.get("nullable") == Some(&json!(true));
+        let is_option = s.minimal.get(k).is_none_or(Value::is_null);
+        if nullable != is_option {
+            errs.push(format!(
+                "{name}.{k}: nullable is {nullable} but the field is {}an Option",
+                if is_option { "" } else { "not " }
+            ));
+        }
+    }
+    // Both examples read back.
+    for (which, v) in [("full", &s.full), ("minimal", &s.minimal)] {
+        if let Err(e) = (s.parses)(v) {
+            errs.push(format!("{name}: {which} example does not deserialize: {e}"));
+        }
+    }
+    // Requests: leaving a key out fails exactly when the key is required.
+    if s.request {
+        for k in keys(&s.full) {
+            let mut v = s.full.clone();
+            v.as_object_mut().unwrap().remove(&k);
+            let ok = (s.parses)(&v).is_ok();
+            if ok == required.contains(&k) {
+                errs.push(format!(
+                    "{name}: without {k:?} deserializing {}, but the spec says it is {}required",
+                    if ok { "works" } else { "fails" },
+                    if ok { "" } else { "not " }
+                ));
+            }
+        }
+        let mut v = s.full.clone();
+        v.as_object_mut()
+            .unwrap()
+            .insert("no_such_field".into(), json!(1));
+        if (s.parses)(&v).is_ok() {
+            errs.push(format!("{name}: accepts unknown fields"));
+        }
+    }
+}
+
+fn fail_if_any(errs: Vec<String>) {
+    assert!(
+        errs.is_empty(),
+        "openapi.yaml disagrees with the types:\n  {}",
+        errs.join("\n  ")
+    );
+}
+
+#[test]
+fn spec_is_openapi_3() {
+    let spec = spec();
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3.0"));
+}
+
+#[test]
+fn routes_match_both_ways() {
+    let spec = spec();
+    let mut errs = Vec::new();
+    let in_code: BTreeSet<(String, String)> = Endpoint::ALL
+        .iter()
+        .map(|e| (e.path().to_string(), e.method().as_str().to_lowercase()))
+        .collect();
+    let mut in_spec = BTreeSet::new();
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            in_spec.insert((path.clone(), method.clone()));
+        }
+    }
+    for missing in in_code.difference(&in_spec) {
+        errs.push(format!("{missing:?} is served but not in the spec"));
+    }
+    for extra in in_spec.difference(&in_code) {
+        errs.push(format!("{extra:?} is in the spec but not served"));
+    }
+    fail_if_any(errs);
+}
+
+#[test]
+fn operations_match_endpoints() {
+    let spec = spec();
+    let mut errs = Vec::new();
+    for e in Endpoint::ALL {
+        let op = &spec["paths"][e.path()][e.method().as_str().to_lowercase()];
+        if op.is_null() {
+            continue; // Reported by routes_match_both_ways.
+        }
+        // Request body.
+        let body = &op["requestBody"];
+        match e.request_type() {
+            Some(want) => {
+                let got = ref_name(&body["content"]["application/json"]["schema"]);
+                if got != Some(want) || body["required"] != json!(true) {
+                    errs.push(format!(
+                        "{e}: request body should be required {want}, is {got:?}"
+                    ));
+                }
+            }
+            None if !body.is_null() => errs.push(format!("{e}: takes no body, spec has one")),
+            None => {}
+        }
+        // Statuses.
+        let responses = op["responses"].as_object().unwrap();
+        let got: BTreeSet<String> = responses.keys().cloned().collect();
+        let mut want: BTreeSet<String> = e.error_statuses().iter().map(u16::to_string).collect();
+        want.insert(e.success_status().to_string());
+        if got != want {
+            errs.push(format!("{e}: statuses {got:?}, expected {want:?}"));
+        }
+        // Success body.
+        let ok = &responses
+            .get(&e.success_status().to_string())
+            .cloned()
+            .unwrap_or_default();
+        let got = ref_name(&ok["content"]["application/json"]["schema"]);
+        if got != e.response_type() {
+            errs.push(format!(
+                "{e}: success body {got:?}, expected {:?}",
+                e.response_type()
+            ));
+        }
+        // Error bodies.
+        for status in e.error_statuses() {
+            let Some(mut r) = responses.get(&status.to_string()) else {
+                continue;
+            };
+            if let Some(target) = r.get("$ref").and_then(Value::as_str) {
+                let name = target.strip_prefix("#/components/responses/").unwrap();
+                r = &spec["components"]["responses"][name];
+            }
+            let got = ref_name(&r["content"]["application/json"]["schema"]);
+            if got != Some("ApiErrorBody") {
+                errs.push(format!("{e}: {status} body is {got:?}, not ApiErrorBody"));
+            }
+        }
+    }
+    fail_if_any(errs);
+}
+
+#[test]
+fn schemas_match_types() {
+    let spec = spec();
+    let mut errs = Vec::new();
+    let samples = samples();
+    for s in &samples {
+        check_sample(&spec, s, &mut errs);
+    }
+    for (name, values) in string_enums() {
+        let schema = &spec["components"]["schemas"][name];
+        // GuestCpl's string branch is its first oneOf member.
+        let schema = schema.get("oneOf").map_or(schema, |b| &b[0]);
+        let got = schema["enum"].as_array().cloned().unwrap_or_default();
+        if got != values || schema["type"] != json!("string") {
+            errs.push(format!(
+                "{name}: spec enum {got:?}, serde writes {values:?}"
+            ));
+        }
+    }
+    // Every schema in the spec is checked by one of the above.
+    let covered: BTreeSet<&str> = samples
+        .iter()
+        .map(|s| s.name)
+        .chain(string_enums().into_iter().map(|(n, _)| n))
+        .collect();
+    for name in spec["components"]["schemas"].as_object().unwrap().keys() {
+        if !covered.contains(name.as_str()) {
+            errs.push(format!("schema {name} is not checked against a type"));
+        }
+    }
+    // Every endpoint's body types are among them.
+    for e in Endpoint::ALL {
+        for t in [e.request_type(), e.response_type()].into_iter().flatten() {
+            if !covered.contains(t) {
+                errs.push(format!("{e}: {t} has no sample"));
+            }
+        }
+    }
+    fail_if_any(errs);
+}
+
+#[test]
+fn guest_cpl_integer_branch_is_accepted() {
+    let spec = spec();
+    let ints = spec["components"]["schemas"]["GuestCpl"]["oneOf"][1]["enum"].clone();
+    for v in ints.as_array().unwrap() {
+        serde_json::from_value::<GuestCpl>(v.clone()).unwrap();
+    }
+    assert_eq!(ints, json!([0, 3]));
+}
+
+#[test]
+fn machine_config_defaults_and_limits_match() {
+    let spec = spec();
+    let props = &spec["components"]["schemas"]["MachineConfig"]["properties"];
+    let defaults = serde_json::to_value(MachineConfig::default()).unwrap();
+    for (k, v) in defaults.as_object().unwrap() {
+        assert_eq!(&props[k]["default"], v, "default of {k}");
+    }
+    assert_eq!(props["vcpu_count"]["maximum"], json!(MAX_VCPUS));
+    assert_eq!(props["mem_size_mib"]["maximum"], json!(MAX_MEM_SIZE_MIB));
+    assert_eq!(props["memmap_chunk_kib"]["minimum"], json!(MIN_CHUNK_KIB));
+    assert_eq!(props["memmap_chunk_kib"]["maximum"], json!(MAX_CHUNK_KIB));
+    let boot = &spec["components"]["schemas"]["BootSource"]["properties"];
+    assert_eq!(boot["boot_args"]["maxLength"], json!(MAX_BOOT_ARGS_LEN));
+}
+
+/// Keys that scripts read from `GET /memory`; renaming one breaks them.
+#[test]
+fn memory_report_has_the_keys_scripts_use() {
+    let spec = spec();
+    let report = serde_json::to_value(report_full()).unwrap();
+    for dotted in [
+        "strategy",
+        "guest.memmap_bytes_reserved",
+        "guest.memmap_bytes_initialized",
+        "guest.allocated_bytes",
+        "host.memmap_resident_bytes",
+        "host.guest_ram_resident_bytes",
+        "timings",
+    ] {
+        let mut v = &report;
+        let mut schema = &spec["components"]["schemas"]["MemoryReport"];
+        for part in dotted.split('.') {
+            v = &v[part];
+            schema = &resolve(&spec, schema)["properties"][part];
+            assert!(!schema.is_null(), "spec lacks {dotted}");
+        }
+        assert!(!v.is_null(), "report lacks {dotted}");
+    }
+}

@@ -1,0 +1,83 @@
+//! Reads the Linux `boot_params` ("zero page"): the e820 map and the command line.
+
+/// Offsets in `struct boot_params` (Linux `arch/x86/include/uapi/asm/bootparam.h`).
+const E820_ENTRIES: usize = 0x1e8;
+const CMD_LINE_PTR: usize = 0x228;
+const CMDLINE_SIZE: usize = 0x238;
+const E820_TABLE: usize = 0x2d0;
+const E820_MAX: usize = 128;
+/// e820 type of usable RAM.
+pub const E820_RAM: u32 = 1;
+
+/// One e820 entry.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+/// What the kernel takes from `boot_params`.
+pub struct BootInfo {
+    pub e820: [E820Entry; E820_MAX],
+    pub e820_len: usize,
+    pub cmdline: &'static str,
+}
+
+fn read<T: Copy>(addr: u64) -> T {
+    // SAFETY: the boot protocol places boot_params and the command line in
+    // identity-mapped low memory; reads are unaligned-safe.
+    unsafe { (addr as *const T).read_unaligned() }
+}
+
+/// Parses the zero page at `zero_page`.
+pub fn parse(zero_page: u64) -> BootInfo {
+    let mut info = BootInfo {
+        e820: [E820Entry::default(); E820_MAX],
+        e820_len: 0,
+        cmdline: "",
+    };
+    let n = (read::<u8>(zero_page + E820_ENTRIES as u64) as usize).min(E820_MAX);
+    for i in 0..n {
+        let at = zero_page + (E820_TABLE + i * 20) as u64;
+        info.e820[i] = E820Entry {
+            addr: read(at),
+            size: read(at + 8),
+            kind: read(at + 16),
+        };
+    }
+    info.e820_len = n;
+    let ptr = read::<u32>(zero_page + CMD_LINE_PTR as u64) as u64;
+    let max = match read::<u32>(zero_page + CMDLINE_SIZE as u64) {
+        0 => 2048,
+        n => (n as usize).min(4096),
+    };
+    if ptr != 0 {
+        let mut len = 0;
+        while len < max && read::<u8>(ptr + len as u64) != 0 {
+            len += 1;
+        }
+        // SAFETY: `len` bytes at `ptr` were just read; the command line is
+        // never written after boot.
+        let bytes = unsafe { core::slice::from_raw_parts(ptr as *const u8, len) };
+        info.cmdline = core::str::from_utf8(bytes).unwrap_or("");
+    }
+    info
+}
+
+impl BootInfo {
+    /// Usable RAM ranges.
+    pub fn ram(&self) -> impl Iterator<Item = &E820Entry> {
+        self.e820[..self.e820_len]
+            .iter()
+            .filter(|e| e.kind == E820_RAM && e.size > 0)
+    }
+
+    /// End (exclusive) of the highest usable RAM.
+    pub fn ram_end(&self) -> u64 {
+        self.ram()
+            .map(|e| e.addr.saturating_add(e.size))
+            .max()
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,176 @@
+//! The kernel's boot configuration, parsed from its command line.
+//!
+//! | word | meaning | default |
+//! | --- | --- | --- |
+//! | `cpl=0\|3` | run the kernel in ring 0, or deprivileged in ring 3 | `3` |
+//! | `workload=...` | `wait`, `exit`, `panic`, `fault`, `alloc:SIZE`, `corrupt-stats`, `corrupt-stats-addr` | `wait` |
+//! | `memmap_init=...` | `eager`, `parallel`, `deferred`, `ondemand` | `ondemand` |
+//! | `memmap_chunk=SIZE` | memory per memmap chunk, 128K .. one section, power of two | `2M` |
+//! | `memmap_on_memory=on\|off` | each section's memmap at its start | `off` |
+//! | `quiet` | no console output but panics | off |
+
+use crate::cmdline::{get, parse_size};
+use guest_abi::Strategy;
+
+/// What the kernel does once it is ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Serve commands from the VMM's mailbox (shut down if there is no VMM channel).
+    Wait,
+    /// Shut down cleanly with exit code 0.
+    Exit,
+    /// Panic (tests the panic path).
+    Panic,
+    /// Triple-fault (tests the VMM's handling of a guest that dies).
+    Fault,
+    /// Allocate and write this many bytes, then wait.
+    Alloc(u64),
+    /// Write garbage into the stats block, then wait (tests the VMM's validation).
+    CorruptStats,
+    /// Announce a stats block address outside RAM, then wait.
+    CorruptStatsAddr,
+}
+
+/// Boot configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub cpl: u8,
+    pub workload: Workload,
+    pub strategy: Strategy,
+    pub chunk_bytes: u64,
+    pub memmap_on_memory: bool,
+    pub quiet: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cpl: 3,
+            workload: Workload::Wait,
+            strategy: Strategy::OnDemand,
+            chunk_bytes: guest_abi::DEFAULT_CHUNK_SIZE,
+            memmap_on_memory: false,
+            quiet: false,
+        }
+    }
+}
+
+/// A word of the command line the kernel could not use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: &'static str,
+}
+
+impl Config {
+    /// Parses the command line. Unknown words are ignored (they may be meant
+    /// for someone else); a known word with a bad value is an error.
+    pub fn parse(cmdline: &str) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        if let Some(v) = get(cmdline, "cpl") {
+            c.cpl = match v {
+                "0" => 0,
+                "3" => 3,
+                _ => return Err(ConfigError { key: "cpl" }),
+            };
+        }
+        if let Some(v) = get(cmdline, "workload") {
+            c.workload = match v {
+                "wait" => Workload::Wait,
+                "exit" => Workload::Exit,
+                "panic" => Workload::Panic,
+                "fault" => Workload::Fault,
+                "corrupt-stats" => Workload::CorruptStats,
+                "corrupt-stats-addr" => Workload::CorruptStatsAddr,
+                _ => match v.strip_prefix("alloc:").and_then(parse_size) {
+                    Some(n) => Workload::Alloc(n),
+                    None => return Err(ConfigError { key: "workload" }),
+                },
+            };
+        }
+        if let Some(v) = get(cmdline, "memmap_init") {
+            c.strategy = Strategy::from_name(v).ok_or(ConfigError { key: "memmap_init" })?;
+        }
+        if let Some(v) = get(cmdline, "memmap_chunk") {
+            c.chunk_bytes = parse_size(v)
+                .filter(|n| n.is_power_of_two())
+                .filter(|n| (guest_abi::MIN_CHUNK_SIZE..=guest_abi::SECTION_SIZE).contains(n))
+                .ok_or(ConfigError {
+                    key: "memmap_chunk",
+                })?;
+        }
+        if let Some(v) = get(cmdline, "memmap_on_memory") {
+            c.memmap_on_memory = match v {
+                "on" | "1" | "" => true,
+                "off" | "0" => false,
+                _ => {
+                    return Err(ConfigError {
+                        key: "memmap_on_memory",
+                    })
+                }
+            };
+        }
+        c.quiet = get(cmdline, "quiet").is_some();
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_command_line_gives_defaults() {
+        assert_eq!(Config::parse(""), Ok(Config::default()));
+    }
+
+    #[test]
+    fn every_word_is_understood() {
+        let c = Config::parse(
+            "console=ttyS0 cpl=0 workload=alloc:256M memmap_init=eager memmap_chunk=128K memmap_on_memory=on quiet",
+        )
+        .unwrap();
+        assert_eq!(c.cpl, 0);
+        assert_eq!(c.workload, Workload::Alloc(256 << 20));
+        assert_eq!(c.strategy, Strategy::Eager);
+        assert_eq!(c.chunk_bytes, 128 << 10);
+        assert!(c.memmap_on_memory);
+        assert!(c.quiet);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert_eq!(Config::parse("cpl=1"), Err(ConfigError { key: "cpl" }));
+        assert_eq!(
+            Config::parse("workload=sleep"),
+            Err(ConfigError { key: "workload" })
+        );
+        assert_eq!(
+            Config::parse("memmap_init=lazy"),
+            Err(ConfigError { key: "memmap_init" })
+        );
+        assert_eq!(
+            Config::parse("memmap_chunk=3M"),
+            Err(ConfigError {
+                key: "memmap_chunk"
+            })
+        );
+        assert_eq!(
+            Config::parse("memmap_chunk=64K"),
+            Err(ConfigError {
+                key: "memmap_chunk"
+            })
+        );
+        assert_eq!(
+            Config::parse("memmap_chunk=256M"),
+            Err(ConfigError {
+                key: "memmap_chunk"
+            })
+        );
+        assert_eq!(
+            Config::parse("memmap_on_memory=maybe"),
+            Err(ConfigError {
+                key: "memmap_on_memory"
+            })
+        );
+    }
+}

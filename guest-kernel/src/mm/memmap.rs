@@ -1,0 +1,690 @@
+//! Memmap layout and the init bitmap: where each frame's struct page lives,
+//! which frames are RAM, reserved or holes, and which chunks are initialized.
+//!
+//! # Layout
+//!
+//! Physical memory is cut into sections (`section_bytes`, 128 MiB by default)
+//! and sections into chunks (`chunk_bytes`, 2 MiB by default). A section that
+//! holds RAM gets memmap for its *span*: from the section start to the end of
+//! its last RAM chunk. Sections without RAM get none. Gaps inside a span (e.g.
+//! the legacy hole below 1 MiB) get struct pages in the [Hole] state.
+//!
+//! [Hole]: super::page::PG_HOLE
+//!
+//! Placement (`memmap_on_memory`):
+//! - `false`: every section's memmap is a slice of one array, in section
+//!   order, reserved in low memory at the first fit in RAM after the end of
+//!   the highest caller-reserved range below 4 GiB (after the kernel image).
+//! - `true`: each section's memmap sits at the first fit in RAM inside the
+//!   section itself: at the section start, or after the caller-reserved part
+//!   when the section starts with reserved memory. A section whose RAM cannot
+//!   hold its own memmap fails the initialization ([`MmInitError::MemmapDoesNotFit`]).
+//!
+//! Each section's memmap is rounded up to whole pages; its frames are reserved.
+//!
+//! # Bookkeeping without a heap
+//!
+//! The layout tables and the init bitmap are fixed-capacity arrays inside the
+//! manager (which the kernel keeps in a `static`, so they are zero `.bss`):
+//! [`MAX_RANGES`] RAM and reserved ranges, [`MAX_SECTIONS`] sections and one
+//! bit per [`guest_abi::MIN_CHUNK_SIZE`] of [`MAX_PHYS_BYTES`] (128 KiB of
+//! bitmap, of which a 64 GiB guest with 2 MiB chunks touches one page).
+//! Only the entries that describe existing memory are ever written.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use guest_abi::{MIN_CHUNK_SIZE, PAGE_SIZE, STRUCT_PAGE_SIZE};
+
+use super::addr::{Pfn, PfnRange, PhysAddr, PhysRange, PAGE_SHIFT};
+use super::page::{Page, PagePtr};
+use super::{MmConfig, MmInitError};
+
+/// Most RAM (and most reserved) ranges the caller may pass.
+pub const MAX_RANGES: usize = 64;
+/// Highest physical address the bookkeeping covers: 64 GiB of RAM plus the
+/// PCI hole below 4 GiB, rounded up to a power of two.
+pub const MAX_PHYS_BYTES: u64 = 128 << 30;
+/// Most sections (so sections of 32 MiB or more always fit [`MAX_PHYS_BYTES`]).
+pub const MAX_SECTIONS: usize = 4096;
+
+const BITMAP_WORDS: usize = (MAX_PHYS_BYTES / MIN_CHUNK_SIZE / 64) as usize;
+const FOUR_GIB: u64 = 4 << 30;
+
+/// What backs a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PageKind {
+    /// No RAM.
+    Hole,
+    /// RAM reserved by the caller or by the memmap.
+    Reserved,
+    /// RAM the allocator manages.
+    Free,
+}
+
+/// A sorted list of disjoint, non-adjacent frame ranges.
+#[derive(Clone, Copy)]
+pub(crate) struct RangeList {
+    r: [PfnRange; MAX_RANGES],
+    n: usize,
+}
+
+impl RangeList {
+    const EMPTY: RangeList = RangeList {
+        r: [PfnRange {
+            start: Pfn(0),
+            end: Pfn(0),
+        }; MAX_RANGES],
+        n: 0,
+    };
+
+    /// Normalizes caller ranges: page-rounded (`inner` for RAM, outward for
+    /// reserved memory), empty ones dropped, sorted, overlaps merged.
+    fn build(input: &[PhysRange], inner: bool) -> Result<RangeList, MmInitError> {
+        if input.len() > MAX_RANGES {
+            return Err(MmInitError::TooManyRanges);
+        }
+        let mut l = RangeList::EMPTY;
+        for r in input {
+            let p = if inner {
+                PfnRange::inner(*r)
+            } else {
+                PfnRange::outer(*r)
+            };
+            if p.pages() == 0 {
+                continue;
+            }
+            // Insertion sort by start.
+            let mut i = l.n;
+            while i > 0 && l.r[i - 1].start > p.start {
+                l.r[i] = l.r[i - 1];
+                i -= 1;
+            }
+            l.r[i] = p;
+            l.n += 1;
+        }
+        let mut out = RangeList::EMPTY;
+        for p in &l.r[..l.n] {
+            match out.n.checked_sub(1) {
+                Some(last) if out.r[last].end >= p.start => {
+                    out.r[last].end = out.r[last].end.max(p.end);
+                }
+                _ => {
+                    out.r[out.n] = *p;
+                    out.n += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn as_slice(&self) -> &[PfnRange] {
+        &self.r[..self.n]
+    }
+}
+
+/// One section's memmap.
+#[derive(Clone, Copy, Debug)]
+struct Section {
+    /// Address of the struct page of the section's first frame.
+    memmap: PhysAddr,
+    /// Frames covered from the section start (0: no memmap).
+    span_pages: u64,
+    /// Bytes of memmap reserved for the section (whole pages).
+    memmap_bytes: u64,
+}
+
+const NO_SECTION: Section = Section {
+    memmap: PhysAddr(0),
+    span_pages: 0,
+    memmap_bytes: 0,
+};
+
+/// Counts computed from the layout at initialization.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LayoutTotals {
+    /// Frames of RAM.
+    pub total_pages: u64,
+    /// Frames of RAM that are reserved (caller or memmap).
+    pub reserved_pages: u64,
+    /// Frames of RAM the allocator manages.
+    pub allocatable_pages: u64,
+    /// Chunks with memmap.
+    pub chunks_total: u64,
+    /// Chunks with memmap and at least one allocatable frame.
+    pub chunks_allocatable: u64,
+    /// Bytes of RAM reserved for the memmap.
+    pub memmap_bytes: u64,
+}
+
+/// The memmap layout and the init bitmap.
+pub(crate) struct Memmap {
+    direct_map: *mut u8,
+    chunk_shift: u32,
+    section_shift: u32,
+    on_memory: bool,
+    ram: RangeList,
+    reserved: RangeList,
+    /// The single memmap array (empty when `on_memory`).
+    global: PfnRange,
+    nsections: usize,
+    sections: [Section; MAX_SECTIONS],
+    totals: LayoutTotals,
+    bitmap: [AtomicU64; BITMAP_WORDS],
+}
+
+impl Memmap {
+    /// An empty layout (no memory).
+    pub(crate) const fn empty() -> Memmap {
+        Memmap {
+            direct_map: core::ptr::null_mut(),
+            chunk_shift: 0,
+            section_shift: 0,
+            on_memory: false,
+            ram: RangeList::EMPTY,
+            reserved: RangeList::EMPTY,
+            global: PfnRange {
+                start: Pfn(0),
+                end: Pfn(0),
+            },
+            nsections: 0,
+            sections: [NO_SECTION; MAX_SECTIONS],
+            totals: LayoutTotals {
+                total_pages: 0,
+                reserved_pages: 0,
+                allocatable_pages: 0,
+                chunks_total: 0,
+                chunks_allocatable: 0,
+                memmap_bytes: 0,
+            },
+            bitmap: [const { AtomicU64::new(0) }; BITMAP_WORDS],
+        }
+    }
+
+    /// Computes the layout. Writes nothing but `self` (not the memmap).
+    /// `cfg` must be valid ([`MmConfig::validate`]).
+    pub(crate) fn build(
+        &mut self,
+        cfg: &MmConfig,
+        ram: &[PhysRange],
+        reserved: &[PhysRange],
+        direct_map: *mut u8,
+    ) -> Result<(), MmInitError> {
+        self.direct_map = direct_map;
+        self.chunk_shift = (cfg.chunk_bytes >> PAGE_SHIFT).trailing_zeros();
+        self.section_shift = (cfg.section_bytes >> PAGE_SHIFT).trailing_zeros();
+        self.on_memory = cfg.memmap_on_memory;
+        self.ram = RangeList::build(ram, true)?;
+        self.reserved = RangeList::build(reserved, false)?;
+        let ram_end = match self.ram.as_slice().last() {
+            Some(r) => r.end,
+            None => return Err(MmInitError::NoRam),
+        };
+        if ram_end.addr().0 > MAX_PHYS_BYTES {
+            return Err(MmInitError::RamTooLarge);
+        }
+        let sec_pages = 1u64 << self.section_shift;
+        let nsections = ram_end.0.div_ceil(sec_pages) as usize;
+        if nsections > MAX_SECTIONS {
+            return Err(MmInitError::TooManySections);
+        }
+        self.nsections = nsections;
+
+        // Spans: from the section start to the end of its last RAM chunk.
+        let chunk_pages = 1u64 << self.chunk_shift;
+        for r in self.ram.as_slice() {
+            let mut s = (r.start.0 >> self.section_shift) as usize;
+            while (s as u64) << self.section_shift < r.end.0 {
+                let sec_start = (s as u64) << self.section_shift;
+                let end = r.end.0.min(sec_start + sec_pages);
+                let span = (end - sec_start).next_multiple_of(chunk_pages);
+                let sec = &mut self.sections[s];
+                sec.span_pages = sec.span_pages.max(span);
+                sec.memmap_bytes = (sec.span_pages * STRUCT_PAGE_SIZE).next_multiple_of(PAGE_SIZE);
+                s += 1;
+            }
+        }
+
+        // Placement.
+        if self.on_memory {
+            for s in 0..nsections {
+                let sec = self.sections[s];
+                if sec.span_pages == 0 {
+                    continue;
+                }
+                let lo = Pfn((s as u64) << self.section_shift);
+                let at = self
+                    .find_fit(lo, lo.add(sec_pages), sec.memmap_bytes / PAGE_SIZE)
+                    .ok_or(MmInitError::MemmapDoesNotFit)?;
+                self.sections[s].memmap = at.addr();
+            }
+        } else {
+            let total: u64 = self.sections[..nsections]
+                .iter()
+                .map(|s| s.memmap_bytes)
+                .sum();
+            let four_gib = PhysAddr(FOUR_GIB).pfn_down();
+            let lo = self
+                .reserved
+                .as_slice()
+                .iter()
+                .filter(|r| r.start < four_gib)
+                .map(|r| r.end)
+                .max()
+                .unwrap_or(Pfn(0));
+            let pages = total / PAGE_SIZE;
+            let at = self
+                .find_fit(lo, four_gib.min(ram_end), pages)
+                .ok_or(MmInitError::MemmapDoesNotFit)?;
+            self.global = PfnRange {
+                start: at,
+                end: at.add(pages),
+            };
+            let mut next = at.addr();
+            for sec in self.sections[..nsections].iter_mut() {
+                sec.memmap = next;
+                next = PhysAddr(next.0 + sec.memmap_bytes);
+            }
+        }
+
+        // Totals, from the same classification the initialization uses.
+        let mut t = LayoutTotals::default();
+        let mut c = self.next_chunk(0);
+        while let Some(chunk) = c {
+            let mut allocatable = false;
+            for (kind, run) in self.runs(chunk) {
+                match kind {
+                    PageKind::Hole => {}
+                    PageKind::Reserved => t.reserved_pages += run.pages(),
+                    PageKind::Free => {
+                        t.allocatable_pages += run.pages();
+                        allocatable = true;
+                    }
+                }
+            }
+            t.chunks_total += 1;
+            t.chunks_allocatable += u64::from(allocatable);
+            c = self.next_chunk(chunk + 1);
+        }
+        t.total_pages = t.reserved_pages + t.allocatable_pages;
+        t.memmap_bytes = self.sections[..nsections]
+            .iter()
+            .map(|s| s.memmap_bytes)
+            .sum();
+        self.totals = t;
+        Ok(())
+    }
+
+    /// The lowest `pages` frames of RAM in `[lo, hi)` that overlap no reserved range.
+    fn find_fit(&self, lo: Pfn, hi: Pfn, pages: u64) -> Option<Pfn> {
+        let mut cand = lo;
+        'search: loop {
+            let r = self.ram.as_slice().iter().find(|r| r.end > cand)?;
+            cand = cand.max(r.start);
+            let end = cand.add(pages);
+            if end > hi {
+                return None;
+            }
+            if end > r.end {
+                cand = r.end;
+                continue;
+            }
+            for res in self.reserved.as_slice() {
+                if res.start < end && res.end > cand {
+                    cand = res.end;
+                    continue 'search;
+                }
+            }
+            return Some(cand);
+        }
+    }
+
+    pub(crate) fn totals(&self) -> LayoutTotals {
+        self.totals
+    }
+
+    /// Frames per chunk.
+    pub(crate) fn chunk_pages(&self) -> u64 {
+        1 << self.chunk_shift
+    }
+
+    /// The chunk holding `pfn`.
+    pub(crate) fn chunk_of(&self, pfn: Pfn) -> u64 {
+        pfn.0 >> self.chunk_shift
+    }
+
+    /// The frames of chunk `c`.
+    pub(crate) fn chunk_range(&self, c: u64) -> PfnRange {
+        PfnRange {
+            start: Pfn(c << self.chunk_shift),
+            end: Pfn((c + 1) << self.chunk_shift),
+        }
+    }
+
+    /// The first chunk at or after `c` that has memmap.
+    pub(crate) fn next_chunk(&self, c: u64) -> Option<u64> {
+        let per_section_shift = self.section_shift - self.chunk_shift;
+        let mut s = (c >> per_section_shift) as usize;
+        while s < self.nsections {
+            let first = (s as u64) << per_section_shift;
+            let end = first + (self.sections[s].span_pages >> self.chunk_shift);
+            let cand = c.max(first);
+            if cand < end {
+                return Some(cand);
+            }
+            s += 1;
+        }
+        None
+    }
+
+    /// The memmap frames that can overlap section `s`.
+    fn memmap_frames_for(&self, s: usize) -> PfnRange {
+        if self.on_memory {
+            let sec = &self.sections[s];
+            let start = sec.memmap.pfn_down();
+            PfnRange {
+                start,
+                end: start.add(sec.memmap_bytes / PAGE_SIZE),
+            }
+        } else {
+            self.global
+        }
+    }
+
+    /// The runs of same-kind frames in chunk `c`, in address order.
+    pub(crate) fn runs(&self, c: u64) -> Runs<'_> {
+        let r = self.chunk_range(c);
+        let memmap = self.memmap_frames_for((r.start.0 >> self.section_shift) as usize);
+        Runs {
+            mm: self,
+            cur: r.start,
+            end: r.end,
+            memmap,
+        }
+    }
+
+    /// Whether chunk `c` has a frame the allocator manages.
+    pub(crate) fn chunk_has_allocatable(&self, c: u64) -> bool {
+        self.runs(c).any(|(k, _)| k == PageKind::Free)
+    }
+
+    /// The kind of `p` and the end of its run (at most `limit`).
+    fn classify(&self, p: Pfn, limit: Pfn, memmap: PfnRange) -> (PageKind, Pfn) {
+        let mut end = limit;
+        match self.ram.as_slice().iter().find(|r| r.end > p) {
+            Some(r) if r.start <= p => end = end.min(r.end),
+            Some(r) => return (PageKind::Hole, end.min(r.start)),
+            None => return (PageKind::Hole, end),
+        }
+        for res in self
+            .reserved
+            .as_slice()
+            .iter()
+            .chain(core::iter::once(&memmap))
+        {
+            if res.contains(p) {
+                return (PageKind::Reserved, end.min(res.end));
+            }
+            if res.start > p {
+                end = end.min(res.start);
+            }
+        }
+        (PageKind::Free, end)
+    }
+
+    /// Whether `pfn`'s struct page is initialized (false for frames without memmap).
+    #[inline]
+    pub(crate) fn is_initialized(&self, pfn: Pfn) -> bool {
+        let c = self.chunk_of(pfn);
+        match self.bitmap.get((c / 64) as usize) {
+            Some(w) => w.load(Ordering::Acquire) & (1 << (c % 64)) != 0,
+            None => false,
+        }
+    }
+
+    /// Marks chunk `c` initialized (its struct pages must all be written).
+    pub(crate) fn set_initialized(&self, c: u64) {
+        self.bitmap[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Release);
+    }
+
+    /// Whether chunk `c` is initialized.
+    #[cfg(test)]
+    pub(crate) fn chunk_initialized(&self, c: u64) -> bool {
+        self.is_initialized(self.chunk_range(c).start)
+    }
+
+    /// Where `pfn`'s struct page lives: the one place that maps a frame to
+    /// its slot in the memmap. The slot may be uninitialized; readers go
+    /// through [`Memmap::pfn_to_page`].
+    pub(crate) fn memmap_slot(&self, pfn: Pfn) -> *mut Page {
+        let s = (pfn.0 >> self.section_shift) as usize;
+        let off = pfn.0 & ((1 << self.section_shift) - 1);
+        debug_assert!(
+            s < self.nsections && off < self.sections[s].span_pages,
+            "{pfn:?} has no memmap"
+        );
+        let at = self.sections[s].memmap.0 + off * STRUCT_PAGE_SIZE;
+        // The address stays inside the memmap the caller reserved for us, so
+        // `wrapping_add` computes the same pointer as `add` would.
+        self.direct_map.wrapping_add(at as usize).cast::<Page>()
+    }
+
+    /// The struct page of `pfn`.
+    ///
+    /// # Safety
+    /// `pfn`'s chunk must be initialized (asserted in debug builds), and the
+    /// result must be used under the zone lock (see [`PagePtr`]).
+    #[inline]
+    pub(crate) unsafe fn pfn_to_page(&self, pfn: Pfn) -> PagePtr {
+        debug_assert!(
+            self.is_initialized(pfn),
+            "read of uninitialized struct page {pfn:?}"
+        );
+        // SAFETY: initialized chunks lie in the memmap, which the caller of
+        // `MemoryManager::init` keeps valid; the caller keeps the lock protocol.
+        unsafe { PagePtr::new(self.memmap_slot(pfn)) }
+    }
+
+    /// The struct page of `pfn` if its chunk is initialized.
+    ///
+    /// # Safety
+    /// The result must be used under the zone lock (see [`PagePtr`]).
+    #[inline]
+    pub(crate) unsafe fn page_if_initialized(&self, pfn: Pfn) -> Option<PagePtr> {
+        // SAFETY: checked initialized just before; the lock is the caller's.
+        self.is_initialized(pfn)
+            .then(|| unsafe { self.pfn_to_page(pfn) })
+    }
+
+    /// The memmap byte range describing chunk `c` (for tests).
+    #[cfg(test)]
+    pub(crate) fn chunk_memmap(&self, c: u64) -> PhysRange {
+        let first = self.chunk_range(c).start;
+        let start = self.memmap_slot(first) as u64 - self.direct_map as u64;
+        PhysRange::from_len(start, self.chunk_pages() * STRUCT_PAGE_SIZE)
+    }
+
+    /// The physical ranges holding the memmap, adjacent ones merged, in
+    /// section order.
+    pub(crate) fn memmap_ranges(&self) -> impl Iterator<Item = PhysRange> + '_ {
+        let mut secs = self.sections[..self.nsections]
+            .iter()
+            .filter(|s| s.memmap_bytes > 0)
+            .peekable();
+        core::iter::from_fn(move || {
+            let first = secs.next()?;
+            let mut r = PhysRange::from_len(first.memmap.0, first.memmap_bytes);
+            while let Some(n) = secs.peek() {
+                if n.memmap != r.end {
+                    break;
+                }
+                r.end = PhysAddr(r.end.0 + n.memmap_bytes);
+                secs.next();
+            }
+            Some(r)
+        })
+    }
+
+    /// Chunks per section.
+    pub(crate) fn chunks_per_section(&self) -> u64 {
+        1 << (self.section_shift - self.chunk_shift)
+    }
+}
+
+/// Iterator over `(kind, frames)` runs of one chunk.
+pub(crate) struct Runs<'a> {
+    mm: &'a Memmap,
+    cur: Pfn,
+    end: Pfn,
+    memmap: PfnRange,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (PageKind, PfnRange);
+    fn next(&mut self) -> Option<(PageKind, PfnRange)> {
+        if self.cur >= self.end {
+            return None;
+        }
+        let (kind, end) = self.mm.classify(self.cur, self.end, self.memmap);
+        let run = PfnRange {
+            start: self.cur,
+            end,
+        };
+        self.cur = end;
+        Some((kind, run))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_abi::Strategy;
+
+    const MIB: u64 = 1 << 20;
+
+    fn cfg(chunk: u64, section: u64, on_memory: bool) -> MmConfig {
+        MmConfig {
+            strategy: Strategy::Eager,
+            chunk_bytes: chunk,
+            section_bytes: section,
+            memmap_on_memory: on_memory,
+            low_watermark_pages: 0,
+        }
+    }
+
+    fn build(
+        c: &MmConfig,
+        ram: &[PhysRange],
+        res: &[PhysRange],
+    ) -> Result<Box<Memmap>, MmInitError> {
+        let mut m = Box::new(Memmap::empty());
+        m.build(c, ram, res, core::ptr::null_mut())?;
+        Ok(m)
+    }
+
+    #[test]
+    fn ranges_are_sorted_merged_and_rounded() {
+        let l = RangeList::build(
+            &[
+                PhysRange::from_len(0x5000, 0x1000),
+                PhysRange::from_len(0x800, 0x1000),
+                PhysRange::from_len(0x1000, 0x10),
+            ],
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            l.as_slice(),
+            &[
+                PfnRange {
+                    start: Pfn(0),
+                    end: Pfn(2)
+                },
+                PfnRange {
+                    start: Pfn(5),
+                    end: Pfn(6)
+                }
+            ]
+        );
+        let l = RangeList::build(&[PhysRange::from_len(0x800, 0x1000)], true).unwrap();
+        assert!(l.as_slice().is_empty());
+    }
+
+    #[test]
+    fn single_array_goes_after_the_highest_reserved_range_below_4g() {
+        let ram = [
+            PhysRange::from_len(0, 0x9f000),
+            PhysRange::from_len(MIB, 255 * MIB),
+        ];
+        let res = [
+            PhysRange::from_len(0, 4096),
+            PhysRange::from_len(MIB, 3 * MIB),
+        ];
+        let m = build(&cfg(2 * MIB, 128 * MIB, false), &ram, &res).unwrap();
+        let ranges: Vec<_> = m.memmap_ranges().collect();
+        assert_eq!(ranges, vec![PhysRange::from_len(4 * MIB, 4 * MIB)]);
+        let t = m.totals();
+        assert_eq!(t.total_pages, (0x9f000 + 255 * MIB) / 4096);
+        assert_eq!(t.reserved_pages, 1 + 3 * 256 + 4 * 256);
+        assert_eq!(t.chunks_total, 128);
+        assert_eq!(t.memmap_bytes, 4 * MIB);
+        assert!(!m.chunk_has_allocatable(2) && !m.chunk_has_allocatable(3));
+        assert!(m.chunk_has_allocatable(0) && m.chunk_has_allocatable(4));
+    }
+
+    #[test]
+    fn on_memory_places_each_section_after_its_reserved_start() {
+        let ram = [PhysRange::from_len(0, 200 * MIB)];
+        let res = [
+            PhysRange::from_len(0, 5 * MIB),
+            PhysRange::from_len(64 * MIB, MIB),
+        ];
+        let m = build(&cfg(2 * MIB, 64 * MIB, true), &ram, &res).unwrap();
+        let ranges: Vec<_> = m.memmap_ranges().collect();
+        assert_eq!(
+            ranges,
+            vec![
+                PhysRange::from_len(5 * MIB, MIB),
+                PhysRange::from_len(65 * MIB, MIB),
+                PhysRange::from_len(128 * MIB, MIB),
+                PhysRange::from_len(192 * MIB, 8 * MIB / 64),
+            ]
+        );
+        // Holes past the last RAM chunk get no memmap.
+        assert_eq!(m.next_chunk(100), None);
+        assert_eq!(m.totals().chunks_total, 100);
+    }
+
+    #[test]
+    fn sections_without_ram_get_no_memmap() {
+        let ram = [
+            PhysRange::from_len(0, 16 * MIB),
+            PhysRange::from_len(96 * MIB, 16 * MIB),
+        ];
+        let m = build(&cfg(MIB, 32 * MIB, false), &ram, &[]).unwrap();
+        assert_eq!(m.next_chunk(16), Some(96));
+        assert_eq!(m.totals().chunks_total, 32);
+        assert_eq!(m.memmap_ranges().count(), 1);
+        assert_eq!(m.totals().memmap_bytes, 32 * MIB / 64);
+    }
+
+    #[test]
+    fn layout_errors_are_reported() {
+        let c = cfg(2 * MIB, 128 * MIB, false);
+        assert!(matches!(build(&c, &[], &[]), Err(MmInitError::NoRam)));
+        let big = [PhysRange::from_len(0, MAX_PHYS_BYTES + MIB)];
+        assert!(matches!(
+            build(&c, &big, &[]),
+            Err(MmInitError::RamTooLarge)
+        ));
+        let full = [PhysRange::from_len(0, 8 * MIB)];
+        assert!(matches!(
+            build(&c, &full, &full),
+            Err(MmInitError::MemmapDoesNotFit)
+        ));
+        let many = [PhysRange::from_len(0, 4096); MAX_RANGES + 1];
+        assert!(matches!(
+            build(&c, &many, &[]),
+            Err(MmInitError::TooManyRanges)
+        ));
+    }
+}

@@ -1,0 +1,135 @@
+//! The paravirtual channel to the VMM (see `guest_abi`): presence probe,
+//! phase and exit ports, the stats block and the command mailbox.
+
+use crate::arch::{inl, outl};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{compiler_fence, AtomicBool, Ordering};
+use guest_abi::{port, Mailbox, StatsBlock, ABI_VERSION, MAILBOX_MAGIC, PV_MAGIC, STATS_MAGIC};
+
+static PRESENT: AtomicBool = AtomicBool::new(false);
+
+/// Probes for the VMM's paravirtual interface; the answer is remembered.
+pub fn probe() -> bool {
+    let present = inl(port::IDENT) == PV_MAGIC;
+    PRESENT.store(present, Ordering::Relaxed);
+    present
+}
+
+/// Whether the VMM implements the paravirtual interface.
+pub fn present() -> bool {
+    PRESENT.load(Ordering::Relaxed)
+}
+
+/// Announces a boot phase.
+pub fn phase(p: guest_abi::Phase) {
+    if present() {
+        outl(port::PHASE, p as u32);
+    }
+}
+
+/// Shuts the VM down with `code`: through the exit port, else by i8042 reset.
+pub fn exit(code: u32) -> ! {
+    if present() {
+        outl(port::EXIT, code);
+    }
+    crate::arch::reset()
+}
+
+/// A page-aligned cell shared with the VMM.
+#[repr(C, align(4096))]
+pub struct Shared<T>(UnsafeCell<T>);
+// SAFETY: the stats block is written only under its sequence counter by the
+// CPU that holds the memory manager's report lock, and the mailbox only by the
+// boot CPU; the VMM reads them from outside.
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    pub fn ptr(&self) -> *mut T {
+        self.0.get()
+    }
+}
+
+pub static STATS: Shared<StatsBlock> = Shared(UnsafeCell::new(zero_stats()));
+pub static MAILBOX: Shared<Mailbox> = Shared(UnsafeCell::new(Mailbox {
+    magic: 0,
+    abi_version: 0,
+    seq: 0,
+    cmd: 0,
+    status: 0,
+    arg0: 0,
+    arg1: 0,
+    done_seq: 0,
+    result0: 0,
+    result1: 0,
+}));
+
+const fn zero_stats() -> StatsBlock {
+    // SAFETY: StatsBlock is plain integers; all-zero is a valid value.
+    unsafe { core::mem::zeroed() }
+}
+
+/// Updates the stats block under its sequence counter: `f` edits a copy,
+/// which is written back between an odd and an even `seq`.
+pub fn publish_stats(f: impl FnOnce(&mut StatsBlock)) {
+    let p = STATS.ptr();
+    // SAFETY: `p` is the static stats block; only one CPU publishes at a time
+    // (callers hold the kernel's stats lock or run before SMP starts).
+    unsafe {
+        let mut s = p.read_volatile();
+        let seq = s.seq | 1;
+        (&raw mut (*p).seq).write_volatile(seq);
+        compiler_fence(Ordering::SeqCst);
+        f(&mut s);
+        s.magic = STATS_MAGIC;
+        s.abi_version = ABI_VERSION;
+        s.seq = seq;
+        p.write_volatile(s);
+        compiler_fence(Ordering::SeqCst);
+        (&raw mut (*p).seq).write_volatile(seq + 1);
+    }
+}
+
+/// Announces the stats block and the mailbox to the VMM (once).
+pub fn announce() {
+    if !present() {
+        return;
+    }
+    // SAFETY: the mailbox is static; nobody else writes it before this.
+    unsafe {
+        let m = MAILBOX.ptr();
+        (&raw mut (*m).magic).write_volatile(MAILBOX_MAGIC);
+        (&raw mut (*m).abi_version).write_volatile(ABI_VERSION);
+    }
+    outl(port::STATS, STATS.ptr() as u64 as u32);
+    outl(port::MAILBOX, MAILBOX.ptr() as u64 as u32);
+}
+
+/// Waits for the next command (blocking in the VMM); returns its sequence number.
+pub fn wait_command() -> u32 {
+    inl(port::WAIT)
+}
+
+/// Returns a pending command's sequence number without blocking, or 0.
+pub fn poll_command() -> u32 {
+    inl(port::POLL)
+}
+
+/// Reads the mailbox as the VMM left it.
+pub fn read_mailbox() -> Mailbox {
+    // SAFETY: static mailbox; the VMM wrote it before answering WAIT/POLL.
+    unsafe { MAILBOX.ptr().read_volatile() }
+}
+
+/// Publishes a command's result and tells the VMM it is done.
+pub fn complete(seq: u64, status: guest_abi::CommandStatus, result0: u64, result1: u64) {
+    let m = MAILBOX.ptr();
+    // SAFETY: static mailbox, written only by the boot CPU.
+    unsafe {
+        (&raw mut (*m).status).write_volatile(status as u32);
+        (&raw mut (*m).result0).write_volatile(result0);
+        (&raw mut (*m).result1).write_volatile(result1);
+        compiler_fence(Ordering::SeqCst);
+        (&raw mut (*m).done_seq).write_volatile(seq);
+    }
+    outl(port::DONE, seq as u32);
+}

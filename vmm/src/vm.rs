@@ -1,0 +1,550 @@
+//! A VM: the builder that turns a [`VmConfig`] into a ready, paused VM, and
+//! the VMM thread's handle to start it, watch its events and stop it.
+//!
+//! Threads: the VMM thread (the caller) owns the [`Vm`]; each vCPU runs on
+//! its own thread (spawned by [`Vm::start`], and by the guest's AP start-up
+//! request) and reports back through [`VmEvent`]s. Only the VMM thread changes
+//! VM state.
+
+use crate::arch::{self, layout};
+use crate::devices::{ConsoleOut, Devices, VmEvent};
+use crate::timings::{Metrics, Timings};
+use crate::vcpu::{self, StopReason};
+use guest_abi::{ApBoot, Strategy, AP_BOOT_MAGIC};
+use kvm_bindings::{kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use std::io::Cursor;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// The guest kernel built from `guest-kernel/`, embedded at build time.
+pub static EMBEDDED_KERNEL: &[u8] = include_bytes!(env!("GUEST_KERNEL_PATH"));
+
+/// Stack size of vCPU threads: the run loop needs little, and every VM of a
+/// density run pays for what its threads touch.
+const VCPU_STACK: usize = 256 << 10;
+
+/// Which kernel to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelImage {
+    /// The guest kernel built into this binary.
+    Embedded,
+    /// An ELF file.
+    File(PathBuf),
+}
+
+/// The guest's privilege level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestCpl {
+    /// Ring 3 on a PVM host, ring 0 elsewhere.
+    Auto,
+    /// Ring 0.
+    Ring0,
+    /// Ring 3.
+    Ring3,
+}
+
+impl GuestCpl {
+    /// The ring to pass to the guest (`cpl=`).
+    pub fn resolve(self) -> u8 {
+        match self {
+            GuestCpl::Ring0 => 0,
+            GuestCpl::Ring3 => 3,
+            GuestCpl::Auto if is_pvm_host() => 3,
+            GuestCpl::Auto => 0,
+        }
+    }
+}
+
+/// Whether `/dev/kvm` is served by PVM (ring-0 guest code is emulated there).
+pub fn is_pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    Stdout,
+    File(PathBuf),
+    None,
+}
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub kernel: KernelImage,
+    /// Extra words for the guest command line (after the VMM's own).
+    pub cmdline: String,
+    pub cpl: GuestCpl,
+    pub memmap_init: Strategy,
+    pub memmap_chunk_kib: u64,
+    pub memmap_on_memory: bool,
+    pub huge_pages: bool,
+    pub serial: SerialTarget,
+    /// Path of `/dev/kvm` (tests point it elsewhere).
+    pub kvm_path: PathBuf,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_mib: 2048,
+            vcpus: 1,
+            kernel: KernelImage::Embedded,
+            cmdline: String::new(),
+            cpl: GuestCpl::Auto,
+            memmap_init: Strategy::OnDemand,
+            memmap_chunk_kib: guest_abi::DEFAULT_CHUNK_SIZE >> 10,
+            memmap_on_memory: false,
+            huge_pages: false,
+            serial: SerialTarget::Stdout,
+            kvm_path: PathBuf::from("/dev/kvm"),
+        }
+    }
+}
+
+/// Most vCPUs a VM may have (the guest kernel's limit).
+pub const MAX_VCPUS: u8 = 32;
+
+impl VmConfig {
+    /// The full guest command line: the VMM's words, then the user's (which win).
+    pub fn guest_cmdline(&self) -> String {
+        let mut s = format!(
+            "cpl={} memmap_init={} memmap_chunk={}K",
+            self.cpl.resolve(),
+            self.memmap_init.name(),
+            self.memmap_chunk_kib
+        );
+        if self.memmap_on_memory {
+            s.push_str(" memmap_on_memory=on");
+        }
+        if !self.cmdline.trim().is_empty() {
+            s.push(' ');
+            s.push_str(self.cmdline.trim());
+        }
+        s
+    }
+
+    /// Checks the numbers; the message says what to do.
+    pub fn validate(&self) -> Result<(), BuildError> {
+        let bad = |m: String| Err(BuildError::Config(m));
+        if self.mem_mib == 0 {
+            return bad("memory size must be more than 0 MiB (e.g. --mem-mib 2048)".into());
+        }
+        if self.mem_mib % 2 != 0 {
+            return bad(format!("memory size must be a multiple of 2 MiB (got {}; try {})", self.mem_mib, self.mem_mib + 1));
+        }
+        let max_mib = layout::MAX_RAM >> 20;
+        if self.mem_mib > max_mib {
+            return bad(format!(
+                "memory size {} MiB is more than this VMM can map for a guest (at most {max_mib} MiB)",
+                self.mem_mib
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return bad(format!("vCPU count must be 1..={MAX_VCPUS} (got {})", self.vcpus));
+        }
+        let chunk = self.memmap_chunk_kib << 10;
+        if !chunk.is_power_of_two() || !(guest_abi::MIN_CHUNK_SIZE..=guest_abi::SECTION_SIZE).contains(&chunk) {
+            return bad(format!(
+                "memmap chunk must be a power of two from {} to {} KiB (got {})",
+                guest_abi::MIN_CHUNK_SIZE >> 10,
+                guest_abi::SECTION_SIZE >> 10,
+                self.memmap_chunk_kib
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a VM could not be built. [`BuildError::is_usage`] tells the user's
+/// mistakes (exit code 2) from the host's failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{path} does not exist: this host has no KVM (load the kvm_intel or kvm_amd module, or use a host with virtualization)")]
+    KvmMissing { path: PathBuf },
+    #[error("permission denied opening {path}: add your user to the kvm group (sudo usermod -aG kvm $USER, then log in again) or run as root")]
+    KvmDenied { path: PathBuf },
+    #[error("cannot open {path}")]
+    KvmOpen {
+        path: PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_CREATE_VM failed")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("cannot read kernel image {path}: {source} (pass an existing ELF file to --kernel, or omit it to boot the built-in guest)")]
+    KernelRead { path: PathBuf, source: std::io::Error },
+    #[error("kernel image {path} is not an x86-64 ELF executable ({why})")]
+    KernelNotElf { path: String, why: &'static str },
+    #[error("cannot load kernel image {path}")]
+    KernelLoad {
+        path: String,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error("cannot prepare the guest's boot data")]
+    Arch(#[from] arch::ArchSetupError),
+    #[error("cannot set up vCPU {cpu}: {what}")]
+    Vcpu {
+        cpu: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl BuildError {
+    /// Whether this is the user's input to fix (exit code 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            BuildError::Config(_)
+                | BuildError::KvmMissing { .. }
+                | BuildError::KvmDenied { .. }
+                | BuildError::KernelRead { .. }
+                | BuildError::KernelNotElf { .. }
+        )
+    }
+}
+
+/// Checks that `image` is a 64-bit little-endian x86-64 ELF executable.
+pub fn check_elf(image: &[u8]) -> Result<(), &'static str> {
+    if image.len() < 64 || &image[..4] != b"\x7fELF" {
+        return Err("no ELF magic");
+    }
+    if image[4] != 2 {
+        return Err("not a 64-bit ELF");
+    }
+    if image[5] != 1 {
+        return Err("not little-endian");
+    }
+    let machine = u16::from_le_bytes([image[18], image[19]]);
+    if machine != 62 {
+        return Err("not built for x86-64");
+    }
+    let kind = u16::from_le_bytes([image[16], image[17]]);
+    if kind != 2 {
+        return Err("not an executable (ET_EXEC)");
+    }
+    Ok(())
+}
+
+struct VcpuThread {
+    cpu: u8,
+    handle: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    /// The thread reported that it stopped (it is returning).
+    stopped: bool,
+}
+
+/// A built VM.
+pub struct Vm {
+    pub config: VmConfig,
+    /// The command line the guest was given.
+    pub guest_cmdline: String,
+    _kvm: Kvm,
+    _vm_fd: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub devices: Arc<Devices>,
+    pending_vcpus: Vec<Option<VcpuFd>>,
+    threads: Vec<VcpuThread>,
+    events: Receiver<VmEvent>,
+    event_tx: std::sync::mpsc::Sender<VmEvent>,
+    boot_sregs: kvm_sregs,
+    pub timings: Arc<Timings>,
+    pub metrics: Arc<Metrics>,
+    running: usize,
+}
+
+fn open_kvm(path: &Path) -> Result<Kvm, BuildError> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Err(BuildError::KvmMissing { path: path.into() });
+    };
+    match Kvm::new_with_path(cpath) {
+        Ok(k) => Ok(k),
+        Err(e) if e.errno() == libc::ENOENT => Err(BuildError::KvmMissing { path: path.into() }),
+        Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
+            Err(BuildError::KvmDenied { path: path.into() })
+        }
+        Err(source) => Err(BuildError::KvmOpen { path: path.into(), source }),
+    }
+}
+
+fn open_console(target: &SerialTarget) -> Result<Option<ConsoleOut>, BuildError> {
+    Ok(Some(match target {
+        SerialTarget::Stdout => Box::new(std::io::LineWriter::new(std::io::stdout())),
+        SerialTarget::None => return Ok(None),
+        SerialTarget::File(p) => {
+            let f = std::fs::File::create(p)
+                .map_err(|e| BuildError::Config(format!("cannot create serial output file {}: {e}", p.display())))?;
+            Box::new(std::io::LineWriter::new(f))
+        }
+    }))
+}
+
+impl Vm {
+    /// Builds a VM ready to start: KVM VM and guest RAM registered, kernel and
+    /// boot data loaded, vCPUs created and set up for 64-bit entry.
+    pub fn build(config: VmConfig, timings: Arc<Timings>) -> Result<Vm, BuildError> {
+        config.validate()?;
+        let (image, name): (std::borrow::Cow<'_, [u8]>, String) = match &config.kernel {
+            KernelImage::Embedded => (EMBEDDED_KERNEL.into(), "(built-in guest)".into()),
+            KernelImage::File(p) => (
+                std::fs::read(p).map_err(|source| BuildError::KernelRead { path: p.clone(), source })?.into(),
+                p.display().to_string(),
+            ),
+        };
+        check_elf(&image).map_err(|why| BuildError::KernelNotElf { path: name.clone(), why })?;
+        let console = open_console(&config.serial)?;
+
+        let kvm = open_kvm(&config.kvm_path)?;
+        let vm_fd = kvm.create_vm().map_err(BuildError::CreateVm)?;
+        let mem = crate::memory::create_ram(&arch::ram_ranges(config.mem_mib << 20), config.huge_pages)?;
+        crate::memory::register_ram(&vm_fd, &mem)?;
+        timings.mark_once(&timings.vm_created);
+
+        let loaded = Elf::load(&mem, None, &mut Cursor::new(&image[..]), Some(GuestAddress(layout::HIMEM_START)))
+            .map_err(|source| BuildError::KernelLoad { path: name.clone(), source })?;
+        let guest_cmdline = config.guest_cmdline();
+        arch::write_boot_data(&mem, &guest_cmdline)?;
+
+        let metrics = Arc::new(Metrics::default());
+        let (event_tx, events) = channel();
+        let devices = Arc::new(Devices::new(mem.clone(), console, event_tx.clone(), timings.clone(), metrics.clone()));
+
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
+        let mut pending_vcpus = Vec::new();
+        let mut boot_sregs = kvm_sregs::default();
+        for cpu in 0..config.vcpus {
+            let vcpu_err = |what| move |source| BuildError::Vcpu { cpu, what, source };
+            let vcpu = vm_fd.create_vcpu(u64::from(cpu)).map_err(vcpu_err("KVM_CREATE_VCPU"))?;
+            if let Some(c) = &cpuid {
+                let mut c: CpuId = c.clone();
+                let tsc_khz = vcpu.get_tsc_khz().ok();
+                arch::patch_cpuid(&mut c, cpu, tsc_khz);
+                vcpu.set_cpuid2(&c).map_err(vcpu_err("KVM_SET_CPUID2"))?;
+            }
+            let sregs = vcpu.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+            let sregs = arch::long_mode_sregs(sregs, layout::PML4_START);
+            if cpu == 0 {
+                vcpu.set_sregs(&sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
+                vcpu.set_regs(&arch::boot_regs(loaded.kernel_load.0)).map_err(vcpu_err("KVM_SET_REGS"))?;
+                vcpu.set_fpu(&arch::boot_fpu()).map_err(vcpu_err("KVM_SET_FPU"))?;
+                boot_sregs = sregs;
+            }
+            pending_vcpus.push(Some(vcpu));
+        }
+
+        Ok(Vm {
+            config,
+            guest_cmdline,
+            _kvm: kvm,
+            _vm_fd: vm_fd,
+            mem,
+            devices,
+            pending_vcpus,
+            threads: Vec::new(),
+            events,
+            event_tx,
+            boot_sregs,
+            timings,
+            metrics,
+            running: 0,
+        })
+    }
+
+    fn spawn_vcpu(&mut self, cpu: u8) -> Result<(), std::io::Error> {
+        let Some(mut vcpu) = self.pending_vcpus.get_mut(cpu as usize).and_then(Option::take) else {
+            return Ok(());
+        };
+        vcpu::install_kick_handler();
+        let devices = self.devices.clone();
+        let tx = self.event_tx.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{cpu}"))
+            .stack_size(VCPU_STACK)
+            .spawn(move || {
+                let reason = vcpu::run(&mut vcpu, cpu, &devices, &stop2);
+                let _ = tx.send(VmEvent::VcpuStopped { cpu, reason });
+            })?;
+        self.threads.push(VcpuThread { cpu, handle, stop, stopped: false });
+        self.running += 1;
+        Ok(())
+    }
+
+    /// Starts the boot vCPU.
+    pub fn start(&mut self) -> Result<(), std::io::Error> {
+        self.spawn_vcpu(0)
+    }
+
+    /// Starts the application processors the guest asked for; returns how
+    /// many, or why the record was refused.
+    pub fn start_aps(&mut self, rec: ApBoot) -> Result<usize, String> {
+        if rec.magic != AP_BOOT_MAGIC || rec.abi_version != guest_abi::ABI_VERSION {
+            return Err("AP boot record has a bad magic or version".into());
+        }
+        let wanted = (rec.cpu_count as usize).min(self.pending_vcpus.len());
+        let mut started = 0;
+        for cpu in 1..wanted {
+            let Some(Some(vcpu)) = self.pending_vcpus.get(cpu) else { continue };
+            let stack_top = rec
+                .stacks_base
+                .checked_add(rec.stack_size.checked_mul(cpu as u64).ok_or("AP stack overflows")?)
+                .ok_or("AP stack overflows")?;
+            let sregs = arch::long_mode_sregs(self.boot_sregs, rec.cr3);
+            vcpu.set_sregs(&sregs).map_err(|e| format!("KVM_SET_SREGS for CPU {cpu}: {e}"))?;
+            vcpu.set_regs(&arch::ap_regs(rec.entry, stack_top, cpu as u64))
+                .map_err(|e| format!("KVM_SET_REGS for CPU {cpu}: {e}"))?;
+            vcpu.set_fpu(&arch::boot_fpu()).map_err(|e| format!("KVM_SET_FPU for CPU {cpu}: {e}"))?;
+            self.spawn_vcpu(cpu as u8).map_err(|e| format!("cannot start the thread of CPU {cpu}: {e}"))?;
+            started += 1;
+        }
+        Ok(started)
+    }
+
+    /// Waits up to `timeout` for the next event; `None` on timeout.
+    pub fn next_event(&self, timeout: Duration) -> Option<VmEvent> {
+        match self.events.recv_timeout(timeout) {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout) => None,
+            // Impossible while `self.event_tx` lives; treat as "nothing".
+            Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Notes that vCPU `cpu` stopped; returns how many are still running.
+    pub fn vcpu_stopped(&mut self, cpu: u8) -> usize {
+        if let Some(t) = self.threads.iter_mut().find(|t| t.cpu == cpu && !t.stopped) {
+            t.stopped = true;
+            self.running = self.running.saturating_sub(1);
+        }
+        self.running
+    }
+
+    /// Stops every vCPU (waking blocked ones, kicking running ones out of
+    /// `KVM_RUN`) and joins their threads.
+    pub fn stop(&mut self) {
+        self.devices.request_stop();
+        for t in &self.threads {
+            t.stop.store(true, Ordering::Release);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for t in self.threads.drain(..) {
+            if t.stopped {
+                // It sent its last event and is returning: just join.
+                let _ = t.handle.join();
+                continue;
+            }
+            while !t.handle.is_finished() && Instant::now() < deadline {
+                // SAFETY: the thread is alive (not finished, not joined), so
+                // its pthread_t is valid; the signal has a no-op handler.
+                unsafe { libc::pthread_kill(t.handle.as_pthread_t(), vcpu::kick_signal()) };
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            if t.handle.is_finished() {
+                let _ = t.handle.join();
+            }
+        }
+        self.devices.flush_console();
+    }
+
+    /// Runs the VM until it stops: starts it, starts APs on request, and
+    /// returns the boot vCPU's stop reason. `on_event` sees every event first.
+    pub fn run_to_completion(&mut self, mut on_event: impl FnMut(&mut Vm, &VmEvent)) -> StopReason {
+        if let Err(e) = self.start() {
+            return StopReason::RunFailed(format!("cannot start the vCPU thread: {e}"));
+        }
+        loop {
+            let Some(ev) = self.next_event(Duration::from_secs(3600)) else { continue };
+            on_event(self, &ev);
+            match ev {
+                VmEvent::StartAps(rec) => {
+                    if let Err(e) = self.start_aps(rec) {
+                        eprintln!("vmm: guest AP start-up refused: {e}");
+                    }
+                }
+                VmEvent::VcpuStopped { cpu, reason } => {
+                    self.vcpu_stopped(cpu);
+                    if cpu == 0 || reason.is_failure() {
+                        self.timings.mark_once(&self.timings.vm_stopped);
+                        self.stop();
+                        return reason;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_kernel_is_an_x86_64_elf() {
+        assert_eq!(check_elf(EMBEDDED_KERNEL), Ok(()));
+    }
+
+    #[test]
+    fn non_elf_images_are_named_precisely() {
+        assert_eq!(check_elf(b"hello"), Err("no ELF magic"));
+        let mut img = EMBEDDED_KERNEL[..64].to_vec();
+        img[18] = 183; // aarch64
+        assert_eq!(check_elf(&img), Err("not built for x86-64"));
+        img[4] = 1;
+        assert_eq!(check_elf(&img), Err("not a 64-bit ELF"));
+    }
+
+    #[test]
+    fn config_validation_says_what_to_do() {
+        let c = |mem_mib, vcpus| VmConfig { mem_mib, vcpus, ..Default::default() }.validate();
+        assert!(c(2048, 1).is_ok());
+        assert!(c(0, 1).unwrap_err().to_string().contains("more than 0"));
+        assert!(c(3, 1).unwrap_err().to_string().contains("multiple of 2"));
+        assert!(c(1 << 30, 1).unwrap_err().to_string().contains("at most"));
+        assert!(c(2048, 0).unwrap_err().to_string().contains("vCPU"));
+        let bad_chunk = VmConfig { memmap_chunk_kib: 100, ..Default::default() }.validate();
+        assert!(bad_chunk.unwrap_err().to_string().contains("power of two"));
+        assert!(c(0, 1).unwrap_err().is_usage());
+    }
+
+    #[test]
+    fn user_words_come_last_so_they_win() {
+        let c = VmConfig { cpl: GuestCpl::Ring0, cmdline: " workload=exit cpl=3 ".into(), ..Default::default() };
+        assert_eq!(c.guest_cmdline(), "cpl=0 memmap_init=ondemand memmap_chunk=2048K workload=exit cpl=3");
+    }
+
+    #[test]
+    fn a_missing_kvm_device_is_a_usage_error_that_names_the_path() {
+        let e = open_kvm(Path::new("/nonexistent/kvm")).err().unwrap();
+        assert!(matches!(e, BuildError::KvmMissing { .. }));
+        assert!(e.to_string().contains("/nonexistent/kvm"));
+        assert!(e.is_usage());
+    }
+}
