@@ -3,7 +3,7 @@
 //! | word | meaning | default |
 //! | --- | --- | --- |
 //! | `cpl=0\|3` | run the kernel in ring 0, or deprivileged in ring 3 | `3` |
-//! | `workload=...` | `wait`, `exit`, `panic`, `fault`, `alloc:SIZE`, `corrupt-stats`, `corrupt-stats-addr` | `wait` |
+//! | `workload=...` | `wait`, `exit`, `panic`, `fault`, `exception`, `alloc:SIZE`, `corrupt-stats`, `corrupt-stats-addr` | `wait` |
 //! | `memmap_init=...` | `eager`, `parallel`, `deferred`, `ondemand` | `ondemand` |
 //! | `memmap_chunk=SIZE` | memory per memmap chunk, 128K .. one section, power of two | `2M` |
 //! | `memmap_on_memory=on\|off` | each section's memmap at its start | `off` |
@@ -23,6 +23,8 @@ pub enum Workload {
     Panic,
     /// Triple-fault (tests the VMM's handling of a guest that dies).
     Fault,
+    /// Raise an invalid-opcode exception (tests the exception report).
+    Exception,
     /// Allocate and write this many bytes, then wait.
     Alloc(u64),
     /// Write garbage into the stats block, then wait (tests the VMM's validation).
@@ -79,6 +81,7 @@ impl Config {
                 "exit" => Workload::Exit,
                 "panic" => Workload::Panic,
                 "fault" => Workload::Fault,
+                "exception" => Workload::Exception,
                 "corrupt-stats" => Workload::CorruptStats,
                 "corrupt-stats-addr" => Workload::CorruptStatsAddr,
                 _ => match v.strip_prefix("alloc:").and_then(parse_size) {

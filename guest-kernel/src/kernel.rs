@@ -85,6 +85,12 @@ fn run_workload(config: &Config) -> ! {
             // triple-faults and the VM stops, which is this workload's point.
             unsafe { core::arch::asm!("ud2", options(noreturn)) }
         }
+        Workload::Exception => {
+            println!("guest: executing ud2 (workload=exception)");
+            // SAFETY: deliberately raises #UD; the handler reports it to the
+            // VMM and the VM stops, which is this workload's point.
+            unsafe { core::arch::asm!("ud2", options(noreturn)) }
+        }
         Workload::CorruptStats => {
             pv::publish_stats(|s| {
                 s.total_pages = 10;

@@ -163,13 +163,18 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
 }
 
 /// Writes the boot GDT, IDT, page tables, command line and `boot_params`.
-pub fn write_boot_data(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), ArchSetupError> {
+/// With `first_gib_only` the page tables map only the first GiB, as
+/// Firecracker's do.
+pub fn write_boot_data(mem: &GuestMemoryMmap, cmdline: &str, first_gib_only: bool) -> Result<(), ArchSetupError> {
     let gm = |what| move |source| ArchSetupError::GuestMemory { what, source };
     for (i, e) in BOOT_GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_START + i as u64 * 8)).map_err(gm("the GDT"))?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_START)).map_err(gm("the IDT"))?;
-    let top = mem.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0);
+    let mut top = mem.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0);
+    if first_gib_only {
+        top = top.min(GIB);
+    }
     for (addr, table) in identity_page_tables(top) {
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_le_bytes()).collect();
         mem.write_slice(&bytes, GuestAddress(addr)).map_err(gm("page tables"))?;
@@ -344,7 +349,7 @@ mod tests {
     #[test]
     fn boot_params_carry_the_e820_map_and_command_line() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        write_boot_data(&mem, "workload=exit cpl=3").unwrap();
+        write_boot_data(&mem, "workload=exit cpl=3", false).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ params.hdr.boot_flag }, 0xaa55);
         assert_eq!({ params.hdr.header }, 0x5372_6448);
@@ -367,8 +372,8 @@ mod tests {
     fn overlong_or_nul_command_lines_are_refused() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let long = "x".repeat(CMDLINE_MAX_SIZE);
-        assert!(matches!(write_boot_data(&mem, &long), Err(ArchSetupError::CmdlineTooLong { .. })));
-        assert!(matches!(write_boot_data(&mem, "a\0b"), Err(ArchSetupError::CmdlineNul)));
+        assert!(matches!(write_boot_data(&mem, &long, false), Err(ArchSetupError::CmdlineTooLong { .. })));
+        assert!(matches!(write_boot_data(&mem, "a\0b", false), Err(ArchSetupError::CmdlineNul)));
     }
 
     #[test]

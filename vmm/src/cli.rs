@@ -110,6 +110,11 @@ pub struct RunArgs {
     /// Let the host back guest RAM with transparent huge pages.
     #[arg(long)]
     pub huge_pages: bool,
+    /// Act like a VMM without this project's extensions (no paravirtual
+    /// ports, only the first GiB mapped at entry), to check the guest's
+    /// portability.
+    #[arg(long, hide = true)]
+    pub legacy_only: bool,
 }
 
 /// Parses `--serial`.
@@ -149,6 +154,7 @@ impl RunArgs {
             huge_pages: self.huge_pages,
             serial: self.serial.clone(),
             kvm_path: std::env::var_os("VMM_KVM_DEVICE").map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from),
+            legacy_only: self.legacy_only,
         }
     }
 }

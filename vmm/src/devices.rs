@@ -10,15 +10,32 @@
 use crate::timings::{Metrics, Timings};
 use guest_abi::{port, ApBoot, CommandStatus, Mailbox, Phase, MAILBOX_MAGIC};
 use std::io::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vm_superio::{I8042Device, Serial, Trigger};
 
-/// Something the guest did that the VMM thread acts on.
-#[derive(Debug, Clone, PartialEq)]
+/// A request from the API thread, with where to send the answer. The VMM
+/// thread answers exactly once (dropping `reply` unanswered reads as a 500).
+#[derive(Debug)]
+pub struct ApiCall {
+    pub request: api::ApiRequest,
+    pub reply: tokio::sync::oneshot::Sender<Result<api::ApiResponse, api::ApiError>>,
+}
+
+impl PartialEq for ApiCall {
+    /// Calls are never equal: each carries its own reply channel.
+    fn eq(&self, _: &ApiCall) -> bool {
+        false
+    }
+}
+
+/// Something the VMM thread acts on: what the guest did, or an API request.
+#[derive(Debug, PartialEq)]
 pub enum VmEvent {
+    /// An API request (from the API server thread).
+    Api(ApiCall),
     /// The guest reached a boot phase.
     Phase(Phase),
     /// A command finished (sequence number, status, results).
@@ -116,6 +133,8 @@ pub struct Devices {
     events: Sender<VmEvent>,
     pub timings: Arc<Timings>,
     pub metrics: Arc<Metrics>,
+    /// Whether the paravirtual ports exist (off: they read as all ones).
+    paravirt: AtomicBool,
 }
 
 /// Offset of the i8042 command port from its data port (0x60).
@@ -141,7 +160,13 @@ impl Devices {
             events,
             timings,
             metrics,
+            paravirt: AtomicBool::new(true),
         }
+    }
+
+    /// Enables or removes the paravirtual ports (removed: a plain PC).
+    pub fn set_paravirt(&self, on: bool) {
+        self.paravirt.store(on, Ordering::Relaxed);
     }
 
     fn pv(&self) -> MutexGuard<'_, PvState> {
@@ -184,7 +209,9 @@ impl Devices {
                     PortOutcome::Continue
                 }
             }
-            p if (port::PV_BASE..port::PV_END).contains(&p) => self.pv_out(cpu, p, le_u32(data)),
+            p if (port::PV_BASE..port::PV_END).contains(&p) && self.paravirt.load(Ordering::Relaxed) => {
+                self.pv_out(cpu, p, le_u32(data))
+            }
             _ => PortOutcome::Continue,
         }
     }
@@ -209,7 +236,7 @@ impl Devices {
                 data[0] = i.read((p - I8042_DATA) as u8);
                 PortOutcome::Continue
             }
-            p if (port::PV_BASE..port::PV_END).contains(&p) => {
+            p if (port::PV_BASE..port::PV_END).contains(&p) && self.paravirt.load(Ordering::Relaxed) => {
                 let (value, outcome) = self.pv_in(cpu, p);
                 put_le_u32(data, value);
                 outcome

@@ -92,6 +92,10 @@ pub struct VmConfig {
     pub serial: SerialTarget,
     /// Path of `/dev/kvm` (tests point it elsewhere).
     pub kvm_path: PathBuf,
+    /// Behave like a VMM without this project's extensions (as Firecracker
+    /// boots an ELF kernel): no paravirtual ports, boot page tables that map
+    /// only the first GiB. Tests use it to check the guest stays portable.
+    pub legacy_only: bool,
 }
 
 impl Default for VmConfig {
@@ -108,6 +112,7 @@ impl Default for VmConfig {
             huge_pages: false,
             serial: SerialTarget::Stdout,
             kvm_path: PathBuf::from("/dev/kvm"),
+            legacy_only: false,
         }
     }
 }
@@ -321,11 +326,12 @@ impl Vm {
         let loaded = Elf::load(&mem, None, &mut Cursor::new(&image[..]), Some(GuestAddress(layout::HIMEM_START)))
             .map_err(|source| BuildError::KernelLoad { path: name.clone(), source })?;
         let guest_cmdline = config.guest_cmdline();
-        arch::write_boot_data(&mem, &guest_cmdline)?;
+        arch::write_boot_data(&mem, &guest_cmdline, config.legacy_only)?;
 
         let metrics = Arc::new(Metrics::default());
         let (event_tx, events) = channel();
         let devices = Arc::new(Devices::new(mem.clone(), console, event_tx.clone(), timings.clone(), metrics.clone()));
+        devices.set_paravirt(!config.legacy_only);
 
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
         let mut pending_vcpus = Vec::new();

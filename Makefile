@@ -1,0 +1,41 @@
+# The two commands a new user needs: `make run` and `make test`.
+# Everything they need (the pinned toolchain and the guest target) is
+# installed on first use from rust-toolchain.toml.
+
+CARGO ?= cargo
+VMM := target/release/vmm
+
+.PHONY: all setup build run test test-unit test-guest lint bench clean
+
+all: build
+
+# rustup reads rust-toolchain.toml (channel 1.95.0 + x86_64-unknown-none).
+setup:
+	@command -v rustup >/dev/null || { echo "rustup is required: https://rustup.rs"; exit 1; }
+	@rustup toolchain install >/dev/null 2>&1 || rustup toolchain install
+	@rustup target list --installed | grep -qx x86_64-unknown-none || rustup target add x86_64-unknown-none
+
+build: setup
+	$(CARGO) build --release --locked
+
+# The main job on the embedded default guest: boot a 2 GiB microVM with each
+# memmap strategy, show its boot log, timings and page-metadata report.
+run: build
+	$(VMM) run --mem-mib 2048 --cmdline workload=exit
+
+# Every test: contract, API types, VMM unit tests, integration tests that
+# boot real VMs (tests/), and the guest memory manager's host tests.
+test: setup test-guest
+	$(CARGO) test --release --locked --workspace
+
+test-guest: setup
+	cd guest-kernel && $(CARGO) test --release --locked
+
+lint: setup
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	cd guest-kernel && $(CARGO) clippy --release --all-targets -- -D warnings
+	cd guest-kernel && $(CARGO) clippy --release --target x86_64-unknown-none --bin guest-kernel -- -D warnings
+
+clean:
+	$(CARGO) clean
+	cd guest-kernel && $(CARGO) clean

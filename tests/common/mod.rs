@@ -1,0 +1,113 @@
+//! Helpers shared by the integration tests: run the `vmm` binary with a
+//! deadline, capture its output, and make scratch directories.
+#![allow(dead_code)]
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// No test VM should live longer than this; a hang fails the test instead of CI.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// What a `vmm` process did.
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "exit code {:?}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+impl Output {
+    /// Fails the test unless the process exited with `code`.
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) {
+        assert_eq!(self.code, Some(code), "{self}");
+    }
+}
+
+/// Path of the `vmm` binary under test.
+pub fn vmm_path() -> &'static str {
+    env!("CARGO_BIN_EXE_vmm")
+}
+
+/// Path of the guest kernel ELF that the `vmm` binary embeds.
+pub fn embedded_kernel_path() -> &'static str {
+    env!("GUEST_KERNEL_PATH")
+}
+
+/// Runs `vmm` with `args`.
+pub fn vmm(args: &[&str]) -> Output {
+    vmm_env(args, &[])
+}
+
+/// Runs `vmm` with `args` and extra environment variables; kills it at the deadline.
+pub fn vmm_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(vmm_path());
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("cannot start vmm");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = t_out.join().unwrap();
+    let stderr = t_err.join().unwrap();
+    assert!(status.is_some(), "vmm {args:?} did not finish within {DEADLINE:?}\n{stdout}\n{stderr}");
+    Output { code: status.and_then(|s| s.code()), stdout, stderr }
+}
+
+/// A scratch directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "vmm-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
