@@ -108,8 +108,10 @@ pub mod port {
     pub const AP_PARK: u16 = PV_BASE + 40;
     /// out (on the BSP): wakes every application processor parked on `AP_PARK`.
     pub const AP_RELEASE: u16 = PV_BASE + 44;
+    /// in: number of vCPUs the VM has (the BSP included).
+    pub const CPU_COUNT: u16 = PV_BASE + 48;
     /// Last paravirtual port (exclusive).
-    pub const PV_END: u16 = PV_BASE + 48;
+    pub const PV_END: u16 = PV_BASE + 52;
 }
 
 /// Ports below this number are granted to a ring-3 kernel through the TSS I/O

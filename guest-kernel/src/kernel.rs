@@ -1,10 +1,13 @@
-//! Kernel main: boot sequence, workloads, the command loop, the panic handler.
+//! Kernel main: boot sequence, memory set-up per strategy, workloads, the
+//! command loop, the panic handler.
 
-use crate::arch::{self, idt, rdtsc};
-use crate::{bootparams, pv};
+use crate::arch::{self, entry, idt, rdtsc};
+use crate::workload::Workload;
+use crate::{bootparams, pv, smp, MM};
 use core::sync::atomic::{AtomicU64, Ordering};
-use guest_abi::{exit_code, Command, CommandStatus, Phase};
-use guest_kernel::config::{Config, Workload};
+use guest_abi::{exit_code, Command, CommandStatus, Phase, Strategy, PAGE_SIZE};
+use guest_kernel::config::{Config, Workload as BootWorkload};
+use guest_kernel::mm::{MmConfig, PhysRange};
 
 /// Boot parameters saved for the ring-0 continuation.
 static BOOT_PARAMS: AtomicU64 = AtomicU64::new(0);
@@ -14,7 +17,7 @@ static TSC_ENTRY: AtomicU64 = AtomicU64::new(0);
 #[no_mangle]
 pub extern "C" fn kernel_entry(cpu: u64, boot_params: u64, tsc_entry: u64) -> ! {
     if cpu != 0 {
-        ap_main(cpu)
+        smp::ap_main(cpu)
     }
     idt::init();
     BOOT_PARAMS.store(boot_params, Ordering::Relaxed);
@@ -23,15 +26,14 @@ pub extern "C" fn kernel_entry(cpu: u64, boot_params: u64, tsc_entry: u64) -> ! 
     let config = match Config::parse(info.cmdline) {
         Ok(c) => c,
         Err(e) => {
+            crate::serial::probe();
             pv::probe();
-            println!(
-                "guest: bad value for `{}=` on the command line: {:?}",
-                e.key, info.cmdline
-            );
+            println!("guest: bad value for `{}=` on the command line: {:?}", e.key, info.cmdline);
             pv::exit(exit_code::BOOT_FAILED)
         }
     };
     if config.cpl == 0 && arch::cpl() != 0 {
+        smp::RING0.store(true, Ordering::Release);
         idt::continue_in_ring0(boot_ring0, 0)
     }
     boot(&info, &config)
@@ -45,7 +47,7 @@ extern "C" fn boot_ring0(_: u64) -> ! {
 }
 
 fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
-    crate::serial::QUIET.store(config.quiet, core::sync::atomic::Ordering::Relaxed);
+    crate::serial::QUIET.store(config.quiet, Ordering::Relaxed);
     crate::serial::probe();
     let pv = pv::probe();
     pv::phase(Phase::Entered);
@@ -66,78 +68,196 @@ fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
         s.cpus = 1;
     });
     pv::announce();
-    pv::publish_stats(|s| s.tsc_memory_ready = rdtsc());
+
+    let cpus = init_memory(info, config, mapped);
+    publish_memory_stats();
+    pv::publish_stats(|s| {
+        s.tsc_memory_ready = rdtsc();
+        s.cpus = cpus;
+    });
     pv::phase(Phase::MemoryReady);
+    let st = MM.stats();
+    println!(
+        "guest: memmap {}: {} KiB of {} KiB initialized, {} MiB free",
+        config.strategy.name(),
+        st.memmap_bytes_initialized >> 10,
+        st.memmap_bytes_reserved >> 10,
+        st.free_pages * PAGE_SIZE >> 20
+    );
     pv::publish_stats(|s| s.tsc_ready = rdtsc());
     pv::phase(Phase::Ready);
     println!("guest: ready");
     run_workload(config)
 }
 
+/// Sets up the memory manager and does the strategy's boot-time work;
+/// returns how many CPUs the guest uses.
+fn init_memory(info: &bootparams::BootInfo, config: &Config, mapped: u64) -> u32 {
+    let mut ram = [PhysRange::from_len(0, 0); 32];
+    let mut n = 0;
+    for e in info.ram() {
+        let end = (e.addr + e.size).min(mapped);
+        if e.addr < end && n < ram.len() {
+            ram[n] = PhysRange { start: guest_kernel::mm::PhysAddr(e.addr), end: guest_kernel::mm::PhysAddr(end) };
+            n += 1;
+        }
+    }
+    let (kstart, kend) = ((&raw const entry::__kernel_start) as u64, (&raw const entry::__kernel_end) as u64);
+    // Low memory (boot data, the VMM's tables) and the kernel image with its
+    // .bss, stacks and spare page directories.
+    let reserved = [PhysRange::from_len(0, 0x10_0000), PhysRange::from_len(kstart, kend - kstart)];
+    let cfg = MmConfig {
+        strategy: config.strategy,
+        chunk_bytes: config.chunk_bytes,
+        memmap_on_memory: config.memmap_on_memory,
+        ..MmConfig::new(config.strategy)
+    };
+    // SAFETY: all RAM below `mapped` is identity-mapped and writable, and the
+    // reserved ranges cover everything the kernel already uses.
+    if let Err(e) = unsafe { MM.init(cfg, &ram[..n], &reserved, core::ptr::null_mut(), rdtsc) } {
+        println!("guest: memory manager: {e}");
+        pv::exit(exit_code::BOOT_FAILED)
+    }
+    let mut cpus = 1;
+    match config.strategy {
+        Strategy::Parallel => {
+            boot_init_or_die();
+            cpus = smp::parallel_init();
+        }
+        Strategy::Deferred => {
+            boot_init_or_die();
+            if smp::start_background_init() {
+                cpus = 2;
+            }
+        }
+        Strategy::Eager | Strategy::OnDemand => boot_init_or_die(),
+    }
+    if MM.stats().fully_initialized {
+        pv::publish_stats(|s| s.tsc_fully_initialized = rdtsc());
+    }
+    cpus
+}
+
+fn boot_init_or_die() {
+    if let Err(e) = MM.boot_init() {
+        println!("guest: memory manager boot: {e}");
+        pv::exit(exit_code::BOOT_FAILED)
+    }
+}
+
+/// Copies the memory manager's figures into the stats block.
+pub fn publish_memory_stats() {
+    let st = MM.stats();
+    let ranges = MM.memmap_ranges();
+    pv::publish_stats(|s| {
+        st.write_to(s);
+        ranges.write_to(s);
+        if st.fully_initialized && s.tsc_fully_initialized == 0 {
+            s.tsc_fully_initialized = rdtsc();
+        }
+    });
+}
+
+static mut WORKLOAD: Workload = Workload::new();
+
+fn workload() -> &'static mut Workload {
+    // SAFETY: only the boot CPU runs workloads and commands, one at a time.
+    unsafe { &mut *(&raw mut WORKLOAD) }
+}
+
 fn run_workload(config: &Config) -> ! {
     match config.workload {
-        Workload::Exit => pv::exit(exit_code::OK),
-        Workload::Panic => panic!("deliberate panic (workload=panic)"),
-        Workload::Fault => {
+        BootWorkload::Exit => pv::exit(exit_code::OK),
+        BootWorkload::Panic => panic!("deliberate panic (workload=panic)"),
+        BootWorkload::Fault => {
             println!("guest: clearing the IDT and faulting (workload=fault)");
             idt::clear();
             // SAFETY: deliberately raises #UD with an empty IDT: the CPU
             // triple-faults and the VM stops, which is this workload's point.
             unsafe { core::arch::asm!("ud2", options(noreturn)) }
         }
-        Workload::Exception => {
+        BootWorkload::Exception => {
             println!("guest: executing ud2 (workload=exception)");
             // SAFETY: deliberately raises #UD; the handler reports it to the
             // VMM and the VM stops, which is this workload's point.
             unsafe { core::arch::asm!("ud2", options(noreturn)) }
         }
-        Workload::CorruptStats => {
+        BootWorkload::CorruptStats => {
             pv::publish_stats(|s| {
                 s.total_pages = 10;
                 s.initialized_pages = 1 << 40;
                 s.memmap_range_count = u32::MAX;
                 s.flags = u32::MAX;
             });
-            command_loop()
+            command_loop(config)
         }
-        Workload::CorruptStatsAddr => {
+        BootWorkload::CorruptStatsAddr => {
             if pv::present() {
                 arch::outl(guest_abi::port::STATS, 0xffff_f000);
             }
-            command_loop()
+            command_loop(config)
         }
-        Workload::Alloc(_) | Workload::Wait => command_loop(),
+        BootWorkload::Alloc(bytes) => {
+            let status = workload().alloc(bytes, false);
+            publish_memory_stats();
+            println!("guest: allocated {} MiB: {:?}", workload().held_bytes() >> 20, status);
+            command_loop(config)
+        }
+        BootWorkload::Wait => command_loop(config),
     }
 }
 
 /// Serves the VMM's commands; shuts down when there is no VMM channel.
-fn command_loop() -> ! {
+/// With `deferred` on one CPU, initializes the memmap between commands.
+fn command_loop(config: &Config) -> ! {
     if !pv::present() {
         println!("guest: no VMM command channel; shutting down");
         pv::exit(exit_code::OK)
     }
+    let mut background = config.strategy == Strategy::Deferred && !MM.stats().fully_initialized;
     loop {
-        let seq = pv::wait_command();
+        let seq = if background {
+            match pv::poll_command() {
+                0 => {
+                    background = MM.background_step();
+                    publish_memory_stats();
+                    continue;
+                }
+                seq => seq,
+            }
+        } else {
+            pv::wait_command()
+        };
         let mb = pv::read_mailbox();
         if mb.seq as u32 != seq {
             continue;
         }
-        let (status, r0, r1) = match Command::decode(mb.cmd) {
-            Some(Command::Report) => (CommandStatus::Ok, 0, 0),
-            Some(Command::Shutdown) => {
-                pv::complete(mb.seq, CommandStatus::Ok, 0, 0);
-                pv::exit(mb.arg0 as u32)
-            }
-            _ => (CommandStatus::Invalid, 0, 0),
-        };
+        let (status, r0, r1) = run_command(&mb);
+        publish_memory_stats();
         pv::complete(mb.seq, status, r0, r1);
     }
 }
 
-fn ap_main(_cpu: u64) -> ! {
-    loop {
-        arch::inl(guest_abi::port::AP_PARK);
-    }
+fn run_command(mb: &guest_abi::Mailbox) -> (CommandStatus, u64, u64) {
+    let w = workload();
+    let status = match Command::decode(mb.cmd) {
+        Some(Command::Report) => CommandStatus::Ok,
+        Some(Command::Alloc) => w.alloc(mb.arg0, mb.arg1 & 1 != 0),
+        Some(Command::Free) => w.free(mb.arg0),
+        Some(Command::SetTarget) => w.set_target(mb.arg0),
+        Some(Command::Shutdown) => {
+            pv::complete(mb.seq, CommandStatus::Ok, w.held_bytes(), 0);
+            pv::exit(mb.arg0 as u32)
+        }
+        Some(Command::BenchAllocFree) => {
+            return match crate::workload::bench_alloc_free(mb.arg0) {
+                Some(cycles) => (CommandStatus::Ok, cycles, MM.stats().grow_check_on as u64),
+                None => (CommandStatus::OutOfMemory, 0, 0),
+            };
+        }
+        None => CommandStatus::Invalid,
+    };
+    (status, w.held_bytes(), 0)
 }
 
 #[panic_handler]

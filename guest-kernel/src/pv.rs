@@ -44,6 +44,10 @@ pub struct Shared<T>(UnsafeCell<T>);
 unsafe impl<T> Sync for Shared<T> {}
 
 impl<T> Shared<T> {
+    pub const fn new(v: T) -> Shared<T> {
+        Shared(UnsafeCell::new(v))
+    }
+
     pub fn ptr(&self) -> *mut T {
         self.0.get()
     }
@@ -68,12 +72,22 @@ const fn zero_stats() -> StatsBlock {
     unsafe { core::mem::zeroed() }
 }
 
+static STATS_LOCK: AtomicBool = AtomicBool::new(false);
+
 /// Updates the stats block under its sequence counter: `f` edits a copy,
-/// which is written back between an odd and an even `seq`.
+/// which is written back between an odd and an even `seq`. CPUs take turns.
 pub fn publish_stats(f: impl FnOnce(&mut StatsBlock)) {
+    while STATS_LOCK.swap(true, Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    publish_stats_locked(f);
+    STATS_LOCK.store(false, Ordering::Release);
+}
+
+fn publish_stats_locked(f: impl FnOnce(&mut StatsBlock)) {
     let p = STATS.ptr();
-    // SAFETY: `p` is the static stats block; only one CPU publishes at a time
-    // (callers hold the kernel's stats lock or run before SMP starts).
+    // SAFETY: `p` is the static stats block; only one CPU publishes at a
+    // time (STATS_LOCK).
     unsafe {
         let mut s = p.read_volatile();
         let seq = s.seq | 1;

@@ -135,6 +135,8 @@ pub struct Devices {
     pub metrics: Arc<Metrics>,
     /// Whether the paravirtual ports exist (off: they read as all ones).
     paravirt: AtomicBool,
+    /// vCPUs in this VM (answered on `port::CPU_COUNT`).
+    vcpu_count: std::sync::atomic::AtomicU32,
 }
 
 /// Offset of the i8042 command port from its data port (0x60).
@@ -161,7 +163,13 @@ impl Devices {
             timings,
             metrics,
             paravirt: AtomicBool::new(true),
+            vcpu_count: std::sync::atomic::AtomicU32::new(1),
         }
+    }
+
+    /// Sets the vCPU count the guest is told.
+    pub fn set_vcpu_count(&self, n: u32) {
+        self.vcpu_count.store(n, Ordering::Relaxed);
     }
 
     /// Enables or removes the paravirtual ports (removed: a plain PC).
@@ -296,6 +304,7 @@ impl Devices {
     fn pv_in(&self, cpu: u8, p: u16) -> (u32, PortOutcome) {
         match p {
             port::IDENT => (guest_abi::PV_MAGIC, PortOutcome::Continue),
+            port::CPU_COUNT => (self.vcpu_count.load(Ordering::Relaxed), PortOutcome::Continue),
             port::WAIT | port::POLL => {
                 let mut st = self.pv();
                 loop {

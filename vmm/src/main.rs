@@ -4,8 +4,10 @@
 //!
 //! Subcommands: `run` boots a VM now. See `vmm --help`.
 
+mod api_server;
 mod arch;
 mod cli;
+mod ctl;
 mod devices;
 mod memory;
 mod timings;

@@ -332,6 +332,7 @@ impl Vm {
         let (event_tx, events) = channel();
         let devices = Arc::new(Devices::new(mem.clone(), console, event_tx.clone(), timings.clone(), metrics.clone()));
         devices.set_paravirt(!config.legacy_only);
+        devices.set_vcpu_count(u32::from(config.vcpus));
 
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
         let mut pending_vcpus = Vec::new();

@@ -143,16 +143,10 @@ ap_start:                           // RDI = CPU index, RSP = its stack
     push rax
     iretq
 
-3:  // Ring 3. The boot CPU zeroes .bss before any Rust code runs.
-    mov r13, rdi
-    test rdi, rdi
-    jnz 4f
-    lea rdi, [rip + __bss_start]
-    lea rcx, [rip + __bss_end]
-    sub rcx, rdi
-    xor eax, eax
-    rep stosb
-4:  mov rdi, r13                    // cpu
+3:  // Ring 3. .bss is zero at entry (fresh guest RAM past p_filesz; see
+    // docs/boot-protocol.md): clearing it would make the host back every
+    // .bss page at every boot.
+    mov rdi, rdi                    // cpu
     mov rsi, r15                    // boot_params (0 on APs)
     mov rdx, r14                    // TSC at entry
     and rsp, -16

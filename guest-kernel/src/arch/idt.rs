@@ -107,7 +107,7 @@ pub fn continue_in_ring0(f: extern "C" fn(u64) -> !, arg: u64) -> ! {
     // SAFETY: `enter_ring0_trap` raises #UD at a known address; the #UD
     // handler then calls `f(arg)` on the ring-0 stack and never returns.
     unsafe {
-        asm!("jmp {t}", t = sym enter_ring0_trap, in("rdi") f as usize, in("rsi") arg, options(noreturn));
+        asm!("jmp {t}", t = sym enter_ring0_trap, in("rdi") f as *const () as usize, in("rsi") arg, options(noreturn));
     }
 }
 

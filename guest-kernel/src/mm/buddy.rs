@@ -30,7 +30,7 @@ pub(crate) struct FreeArea {
 impl FreeArea {
     pub(crate) const fn new() -> FreeArea {
         FreeArea {
-            heads: [NO_PFN; NR_ORDERS],
+            heads: [0; NR_ORDERS],
             nr_free: [0; NR_ORDERS],
             free_pages: 0,
         }
@@ -43,8 +43,19 @@ impl FreeArea {
         unsafe { mm.pfn_to_page(Pfn(pfn)) }
     }
 
+    /// The first free block of `order`, or `NO_PFN`. Heads are stored as
+    /// `pfn + 1` so that an empty free area is all zero bytes (and a static
+    /// one lands in `.bss`, costing the guest nothing until used).
+    fn head(&self, order: u32) -> u64 {
+        self.heads[order as usize].wrapping_sub(1)
+    }
+
+    fn set_head(&mut self, order: u32, pfn: u64) {
+        self.heads[order as usize] = pfn.wrapping_add(1);
+    }
+
     fn push(&mut self, mm: &Memmap, pfn: u64, order: u32) {
-        let old = self.heads[order as usize];
+        let old = self.head(order);
         self.page(mm, pfn).update(|p| {
             p.flags = PG_INIT | PG_BUDDY;
             p.order = order;
@@ -55,7 +66,7 @@ impl FreeArea {
         if old != NO_PFN {
             self.page(mm, old).update(|p| p.prev = pfn);
         }
-        self.heads[order as usize] = pfn;
+        self.set_head(order, pfn);
         self.nr_free[order as usize] += 1;
     }
 
@@ -65,7 +76,7 @@ impl FreeArea {
         let p = page.get();
         debug_assert!(p.flags & PG_BUDDY != 0 && p.order == order);
         if p.prev == NO_PFN {
-            self.heads[order as usize] = p.next;
+            self.set_head(order, p.next);
         } else {
             self.page(mm, p.prev).update(|q| q.next = p.next);
         }
@@ -79,8 +90,8 @@ impl FreeArea {
     /// Takes a block of `2^order` frames, splitting a larger one if needed,
     /// and marks its head allocated.
     pub(crate) fn take(&mut self, mm: &Memmap, order: u32) -> Option<Pfn> {
-        let mut o = (order..=MAX_ORDER).find(|&o| self.heads[o as usize] != NO_PFN)?;
-        let pfn = self.heads[o as usize];
+        let mut o = (order..=MAX_ORDER).find(|&o| self.head(o) != NO_PFN)?;
+        let pfn = self.head(o);
         self.unlink(mm, pfn, o);
         while o > order {
             o -= 1;
@@ -146,7 +157,7 @@ impl FreeArea {
     #[cfg(test)]
     pub(crate) fn for_each_free(&self, mm: &Memmap, mut f: impl FnMut(Pfn, u32)) {
         for order in 0..=MAX_ORDER {
-            let mut pfn = self.heads[order as usize];
+            let mut pfn = self.head(order);
             while pfn != NO_PFN {
                 f(Pfn(pfn), order);
                 pfn = self.page(mm, pfn).get().next;

@@ -47,12 +47,8 @@ pub const MAX_PARALLEL_CPUS: u64 = 64;
 /// What `init` fixes for the manager's lifetime.
 struct Setup {
     cfg: MmConfig,
-    clock: fn() -> u64,
+    clock: Option<fn() -> u64>,
     memmap: Memmap,
-}
-
-fn no_clock() -> u64 {
-    0
 }
 
 /// State under the zone lock.
@@ -147,8 +143,15 @@ impl MemoryManager {
         MemoryManager {
             state: AtomicU8::new(STATE_EMPTY),
             setup: UnsafeCell::new(Setup {
-                cfg: MmConfig::new(Strategy::Eager),
-                clock: no_clock,
+                // All zero, like the rest of `empty()`; `init` sets it.
+                cfg: MmConfig {
+                    strategy: Strategy::Eager,
+                    chunk_bytes: 0,
+                    section_bytes: 0,
+                    memmap_on_memory: false,
+                    low_watermark_pages: 0,
+                },
+                clock: None,
                 memmap: Memmap::empty(),
             }),
             zone: SpinLock::new(Zone {
@@ -209,7 +212,7 @@ impl MemoryManager {
         // thread touching `setup`; readers wait for READY.
         let setup = unsafe { &mut *self.setup.get() };
         setup.cfg = cfg;
-        setup.clock = clock;
+        setup.clock = Some(clock);
         match setup.memmap.build(&cfg, ram, reserved, direct_map) {
             Ok(()) => {
                 self.state.store(STATE_READY, Ordering::Release);
@@ -580,7 +583,7 @@ impl MemoryManager {
     fn init_chunk(&self, chunk: u64) {
         let s = self.setup();
         let mm = &s.memmap;
-        let t0 = (s.clock)();
+        let t0 = s.clock.map_or(0, |c| c());
         let range = mm.chunk_range(chunk);
         let base = mm.memmap_slot(range.start);
         let mut ram_pages = 0;
@@ -611,25 +614,39 @@ impl MemoryManager {
             .fetch_add(ram_pages, Ordering::Relaxed);
         self.chunks_initialized.fetch_add(1, Ordering::AcqRel);
         self.init_cycles
-            .fetch_add((s.clock)().wrapping_sub(t0), Ordering::Relaxed);
+            .fetch_add(s.clock.map_or(0, |c| c()).wrapping_sub(t0), Ordering::Relaxed);
     }
 
     /// Frees the allocatable pages of an initialized chunk into the buddy.
     fn release_chunk(&self, z: &mut SpinGuard<'_, Zone>, chunk: u64) {
         let s = self.setup();
-        let t0 = (s.clock)();
+        let t0 = s.clock.map_or(0, |c| c());
         for (kind, run) in s.memmap.runs(chunk) {
             if kind == PageKind::Free {
                 z.area.free_run(&s.memmap, run);
             }
         }
         self.init_cycles
-            .fetch_add((s.clock)().wrapping_sub(t0), Ordering::Relaxed);
+            .fetch_add(s.clock.map_or(0, |c| c()).wrapping_sub(t0), Ordering::Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_empty_manager_is_all_zero_bytes_so_its_static_costs_nothing() {
+        // The kernel's `static MM` must land in .bss (not in the image, not
+        // rewritten at boot): only the parts a boot uses are ever written.
+        static MM: MemoryManager = MemoryManager::empty();
+        // SAFETY: reads the bytes of a static that nothing writes; a
+        // const-built static's bytes (padding included) are what the compiler
+        // emitted, which is what decides between .data and .bss.
+        let bytes = unsafe {
+            core::slice::from_raw_parts((&raw const MM).cast::<u8>(), core::mem::size_of::<MemoryManager>())
+        };
+        assert!(bytes.iter().all(|b| *b == 0), "MemoryManager::empty() has non-zero bytes");
+    }
     use super::*;
     use crate::mm::addr::PfnRange;
     use crate::mm::page::{PG_BUDDY, PG_INIT};

@@ -9,14 +9,15 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 /// A one-way switch tested on hot paths.
 pub struct StaticKey {
-    enabled: AtomicBool,
+    /// Stored inverted so that an enabled key is all zero bytes.
+    disabled: AtomicBool,
 }
 
 impl StaticKey {
     /// A key in the given state.
     pub const fn new(enabled: bool) -> StaticKey {
         StaticKey {
-            enabled: AtomicBool::new(enabled),
+            disabled: AtomicBool::new(!enabled),
         }
     }
 
@@ -25,12 +26,12 @@ impl StaticKey {
     /// whose guarded path is correct (only slower) either way.
     #[inline(always)]
     pub fn is_enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
+        !self.disabled.load(Ordering::Relaxed)
     }
 
     /// Switches the key off for good.
     pub fn disable(&self) {
-        self.enabled.store(false, Ordering::Release);
+        self.disabled.store(true, Ordering::Release);
     }
 }
 
