@@ -76,6 +76,10 @@ pub enum ApiError {
         /// The state the VM is in.
         state: VmState,
     },
+    /// `InstanceStart` could not build the VM from its configuration (a
+    /// missing kernel file, no access to `/dev/kvm`, ...).
+    #[error("cannot start the VM: {0}")]
+    StartFailed(String),
     /// The body is larger than [`MAX_BODY_BYTES`].
     #[error("request body is {0} bytes; at most {MAX_BODY_BYTES} are accepted")]
     PayloadTooLarge(usize),
@@ -98,7 +102,8 @@ impl ApiError {
             | ApiError::UnexpectedBody(_)
             | ApiError::MachineConfig(_)
             | ApiError::BootSource(_)
-            | ApiError::GuestMemoryTarget(_) => 400,
+            | ApiError::GuestMemoryTarget(_)
+            | ApiError::StartFailed(_) => 400,
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::InvalidState { .. } => 409,

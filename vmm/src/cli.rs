@@ -5,8 +5,9 @@
 //! exception, KVM error, unhandled exit) or the VMM hit a host error, and 2
 //! for bad input (flags, kernel file, `/dev/kvm` access).
 
+use crate::controller::{Controller, HostSettings, ReportFormat, Script};
 use crate::timings::Timings;
-use crate::vm::{GuestCpl, KernelImage, SerialTarget, Vm, VmConfig};
+use crate::vm::{GuestCpl, KernelImage, SerialTarget, VmConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 use guest_abi::Strategy;
 use std::path::PathBuf;
@@ -16,6 +17,11 @@ const RUN_EXAMPLES: &str = "\
 Examples:
   vmm run                                    boot the built-in guest (2 GiB, 1 vCPU) and idle
   vmm run --cmdline workload=exit            boot, print timings, shut down
+  vmm run --memmap-init ondemand --alloc-mib 256 --report json
+                                             boot, allocate 256 MiB in the guest, print the
+                                             page-metadata report as JSON, shut down
+  vmm run --memmap-init eager --report table compare: every struct page initialized at boot
+  vmm run --api-sock /tmp/vm.sock            boot and serve the control API (see `vmm ctl`)
   vmm run --mem-mib 512 --guest-cpl 0 --cmdline workload=exit
   vmm run --serial file:/tmp/console.log --cmdline workload=exit
   vmm run --kernel ./my-vmlinux --cmdline \"console=ttyS0\"
@@ -38,6 +44,41 @@ pub enum Command {
     /// Boot a microVM now and run it until the guest stops.
     #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
+    /// Start empty and serve the control API; configure and start the VM through it.
+    #[command(after_help = SERVE_EXAMPLES)]
+    Serve(ServeArgs),
+    /// Talk to a running VMM's control API.
+    Ctl(crate::ctl::CtlArgs),
+}
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  vmm serve --api-sock /tmp/vm.sock &
+  curl --unix-socket /tmp/vm.sock -X PUT http://localhost/machine-config -d '{\"mem_size_mib\": 512}'
+  curl --unix-socket /tmp/vm.sock -X PUT http://localhost/actions -d '{\"action_type\": \"InstanceStart\"}'
+  vmm ctl --api-sock /tmp/vm.sock memory --human
+
+The process ends when the guest stops, on a Shutdown action, or on SIGINT/SIGTERM;
+the socket file is removed. See docs/api.md.";
+
+/// Arguments of `vmm serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Path of the control socket (created with mode 0600; a stale socket is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Where the guest's serial console goes: stdout, stderr, file:PATH, or none.
+    #[arg(long, default_value = "stdout", value_parser = parse_serial, value_name = "TARGET")]
+    pub serial: SerialTarget,
+}
+
+/// `--report` formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportArg {
+    /// One JSON object on stdout (the guest console goes to stderr).
+    Json,
+    /// A readable table.
+    Table,
 }
 
 /// Privilege level of the guest kernel.
@@ -95,9 +136,10 @@ pub struct RunArgs {
     /// Privilege level of the guest kernel.
     #[arg(long, value_enum, default_value_t = CplArg::Auto)]
     pub guest_cpl: CplArg,
-    /// Where the guest's serial console goes: stdout, stderr, file:PATH, or none.
-    #[arg(long, default_value = "stdout", value_parser = parse_serial, value_name = "TARGET")]
-    pub serial: SerialTarget,
+    /// Where the guest's serial console goes: stdout, stderr, file:PATH, or
+    /// none [default: stdout; stderr with --report json].
+    #[arg(long, value_parser = parse_serial, value_name = "TARGET")]
+    pub serial: Option<SerialTarget>,
     /// How the guest initializes its page metadata.
     #[arg(long, value_enum, default_value_t = StrategyArg::Ondemand)]
     pub memmap_init: StrategyArg,
@@ -110,6 +152,17 @@ pub struct RunArgs {
     /// Let the host back guest RAM with transparent huge pages.
     #[arg(long)]
     pub huge_pages: bool,
+    /// Once the guest is ready, make it allocate (and write) this many MiB.
+    #[arg(long, value_name = "MIB")]
+    pub alloc_mib: Option<u64>,
+    /// Print the page-metadata report once the guest is ready (and its
+    /// allocation done), then shut the guest down. With --alloc-mib and no
+    /// --report, a table is printed.
+    #[arg(long, value_enum)]
+    pub report: Option<ReportArg>,
+    /// Also serve the control API on this Unix socket while the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
     /// Act like a VMM without this project's extensions (no paravirtual
     /// ports, only the first GiB mapped at entry), to check the guest's
     /// portability.
@@ -136,6 +189,25 @@ pub fn parse() -> Cli {
 }
 
 impl RunArgs {
+    /// The report format, if any: `--report`, or a table with `--alloc-mib`.
+    pub fn report_format(&self) -> Option<ReportFormat> {
+        match (self.report, self.alloc_mib) {
+            (Some(ReportArg::Json), _) => Some(ReportFormat::Json),
+            (Some(ReportArg::Table), _) | (None, Some(_)) => Some(ReportFormat::Table),
+            (None, None) => None,
+        }
+    }
+
+    /// Where the console goes: as asked, else stdout (stderr when stdout
+    /// carries the JSON report).
+    pub fn serial_target(&self) -> SerialTarget {
+        match (&self.serial, self.report) {
+            (Some(t), _) => t.clone(),
+            (None, Some(ReportArg::Json)) => SerialTarget::File(PathBuf::from("/dev/stderr")),
+            (None, _) => SerialTarget::Stdout,
+        }
+    }
+
     /// The VM configuration these flags describe.
     pub fn vm_config(&self) -> VmConfig {
         VmConfig {
@@ -152,34 +224,118 @@ impl RunArgs {
             memmap_chunk_kib: self.memmap_chunk_kib,
             memmap_on_memory: self.memmap_on_memory,
             huge_pages: self.huge_pages,
-            serial: self.serial.clone(),
+            serial: self.serial_target(),
             kvm_path: std::env::var_os("VMM_KVM_DEVICE").map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from),
             legacy_only: self.legacy_only,
         }
     }
 }
 
-/// `vmm run`: boots the VM and runs it until the guest stops.
-pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
-    let mut vm = match Vm::build(args.vm_config(), timings.clone()) {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("vmm: error: {}", error_chain(&e));
-            return if e.is_usage() { 2 } else { 1 };
-        }
+/// The API's machine configuration and boot source for a VM configuration.
+fn api_config(c: &VmConfig) -> (api::MachineConfig, api::BootSource) {
+    let machine = api::MachineConfig {
+        vcpu_count: c.vcpus,
+        mem_size_mib: c.mem_mib,
+        memmap_init: api::Strategy::from_name(c.memmap_init.name()).unwrap_or(api::Strategy::OnDemand),
+        memmap_chunk_kib: c.memmap_chunk_kib,
+        guest_cpl: match c.cpl {
+            GuestCpl::Auto => api::GuestCpl::Auto,
+            GuestCpl::Ring0 => api::GuestCpl::Ring0,
+            GuestCpl::Ring3 => api::GuestCpl::Ring3,
+        },
+        memmap_on_memory: c.memmap_on_memory,
+        huge_pages: c.huge_pages,
     };
-    let reason = vm.run_to_completion(|_, ev| {
-        if let crate::devices::VmEvent::GuestProtocolError(msg) = ev {
-            eprintln!("vmm: guest protocol error: {msg}");
+    let boot = api::BootSource {
+        kernel_image_path: match &c.kernel {
+            KernelImage::Embedded => None,
+            KernelImage::File(p) => Some(p.display().to_string()),
+        },
+        boot_args: (!c.cmdline.is_empty()).then(|| c.cmdline.clone()),
+    };
+    (machine, boot)
+}
+
+fn start_api(path: &std::path::Path, ctl: &Controller) -> Result<crate::api_server::ApiServer, u8> {
+    crate::api_server::start(path, ctl.sender(), ctl.metrics()).map_err(|e| {
+        eprintln!("vmm: error: {}", error_chain(&e));
+        2
+    })
+}
+
+/// `vmm run`: boots the VM and runs it until the guest stops (or, with a
+/// script, until the report is printed).
+pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
+    let config = args.vm_config();
+    if let Err(e) = config.validate() {
+        eprintln!("vmm: error: {e}");
+        return 2;
+    }
+    let (machine, boot) = api_config(&config);
+    let host = HostSettings { serial: config.serial.clone(), kvm_path: config.kvm_path.clone(), legacy_only: config.legacy_only };
+    let mut ctl = Controller::new(machine, boot, host, timings.clone(), std::sync::mpsc::channel());
+    let format = args.report_format();
+    ctl.set_script(Script { alloc_mib: args.alloc_mib, report: format });
+    let server = match args.api_sock.as_deref().map(|p| start_api(p, &ctl)).transpose() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Err(e) = ctl.start() {
+        eprintln!("vmm: error: {}", error_chain(&e));
+        return if e.is_usage() { 2 } else { 1 };
+    }
+    let reason = ctl.run();
+    if let Some(s) = server {
+        s.shutdown();
+    }
+    if let Some(report) = ctl.printed_report.take() {
+        let json = serde_json::to_value(&report).unwrap_or_default();
+        match format {
+            Some(ReportFormat::Json) => println!("{json}"),
+            _ => println!("{}", crate::ctl::memory_table(&json)),
         }
-    });
+    }
     print_timings(&timings);
+    let Some(reason) = reason else { return 0 };
     if reason.is_failure() {
         eprintln!("vmm: error: {reason}");
     } else {
         eprintln!("vmm: {reason}");
     }
     reason.exit_code().clamp(0, 255) as u8
+}
+
+/// `vmm serve`: serves the API with no VM until it is configured and started.
+pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
+    let host = HostSettings {
+        serial: args.serial.clone(),
+        kvm_path: std::env::var_os("VMM_KVM_DEVICE").map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from),
+        legacy_only: false,
+    };
+    let mut ctl = Controller::new(
+        api::MachineConfig::default(),
+        api::BootSource::default(),
+        host,
+        timings,
+        std::sync::mpsc::channel(),
+    );
+    let server = match start_api(&args.api_sock, &ctl) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let reason = ctl.run();
+    server.shutdown();
+    match reason {
+        Some(r) if r.is_failure() => {
+            eprintln!("vmm: error: {r}");
+            r.exit_code().clamp(0, 255) as u8
+        }
+        Some(r) => {
+            eprintln!("vmm: {r}");
+            r.exit_code().clamp(0, 255) as u8
+        }
+        None => 0,
+    }
 }
 
 fn print_timings(t: &Timings) {
@@ -223,6 +379,7 @@ mod tests {
         v.extend_from_slice(args);
         Cli::try_parse_from(v).map(|c| match c.command {
             Command::Run(a) => a,
+            _ => unreachable!("parsed `run`"),
         })
     }
 
@@ -235,6 +392,29 @@ mod tests {
         assert_eq!(c.cpl, GuestCpl::Auto);
         assert_eq!(c.memmap_init, Strategy::OnDemand);
         assert_eq!(c.serial, SerialTarget::Stdout);
+        assert_eq!(a.report_format(), None);
+    }
+
+    #[test]
+    fn a_json_report_moves_the_console_to_stderr_unless_told_otherwise() {
+        let a = run_args(&["--alloc-mib", "256", "--report", "json"]).unwrap();
+        assert_eq!(a.report_format(), Some(ReportFormat::Json));
+        assert_eq!(a.serial_target(), SerialTarget::File("/dev/stderr".into()));
+        let a = run_args(&["--report", "json", "--serial", "none"]).unwrap();
+        assert_eq!(a.serial_target(), SerialTarget::None);
+        let a = run_args(&["--alloc-mib", "16"]).unwrap();
+        assert_eq!(a.report_format(), Some(ReportFormat::Table));
+        assert_eq!(a.serial_target(), SerialTarget::Stdout);
+    }
+
+    #[test]
+    fn the_api_round_trip_keeps_the_configuration() {
+        let a = run_args(&["--mem-mib", "512", "--vcpus", "2", "--memmap-init", "deferred", "--cmdline", "quiet"]).unwrap();
+        let c = a.vm_config();
+        let (m, b) = api_config(&c);
+        assert_eq!((m.mem_size_mib, m.vcpu_count, m.memmap_init), (512, 2, api::Strategy::Deferred));
+        assert_eq!(b.boot_args.as_deref(), Some("quiet"));
+        assert_eq!(b.kernel_image_path, None);
     }
 
     #[test]

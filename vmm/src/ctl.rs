@@ -467,7 +467,7 @@ fn key_values(v: &Value) -> String {
 
 /// `GET /memory` for a human: the guest's view and the host's side by side,
 /// then the boot timings.
-fn memory_table(report: &Value) -> String {
+pub(crate) fn memory_table(report: &Value) -> String {
     let mut out = String::new();
     let strategy = report
         .get("strategy")

@@ -46,6 +46,8 @@ pub enum VmEvent {
     VcpuStopped { cpu: u8, reason: crate::vcpu::StopReason },
     /// The guest wrote something the VMM refused (bad address, bad record).
     GuestProtocolError(String),
+    /// The process received this signal (SIGINT, SIGTERM, SIGHUP).
+    Signal(i32),
 }
 
 /// An interrupt line that goes nowhere: the guest polls, it takes no interrupts.
@@ -202,6 +204,9 @@ impl Devices {
         match port {
             p if (port::SERIAL_COM1..port::SERIAL_COM1 + 8).contains(&p) => {
                 if let Some(serial) = &self.serial {
+                    if p == port::SERIAL_COM1 {
+                        Metrics::inc(&self.metrics.serial_bytes);
+                    }
                     let mut s = serial.lock().unwrap_or_else(|e| e.into_inner());
                     // Writes to a console that went away (closed stdout) are dropped.
                     let _ = s.write((p - port::SERIAL_COM1) as u8, data.first().copied().unwrap_or(0));

@@ -2,14 +2,18 @@
 //! kernel initializes its page metadata on demand, and reports what that
 //! metadata costs.
 //!
-//! Subcommands: `run` boots a VM now. See `vmm --help`.
+//! Subcommands: `run` boots a VM now, `serve` waits for the control API to
+//! configure and start one, `ctl` talks to that API. See `vmm --help`.
 
 mod api_server;
 mod arch;
 mod cli;
+mod controller;
 mod ctl;
 mod devices;
 mod memory;
+mod report;
+mod signals;
 mod timings;
 mod vcpu;
 mod vm;
@@ -20,9 +24,14 @@ use std::time::Instant;
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // Before any thread exists, so every thread inherits it (see `signals`).
+    signals::block();
     let cli = cli::parse();
+    let timings = Arc::new(timings::Timings::starting_at(start));
     let code = match cli.command {
-        cli::Command::Run(args) => cli::run(args, Arc::new(timings::Timings::starting_at(start))),
+        cli::Command::Run(args) => cli::run(args, timings),
+        cli::Command::Serve(args) => cli::serve(args, timings),
+        cli::Command::Ctl(args) => ctl::run(args),
     };
     ExitCode::from(code)
 }

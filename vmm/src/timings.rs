@@ -96,7 +96,11 @@ impl Timings {
 pub struct Metrics {
     pub exits_io_in: AtomicU64,
     pub exits_io_out: AtomicU64,
-    pub exits_mmio: AtomicU64,
+    pub exits_mmio_read: AtomicU64,
+    pub exits_mmio_write: AtomicU64,
+    pub exits_system_event: AtomicU64,
+    pub exits_failed: AtomicU64,
+    pub serial_bytes: AtomicU64,
     pub exits_hlt: AtomicU64,
     pub exits_shutdown: AtomicU64,
     pub exits_other: AtomicU64,

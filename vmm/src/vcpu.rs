@@ -11,7 +11,60 @@ use crate::timings::Metrics;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Pause control shared by the VMM thread and the vCPU threads.
+///
+/// A vCPU checks the pause flag before every `KVM_RUN` and marks itself "in
+/// the guest" while it runs; pausing sets the flag and kicks every vCPU that
+/// is in the guest until none is (a vCPU blocked in a port read is already
+/// out of the guest, and commands are held while paused).
+pub struct RunControl {
+    paused: Mutex<bool>,
+    cond: Condvar,
+    in_guest: Vec<AtomicBool>,
+}
+
+impl RunControl {
+    /// Control for `vcpus` vCPUs.
+    pub fn new(vcpus: usize) -> RunControl {
+        RunControl { paused: Mutex::new(false), cond: Condvar::new(), in_guest: (0..vcpus).map(|_| AtomicBool::new(false)).collect() }
+    }
+
+    /// Sets or clears the pause flag (waking paused vCPUs on resume).
+    pub fn set_paused(&self, paused: bool) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = paused;
+        self.cond.notify_all();
+    }
+
+    /// Whether vCPU `cpu` is running guest code (or about to).
+    pub fn in_guest(&self, cpu: usize) -> bool {
+        self.in_guest.get(cpu).is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// Blocks while paused (unless `stop` is set), then marks `cpu` in the guest.
+    fn enter_guest(&self, cpu: usize, stop: &AtomicBool) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        while *paused && !stop.load(Ordering::Acquire) {
+            paused = self.cond.wait(paused).unwrap_or_else(|e| e.into_inner());
+        }
+        if let Some(f) = self.in_guest.get(cpu) {
+            f.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn leave_guest(&self, cpu: usize) {
+        if let Some(f) = self.in_guest.get(cpu) {
+            f.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Wakes paused vCPUs so they can see a stop request.
+    pub fn wake(&self) {
+        let _guard = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
+    }
+}
 
 /// Why a vCPU stopped running.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,13 +174,13 @@ pub fn handle_exit(exit: VcpuExit<'_>, cpu: u8, devices: &Devices) -> VcpuAction
         }
         VcpuExit::MmioRead(addr, data) => {
             // No MMIO devices: reads see all ones, like an empty bus.
-            Metrics::inc(&m.exits_mmio);
+            Metrics::inc(&m.exits_mmio_read);
             data.fill(0xff);
             let _ = addr;
             PortOutcome::Continue
         }
         VcpuExit::MmioWrite(..) => {
-            Metrics::inc(&m.exits_mmio);
+            Metrics::inc(&m.exits_mmio_write);
             PortOutcome::Continue
         }
         VcpuExit::Hlt => {
@@ -142,11 +195,11 @@ pub fn handle_exit(exit: VcpuExit<'_>, cpu: u8, devices: &Devices) -> VcpuAction
             return VcpuAction::Stop(StopReason::TripleFault { rip: None });
         }
         VcpuExit::InternalError => {
-            Metrics::inc(&m.exits_other);
+            Metrics::inc(&m.exits_failed);
             return VcpuAction::Stop(StopReason::KvmFailure { what: "KVM_EXIT_INTERNAL_ERROR".into(), rip: None });
         }
         VcpuExit::FailEntry(reason, hw_cpu) => {
-            Metrics::inc(&m.exits_other);
+            Metrics::inc(&m.exits_failed);
             return VcpuAction::Stop(StopReason::KvmFailure {
                 what: format!("KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, host CPU {hw_cpu})"),
                 rip: None,
@@ -157,7 +210,7 @@ pub fn handle_exit(exit: VcpuExit<'_>, cpu: u8, devices: &Devices) -> VcpuAction
             return VcpuAction::Continue;
         }
         VcpuExit::SystemEvent(kind, _) => {
-            Metrics::inc(&m.exits_other);
+            Metrics::inc(&m.exits_system_event);
             return VcpuAction::Stop(match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
                 _ => StopReason::UnhandledExit { what: format!("KVM_EXIT_SYSTEM_EVENT type {kind}"), rip: None },
@@ -194,15 +247,19 @@ pub fn install_kick_handler() {
 }
 
 /// Runs vCPU `cpu` until it stops; returns why.
-pub fn run(vcpu: &mut VcpuFd, cpu: u8, devices: &Arc<Devices>, stop: &AtomicBool) -> StopReason {
+pub fn run(vcpu: &mut VcpuFd, cpu: u8, devices: &Arc<Devices>, control: &RunControl, stop: &AtomicBool) -> StopReason {
     if cpu == 0 {
         devices.timings.mark_once(&devices.timings.vcpu_first_entry);
     }
     loop {
+        control.enter_guest(cpu as usize, stop);
         if stop.load(Ordering::Acquire) {
+            control.leave_guest(cpu as usize);
             return StopReason::Requested;
         }
-        let action = match vcpu.run() {
+        let result = vcpu.run();
+        control.leave_guest(cpu as usize);
+        let action = match result {
             Ok(exit) => handle_exit(exit, cpu, devices),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 Metrics::inc(&devices.metrics.kvm_run_interrupted);

@@ -267,12 +267,16 @@ pub struct Vm {
     pub devices: Arc<Devices>,
     pending_vcpus: Vec<Option<VcpuFd>>,
     threads: Vec<VcpuThread>,
-    events: Receiver<VmEvent>,
+    /// The receiving end of the event channel, when the VM owns it.
+    events: Option<Receiver<VmEvent>>,
     event_tx: std::sync::mpsc::Sender<VmEvent>,
     boot_sregs: kvm_sregs,
     pub timings: Arc<Timings>,
     pub metrics: Arc<Metrics>,
     running: usize,
+    control: Arc<vcpu::RunControl>,
+    /// Guest TSC frequency, to turn guest cycle counts into time.
+    pub tsc_khz: Option<u32>,
 }
 
 fn open_kvm(path: &Path) -> Result<Kvm, BuildError> {
@@ -306,6 +310,21 @@ impl Vm {
     /// Builds a VM ready to start: KVM VM and guest RAM registered, kernel and
     /// boot data loaded, vCPUs created and set up for 64-bit entry.
     pub fn build(config: VmConfig, timings: Arc<Timings>) -> Result<Vm, BuildError> {
+        let (tx, rx) = channel();
+        let mut vm = Vm::build_with_events(config, timings, Arc::default(), tx)?;
+        vm.events = Some(rx);
+        Ok(vm)
+    }
+
+    /// Like [`Vm::build`], but events go to `event_tx`, whose receiving end
+    /// the caller (the VMM thread) keeps and shares with the API thread;
+    /// counters go to `metrics`.
+    pub fn build_with_events(
+        config: VmConfig,
+        timings: Arc<Timings>,
+        metrics: Arc<Metrics>,
+        event_tx: std::sync::mpsc::Sender<VmEvent>,
+    ) -> Result<Vm, BuildError> {
         config.validate()?;
         let (image, name): (std::borrow::Cow<'_, [u8]>, String) = match &config.kernel {
             KernelImage::Embedded => (EMBEDDED_KERNEL.into(), "(built-in guest)".into()),
@@ -328,21 +347,20 @@ impl Vm {
         let guest_cmdline = config.guest_cmdline();
         arch::write_boot_data(&mem, &guest_cmdline, config.legacy_only)?;
 
-        let metrics = Arc::new(Metrics::default());
-        let (event_tx, events) = channel();
         let devices = Arc::new(Devices::new(mem.clone(), console, event_tx.clone(), timings.clone(), metrics.clone()));
         devices.set_paravirt(!config.legacy_only);
         devices.set_vcpu_count(u32::from(config.vcpus));
 
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
         let mut pending_vcpus = Vec::new();
+        let mut tsc_khz = None;
         let mut boot_sregs = kvm_sregs::default();
         for cpu in 0..config.vcpus {
             let vcpu_err = |what| move |source| BuildError::Vcpu { cpu, what, source };
             let vcpu = vm_fd.create_vcpu(u64::from(cpu)).map_err(vcpu_err("KVM_CREATE_VCPU"))?;
             if let Some(c) = &cpuid {
                 let mut c: CpuId = c.clone();
-                let tsc_khz = vcpu.get_tsc_khz().ok();
+                tsc_khz = vcpu.get_tsc_khz().ok();
                 arch::patch_cpuid(&mut c, cpu, tsc_khz);
                 vcpu.set_cpuid2(&c).map_err(vcpu_err("KVM_SET_CPUID2"))?;
             }
@@ -357,6 +375,7 @@ impl Vm {
             pending_vcpus.push(Some(vcpu));
         }
 
+        let config_vcpus = config.vcpus;
         Ok(Vm {
             config,
             guest_cmdline,
@@ -366,12 +385,14 @@ impl Vm {
             devices,
             pending_vcpus,
             threads: Vec::new(),
-            events,
+            events: None,
             event_tx,
             boot_sregs,
             timings,
             metrics,
             running: 0,
+            control: Arc::new(vcpu::RunControl::new(usize::from(config_vcpus))),
+            tsc_khz,
         })
     }
 
@@ -381,6 +402,7 @@ impl Vm {
         };
         vcpu::install_kick_handler();
         let devices = self.devices.clone();
+        let control = self.control.clone();
         let tx = self.event_tx.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -388,7 +410,7 @@ impl Vm {
             .name(format!("vcpu{cpu}"))
             .stack_size(VCPU_STACK)
             .spawn(move || {
-                let reason = vcpu::run(&mut vcpu, cpu, &devices, &stop2);
+                let reason = vcpu::run(&mut vcpu, cpu, &devices, &control, &stop2);
                 let _ = tx.send(VmEvent::VcpuStopped { cpu, reason });
             })?;
         self.threads.push(VcpuThread { cpu, handle, stop, stopped: false });
@@ -428,7 +450,11 @@ impl Vm {
 
     /// Waits up to `timeout` for the next event; `None` on timeout.
     pub fn next_event(&self, timeout: Duration) -> Option<VmEvent> {
-        match self.events.recv_timeout(timeout) {
+        let Some(events) = &self.events else {
+            std::thread::sleep(timeout);
+            return None;
+        };
+        match events.recv_timeout(timeout) {
             Ok(e) => Some(e),
             Err(RecvTimeoutError::Timeout) => None,
             // Impossible while `self.event_tx` lives; treat as "nothing".
@@ -445,6 +471,35 @@ impl Vm {
         self.running
     }
 
+    /// Pauses the VM: holds commands, and keeps every vCPU out of the guest
+    /// (kicking those in `KVM_RUN`). Returns once no vCPU runs guest code.
+    pub fn pause(&mut self) {
+        self.control.set_paused(true);
+        self.devices.set_paused(true);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let running: Vec<_> =
+                self.threads.iter().filter(|t| !t.stopped && self.control.in_guest(t.cpu as usize)).collect();
+            if running.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            for t in running {
+                if !t.handle.is_finished() {
+                    // SAFETY: the thread is alive, so its pthread_t is valid;
+                    // the kick signal has a no-op handler.
+                    unsafe { libc::pthread_kill(t.handle.as_pthread_t(), vcpu::kick_signal()) };
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&mut self) {
+        self.control.set_paused(false);
+        self.devices.set_paused(false);
+    }
+
     /// Stops every vCPU (waking blocked ones, kicking running ones out of
     /// `KVM_RUN`) and joins their threads.
     pub fn stop(&mut self) {
@@ -452,6 +507,7 @@ impl Vm {
         for t in &self.threads {
             t.stop.store(true, Ordering::Release);
         }
+        self.control.wake();
         let deadline = Instant::now() + Duration::from_secs(5);
         for t in self.threads.drain(..) {
             if t.stopped {
@@ -470,34 +526,6 @@ impl Vm {
             }
         }
         self.devices.flush_console();
-    }
-
-    /// Runs the VM until it stops: starts it, starts APs on request, and
-    /// returns the boot vCPU's stop reason. `on_event` sees every event first.
-    pub fn run_to_completion(&mut self, mut on_event: impl FnMut(&mut Vm, &VmEvent)) -> StopReason {
-        if let Err(e) = self.start() {
-            return StopReason::RunFailed(format!("cannot start the vCPU thread: {e}"));
-        }
-        loop {
-            let Some(ev) = self.next_event(Duration::from_secs(3600)) else { continue };
-            on_event(self, &ev);
-            match ev {
-                VmEvent::StartAps(rec) => {
-                    if let Err(e) = self.start_aps(rec) {
-                        eprintln!("vmm: guest AP start-up refused: {e}");
-                    }
-                }
-                VmEvent::VcpuStopped { cpu, reason } => {
-                    self.vcpu_stopped(cpu);
-                    if cpu == 0 || reason.is_failure() {
-                        self.timings.mark_once(&self.timings.vm_stopped);
-                        self.stop();
-                        return reason;
-                    }
-                }
-                _ => {}
-            }
-        }
     }
 }
 
