@@ -49,6 +49,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Talk to a running VMM's control API.
     Ctl(crate::ctl::CtlArgs),
+    /// Density experiment: many microVMs per strategy, measured and plotted.
+    Density(crate::density::DensityArgs),
 }
 
 const SERVE_EXAMPLES: &str = "\
@@ -160,6 +162,11 @@ pub struct RunArgs {
     /// --report, a table is printed.
     #[arg(long, value_enum)]
     pub report: Option<ReportArg>,
+    /// Benchmark: run this many order-0 alloc+free pairs in the guest once
+    /// it is ready (after --alloc-mib), print the result as one JSON line
+    /// on stdout, then shut down. Used by `make bench`.
+    #[arg(long, value_name = "PAIRS", hide = true)]
+    pub bench_alloc_free: Option<u64>,
     /// Also serve the control API on this Unix socket while the VM runs.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -275,7 +282,7 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
     let host = HostSettings { serial: config.serial.clone(), kvm_path: config.kvm_path.clone(), legacy_only: config.legacy_only };
     let mut ctl = Controller::new(machine, boot, host, timings.clone(), std::sync::mpsc::channel());
     let format = args.report_format();
-    ctl.set_script(Script { alloc_mib: args.alloc_mib, report: format });
+    ctl.set_script(Script { alloc_mib: args.alloc_mib, report: format, bench_alloc_free: args.bench_alloc_free });
     let server = match args.api_sock.as_deref().map(|p| start_api(p, &ctl)).transpose() {
         Ok(s) => s,
         Err(code) => return code,
@@ -294,6 +301,9 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
             Some(ReportFormat::Json) => println!("{json}"),
             _ => println!("{}", crate::ctl::memory_table(&json)),
         }
+    }
+    if let Some(b) = ctl.bench_result.take() {
+        println!("{}", serde_json::json!({ "bench_alloc_free": b }));
     }
     print_timings(&timings);
     let Some(reason) = reason else { return 0 };

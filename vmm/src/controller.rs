@@ -47,6 +47,19 @@ pub struct Script {
     pub alloc_mib: Option<u64>,
     /// Print the memory report, then shut the guest down.
     pub report: Option<ReportFormat>,
+    /// Benchmark: this many order-0 alloc+free pairs in the guest (after
+    /// the allocation, before the report).
+    pub bench_alloc_free: Option<u64>,
+}
+
+/// Result of the guest's allocator benchmark.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct BenchResult {
+    pub pairs: u64,
+    pub cycles: u64,
+    pub cycles_per_pair: f64,
+    pub grow_check_on: bool,
+    pub ok: bool,
 }
 
 /// Settings that are not part of the API's machine configuration.
@@ -62,6 +75,8 @@ enum Waiter {
     Api(tokio::sync::oneshot::Sender<Result<ApiResponse, ApiError>>),
     /// The `vmm run` script's allocation.
     Script,
+    /// The `vmm run` script's benchmark.
+    Bench(u64),
     /// A graceful shutdown (SendCtrlAltDel, or the end of the script).
     Shutdown,
 }
@@ -96,6 +111,8 @@ pub struct Controller {
     finished: Option<StopReason>,
     /// The script's report, printed by the caller.
     pub printed_report: Option<api::MemoryReport>,
+    /// The script's benchmark result, printed by the caller.
+    pub bench_result: Option<BenchResult>,
 }
 
 impl Controller {
@@ -128,6 +145,7 @@ impl Controller {
             script: Script::default(),
             finished: None,
             printed_report: None,
+            bench_result: None,
         }
     }
 
@@ -197,7 +215,7 @@ impl Controller {
                 self.run_script();
             }
             VmEvent::Phase(_) => {}
-            VmEvent::CommandDone { seq, status, result0, .. } => self.command_done(seq, status, result0),
+            VmEvent::CommandDone { seq, status, result0, result1 } => self.command_done(seq, status, result0, result1),
             VmEvent::StartAps(rec) => {
                 if let Some(vm) = self.vm.as_mut() {
                     if let Err(e) = vm.start_aps(rec) {
@@ -253,8 +271,17 @@ impl Controller {
             }
             return;
         }
+        if let Some(n) = self.script.bench_alloc_free.take() {
+            match self.submit(Command::BenchAllocFree, n, 0) {
+                Ok(seq) => self.pending = Some(Pending { seq, target_mib: 0, waiter: Waiter::Bench(n) }),
+                Err(e) => eprintln!("vmm: cannot start the benchmark: {e}"),
+            }
+            return;
+        }
         if self.script.report.is_some() {
             self.printed_report = Some(self.report());
+        }
+        if self.script.report.is_some() || self.bench_result.is_some() {
             self.graceful_shutdown();
         }
     }
@@ -278,8 +305,21 @@ impl Controller {
         Ok(seq)
     }
 
-    fn command_done(&mut self, seq: u64, status: Option<CommandStatus>, held: u64) {
+    fn command_done(&mut self, seq: u64, status: Option<CommandStatus>, result0: u64, result1: u64) {
         let Some(p) = self.pending.take_if(|p| p.seq == seq) else { return };
+        if let Waiter::Bench(pairs) = p.waiter {
+            let ok = status == Some(CommandStatus::Ok);
+            self.bench_result = Some(BenchResult {
+                pairs,
+                cycles: result0,
+                cycles_per_pair: if pairs > 0 { result0 as f64 / pairs as f64 } else { 0.0 },
+                grow_check_on: result1 != 0,
+                ok,
+            });
+            self.run_script();
+            return;
+        }
+        let held = result0;
         if status.is_some() {
             self.workload_bytes = held;
         }
@@ -307,7 +347,7 @@ impl Controller {
                 }
                 self.run_script();
             }
-            Waiter::Shutdown => {}
+            Waiter::Shutdown | Waiter::Bench(_) => {}
         }
     }
 

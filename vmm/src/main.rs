@@ -10,6 +10,7 @@ mod arch;
 mod cli;
 mod controller;
 mod ctl;
+mod density;
 mod devices;
 mod memory;
 mod report;
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => cli::run(args, timings),
         cli::Command::Serve(args) => cli::serve(args, timings),
         cli::Command::Ctl(args) => ctl::run(args),
+        cli::Command::Density(args) => density::run(args),
     };
     ExitCode::from(code)
 }
