@@ -70,6 +70,13 @@ fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
     pv::announce();
 
     let cpus = init_memory(info, config, mapped);
+    workload().set_chunk(config.chunk_bytes);
+    match config.workload {
+        // Test workloads that break the stats channel, before the VMM looks.
+        BootWorkload::CorruptStats => CORRUPT_STATS.store(true, Ordering::Relaxed),
+        BootWorkload::CorruptStatsAddr if pv => arch::outl(guest_abi::port::STATS, 0xffff_f000),
+        _ => {}
+    }
     publish_memory_stats();
     pv::publish_stats(|s| {
         s.tsc_memory_ready = rdtsc();
@@ -145,15 +152,24 @@ fn boot_init_or_die() {
     }
 }
 
+/// Set by `workload=corrupt-stats`: every publication writes garbage.
+static CORRUPT_STATS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 /// Copies the memory manager's figures into the stats block.
 pub fn publish_memory_stats() {
     let st = MM.stats();
     let ranges = MM.memmap_ranges();
+    let corrupt = CORRUPT_STATS.load(Ordering::Relaxed);
     pv::publish_stats(|s| {
         st.write_to(s);
         ranges.write_to(s);
         if st.fully_initialized && s.tsc_fully_initialized == 0 {
             s.tsc_fully_initialized = rdtsc();
+        }
+        if corrupt {
+            s.total_pages = 10;
+            s.initialized_pages = 1 << 40;
+            s.memmap_range_count = u32::MAX;
         }
     });
 }
@@ -182,21 +198,7 @@ fn run_workload(config: &Config) -> ! {
             // VMM and the VM stops, which is this workload's point.
             unsafe { core::arch::asm!("ud2", options(noreturn)) }
         }
-        BootWorkload::CorruptStats => {
-            pv::publish_stats(|s| {
-                s.total_pages = 10;
-                s.initialized_pages = 1 << 40;
-                s.memmap_range_count = u32::MAX;
-                s.flags = u32::MAX;
-            });
-            command_loop(config)
-        }
-        BootWorkload::CorruptStatsAddr => {
-            if pv::present() {
-                arch::outl(guest_abi::port::STATS, 0xffff_f000);
-            }
-            command_loop(config)
-        }
+        BootWorkload::CorruptStats | BootWorkload::CorruptStatsAddr => command_loop(config),
         BootWorkload::Alloc(bytes) => {
             let status = workload().alloc(bytes, false);
             publish_memory_stats();

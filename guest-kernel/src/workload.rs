@@ -9,11 +9,22 @@ use guest_kernel::mm::{BlockList, Pfn, MAX_ORDER};
 pub struct Workload {
     blocks: BlockList,
     held_pages: u64,
+    /// Largest block order it asks for: at most one memmap chunk, so a
+    /// request never makes the allocator initialize more chunks than the
+    /// memory it hands out (an order above the chunk needs several adjacent
+    /// chunks, and growing for it strands the free pages it could not use).
+    max_order: u32,
 }
 
 impl Workload {
     pub const fn new() -> Workload {
-        Workload { blocks: BlockList::new(), held_pages: 0 }
+        Workload { blocks: BlockList::new(), held_pages: 0, max_order: MAX_ORDER }
+    }
+
+    /// Limits block sizes to one chunk of `chunk_bytes`.
+    pub fn set_chunk(&mut self, chunk_bytes: u64) {
+        let pages = (chunk_bytes / PAGE_SIZE).max(1);
+        self.max_order = (63 - pages.leading_zeros()).min(MAX_ORDER);
     }
 
     /// Bytes held.
@@ -27,7 +38,7 @@ impl Workload {
     /// keeping what it got.
     pub fn alloc(&mut self, bytes: u64, no_write: bool) -> CommandStatus {
         let mut want = bytes.div_ceil(PAGE_SIZE);
-        let mut order = MAX_ORDER;
+        let mut order = self.max_order;
         while want > 0 {
             while order > 0 && (1u64 << order) > want {
                 order -= 1;

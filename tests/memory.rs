@@ -1,0 +1,165 @@
+//! Memory-manager integration tests: each memmap strategy boots a real guest,
+//! and the guest's own figures are checked against the host's `mincore()`
+//! measurement and against what the strategy promises.
+
+mod common;
+
+use common::vmm;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 2 * MIB;
+/// Bytes of memmap per chunk of memory (2 MiB / 4 KiB * 64).
+const CHUNK_MEMMAP: u64 = 32 << 10;
+
+/// Boots with `--report json` and the extra flags; returns the report.
+fn report(args: &[&str]) -> Value {
+    let mut a = vec!["run", "--serial", "none", "--report", "json"];
+    a.extend_from_slice(args);
+    let o = vmm(&a);
+    o.assert_code(0);
+    serde_json::from_str(o.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {o}"))
+}
+
+fn u(v: &Value, path: &str) -> u64 {
+    v.pointer(path).and_then(Value::as_u64).unwrap_or_else(|| panic!("{path} missing in {v}"))
+}
+
+#[test]
+fn eager_and_parallel_initialize_every_struct_page_before_ready() {
+    for (strategy, vcpus) in [("eager", "1"), ("parallel", "2")] {
+        let r = report(&["--memmap-init", strategy, "--vcpus", vcpus]);
+        assert_eq!(r["valid"], true, "{r}");
+        assert_eq!(r["strategy"], strategy);
+        assert_eq!(u(&r, "/guest/pages_initialized"), u(&r, "/guest/pages_total"), "{strategy}: {r}");
+        assert_eq!(r["guest"]["fully_initialized"], true);
+        assert_eq!(r["guest"]["grow_check_on"], false);
+        let reserved = u(&r, "/guest/memmap_bytes_reserved");
+        let initialized = u(&r, "/guest/memmap_bytes_initialized");
+        assert!(reserved > 31 * MIB && initialized + 64 * 1024 >= reserved, "{strategy}: {r}");
+        // The host backs the whole memmap: ~32 MiB for a 2 GiB guest.
+        let resident = u(&r, "/host/memmap_resident_bytes");
+        assert!(resident > 31 * MIB, "{strategy}: {r}");
+        assert_eq!(u(&r, "/guest/cpus"), vcpus.parse::<u64>().unwrap(), "{strategy}: {r}");
+    }
+}
+
+#[test]
+fn ondemand_idles_with_one_chunk_of_memmap() {
+    let r = report(&["--memmap-init", "ondemand"]);
+    assert_eq!(r["valid"], true, "{r}");
+    assert_eq!(u(&r, "/guest/chunks_initialized"), 1, "{r}");
+    assert_eq!(u(&r, "/guest/memmap_bytes_initialized"), CHUNK_MEMMAP, "{r}");
+    assert!(u(&r, "/host/memmap_resident_bytes") <= MIB / 2, "{r}");
+    assert_eq!(r["guest"]["grow_check_on"], true);
+}
+
+#[test]
+fn ondemand_initializes_x_over_64_plus_one_chunk_and_the_host_agrees() {
+    for alloc in [64u64, 256] {
+        let r = report(&["--memmap-init", "ondemand", "--alloc-mib", &alloc.to_string()]);
+        assert_eq!(r["valid"], true, "{r}");
+        assert_eq!(u(&r, "/guest/allocated_bytes"), alloc * MIB);
+        let initialized = u(&r, "/guest/memmap_bytes_initialized");
+        assert!(initialized <= alloc * MIB / 64 + CHUNK_MEMMAP, "{alloc} MiB: {initialized} bytes initialized");
+        // The host-measured resident memmap agrees with the guest's count to
+        // within one host page per chunk.
+        let resident = u(&r, "/host/memmap_resident_bytes");
+        let chunks = u(&r, "/guest/chunks_initialized");
+        assert!(resident.abs_diff(initialized) <= chunks * 4096, "{resident} vs {initialized}, {chunks} chunks");
+        // Every allocated page was written: the host backs it.
+        assert!(u(&r, "/host/guest_ram_resident_bytes") >= alloc * MIB, "{r}");
+    }
+}
+
+#[test]
+fn deferred_initializes_one_section_before_ready_and_the_rest_in_the_background() {
+    // One vCPU: the background work runs between commands. The report is
+    // taken right at ready, so less than everything is initialized.
+    let r = report(&["--memmap-init", "deferred"]);
+    assert_eq!(r["valid"], true, "{r}");
+    let total = u(&r, "/guest/pages_total");
+    let init = u(&r, "/guest/pages_initialized");
+    assert!(init >= (128 * MIB / 4096) / 2 && init < total, "{init} of {total}");
+    // After a large allocation everything up to it is initialized, and the
+    // background work finishes while the guest idles between commands.
+    let r = report(&["--memmap-init", "deferred", "--vcpus", "2", "--alloc-mib", "64"]);
+    assert_eq!(r["valid"], true, "{r}");
+    assert_eq!(u(&r, "/guest/cpus"), 2, "{r}");
+}
+
+#[test]
+fn memmap_on_memory_and_small_chunks_work() {
+    let r = report(&["--memmap-init", "ondemand", "--memmap-on-memory", "--alloc-mib", "32"]);
+    assert_eq!(r["valid"], true, "{r}");
+    assert_eq!(r["guest"]["memmap_on_memory"], true);
+    assert!(r["guest"]["memmap_bytes_reserved"].as_u64().unwrap() > 31 * MIB);
+    let r = report(&["--memmap-init", "ondemand", "--memmap-chunk-kib", "128", "--alloc-mib", "16"]);
+    assert_eq!(u(&r, "/guest/chunk_bytes"), 128 << 10);
+    assert!(u(&r, "/guest/memmap_bytes_initialized") <= 16 * MIB / 64 + (2 << 10), "{r}");
+}
+
+#[test]
+fn the_same_workload_allocates_the_same_under_every_strategy() {
+    for (s, vcpus) in [("eager", "1"), ("parallel", "2"), ("deferred", "1"), ("ondemand", "1")] {
+        let r = report(&["--mem-mib", "512", "--memmap-init", s, "--vcpus", vcpus, "--alloc-mib", "100"]);
+        assert_eq!(u(&r, "/guest/allocated_bytes"), 100 * MIB, "{s}: {r}");
+        assert_eq!(u(&r, "/guest/workload_bytes"), 100 * MIB, "{s}: {r}");
+        assert_eq!(u(&r, "/guest/alloc_failures"), 0, "{s}: {r}");
+    }
+}
+
+#[test]
+fn an_allocation_beyond_guest_ram_reports_out_of_memory() {
+    let o = vmm(&["run", "--serial", "none", "--mem-mib", "128", "--alloc-mib", "128", "--report", "json"]);
+    o.assert_code(0);
+    assert!(o.stderr.contains("OutOfMemory"), "{o}");
+    let r: Value = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!(r["valid"], true, "{r}");
+    assert!(u(&r, "/guest/alloc_failures") >= 1, "{r}");
+    // What could be allocated stays allocated (most of the guest).
+    assert!(u(&r, "/guest/allocated_bytes") > 100 * MIB, "{r}");
+}
+
+#[test]
+fn a_corrupt_stats_block_is_reported_invalid_not_trusted() {
+    let r = report(&["--mem-mib", "256", "--cmdline", "workload=corrupt-stats"]);
+    assert_eq!(r["valid"], false, "{r}");
+    assert!(r["invalid_reason"].as_str().unwrap().contains("guest report invalid"), "{r}");
+    assert!(r["guest"].is_null());
+    // The host view is still measured.
+    assert_eq!(u(&r, "/host/guest_ram_bytes"), 256 * MIB);
+
+    let r = report(&["--mem-mib", "256", "--cmdline", "workload=corrupt-stats-addr"]);
+    assert_eq!(r["valid"], false, "{r}");
+    assert!(r["invalid_reason"].as_str().unwrap().contains("outside guest RAM"), "{r}");
+}
+
+#[test]
+fn the_report_has_the_documented_keys_and_timings() {
+    let r = report(&["--mem-mib", "256"]);
+    for key in [
+        "/strategy",
+        "/guest/memmap_bytes_reserved",
+        "/guest/memmap_bytes_initialized",
+        "/guest/allocated_bytes",
+        "/host/memmap_resident_bytes",
+        "/host/guest_ram_resident_bytes",
+        "/timings/guest_ready",
+    ] {
+        assert!(r.pointer(key).is_some(), "{key} missing: {r}");
+    }
+    let t = &r["timings"];
+    let created = t["vm_created"].as_f64().unwrap();
+    let ready = t["guest_ready"].as_f64().unwrap();
+    assert!(0.0 < created && created < ready, "{t}");
+}
+
+#[test]
+fn a_table_report_is_readable() {
+    let o = vmm(&["run", "--serial", "none", "--mem-mib", "256", "--alloc-mib", "8"]);
+    o.assert_code(0);
+    assert!(o.stdout.contains("memmap_resident_bytes"), "{o}");
+    assert!(o.stdout.contains("MiB"), "{o}");
+    let _ = CHUNK;
+}
