@@ -256,8 +256,13 @@ struct Context {
     limits: Limits,
 }
 
-/// The API thread: accepts connections until `stop` fires, then drops the
-/// runtime, which cancels every connection task.
+/// How long a stopping server lets in-flight requests finish (so the answer
+/// to the request that stopped the VM still reaches its client).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The API thread: accepts connections until `stop` fires, then stops
+/// accepting and lets in-flight requests finish (at most [`DRAIN_TIMEOUT`])
+/// before the runtime is dropped.
 fn serve(
     runtime: tokio::runtime::Runtime,
     listener: StdUnixListener,
@@ -272,52 +277,55 @@ fn serve(
                 return;
             }
         };
-        tokio::spawn(accept_loop(listener, ctx));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
         // An error means the ApiServer was dropped: stop as well.
-        let _ = stop.await;
-    });
-}
-
-async fn accept_loop(listener: tokio::net::UnixListener, ctx: Arc<Context>) {
-    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return; // The semaphore is never closed.
-        };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    serve_connection(stream, ctx).await;
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                // Out of file descriptors or similar: wait instead of spinning.
-                eprintln!("vmm: API server: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut stop = stop;
+        loop {
+            let slot = tokio::select! {
+                _ = &mut stop => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(s) => s,
+                    Err(_) => break, // The semaphore is never closed.
+                },
+            };
+            let accepted = tokio::select! {
+                _ = &mut stop => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let header_read = ctx.limits.header_read;
+                    let conn_ctx = ctx.clone();
+                    let service = hyper::service::service_fn(move |req| {
+                        let ctx = conn_ctx.clone();
+                        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+                    });
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_read)
+                        .max_buf_size(CONNECTION_BUFFER_BYTES)
+                        .max_headers(MAX_HEADERS);
+                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(async move {
+                        // Errors here are the client's (malformed request,
+                        // timeout, hang-up); hyper has already answered 400
+                        // or closed, and nothing else is hurt.
+                        let _ = conn.await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: wait instead of spinning.
+                    eprintln!("vmm: API server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
-    }
-}
-
-async fn serve_connection(stream: tokio::net::UnixStream, ctx: Arc<Context>) {
-    let header_read = ctx.limits.header_read;
-    let service = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+        drop(listener);
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read)
-        .max_buf_size(CONNECTION_BUFFER_BYTES)
-        .max_headers(MAX_HEADERS);
-    // Errors here are the client's (malformed request, timeout, hang-up);
-    // hyper has already answered 400 or closed, and nothing else is hurt.
-    let _ = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
 }
 
 /// Answers one request and counts it.
