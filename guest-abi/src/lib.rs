@@ -204,6 +204,8 @@ pub mod stats_flags {
     pub const MEMMAP_ON_MEMORY: u32 = 1 << 1;
     /// Every struct page is initialized.
     pub const FULLY_INITIALIZED: u32 = 1 << 2;
+    /// The grow check's jump sites are patched out of the allocator's code.
+    pub const JUMP_SITES_PATCHED: u32 = 1 << 3;
     /// The block was filled by a test workload with deliberate garbage.
     pub const TEST_CORRUPT: u32 = 1 << 31;
 }
@@ -303,7 +305,8 @@ pub enum Command {
     SetTarget = 4,
     /// Shut down with exit code `arg0`.
     Shutdown = 5,
-    /// Benchmark: `arg0` order-0 alloc+free pairs; `result0` = TSC cycles.
+    /// Benchmark: `arg0` order-0 alloc+free pairs; `result0` = TSC cycles,
+    /// `result1` bit 0 = grow check on, bit 1 = its jump sites patched out.
     BenchAllocFree = 6,
 }
 

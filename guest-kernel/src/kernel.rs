@@ -160,9 +160,13 @@ pub fn publish_memory_stats() {
     let st = MM.stats();
     let ranges = MM.memmap_ranges();
     let corrupt = CORRUPT_STATS.load(Ordering::Relaxed);
+    let patched = arch::jump_label::patched();
     pv::publish_stats(|s| {
         st.write_to(s);
         ranges.write_to(s);
+        if patched {
+            s.flags |= guest_abi::stats_flags::JUMP_SITES_PATCHED;
+        }
         if st.fully_initialized && s.tsc_fully_initialized == 0 {
             s.tsc_fully_initialized = rdtsc();
         }
@@ -218,6 +222,7 @@ fn command_loop(config: &Config) -> ! {
     }
     let mut background = config.strategy == Strategy::Deferred && !MM.stats().fully_initialized;
     loop {
+        maybe_patch_jump_sites();
         let seq = if background {
             match pv::poll_command() {
                 0 => {
@@ -240,6 +245,20 @@ fn command_loop(config: &Config) -> ! {
     }
 }
 
+/// Once the grow check is off for good, patches its jump sites out of the
+/// allocator (the equivalent of Linux's `static_branch_disable`), at a point
+/// where this CPU runs no allocator code and every AP is parked.
+fn maybe_patch_jump_sites() {
+    if MM.stats().grow_check_on || arch::jump_label::patched() || !smp::aps_idle() {
+        return;
+    }
+    // SAFETY: the only static key (the grow check) is off; this CPU is
+    // between commands and every AP has finished its job.
+    let n = unsafe { arch::jump_label::patch_jump_sites() };
+    publish_memory_stats();
+    println!("guest: memmap fully initialized; grow check patched out of {n} jump sites");
+}
+
 fn run_command(mb: &guest_abi::Mailbox) -> (CommandStatus, u64, u64) {
     let w = workload();
     let status = match Command::decode(mb.cmd) {
@@ -253,7 +272,10 @@ fn run_command(mb: &guest_abi::Mailbox) -> (CommandStatus, u64, u64) {
         }
         Some(Command::BenchAllocFree) => {
             return match crate::workload::bench_alloc_free(mb.arg0) {
-                Some(cycles) => (CommandStatus::Ok, cycles, MM.stats().grow_check_on as u64),
+                Some(cycles) => {
+                    let flags = MM.stats().grow_check_on as u64 | (arch::jump_label::patched() as u64) << 1;
+                    (CommandStatus::Ok, cycles, flags)
+                }
                 None => (CommandStatus::OutOfMemory, 0, 0),
             };
         }

@@ -23,6 +23,15 @@ static DONE: AtomicU32 = AtomicU32::new(0);
 /// Whether the kernel runs in ring 0 (APs follow the boot CPU).
 pub static RING0: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
+/// APs started for the current job.
+static STARTED: AtomicU32 = AtomicU32::new(0);
+
+/// Whether every started AP has finished its job (and is parked or about to
+/// park): then no other CPU runs kernel code that has jump sites.
+pub fn aps_idle() -> bool {
+    DONE.load(Ordering::Acquire) >= STARTED.load(Ordering::Acquire)
+}
+
 /// vCPUs the VMM gave this VM (1 without the paravirtual interface).
 pub fn cpu_count() -> u32 {
     if !pv::present() {
@@ -39,6 +48,7 @@ static AP_BOOT: pv::Shared<ApBoot> = pv::Shared::new(ApBoot {
 fn start_aps(job: u32, cpus: u32) {
     JOB_CPUS.store(u64::from(cpus), Ordering::Relaxed);
     DONE.store(0, Ordering::Relaxed);
+    STARTED.store(cpus - 1, Ordering::Release);
     JOB.store(job, Ordering::Release);
     let rec = ApBoot {
         magic: AP_BOOT_MAGIC,

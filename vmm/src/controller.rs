@@ -47,6 +47,9 @@ pub struct Script {
     pub alloc_mib: Option<u64>,
     /// Print the memory report, then shut the guest down.
     pub report: Option<ReportFormat>,
+    /// Then make the guest hold this much instead (e.g. fill memory, so the
+    /// allocator initializes everything, then free it).
+    pub then_target_mib: Option<u64>,
     /// Benchmark: this many order-0 alloc+free pairs in the guest (after
     /// the allocation, before the report).
     pub bench_alloc_free: Option<u64>,
@@ -59,6 +62,8 @@ pub struct BenchResult {
     pub cycles: u64,
     pub cycles_per_pair: f64,
     pub grow_check_on: bool,
+    /// The grow check's jump sites were patched out of the code.
+    pub jump_sites_patched: bool,
     pub ok: bool,
 }
 
@@ -264,7 +269,7 @@ impl Controller {
 
     /// The `vmm run` script: allocate, then report and shut down.
     fn run_script(&mut self) {
-        if let Some(mib) = self.script.alloc_mib.take() {
+        if let Some(mib) = self.script.alloc_mib.take().or_else(|| self.script.then_target_mib.take()) {
             match self.submit(Command::SetTarget, mib << 20, 0) {
                 Ok(seq) => self.pending = Some(Pending { seq, target_mib: mib, waiter: Waiter::Script }),
                 Err(e) => eprintln!("vmm: cannot start the workload: {e}"),
@@ -313,7 +318,8 @@ impl Controller {
                 pairs,
                 cycles: result0,
                 cycles_per_pair: if pairs > 0 { result0 as f64 / pairs as f64 } else { 0.0 },
-                grow_check_on: result1 != 0,
+                grow_check_on: result1 & 1 != 0,
+                jump_sites_patched: result1 & 2 != 0,
                 ok,
             });
             self.run_script();

@@ -72,7 +72,10 @@ pub fn validate(b: &StatsBlock, mem: &GuestMemoryMmap, vcpus: u8) -> Result<Stra
         return Err(GuestReportError::BadVersion(b.abi_version));
     }
     let strategy = Strategy::decode(b.strategy).ok_or(GuestReportError::BadStrategy(b.strategy))?;
-    let known = stats_flags::GROW_CHECK_ON | stats_flags::MEMMAP_ON_MEMORY | stats_flags::FULLY_INITIALIZED;
+    let known = stats_flags::GROW_CHECK_ON
+        | stats_flags::MEMMAP_ON_MEMORY
+        | stats_flags::FULLY_INITIALIZED
+        | stats_flags::JUMP_SITES_PATCHED;
     if b.flags & stats_flags::TEST_CORRUPT != 0 {
         return Err(Bad("the guest marked it as test garbage".into()));
     }

@@ -2,6 +2,7 @@
 
 pub mod entry;
 pub mod idt;
+pub mod jump_label;
 pub mod paging;
 
 use core::arch::asm;

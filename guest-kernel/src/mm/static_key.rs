@@ -1,9 +1,19 @@
-//! A `StaticKey`: a boolean the fast path tests once and that is switched off
-//! for good (Linux `static_branch_unlikely`).
+//! A `StaticKey`: a boolean the fast path tests and that is switched off for
+//! good (Linux `static_branch_likely` + `static_branch_disable`).
 //!
-//! It is an `AtomicBool` today, read with a relaxed load. It is kept alone in
-//! this module, with only [`StaticKey::is_enabled`] and [`StaticKey::disable`],
-//! so it can later become a code-patching jump label without touching callers.
+//! The truth is an `AtomicBool`. In the guest kernel (`target_os = "none"`)
+//! every inlined [`StaticKey::is_enabled`] is also a *jump site*: a 5-byte
+//! `jmp rel32` to the code that reads the atomic, recorded in the
+//! `.jump_table` section. While the key is on the site costs a jump and the
+//! load; once the key is off and the kernel has patched the sites into 5-byte
+//! NOPs (`patch_jump_sites` in the kernel, called at a point where no other
+//! CPU runs allocator code), the site falls straight through to `false`: the
+//! fast path pays nothing. On the host (tests), text is not writable, so it
+//! stays the atomic load.
+//!
+//! The table does not say which key a site belongs to: the kernel has exactly
+//! one key (the memory manager's grow check), and it patches only once that
+//! key is off.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,7 +36,31 @@ impl StaticKey {
     /// whose guarded path is correct (only slower) either way.
     #[inline(always)]
     pub fn is_enabled(&self) -> bool {
-        !self.disabled.load(Ordering::Relaxed)
+        #[cfg(all(target_os = "none", target_arch = "x86_64"))]
+        {
+            // SAFETY: the asm is a jump to `on`, whose address is recorded in
+            // `.jump_table`; it touches no register or memory. The kernel
+            // turns it into a NOP of the same length only after the key is
+            // off, when `false` is the right answer.
+            unsafe {
+                core::arch::asm!(
+                    "2:",
+                    ".byte 0xe9",
+                    ".long {on} - (2b + 5)",
+                    ".pushsection .jump_table, \"aw\"",
+                    ".balign 8",
+                    ".quad 2b",
+                    ".popsection",
+                    on = label { return !self.disabled.load(Ordering::Relaxed); },
+                    options(nostack, preserves_flags),
+                );
+            }
+            false
+        }
+        #[cfg(not(all(target_os = "none", target_arch = "x86_64")))]
+        {
+            !self.disabled.load(Ordering::Relaxed)
+        }
     }
 
     /// Switches the key off for good.
