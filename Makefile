@@ -18,10 +18,12 @@ setup:
 build: setup
 	$(CARGO) build --release --locked
 
-# The main job on the embedded default guest: boot a 2 GiB microVM with each
-# memmap strategy, show its boot log, timings and page-metadata report.
+# The main job on the embedded default guest: boot a 2 GiB microVM (boot log
+# and timings), then the four memmap strategies side by side.
 run: build
 	$(VMM) run --mem-mib 2048 --cmdline workload=exit
+	@echo
+	$(VMM) compare --mem-mib 2048 --alloc-mib 256
 
 # Every test: contract, API types, VMM unit tests, integration tests that
 # boot real VMs (tests/), and the guest memory manager's host tests.
@@ -35,6 +37,13 @@ lint: setup
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 	cd guest-kernel && $(CARGO) clippy --release --all-targets -- -D warnings
 	cd guest-kernel && $(CARGO) clippy --release --target x86_64-unknown-none --bin guest-kernel -- -D warnings
+
+# Benchmarks (not tests; no time is asserted): boot per strategy, allocator
+# fast path, memmap init cost per struct page. Takes a few minutes; results in
+# bench-results/bench.json, table on stdout. See docs/benchmarks.md.
+BENCH_OUT ?= bench-results
+bench: build
+	$(VMM) bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

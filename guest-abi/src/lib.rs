@@ -442,11 +442,17 @@ mod tests {
         assert_eq!(Phase::decode(0), None);
     }
 
+    // The port map is checked at compile time.
+    const _: () = assert!(port::PV_BASE >= port::SERIAL_COM1 + 8, "paravirtual ports overlap COM1");
+    const _: () = assert!(port::PV_END <= IO_BITMAP_PORTS, "the ring-3 I/O bitmap misses a port");
+
     #[test]
-    fn ports_do_not_overlap_legacy_devices() {
-        assert!(port::PV_BASE >= port::SERIAL_COM1 + 8);
-        assert!(port::PV_END <= IO_BITMAP_PORTS);
-        assert_eq!((port::AP_RELEASE - port::PV_BASE) % 4, 0);
+    fn ports_are_32_bit_aligned() {
+        for p in [port::IDENT, port::EXIT, port::PHASE, port::STATS, port::MAILBOX, port::WAIT, port::POLL, port::DONE,
+                  port::EXCEPTION, port::AP_BOOT, port::AP_PARK, port::AP_RELEASE, port::CPU_COUNT] {
+            assert_eq!((p - port::PV_BASE) % 4, 0, "{p:#x}");
+            assert!(p < port::PV_END);
+        }
     }
 
     #[test]

@@ -89,7 +89,7 @@ fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
         config.strategy.name(),
         st.memmap_bytes_initialized >> 10,
         st.memmap_bytes_reserved >> 10,
-        st.free_pages * PAGE_SIZE >> 20
+        (st.free_pages * PAGE_SIZE) >> 20
     );
     pv::publish_stats(|s| s.tsc_ready = rdtsc());
     pv::phase(Phase::Ready);
@@ -178,11 +178,16 @@ pub fn publish_memory_stats() {
     });
 }
 
-static mut WORKLOAD: Workload = Workload::new();
+/// The workload's state; only the boot CPU touches it.
+struct WorkloadCell(core::cell::UnsafeCell<Workload>);
+// SAFETY: only the boot CPU runs workloads and commands, one at a time.
+unsafe impl Sync for WorkloadCell {}
+static WORKLOAD: WorkloadCell = WorkloadCell(core::cell::UnsafeCell::new(Workload::new()));
 
 fn workload() -> &'static mut Workload {
-    // SAFETY: only the boot CPU runs workloads and commands, one at a time.
-    unsafe { &mut *(&raw mut WORKLOAD) }
+    // SAFETY: only the boot CPU runs workloads and commands, one at a time,
+    // and no caller keeps the reference across another call.
+    unsafe { &mut *WORKLOAD.0.get() }
 }
 
 fn run_workload(config: &Config) -> ! {

@@ -49,8 +49,12 @@ pub enum Command {
     Serve(ServeArgs),
     /// Talk to a running VMM's control API.
     Ctl(crate::ctl::CtlArgs),
+    /// The four memmap strategies side by side: boot time and memmap cost.
+    Compare(crate::compare::CompareArgs),
     /// Density experiment: many microVMs per strategy, measured and plotted.
     Density(crate::density::DensityArgs),
+    /// Benchmarks: boot per strategy, allocator fast path, memmap init cost (`make bench`).
+    Bench(crate::bench::BenchArgs),
 }
 
 const SERVE_EXAMPLES: &str = "\
@@ -162,6 +166,10 @@ pub struct RunArgs {
     /// --report, a table is printed.
     #[arg(long, value_enum)]
     pub report: Option<ReportArg>,
+    /// After --alloc-mib, make the guest hold this many MiB instead (used by
+    /// `make bench` to fill memory, then free it).
+    #[arg(long, value_name = "MIB", hide = true, requires = "alloc_mib")]
+    pub then_target_mib: Option<u64>,
     /// Benchmark: run this many order-0 alloc+free pairs in the guest once
     /// it is ready (after --alloc-mib), print the result as one JSON line
     /// on stdout, then shut down. Used by `make bench`.
@@ -264,10 +272,12 @@ fn api_config(c: &VmConfig) -> (api::MachineConfig, api::BootSource) {
 }
 
 fn start_api(path: &std::path::Path, ctl: &Controller) -> Result<crate::api_server::ApiServer, u8> {
-    crate::api_server::start(path, ctl.sender(), ctl.metrics()).map_err(|e| {
+    let server = crate::api_server::start(path, ctl.sender(), ctl.metrics()).map_err(|e| {
         eprintln!("vmm: error: {}", error_chain(&e));
         2
-    })
+    })?;
+    eprintln!("vmm: serving the control API on {}", server.path().display());
+    Ok(server)
 }
 
 /// `vmm run`: boots the VM and runs it until the guest stops (or, with a
@@ -282,7 +292,12 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
     let host = HostSettings { serial: config.serial.clone(), kvm_path: config.kvm_path.clone(), legacy_only: config.legacy_only };
     let mut ctl = Controller::new(machine, boot, host, timings.clone(), std::sync::mpsc::channel());
     let format = args.report_format();
-    ctl.set_script(Script { alloc_mib: args.alloc_mib, report: format, bench_alloc_free: args.bench_alloc_free });
+    ctl.set_script(Script {
+        alloc_mib: args.alloc_mib,
+        report: format,
+        then_target_mib: args.then_target_mib,
+        bench_alloc_free: args.bench_alloc_free,
+    });
     let server = match args.api_sock.as_deref().map(|p| start_api(p, &ctl)).transpose() {
         Ok(s) => s,
         Err(code) => return code,

@@ -438,11 +438,6 @@ impl Devices {
         self.pv().paused = paused;
         self.pv_cond.notify_all();
     }
-
-    /// Whether a stop was requested.
-    pub fn stop_requested(&self) -> bool {
-        self.pv().stop
-    }
 }
 
 fn le_u32(data: &[u8]) -> u32 {

@@ -7,7 +7,9 @@
 
 mod api_server;
 mod arch;
+mod bench;
 mod cli;
+mod compare;
 mod controller;
 mod ctl;
 mod density;
@@ -33,7 +35,9 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => cli::run(args, timings),
         cli::Command::Serve(args) => cli::serve(args, timings),
         cli::Command::Ctl(args) => ctl::run(args),
+        cli::Command::Compare(args) => compare::run(args),
         cli::Command::Density(args) => density::run(args),
+        cli::Command::Bench(args) => bench::run(args),
     };
     ExitCode::from(code)
 }

@@ -53,7 +53,7 @@ pub fn read_snapshot(mem: &GuestMemoryMmap, gpa: GuestAddress) -> Result<StatsBl
     for _ in 0..SNAPSHOT_TRIES {
         let block: StatsBlock = mem.read_obj(gpa).map_err(|_| GuestReportError::OutOfRam(gpa.0))?;
         let seq_after: u64 = mem.read_obj(seq_addr).map_err(|_| GuestReportError::OutOfRam(gpa.0))?;
-        if block.seq % 2 == 0 && block.seq == seq_after {
+        if block.seq.is_multiple_of(2) && block.seq == seq_after {
             return Ok(block);
         }
         std::thread::yield_now();

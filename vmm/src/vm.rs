@@ -9,7 +9,7 @@
 use crate::arch::{self, layout};
 use crate::devices::{ConsoleOut, Devices, VmEvent};
 use crate::timings::{Metrics, Timings};
-use crate::vcpu::{self, StopReason};
+use crate::vcpu;
 use guest_abi::{ApBoot, Strategy, AP_BOOT_MAGIC};
 use kvm_bindings::{kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -18,7 +18,6 @@ use std::io::Cursor;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -145,7 +144,7 @@ impl VmConfig {
         if self.mem_mib == 0 {
             return bad("memory size must be more than 0 MiB (e.g. --mem-mib 2048)".into());
         }
-        if self.mem_mib % 2 != 0 {
+        if !self.mem_mib.is_multiple_of(2) {
             return bad(format!("memory size must be a multiple of 2 MiB (got {}; try {})", self.mem_mib, self.mem_mib + 1));
         }
         let max_mib = layout::MAX_RAM >> 20;
@@ -259,20 +258,14 @@ struct VcpuThread {
 /// A built VM.
 pub struct Vm {
     pub config: VmConfig,
-    /// The command line the guest was given.
-    pub guest_cmdline: String,
     _kvm: Kvm,
     _vm_fd: VmFd,
     pub mem: GuestMemoryMmap,
     pub devices: Arc<Devices>,
     pending_vcpus: Vec<Option<VcpuFd>>,
     threads: Vec<VcpuThread>,
-    /// The receiving end of the event channel, when the VM owns it.
-    events: Option<Receiver<VmEvent>>,
     event_tx: std::sync::mpsc::Sender<VmEvent>,
     boot_sregs: kvm_sregs,
-    pub timings: Arc<Timings>,
-    pub metrics: Arc<Metrics>,
     running: usize,
     control: Arc<vcpu::RunControl>,
     /// Guest TSC frequency, to turn guest cycle counts into time.
@@ -308,17 +301,9 @@ fn open_console(target: &SerialTarget) -> Result<Option<ConsoleOut>, BuildError>
 
 impl Vm {
     /// Builds a VM ready to start: KVM VM and guest RAM registered, kernel and
-    /// boot data loaded, vCPUs created and set up for 64-bit entry.
-    pub fn build(config: VmConfig, timings: Arc<Timings>) -> Result<Vm, BuildError> {
-        let (tx, rx) = channel();
-        let mut vm = Vm::build_with_events(config, timings, Arc::default(), tx)?;
-        vm.events = Some(rx);
-        Ok(vm)
-    }
-
-    /// Like [`Vm::build`], but events go to `event_tx`, whose receiving end
-    /// the caller (the VMM thread) keeps and shares with the API thread;
-    /// counters go to `metrics`.
+    /// boot data loaded, vCPUs created and set up for 64-bit entry. Events go
+    /// to `event_tx`, whose receiving end the caller (the VMM thread) keeps
+    /// and shares with the API thread; counters go to `metrics`.
     pub fn build_with_events(
         config: VmConfig,
         timings: Arc<Timings>,
@@ -378,18 +363,14 @@ impl Vm {
         let config_vcpus = config.vcpus;
         Ok(Vm {
             config,
-            guest_cmdline,
             _kvm: kvm,
             _vm_fd: vm_fd,
             mem,
             devices,
             pending_vcpus,
             threads: Vec::new(),
-            events: None,
             event_tx,
             boot_sregs,
-            timings,
-            metrics,
             running: 0,
             control: Arc::new(vcpu::RunControl::new(usize::from(config_vcpus))),
             tsc_khz,
@@ -446,20 +427,6 @@ impl Vm {
             started += 1;
         }
         Ok(started)
-    }
-
-    /// Waits up to `timeout` for the next event; `None` on timeout.
-    pub fn next_event(&self, timeout: Duration) -> Option<VmEvent> {
-        let Some(events) = &self.events else {
-            std::thread::sleep(timeout);
-            return None;
-        };
-        match events.recv_timeout(timeout) {
-            Ok(e) => Some(e),
-            Err(RecvTimeoutError::Timeout) => None,
-            // Impossible while `self.event_tx` lives; treat as "nothing".
-            Err(RecvTimeoutError::Disconnected) => None,
-        }
     }
 
     /// Notes that vCPU `cpu` stopped; returns how many are still running.

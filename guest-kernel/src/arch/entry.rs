@@ -32,7 +32,7 @@ pub const RING0_STACK_SIZE: usize = 64 << 10;
 /// `guest_abi::IO_BITMAP_PORTS`, its 0xff terminator, padding to 16.
 pub const TSS_STRIDE: usize = 304;
 const TSS_LIMIT: usize = 104 + guest_abi::IO_BITMAP_PORTS as usize / 8;
-const _: () = assert!(TSS_LIMIT < TSS_STRIDE && TSS_STRIDE % 16 == 0);
+const _: () = assert!(TSS_LIMIT < TSS_STRIDE && TSS_STRIDE.is_multiple_of(16));
 
 /// Selectors of the GDT below.
 pub const KERNEL_CS: u16 = 0x08;

@@ -72,9 +72,9 @@ extern "C" {
 /// Fills the IDT with the exception stubs.
 pub fn init() {
     let base = IDT.0.get() as *mut Gate;
-    for v in 0..32 {
-        // SAFETY: ISR_TABLE is a constant table of 32 stub addresses (below).
-        let handler = unsafe { ISR_TABLE[v] };
+    // SAFETY: ISR_TABLE is a constant table of 32 stub addresses (below).
+    let table: &[u64; 32] = unsafe { &ISR_TABLE };
+    for (v, &handler) in table.iter().enumerate() {
         // SAFETY: `v` < 256; the IDT is only written here, on the boot CPU,
         // before any other CPU starts.
         unsafe { base.add(v).write_volatile(Gate::new(handler, 0)) };

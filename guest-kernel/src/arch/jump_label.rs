@@ -35,8 +35,8 @@ pub unsafe fn patch_jump_sites() -> usize {
     if PATCHED.swap(true, Ordering::AcqRel) {
         return 0;
     }
-    let start = (&raw const __jump_table_start) as *const u64;
-    let end = (&raw const __jump_table_end) as *const u64;
+    let start = &raw const __jump_table_start;
+    let end = &raw const __jump_table_end;
     let mut n = 0;
     let mut p = start;
     while p < end {

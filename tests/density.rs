@@ -1,0 +1,165 @@
+//! `vmm density` end to end: a small real run (10 VMs of 256 MiB under
+//! `eager` and `ondemand`) whose report must be complete and consistent and
+//! leave no process or socket behind, and a run whose floor stops the ramp.
+
+mod common;
+
+use common::{vmm, TempDir};
+use serde_json::Value;
+use std::path::Path;
+
+/// Reads `dir/report.json`.
+fn report(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
+    serde_json::from_str(&text).expect("report.json is JSON")
+}
+
+fn u(v: &Value, ptr: &str) -> u64 {
+    v.pointer(ptr).and_then(Value::as_u64).unwrap_or_else(|| panic!("{ptr} missing in {v}"))
+}
+
+fn f(v: &Value, ptr: &str) -> f64 {
+    v.pointer(ptr).and_then(Value::as_f64).unwrap_or_else(|| panic!("{ptr} missing in {v}"))
+}
+
+/// Whether `pid` still runs a VMM that used a socket in `work_dir`.
+fn alive_child(pid: u64, work_dir: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(work_dir))
+        .unwrap_or(false)
+}
+
+/// Checks that nothing the run started is left: no child VMM, no socket,
+/// no work directory.
+#[track_caller]
+fn assert_clean(r: &Value) {
+    let work_dir = r["work_dir"].as_str().unwrap();
+    assert!(!Path::new(work_dir).exists(), "work dir {work_dir} left behind");
+    for s in r["strategies"].as_array().unwrap() {
+        for vm in s["vms"].as_array().unwrap() {
+            let pid = u(vm, "/pid");
+            assert!(!alive_child(pid, work_dir), "VM pid {pid} still runs");
+        }
+    }
+}
+
+#[test]
+fn a_small_density_run_is_complete_consistent_and_leaves_nothing_behind() {
+    let out = TempDir::new("density");
+    let dir = out.path().to_str().unwrap();
+    let o = vmm(&[
+        "density", "--vms", "10", "--mem-mib", "256", "--strategies", "eager,ondemand", "--ramp", "5",
+        "--parallel", "4", "--alloc-mib", "1..8", "--seed", "3", "--out", dir,
+    ]);
+    o.assert_code(0);
+    assert!(o.stdout.contains("eager") && o.stdout.contains("ondemand"), "{o}");
+    for file in ["report.json", "vms.csv", "host_memory.svg", "footprint.svg", "time_to_ready.svg"] {
+        let meta = std::fs::metadata(out.path().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(meta.len() > 0, "{file} is empty");
+    }
+    let svg = std::fs::read_to_string(out.path().join("footprint.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("memmap") && svg.contains("eager"), "{svg:.300}");
+
+    let r = report(out.path());
+    assert_eq!(r["outcome"], "completed");
+    assert!(u(&r, "/host/mem_total_bytes") > 0 && u(&r, "/host/cores") > 0);
+    assert!(r["host"]["pvm"].is_boolean() && r["host"]["kernel"].is_string());
+    assert_eq!(u(&r, "/settings/vms"), 10);
+    assert_eq!(r["settings"]["alloc_mib"], serde_json::json!({ "kind": "range", "lo": 1, "hi": 8 }));
+
+    let csv = std::fs::read_to_string(out.path().join("vms.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no column {name}"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert!(rows.iter().all(|row| row.len() == header.len()));
+
+    let strategies = r["strategies"].as_array().unwrap();
+    assert_eq!(strategies.len(), 2);
+    let mut memmap_per_vm = Vec::new();
+    for s in strategies {
+        let name = s["strategy"].as_str().unwrap();
+        assert_eq!((u(s, "/asked"), u(s, "/launched"), u(s, "/ready")), (10, 10, 10), "{name}");
+        assert_eq!(s["floor_reached"], false, "{name}");
+        assert!(s["baseline"]["settled"].is_boolean());
+        let steps = s["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 2, "{name}: two ramp steps of 5");
+        for (i, st) in steps.iter().enumerate() {
+            let n = u(st, "/sums/vms");
+            assert_eq!(n, 5 * (i as u64 + 1), "{name} step {i}");
+            // The step's sums are the sums of its CSV rows.
+            let step_rows: Vec<&Vec<&str>> =
+                rows.iter().filter(|row| row[col("strategy")] == name && row[col("step")] == i.to_string()).collect();
+            assert_eq!(step_rows.len() as u64, n, "{name} step {i}: one CSV row per VM");
+            for (sum, column) in [
+                ("vmm_pss", "vmm_pss_bytes"),
+                ("vmm_rss", "vmm_rss_bytes"),
+                ("guest_ram_resident", "guest_ram_resident_bytes"),
+                ("memmap_resident", "memmap_resident_bytes"),
+                ("workload", "workload_bytes"),
+                ("page_tables", "page_table_bytes"),
+            ] {
+                let total: u64 = step_rows.iter().map(|row| row[col(column)].parse::<u64>().unwrap()).sum();
+                assert_eq!(u(st, &format!("/sums/{sum}")), total, "{name} step {i}: {sum}");
+            }
+            // The per-VM figures are the sums divided by the VM count, and
+            // the five parts add up to the MemAvailable drop per VM.
+            let nf = n as f64;
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+            assert!(close(f(st, "/per_vm/vmm") * nf, u(st, "/sums/vmm_pss") as f64));
+            assert!(close(f(st, "/per_vm/memmap") * nf, u(st, "/sums/memmap_resident") as f64));
+            assert!(close(f(st, "/per_vm/workload") * nf, u(st, "/sums/workload") as f64));
+            assert!(close(f(st, "/per_vm/total") * nf, st["sums"]["mem_available_drop"].as_i64().unwrap() as f64));
+            let parts: f64 = ["kvm_kernel", "vmm", "guest_kernel", "memmap", "workload"]
+                .iter()
+                .map(|p| f(st, &format!("/per_vm/{p}")))
+                .sum();
+            assert!(close(parts, f(st, "/per_vm/total")), "{name} step {i}: parts {parts}");
+        }
+        // Every VM holds its seeded workload, and has its last report.
+        for vm in s["vms"].as_array().unwrap() {
+            let mib = u(vm, "/alloc_mib");
+            assert!((1..=8).contains(&mib));
+            assert_eq!(u(vm, "/last_sample/workload"), mib << 20, "{name}");
+            assert_eq!(vm["last_memory_report"]["strategy"], name);
+            assert!(f(vm, "/ready/spawn_to_ready_ms") >= f(vm, "/ready/vmm_guest_ready_ms"));
+        }
+        let ttr = &s["time_to_ready_ms"];
+        assert_eq!(u(ttr, "/count"), 10);
+        assert!(f(ttr, "/p50") <= f(ttr, "/p90") && f(ttr, "/p90") <= f(ttr, "/p99"));
+        assert!(f(s, "/launch_throughput_vms_per_s") > 0.0);
+        assert_eq!(u(s, "/fit/measured"), 10);
+        assert_eq!(u(s, "/shutdown/stopped") + u(s, "/shutdown/killed"), 10);
+        memmap_per_vm.push(f(s, "/footprint/memmap"));
+    }
+    // 256 MiB: eager writes all 4 MiB of memmap, ondemand a chunk or two.
+    assert!(memmap_per_vm[1] < memmap_per_vm[0], "ondemand memmap {} vs eager {}", memmap_per_vm[1], memmap_per_vm[0]);
+    assert!(memmap_per_vm[0] >= (4u64 << 20) as f64 * 0.9, "eager memmap {}", memmap_per_vm[0]);
+    assert_clean(&r);
+}
+
+#[test]
+fn the_floor_stops_a_ramp_before_any_vm() {
+    let out = TempDir::new("density-floor");
+    let dir = out.path().to_str().unwrap();
+    // A floor above all of RAM: the first check fails.
+    let o = vmm(&["density", "--vms", "4", "--mem-mib", "256", "--strategies", "ondemand", "--floor-mib", "100000000", "--out", dir]);
+    o.assert_code(0);
+    let r = report(out.path());
+    let s = &r["strategies"][0];
+    assert_eq!(s["floor_reached"], true, "{s}");
+    assert!(u(s, "/launched") < 4);
+    assert_eq!(u(s, "/launched"), 0);
+    assert!(s["stop_reason"].as_str().unwrap().contains("floor"), "{s}");
+    assert_eq!(u(&r, "/settings/floor_bytes"), 100000000u64 << 20);
+    assert!(r["settings"]["floor_from_flag"].as_bool().unwrap());
+    assert_clean(&r);
+}
+
+#[test]
+fn bad_density_flags_are_usage_errors() {
+    vmm(&["density", "--vms", "0"]).assert_code(2);
+    vmm(&["density", "--strategies", "eager,eager"]).assert_code(2);
+    vmm(&["density", "--mem-mib", "256", "--alloc-mib", "300"]).assert_code(2);
+    vmm(&["density", "--alloc-mib", "9..3"]).assert_code(2);
+}

@@ -1,0 +1,336 @@
+//! What a density run writes: the `report.json` structure, the `vms.csv`
+//! rows (streamed while the run goes, one per VM per step) and the summary
+//! table printed on stdout.
+
+use super::fleet::ShutdownStats;
+use super::host::HostInfo;
+use super::probe::{Ready, Sample};
+use super::stats::{AllocSpec, Breakdown, Distribution, StepSums};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Why the results could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The output directory could not be created.
+    #[error("cannot create the output directory {0:?}")]
+    Dir(PathBuf, #[source] io::Error),
+    /// A file could not be written.
+    #[error("cannot write {0:?}")]
+    Write(PathBuf, #[source] io::Error),
+    /// A plot could not be drawn.
+    #[error("cannot draw {0:?}: {1}")]
+    Plot(PathBuf, String),
+}
+
+/// `report.json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub tool: &'static str,
+    pub version: &'static str,
+    /// The runner's command line.
+    pub command: Vec<String>,
+    /// Seconds since the epoch when the run started.
+    pub started_unix_s: u64,
+    pub duration_s: f64,
+    /// "completed", "interrupted" or "failed".
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    pub host: HostInfo,
+    pub settings: Settings,
+    /// The private directory that held the sockets (removed at the end).
+    pub work_dir: PathBuf,
+    /// `MemAvailable` when the runner started, in bytes.
+    pub initial_mem_available_bytes: u64,
+    /// `MemAvailable` after the last VM was reaped, in bytes.
+    pub final_mem_available_bytes: Option<u64>,
+    pub strategies: Vec<StrategyRun>,
+}
+
+/// The settings of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub vms: u64,
+    pub strategies: Vec<String>,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub alloc_mib: AllocSpec,
+    pub seed: u64,
+    pub ramp: u64,
+    pub parallel: usize,
+    pub floor_bytes: u64,
+    /// Whether the floor came from `--floor-mib` or the default rule.
+    pub floor_from_flag: bool,
+    pub settle_timeout_s: u64,
+    pub ready_timeout_s: u64,
+}
+
+/// One strategy's ramp.
+#[derive(Debug, Serialize)]
+pub struct StrategyRun {
+    pub strategy: String,
+    pub baseline: Baseline,
+    /// Whether a launch was refused because `MemAvailable` was at the floor.
+    pub floor_reached: bool,
+    /// Why the ramp ended.
+    pub stop_reason: String,
+    /// VMs asked for (`--vms`).
+    pub asked: u64,
+    /// VMs started.
+    pub launched: u64,
+    /// VMs that became ready with their workload.
+    pub ready: u64,
+    pub steps: Vec<Step>,
+    pub vms: Vec<VmRecord>,
+    /// Spawn → guest ready as the runner saw it, ms.
+    pub time_to_ready_ms: Option<Distribution>,
+    /// The VMMs' own `guest_ready` (their `main()` → ready), ms.
+    pub vmm_guest_ready_ms: Option<Distribution>,
+    /// `PUT /guest/memory` durations, ms.
+    pub workload_ms: Option<Distribution>,
+    /// Wall time spent launching (measurements excluded), s.
+    pub launch_seconds: f64,
+    /// `ready / launch_seconds` with `parallel` launches in flight.
+    pub launch_throughput_vms_per_s: Option<f64>,
+    /// Per-VM footprint at the last step (the most VMs, the least noise).
+    pub footprint: Option<Breakdown>,
+    /// VMs that fit before the floor.
+    pub fit: Fit,
+    pub shutdown: ShutdownStats,
+}
+
+/// The host before a strategy's ramp.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Baseline {
+    /// `MemAvailable` the ramp's drops are measured from, bytes.
+    pub mem_available_bytes: u64,
+    /// Whether `MemAvailable` came back to within the tolerance of the
+    /// run's initial value before the timeout (always true for the first).
+    pub settled: bool,
+    /// How long the runner waited for it, s.
+    pub waited_s: f64,
+    /// The value waited for (initial `MemAvailable` less the tolerance).
+    pub target_bytes: u64,
+}
+
+/// VMs that fit before the floor.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Fit {
+    /// Running when the ramp stopped (at the floor, or all asked for).
+    pub measured: u64,
+    /// `(MemTotal − floor − baseline used) / per-VM footprint`.
+    pub extrapolated: Option<u64>,
+}
+
+/// One ramp step.
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub step: u64,
+    /// `MemAvailable` at the measurement, bytes.
+    pub mem_available_bytes: u64,
+    pub sums: StepSums,
+    pub per_vm: Option<Breakdown>,
+    /// The runner's own resident memory (part of the drop), bytes.
+    pub runner_rss_bytes: u64,
+    /// VMs started in this step.
+    pub launched: u64,
+    pub launch_seconds: f64,
+    pub measure_seconds: f64,
+}
+
+/// One VM.
+#[derive(Debug, Serialize)]
+pub struct VmRecord {
+    pub index: u64,
+    pub pid: u32,
+    pub alloc_mib: u64,
+    pub ready: Option<Ready>,
+    pub error: Option<String>,
+    /// The VM's figures at the last step it was measured in.
+    pub last_sample: Option<Sample>,
+    /// Its full `GET /memory` answer at that step.
+    pub last_memory_report: Option<RawJson>,
+}
+
+/// A JSON text kept as text while the run goes (small), written as JSON.
+#[derive(Debug)]
+pub struct RawJson(pub Box<str>);
+
+impl Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_json::from_str::<serde_json::Value>(&self.0).map_err(serde::ser::Error::custom)?.serialize(s)
+    }
+}
+
+/// Header of `vms.csv`.
+pub const CSV_HEADER: &str = "strategy,step,step_vms,index,pid,alloc_mib,spawn_to_ready_ms,vmm_guest_ready_ms,workload_ms,\
+valid,guest_ram_resident_bytes,memmap_resident_bytes,memmap_initialized_bytes,workload_bytes,allocated_bytes,\
+vmm_rss_bytes,vmm_pss_bytes,page_table_bytes,threads,kvm_memslot_estimate_bytes";
+
+/// One `vms.csv` row.
+pub fn csv_row(strategy: &str, step: u64, step_vms: u64, vm: &VmRecord, s: &Sample) -> String {
+    let r = vm.ready.as_ref();
+    let ms = |f: Option<f64>| f.map_or(String::new(), |v| format!("{v:.3}"));
+    let mut line = String::new();
+    let _ = write!(
+        line,
+        "{},{step},{step_vms},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        csv_field(strategy),
+        vm.index,
+        vm.pid,
+        vm.alloc_mib,
+        ms(r.map(|r| r.spawn_to_ready_ms)),
+        ms(r.map(|r| r.vmm_guest_ready_ms)),
+        ms(r.map(|r| r.workload_ms)),
+        s.valid,
+        s.guest_ram_resident,
+        s.memmap_resident,
+        s.memmap_initialized,
+        s.workload,
+        s.allocated,
+        s.vmm_rss,
+        s.vmm_pss,
+        s.page_tables,
+        s.threads,
+        s.kvm_memslot_estimate,
+    );
+    line
+}
+
+/// A CSV field, quoted when it needs to be (RFC 4180).
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// `vms.csv`, written as the run goes (so the rows are not held in memory,
+/// where they would count in the measured drop).
+pub struct CsvSink {
+    path: PathBuf,
+    out: Option<io::BufWriter<std::fs::File>>,
+}
+
+impl CsvSink {
+    /// Creates `dir/vms.csv` with its header; `dir` `None` writes nothing.
+    pub fn create(dir: Option<&Path>) -> Result<CsvSink, OutputError> {
+        let Some(dir) = dir else { return Ok(CsvSink { path: PathBuf::new(), out: None }) };
+        let path = dir.join("vms.csv");
+        let mut out = io::BufWriter::new(std::fs::File::create(&path).map_err(|e| OutputError::Write(path.clone(), e))?);
+        writeln!(out, "{CSV_HEADER}").map_err(|e| OutputError::Write(path.clone(), e))?;
+        Ok(CsvSink { path, out: Some(out) })
+    }
+
+    /// Appends one row.
+    pub fn row(&mut self, line: &str) -> Result<(), OutputError> {
+        match &mut self.out {
+            Some(o) => writeln!(o, "{line}").map_err(|e| OutputError::Write(self.path.clone(), e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes the file.
+    pub fn finish(&mut self) -> Result<(), OutputError> {
+        match &mut self.out {
+            Some(o) => o.flush().map_err(|e| OutputError::Write(self.path.clone(), e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Writes `report.json` into `dir`.
+pub fn write_report(dir: &Path, report: &Report) -> Result<(), OutputError> {
+    let path = dir.join("report.json");
+    let file = std::fs::File::create(&path).map_err(|e| OutputError::Write(path.clone(), e))?;
+    let mut w = io::BufWriter::new(file);
+    serde_json::to_writer_pretty(&mut w, report).map_err(|e| OutputError::Write(path.clone(), e.into()))?;
+    writeln!(w).and_then(|()| w.flush()).map_err(|e| OutputError::Write(path, e))
+}
+
+fn mib(bytes: f64) -> f64 {
+    bytes / f64::from(1u32 << 20)
+}
+
+/// The summary table: per strategy, VMs that fit, per-VM footprint and its
+/// parts (MiB), time to ready and launch throughput.
+pub fn summary(report: &Report) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "{:<10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7}",
+        "strategy", "fit", "floor", "host fit", "per VM", "KVM+kern", "VMM", "g.kern", "memmap", "workload", "ready p50", "ready p99", "VMs/s"
+    );
+    let _ = writeln!(
+        t,
+        "{:<10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7}",
+        "", "VMs", "hit", "(extrap)", "MiB", "MiB", "MiB", "MiB", "MiB", "MiB", "ms", "ms", ""
+    );
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+    for s in &report.strategies {
+        let f = s.footprint.as_ref();
+        let _ = writeln!(
+            t,
+            "{:<10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7}",
+            s.strategy,
+            s.fit.measured,
+            if s.floor_reached { "yes" } else { "no" },
+            s.fit.extrapolated.map_or("-".to_string(), |v| v.to_string()),
+            opt(f.map(|b| mib(b.total)), 2),
+            opt(f.map(|b| mib(b.kvm_kernel)), 2),
+            opt(f.map(|b| mib(b.vmm)), 2),
+            opt(f.map(|b| mib(b.guest_kernel)), 2),
+            opt(f.map(|b| mib(b.memmap)), 2),
+            opt(f.map(|b| mib(b.workload)), 2),
+            opt(s.time_to_ready_ms.map(|d| d.p50), 1),
+            opt(s.time_to_ready_ms.map(|d| d.p99), 1),
+            opt(s.launch_throughput_vms_per_s, 1),
+        );
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> VmRecord {
+        VmRecord {
+            index: 3,
+            pid: 42,
+            alloc_mib: 16,
+            ready: Some(Ready { spawn_to_ready_ms: 12.5, vmm_guest_ready_ms: 10.0, workload_ms: 1.25 }),
+            error: None,
+            last_sample: None,
+            last_memory_report: None,
+        }
+    }
+
+    #[test]
+    fn csv_rows_match_the_header() {
+        let s = Sample { valid: true, guest_ram_resident: 100, memmap_resident: 10, workload: 50, vmm_pss: 7, ..Sample::default() };
+        let row = csv_row("eager", 2, 10, &record(), &s);
+        assert_eq!(row.split(',').count(), CSV_HEADER.split(',').count(), "{row}");
+        assert!(row.starts_with("eager,2,10,3,42,16,12.500,10.000,1.250,true,100,10,0,50,"), "{row}");
+        let unready = VmRecord { ready: None, ..record() };
+        let row = csv_row("ondemand", 0, 1, &unready, &s);
+        assert!(row.starts_with("ondemand,0,1,3,42,16,,,,true,"), "{row}");
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_needed() {
+        assert_eq!(csv_field("eager"), "eager");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
+
+    #[test]
+    fn raw_json_is_written_as_json() {
+        let r = RawJson("{\"a\": [1, 2]}".into());
+        assert_eq!(serde_json::to_string(&r).unwrap(), "{\"a\":[1,2]}");
+        assert!(serde_json::to_string(&RawJson("{".into())).is_err());
+    }
+}
