@@ -284,7 +284,7 @@ impl Controller {
             return;
         }
         if self.script.report.is_some() {
-            self.printed_report = Some(self.report());
+            self.printed_report = self.report();
         }
         if self.script.report.is_some() || self.bench_result.is_some() {
             self.graceful_shutdown();
@@ -336,12 +336,11 @@ impl Controller {
         };
         match p.waiter {
             Waiter::Api(reply) => {
-                let report = self.report();
                 self.last = GuestMemoryStatus {
                     target_mib: p.target_mib,
                     held_bytes: self.workload_bytes,
                     status: outcome,
-                    report: Some(report),
+                    report: self.report(),
                 };
                 let _ = reply.send(Ok(ApiResponse::GuestMemoryStatus(Box::new(self.last.clone()))));
                 self.last.report = None;
@@ -357,35 +356,17 @@ impl Controller {
         }
     }
 
-    /// The memory report of the running VM.
-    pub fn report(&self) -> api::MemoryReport {
-        let Some(vm) = self.vm.as_ref() else {
-            return api::MemoryReport {
-                valid: false,
-                invalid_reason: Some("the VM has not started".into()),
-                strategy: None,
-                guest: None,
-                host: api::HostMemoryView {
-                    guest_ram_bytes: 0,
-                    guest_ram_resident_bytes: 0,
-                    memmap_resident_bytes: 0,
-                    memmap_range_bytes: 0,
-                    vmm_rss_bytes: 0,
-                    vmm_pss_bytes: None,
-                    kvm_memslot_bytes_estimate: 0,
-                    kvm_estimate_note: report::KVM_ESTIMATE_NOTE.into(),
-                },
-                timings: self.timings.report(),
-            };
-        };
-        report::memory_report(&ReportContext {
+    /// The memory report of the VM, if it was started.
+    pub fn report(&self) -> Option<api::MemoryReport> {
+        let vm = self.vm.as_ref()?;
+        Some(report::memory_report(&ReportContext {
             mem: &vm.mem,
             stats_gpa: vm.devices.stats_gpa(),
             vcpus: vm.config.vcpus,
             tsc_khz: vm.tsc_khz,
             workload_bytes: self.workload_bytes,
             timings: &self.timings,
-        })
+        }))
     }
 
     fn invalid_state(&self, action: &str) -> ApiError {
@@ -421,9 +402,9 @@ impl Controller {
             }
             ApiRequest::PutActions(a) => self.action(a.action_type),
             ApiRequest::PatchVm(u) => self.pause_resume(u.state),
-            ApiRequest::GetMemory => match self.vm {
+            ApiRequest::GetMemory => match self.report() {
                 None => Err(self.invalid_state("report memory")),
-                Some(_) => Ok(ApiResponse::MemoryReport(Box::new(self.report()))),
+                Some(r) => Ok(ApiResponse::MemoryReport(Box::new(r))),
             },
             ApiRequest::GetGuestMemory => Ok(ApiResponse::GuestMemoryStatus(Box::new(self.last.clone()))),
             ApiRequest::PutGuestMemory(target) => {

@@ -32,6 +32,9 @@ struct Gate {
 const _: () = assert!(core::mem::size_of::<Gate>() == 16);
 
 impl Gate {
+    /// A not-present gate.
+    const EMPTY: Gate = Gate { offset_lo: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_hi: 0, zero: 0 };
+
     fn new(handler: u64, dpl: u8) -> Gate {
         Gate {
             offset_lo: handler as u16,
@@ -52,17 +55,7 @@ pub struct Idt(UnsafeCell<[Gate; 256]>);
 unsafe impl Sync for Idt {}
 
 #[no_mangle]
-static IDT: Idt = Idt(UnsafeCell::new(
-    [Gate {
-        offset_lo: 0,
-        selector: 0,
-        ist: 0,
-        type_attr: 0,
-        offset_mid: 0,
-        offset_hi: 0,
-        zero: 0,
-    }; 256],
-));
+static IDT: Idt = Idt(UnsafeCell::new([Gate::EMPTY; 256]));
 
 extern "C" {
     static ISR_TABLE: [u64; 32];
@@ -86,17 +79,7 @@ pub fn clear() {
     let base = IDT.0.get() as *mut Gate;
     for v in 0..256 {
         // SAFETY: `v` < 256; only the workload calls this, on one CPU.
-        unsafe {
-            base.add(v).write_volatile(Gate {
-                offset_lo: 0,
-                selector: 0,
-                ist: 0,
-                type_attr: 0,
-                offset_mid: 0,
-                offset_hi: 0,
-                zero: 0,
-            })
-        };
+        unsafe { base.add(v).write_volatile(Gate::EMPTY) };
     }
 }
 
