@@ -3,7 +3,7 @@
 # installed on first use from rust-toolchain.toml.
 
 CARGO ?= cargo
-VMM := target/release/vmm
+VMM := target/x86_64-unknown-linux-gnu/release/vmm
 
 .PHONY: all setup build run test test-unit test-guest lint bench clean
 
