@@ -136,6 +136,29 @@ fn a_corrupt_stats_block_is_reported_invalid_not_trusted() {
 }
 
 #[test]
+fn kvm_registers_guest_ram_block_by_block_as_the_guest_uses_it() {
+    const BLOCK: u64 = 128 * MIB;
+    let r = report(&["--memmap-init", "ondemand"]);
+    assert_eq!(u(&r, "/host/kvm_registered_bytes"), BLOCK, "an idle guest uses its first block only: {r}");
+    assert_eq!(u(&r, "/host/guest_ram_bytes"), 2048 * MIB);
+    let r = report(&["--memmap-init", "ondemand", "--alloc-mib", "256"]);
+    let reg = u(&r, "/host/kvm_registered_bytes");
+    assert!((3 * BLOCK..=4 * BLOCK).contains(&reg), "256 MiB allocated: {reg} registered");
+    for args in [&["--memmap-init", "eager"][..], &["--memmap-init", "ondemand", "--register-all-memory"]] {
+        let r = report(args);
+        assert_eq!(u(&r, "/host/kvm_registered_bytes"), 2048 * MIB, "{args:?}: {r}");
+    }
+}
+
+#[test]
+fn using_ram_the_guest_never_onlined_stops_the_vm_with_a_clear_error() {
+    let o = vmm(&["run", "--serial", "none", "--cmdline", "workload=touch-offline"]);
+    o.assert_code(1);
+    assert!(o.stderr.contains("before onlining its block"), "{o}");
+    assert!(o.stderr.contains("RAM at 0x7ffff000"), "names the address (the last page of 2 GiB): {o}");
+}
+
+#[test]
 fn the_report_has_the_documented_keys_and_timings() {
     let r = report(&["--mem-mib", "256"]);
     for key in [

@@ -100,8 +100,11 @@ pub struct HostMemoryView {
     /// VMM proportional set size, excluding guest RAM; `null` if the kernel
     /// does not provide it.
     pub vmm_pss_bytes: Option<u64>,
-    /// Estimated kernel memory KVM spends on the memslots (rmap, dirty
-    /// bitmap, page tables); see `kvm_estimate_note`.
+    /// Guest RAM registered with KVM so far (memslots are registered in
+    /// 128 MiB blocks as the guest first uses them).
+    pub kvm_registered_bytes: u64,
+    /// Estimated kernel memory KVM spends on the registered memslots (rmap,
+    /// large-page tracking); see `kvm_estimate_note`.
     pub kvm_memslot_bytes_estimate: u64,
     /// How `kvm_memslot_bytes_estimate` was computed.
     pub kvm_estimate_note: String,
@@ -295,6 +298,7 @@ mod tests {
                 memmap_range_bytes: 0,
                 vmm_rss_bytes: 0,
                 vmm_pss_bytes: None,
+                kvm_registered_bytes: 0,
                 kvm_memslot_bytes_estimate: 0,
                 kvm_estimate_note: String::new(),
             },

@@ -86,6 +86,7 @@ fn host_view(pss: Option<u64>) -> HostMemoryView {
         memmap_range_bytes: 32 << 20,
         vmm_rss_bytes: 6 << 20,
         vmm_pss_bytes: pss,
+        kvm_registered_bytes: 128 << 20,
         kvm_memslot_bytes_estimate: 4 << 20,
         kvm_estimate_note: "rmap 8 B per 4 KiB page".into(),
     }

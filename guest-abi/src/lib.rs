@@ -110,9 +110,19 @@ pub mod port {
     pub const AP_RELEASE: u16 = PV_BASE + 44;
     /// in: number of vCPUs the VM has (the BSP included).
     pub const CPU_COUNT: u16 = PV_BASE + 48;
+    /// out: `gpa >> 20`: the guest is about to use memory in the
+    /// [`crate::MEMORY_BLOCK_SIZE`] block holding `gpa`; the VMM registers
+    /// that block with KVM before the write returns (memory hotplug, driven
+    /// by the guest's allocator). Blocks holding the kernel are registered
+    /// at boot; using another block before onlining it stops the VM.
+    pub const MEM_ONLINE: u16 = PV_BASE + 52;
     /// Last paravirtual port (exclusive).
-    pub const PV_END: u16 = PV_BASE + 52;
+    pub const PV_END: u16 = PV_BASE + 56;
 }
+
+/// Guest RAM is registered with KVM in blocks of this size (one memslot
+/// each), when the guest first needs them ([`port::MEM_ONLINE`]).
+pub const MEMORY_BLOCK_SIZE: u64 = 128 << 20;
 
 /// Ports below this number are granted to a ring-3 kernel through the TSS I/O
 /// permission bitmap; every port this contract uses is below it.
@@ -449,7 +459,7 @@ mod tests {
     #[test]
     fn ports_are_32_bit_aligned() {
         for p in [port::IDENT, port::EXIT, port::PHASE, port::STATS, port::MAILBOX, port::WAIT, port::POLL, port::DONE,
-                  port::EXCEPTION, port::AP_BOOT, port::AP_PARK, port::AP_RELEASE, port::CPU_COUNT] {
+                  port::EXCEPTION, port::AP_BOOT, port::AP_PARK, port::AP_RELEASE, port::CPU_COUNT, port::MEM_ONLINE] {
             assert_eq!((p - port::PV_BASE) % 4, 0, "{p:#x}");
             assert!(p < port::PV_END);
         }

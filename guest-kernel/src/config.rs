@@ -31,6 +31,9 @@ pub enum Workload {
     CorruptStats,
     /// Announce a stats block address outside RAM, then wait.
     CorruptStatsAddr,
+    /// Write to the last page of RAM without onlining its block (tests the
+    /// VMM's refusal of RAM the guest never asked for).
+    TouchOffline,
 }
 
 /// Boot configuration.
@@ -84,6 +87,7 @@ impl Config {
                 "exception" => Workload::Exception,
                 "corrupt-stats" => Workload::CorruptStats,
                 "corrupt-stats-addr" => Workload::CorruptStatsAddr,
+                "touch-offline" => Workload::TouchOffline,
                 _ => match v.strip_prefix("alloc:").and_then(parse_size) {
                     Some(n) => Workload::Alloc(n),
                     None => return Err(ConfigError { key: "workload" }),

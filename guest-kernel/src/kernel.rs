@@ -9,6 +9,8 @@ use guest_abi::{exit_code, Command, CommandStatus, Phase, Strategy, PAGE_SIZE};
 use guest_kernel::config::{Config, Workload as BootWorkload};
 use guest_kernel::mm::{MmConfig, PhysRange};
 
+/// The last page of RAM (for `workload=touch-offline`).
+static LAST_RAM_PAGE: AtomicU64 = AtomicU64::new(0);
 /// Boot parameters saved for the ring-0 continuation.
 static BOOT_PARAMS: AtomicU64 = AtomicU64::new(0);
 static TSC_ENTRY: AtomicU64 = AtomicU64::new(0);
@@ -52,6 +54,7 @@ fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
     let pv = pv::probe();
     pv::phase(Phase::Entered);
     let ram_end = info.ram_end();
+    LAST_RAM_PAGE.store(ram_end.saturating_sub(4096), Ordering::Relaxed);
     let mapped = arch::paging::map_ram(ram_end);
     let ram_mib = info.ram().map(|e| e.size).sum::<u64>() >> 20;
     println!(
@@ -125,6 +128,8 @@ fn init_memory(info: &bootparams::BootInfo, config: &Config, mapped: u64) -> u32
         println!("guest: memory manager: {e}");
         pv::exit(exit_code::BOOT_FAILED)
     }
+    // Memory is registered with KVM as the allocator first needs it.
+    MM.set_online_hook(|r| pv::online_memory(r.start.0, r.end.0));
     let mut cpus = 1;
     match config.strategy {
         Strategy::Parallel => {
@@ -208,6 +213,14 @@ fn run_workload(config: &Config) -> ! {
             unsafe { core::arch::asm!("ud2", options(noreturn)) }
         }
         BootWorkload::CorruptStats | BootWorkload::CorruptStatsAddr => command_loop(config),
+        BootWorkload::TouchOffline => {
+            let last = LAST_RAM_PAGE.load(Ordering::Relaxed);
+            println!("guest: writing {last:#x} without onlining it (workload=touch-offline)");
+            // SAFETY: the page is RAM, identity-mapped, and unused; writing
+            // it without onlining its block is this test workload's point.
+            unsafe { (last as *mut u64).write_volatile(1) };
+            command_loop(config)
+        }
         BootWorkload::Alloc(bytes) => {
             let status = workload().alloc(bytes, false);
             publish_memory_stats();

@@ -494,6 +494,7 @@ pub(crate) mod tests {
                 memmap_range_bytes: 32 << 20,
                 vmm_rss_bytes: 5 << 20,
                 vmm_pss_bytes: None,
+                kvm_registered_bytes: 128 << 20,
                 kvm_memslot_bytes_estimate: 4 << 20,
                 kvm_estimate_note: "rmap + dirty bitmap".into(),
             },

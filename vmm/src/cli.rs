@@ -178,6 +178,10 @@ pub struct RunArgs {
     /// Also serve the control API on this Unix socket while the VM runs.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Register all guest RAM with KVM at boot, instead of 128 MiB block by
+    /// block as the guest first uses it (to compare KVM's cost).
+    #[arg(long)]
+    pub register_all_memory: bool,
     /// Act like a VMM without this project's extensions (no paravirtual
     /// ports, only the first GiB mapped at entry), to check the guest's
     /// portability.
@@ -242,6 +246,7 @@ impl RunArgs {
             serial: self.serial_target(),
             kvm_path: std::env::var_os("VMM_KVM_DEVICE").map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from),
             legacy_only: self.legacy_only,
+            register_all_memory: self.register_all_memory,
         }
     }
 }
@@ -289,7 +294,12 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
         return 2;
     }
     let (machine, boot) = api_config(&config);
-    let host = HostSettings { serial: config.serial.clone(), kvm_path: config.kvm_path.clone(), legacy_only: config.legacy_only };
+    let host = HostSettings {
+        serial: config.serial.clone(),
+        kvm_path: config.kvm_path.clone(),
+        legacy_only: config.legacy_only,
+        register_all_memory: config.register_all_memory,
+    };
     let mut ctl = Controller::new(machine, boot, host, timings.clone(), std::sync::mpsc::channel());
     let format = args.report_format();
     ctl.set_script(Script {
@@ -336,6 +346,7 @@ pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
         serial: args.serial.clone(),
         kvm_path: std::env::var_os("VMM_KVM_DEVICE").map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from),
         legacy_only: false,
+        register_all_memory: false,
     };
     let mut ctl = Controller::new(
         api::MachineConfig::default(),

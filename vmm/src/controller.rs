@@ -73,6 +73,7 @@ pub struct HostSettings {
     pub serial: SerialTarget,
     pub kvm_path: PathBuf,
     pub legacy_only: bool,
+    pub register_all_memory: bool,
 }
 
 enum Waiter {
@@ -189,6 +190,7 @@ impl Controller {
             serial: self.host.serial.clone(),
             kvm_path: self.host.kvm_path.clone(),
             legacy_only: self.host.legacy_only,
+            register_all_memory: self.host.register_all_memory,
         }
     }
 
@@ -365,6 +367,7 @@ impl Controller {
             vcpus: vm.config.vcpus,
             tsc_khz: vm.tsc_khz,
             workload_bytes: self.workload_bytes,
+            registered_bytes: vm.devices.registered_bytes(),
             timings: &self.timings,
         }))
     }

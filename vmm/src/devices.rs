@@ -109,6 +109,8 @@ pub enum PortOutcome {
     GuestException,
     /// Stop: the VMM asked this vCPU to stop while it waited.
     StopRequested,
+    /// Stop: the VMM could not do what the guest asked (KVM refused).
+    Failed(String),
 }
 
 /// Why a command could not be submitted.
@@ -139,6 +141,8 @@ pub struct Devices {
     paravirt: AtomicBool,
     /// vCPUs in this VM (answered on `port::CPU_COUNT`).
     vcpu_count: std::sync::atomic::AtomicU32,
+    /// Registers guest RAM with KVM when the guest onlines it.
+    registrar: std::sync::OnceLock<Arc<crate::memory::Registrar>>,
 }
 
 /// Offset of the i8042 command port from its data port (0x60).
@@ -166,7 +170,25 @@ impl Devices {
             metrics,
             paravirt: AtomicBool::new(true),
             vcpu_count: std::sync::atomic::AtomicU32::new(1),
+            registrar: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the registrar that serves `port::MEM_ONLINE`.
+    pub fn set_registrar(&self, r: Arc<crate::memory::Registrar>) {
+        let _ = self.registrar.set(r);
+    }
+
+    /// Bytes of guest RAM registered with KVM (all of it if nothing tracks it).
+    pub fn registered_bytes(&self) -> u64 {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.registrar.get().map_or_else(|| self.mem.iter().map(|r| r.len()).sum(), |r| r.registered_bytes())
+    }
+
+    /// Whether `gpa` is guest RAM.
+    pub fn is_ram(&self, gpa: u64) -> bool {
+        use vm_memory::GuestMemoryBackend;
+        self.mem.address_in_range(GuestAddress(gpa))
     }
 
     /// Sets the vCPU count the guest is told.
@@ -288,6 +310,18 @@ impl Devices {
                 PortOutcome::Continue
             }
             port::EXCEPTION => PortOutcome::GuestException,
+            port::MEM_ONLINE => {
+                let gpa = u64::from(value) << 20;
+                let Some(registrar) = self.registrar.get() else { return PortOutcome::Continue };
+                match registrar.register_range(gpa, gpa + 1) {
+                    Ok(()) => PortOutcome::Continue,
+                    Err(e @ crate::memory::MemoryError::NotRam { .. }) => {
+                        self.protocol_error(format!("guest asked to online memory that does not exist: {e}"));
+                        PortOutcome::Continue
+                    }
+                    Err(e) => PortOutcome::Failed(crate::cli::error_chain(&e)),
+                }
+            }
             port::AP_BOOT if cpu == 0 => {
                 match self.mem.read_obj::<ApBoot>(GuestAddress(u64::from(value))) {
                     Ok(rec) => self.send(VmEvent::StartAps(rec)),

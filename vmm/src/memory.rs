@@ -2,14 +2,16 @@
 //! huge pages are asked for), registration with KVM, and host-side residency
 //! measurement with `mincore()`.
 //!
-//! Registration lives in [`register_ram`] alone, one memslot per region. KVM
-//! allocates its per-memslot metadata (about 2.2 MB per GiB on a PVM host)
-//! when a slot is registered, so a later change that registers memory section
-//! by section as the guest grows only has to change this function and call it
-//! again with the new ranges.
+//! Registration lives in [`Registrar`] alone: one memslot per 128 MiB block,
+//! registered when the guest first needs the block. KVM allocates its
+//! per-memslot metadata (about 2.2 MB per GiB on a PVM host) when a slot is
+//! registered, so an idle guest that uses only its first block costs KVM the
+//! metadata of 128 MiB, not of all its RAM.
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Host page size assumed by residency measurements.
@@ -24,6 +26,8 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("guest-physical address {gpa:#x} is not guest RAM")]
+    NotRam { gpa: u64 },
     #[error("KVM refused memory slot {slot} ({mib} MiB at {gpa:#x})")]
     Register {
         slot: u32,
@@ -53,29 +57,82 @@ pub fn create_ram(ranges: &[(GuestAddress, u64)], huge_pages: bool) -> Result<Gu
     Ok(mem)
 }
 
-/// Registers every region of `mem` with KVM, one memslot each (the one place
-/// that does).
-pub fn register_ram(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let slot = slot as u32;
-        let r = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the host range is a live mapping owned by `mem`, which the
-        // VM keeps alive for as long as the VM fd exists.
-        unsafe { vm.set_user_memory_region(r) }.map_err(|source| MemoryError::Register {
-            slot,
-            gpa: r.guest_phys_addr,
-            mib: r.memory_size >> 20,
-            source,
-        })?;
-    }
-    Ok(())
+/// Registers guest RAM with KVM: the one place that does, in blocks of
+/// [`guest_abi::MEMORY_BLOCK_SIZE`] (one memslot each, slot number = block
+/// number). KVM allocates its per-memslot metadata when a slot is registered,
+/// so blocks are registered when the guest first needs them (the guest's
+/// `port::MEM_ONLINE`), not at boot. Any vCPU thread may call it.
+pub struct Registrar {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    registered: Mutex<Vec<bool>>,
+    registered_bytes: AtomicU64,
 }
+
+impl Registrar {
+    /// A registrar for `mem` in `vm`, with nothing registered yet.
+    pub fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Registrar {
+        let end = mem.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0);
+        let blocks = end.div_ceil(BLOCK) as usize;
+        Registrar { vm, mem, registered: Mutex::new(vec![false; blocks]), registered_bytes: AtomicU64::new(0) }
+    }
+
+    /// Registers every block that overlaps `[start, end)` and is not yet
+    /// registered. Parts outside guest RAM are an error.
+    pub fn register_range(&self, start: u64, end: u64) -> Result<(), MemoryError> {
+        if end <= start {
+            return Ok(());
+        }
+        let mut done = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        for block in start / BLOCK..end.div_ceil(BLOCK) {
+            let Some(slot_done) = done.get_mut(block as usize) else {
+                return Err(MemoryError::NotRam { gpa: block * BLOCK });
+            };
+            if *slot_done {
+                continue;
+            }
+            let gpa = block * BLOCK;
+            let region = self.mem.find_region(GuestAddress(gpa)).ok_or(MemoryError::NotRam { gpa })?;
+            let region_end = region.start_addr().0 + region.len();
+            let len = (gpa + BLOCK).min(region_end) - gpa;
+            let offset = gpa - region.start_addr().0;
+            let r = kvm_userspace_memory_region {
+                slot: block as u32,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: len,
+                // The block lies inside this one host mapping.
+                userspace_addr: region.as_ptr() as u64 + offset,
+            };
+            // SAFETY: the host range is part of a live mapping owned by
+            // `mem`, which the VM keeps alive as long as the VM fd exists.
+            unsafe { self.vm.set_user_memory_region(r) }.map_err(|source| MemoryError::Register {
+                slot: r.slot,
+                gpa,
+                mib: len >> 20,
+                source,
+            })?;
+            *slot_done = true;
+            self.registered_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Registers all guest RAM.
+    pub fn register_all(&self) -> Result<(), MemoryError> {
+        for r in self.mem.iter() {
+            self.register_range(r.start_addr().0, r.start_addr().0 + r.len())?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of guest RAM registered with KVM so far.
+    pub fn registered_bytes(&self) -> u64 {
+        self.registered_bytes.load(Ordering::Relaxed)
+    }
+}
+
+const BLOCK: u64 = guest_abi::MEMORY_BLOCK_SIZE;
 
 /// Bytes of `[gpa, gpa + len)` that are resident in host memory, by
 /// `mincore()`; parts outside guest RAM count as not resident. `mincore()`
@@ -146,6 +203,27 @@ mod tests {
         // which mincore() counts: the VMM must read only what the guest wrote.
         let _: u64 = mem.read_obj(GuestAddress(0x50_0000)).unwrap();
         assert_eq!(ram_resident_bytes(&mem), 3 * HOST_PAGE);
+    }
+
+    #[test]
+    fn blocks_are_registered_once_and_only_inside_ram() {
+        let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        // 3.5 GiB: RAM to 3 GiB, the gap, then 512 MiB at 4 GiB; the last
+        // block below 3 GiB is whole, the one at 4 GiB too.
+        let mem = create_ram(&crate::arch::ram_ranges(3584 << 20), false).unwrap();
+        let r = Registrar::new(vm, mem);
+        assert_eq!(r.registered_bytes(), 0);
+        r.register_range(0, 1).unwrap();
+        assert_eq!(r.registered_bytes(), BLOCK);
+        r.register_range(4096, 8192).unwrap();
+        assert_eq!(r.registered_bytes(), BLOCK, "already registered");
+        r.register_range(BLOCK - 1, BLOCK + 1).unwrap();
+        assert_eq!(r.registered_bytes(), 2 * BLOCK, "a range across a boundary takes both blocks");
+        assert!(matches!(r.register_range(3 << 30, (3 << 30) + 1), Err(MemoryError::NotRam { .. })), "the gap");
+        assert!(matches!(r.register_range(64 << 30, (64 << 30) + 1), Err(MemoryError::NotRam { .. })));
+        r.register_all().unwrap();
+        assert_eq!(r.registered_bytes(), 3584 << 20);
     }
 
     #[test]

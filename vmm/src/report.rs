@@ -177,6 +177,8 @@ pub struct ReportContext<'a> {
     pub vcpus: u8,
     pub tsc_khz: Option<u32>,
     pub workload_bytes: u64,
+    /// Guest RAM registered with KVM so far.
+    pub registered_bytes: u64,
     pub timings: &'a crate::timings::Timings,
 }
 
@@ -187,10 +189,12 @@ fn cycles_to_us(cycles: u64, khz: Option<u32>) -> Option<f64> {
 /// Builds the full report: guest view (if valid), host view, timings.
 pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
     let mem = ctx.mem;
-    let registered: u64 = mem.iter().map(|r| r.len()).sum();
+    let ram: u64 = mem.iter().map(|r| r.len()).sum();
+    let registered = ctx.registered_bytes;
     let (rss, pss) = vmm_own_memory(mem).map_or((0, None), |(r, p)| (r, Some(p)));
     let mut host = api::HostMemoryView {
-        guest_ram_bytes: registered,
+        guest_ram_bytes: ram,
+        kvm_registered_bytes: registered,
         guest_ram_resident_bytes: memory::ram_resident_bytes(mem),
         memmap_resident_bytes: 0,
         memmap_range_bytes: 0,

@@ -172,11 +172,18 @@ pub fn handle_exit(exit: VcpuExit<'_>, cpu: u8, devices: &Devices) -> VcpuAction
             Metrics::inc(&m.exits_io_in);
             devices.port_in(cpu, port, data)
         }
-        VcpuExit::MmioRead(addr, data) => {
+        VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) if devices.is_ram(addr) => {
+            // RAM without a memslot: the guest used a block it never onlined.
+            Metrics::inc(&m.exits_failed);
+            return VcpuAction::Stop(StopReason::UnhandledExit {
+                what: format!("guest used RAM at {addr:#x} before onlining its block (port::MEM_ONLINE)"),
+                rip: None,
+            });
+        }
+        VcpuExit::MmioRead(_, data) => {
             // No MMIO devices: reads see all ones, like an empty bus.
             Metrics::inc(&m.exits_mmio_read);
             data.fill(0xff);
-            let _ = addr;
             PortOutcome::Continue
         }
         VcpuExit::MmioWrite(..) => {
@@ -227,6 +234,7 @@ pub fn handle_exit(exit: VcpuExit<'_>, cpu: u8, devices: &Devices) -> VcpuAction
         PortOutcome::Reset => VcpuAction::Stop(StopReason::Reset),
         PortOutcome::StopRequested => VcpuAction::Stop(StopReason::Requested),
         PortOutcome::GuestException => VcpuAction::ReadExceptionAndStop,
+        PortOutcome::Failed(what) => VcpuAction::Stop(StopReason::KvmFailure { what, rip: None }),
     }
 }
 

@@ -95,6 +95,9 @@ pub struct VmConfig {
     /// boots an ELF kernel): no paravirtual ports, boot page tables that map
     /// only the first GiB. Tests use it to check the guest stays portable.
     pub legacy_only: bool,
+    /// Register all guest RAM with KVM at boot instead of block by block as
+    /// the guest onlines it (for comparison).
+    pub register_all_memory: bool,
 }
 
 impl Default for VmConfig {
@@ -112,6 +115,7 @@ impl Default for VmConfig {
             serial: SerialTarget::Stdout,
             kvm_path: PathBuf::from("/dev/kvm"),
             legacy_only: false,
+            register_all_memory: false,
         }
     }
 }
@@ -259,7 +263,7 @@ struct VcpuThread {
 pub struct Vm {
     pub config: VmConfig,
     _kvm: Kvm,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     pub mem: GuestMemoryMmap,
     pub devices: Arc<Devices>,
     pending_vcpus: Vec<Option<VcpuFd>>,
@@ -322,9 +326,17 @@ impl Vm {
         let console = open_console(&config.serial)?;
 
         let kvm = open_kvm(&config.kvm_path)?;
-        let vm_fd = kvm.create_vm().map_err(BuildError::CreateVm)?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
         let mem = crate::memory::create_ram(&arch::ram_ranges(config.mem_mib << 20), config.huge_pages)?;
-        crate::memory::register_ram(&vm_fd, &mem)?;
+        let registrar = Arc::new(crate::memory::Registrar::new(vm_fd.clone(), mem.clone()));
+        if config.register_all_memory || config.legacy_only {
+            // Without the paravirtual device the guest cannot ask for more.
+            registrar.register_all()?;
+        } else {
+            // The first block holds the boot data and the kernel; the guest
+            // onlines the others as its allocator first needs them.
+            registrar.register_range(0, 1)?;
+        }
         timings.mark_once(&timings.vm_created);
 
         let loaded = Elf::load(&mem, None, &mut Cursor::new(&image[..]), Some(GuestAddress(layout::HIMEM_START)))
@@ -335,6 +347,7 @@ impl Vm {
         let devices = Arc::new(Devices::new(mem.clone(), console, event_tx.clone(), timings.clone(), metrics.clone()));
         devices.set_paravirt(!config.legacy_only);
         devices.set_vcpu_count(u32::from(config.vcpus));
+        devices.set_registrar(registrar);
 
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
         let mut pending_vcpus = Vec::new();

@@ -21,7 +21,7 @@
 //!   pages and bits. `parallel_finish` frees everything under the lock.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use guest_abi::{Strategy, STRUCT_PAGE_SIZE};
 
@@ -119,6 +119,11 @@ pub struct MemoryManager {
     setup: UnsafeCell<Setup>,
     zone: SpinLock<Zone>,
     grow_key: StaticKey,
+    /// `fn(PhysRange)` called before a chunk is initialized, with the
+    /// chunk's memory and then its memmap (0: none). The kernel uses it to
+    /// make the VMM register memory with KVM on demand. Stored as an address
+    /// so an empty manager stays all zero bytes.
+    online_hook: AtomicUsize,
     chunks_initialized: AtomicU64,
     struct_pages_initialized: AtomicU64,
     ram_pages_initialized: AtomicU64,
@@ -166,6 +171,7 @@ impl MemoryManager {
                 alloc_failures: 0,
             }),
             grow_key: StaticKey::new(true),
+            online_hook: AtomicUsize::new(0),
             chunks_initialized: AtomicU64::new(0),
             struct_pages_initialized: AtomicU64::new(0),
             ram_pages_initialized: AtomicU64::new(0),
@@ -578,6 +584,23 @@ impl MemoryManager {
         }
     }
 
+    /// Sets the function called with a chunk's memory range and then its
+    /// memmap range before the chunk is initialized (call before
+    /// [`MemoryManager::boot_init`]). It may run on several CPUs at once.
+    pub fn set_online_hook(&self, hook: fn(PhysRange)) {
+        self.online_hook.store(hook as usize, Ordering::Release);
+    }
+
+    fn online(&self, r: PhysRange) {
+        let f = self.online_hook.load(Ordering::Acquire);
+        if f != 0 {
+            // SAFETY: a non-zero value was stored by `set_online_hook` from a
+            // `fn(PhysRange)`; function pointers round-trip through usize.
+            let hook: fn(PhysRange) = unsafe { core::mem::transmute::<usize, fn(PhysRange)>(f) };
+            hook(r);
+        }
+    }
+
     /// Writes every struct page of a chunk this CPU exclusively owns (claimed
     /// at the frontier or in its parallel share), then sets its bit.
     fn init_chunk(&self, chunk: u64) {
@@ -585,6 +608,8 @@ impl MemoryManager {
         let mm = &s.memmap;
         let t0 = s.clock.map_or(0, |c| c());
         let range = mm.chunk_range(chunk);
+        self.online(range.to_phys());
+        self.online(mm.chunk_memmap(chunk));
         let base = mm.memmap_slot(range.start);
         let mut ram_pages = 0;
         for (kind, run) in mm.runs(chunk) {
@@ -904,6 +929,40 @@ mod tests {
             totals.push(held);
         }
         assert!(totals.windows(2).all(|w| w[0] == w[1]), "{totals:?}");
+    }
+
+    #[test]
+    fn every_page_handed_out_and_every_memmap_write_was_onlined_first() {
+        use std::sync::Mutex;
+        static ONLINED: Mutex<Vec<PhysRange>> = Mutex::new(Vec::new());
+        fn hook(r: PhysRange) {
+            ONLINED.lock().unwrap().push(r);
+        }
+        let covered = |a: u64, len: u64| {
+            ONLINED.lock().unwrap().iter().any(|r| r.start.0 <= a && a + len <= r.end.0)
+        };
+        let ram = [PhysRange::from_len(0, 256 * MIB)];
+        let res = [PhysRange::from_len(0, 2 * MIB)];
+        for strategy in [Strategy::OnDemand, Strategy::Eager, Strategy::Deferred] {
+            ONLINED.lock().unwrap().clear();
+            let vm = Vm::new(cfg(strategy), &ram, &res);
+            vm.mm.set_online_hook(hook);
+            vm.mm.boot_init().unwrap();
+            if strategy == Strategy::Deferred {
+                while vm.mm.background_step() {}
+            }
+            for _ in 0..300 {
+                let pfn = vm.mm.alloc_pages(3).unwrap();
+                assert!(covered(pfn.0 * 4096, 8 * 4096), "{strategy:?}: {pfn:?} handed out before it was onlined");
+            }
+            let m = vm.mm.mm();
+            for c in 0..m.totals().chunks_total {
+                if m.chunk_initialized(c) {
+                    let mm_range = m.chunk_memmap(c);
+                    assert!(covered(mm_range.start.0, mm_range.end.0 - mm_range.start.0), "{strategy:?}: chunk {c} memmap");
+                }
+            }
+        }
     }
 
     #[test]

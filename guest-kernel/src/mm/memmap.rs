@@ -495,8 +495,7 @@ impl Memmap {
             .then(|| unsafe { self.pfn_to_page(pfn) })
     }
 
-    /// The memmap byte range describing chunk `c` (for tests).
-    #[cfg(test)]
+    /// The memmap byte range describing chunk `c` (physical addresses).
     pub(crate) fn chunk_memmap(&self, c: u64) -> PhysRange {
         let first = self.chunk_range(c).start;
         let start = self.memmap_slot(first) as u64 - self.direct_map as u64;
