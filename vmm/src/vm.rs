@@ -281,13 +281,15 @@ fn open_kvm(path: &Path) -> Result<Kvm, BuildError> {
     let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return Err(BuildError::KvmMissing { path: path.into() });
     };
-    match Kvm::new_with_path(cpath) {
-        Ok(k) => Ok(k),
-        Err(e) if e.errno() == libc::ENOENT => Err(BuildError::KvmMissing { path: path.into() }),
-        Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
-            Err(BuildError::KvmDenied { path: path.into() })
-        }
-        Err(source) => Err(BuildError::KvmOpen { path: path.into(), source }),
+    Kvm::new_with_path(cpath).map_err(|e| kvm_open_error(path, e))
+}
+
+/// Names why `/dev/kvm` could not be opened, with the usual fix.
+fn kvm_open_error(path: &Path, e: kvm_ioctls::Error) -> BuildError {
+    match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => BuildError::KvmMissing { path: path.into() },
+        libc::EACCES | libc::EPERM => BuildError::KvmDenied { path: path.into() },
+        _ => BuildError::KvmOpen { path: path.into(), source: e },
     }
 }
 
@@ -553,6 +555,22 @@ mod tests {
     fn user_words_come_last_so_they_win() {
         let c = VmConfig { cpl: GuestCpl::Ring0, cmdline: " workload=exit cpl=3 ".into(), ..Default::default() };
         assert_eq!(c.guest_cmdline(), "cpl=0 memmap_init=ondemand memmap_chunk=2048K workload=exit cpl=3");
+    }
+
+    #[test]
+    fn kvm_open_errors_say_which_problem_and_the_fix() {
+        let p = Path::new("/dev/kvm");
+        let e = |errno| kvm_open_error(p, kvm_ioctls::Error::new(errno));
+        let denied = e(libc::EACCES);
+        assert!(matches!(denied, BuildError::KvmDenied { .. }));
+        assert!(denied.is_usage());
+        let msg = denied.to_string();
+        assert!(msg.contains("permission denied opening /dev/kvm") && msg.contains("kvm group"), "{msg}");
+        assert!(matches!(e(libc::EPERM), BuildError::KvmDenied { .. }));
+        assert!(matches!(e(libc::ENOENT), BuildError::KvmMissing { .. }));
+        let other = e(libc::EMFILE);
+        assert!(matches!(other, BuildError::KvmOpen { .. }));
+        assert!(!other.is_usage(), "a host failure, not the user's input");
     }
 
     #[test]
