@@ -94,15 +94,7 @@ fn host_memory(path: &PathBuf, report: &Report) -> Result<(), String> {
             .label(format!("floor ({} MiB left)", report.settings.floor_bytes >> 20))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+    finish(&mut chart, &root, SeriesLabelPosition::LowerRight)
 }
 
 fn footprint(path: &PathBuf, report: &Report) -> Result<(), String> {
@@ -163,15 +155,7 @@ fn footprint(path: &PathBuf, report: &Report) -> Result<(), String> {
         Text::new(format!("{:.1} MiB", b.total / MIB), (i as f64 + 0.40, top + y_max * 0.03), (FONT, 16))
     });
     chart.draw_series(totals).map_err(|e| e.to_string())?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+    finish(&mut chart, &root, SeriesLabelPosition::UpperRight)
 }
 
 fn time_to_ready(path: &PathBuf, report: &Report) -> Result<(), String> {
@@ -223,9 +207,19 @@ fn time_to_ready(path: &PathBuf, report: &Report) -> Result<(), String> {
             .label(label.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
+    finish(&mut chart, &root, SeriesLabelPosition::LowerRight)
+}
+
+
+/// Draws the legend at `position` and writes the SVG out.
+fn finish<'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    position: SeriesLabelPosition,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(position)
         .label_font((FONT, 14))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
