@@ -12,8 +12,10 @@ use std::fmt;
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 32;
-/// Most guest memory a VM may have, in MiB (1 TiB).
-pub const MAX_MEM_SIZE_MIB: u64 = 1 << 20;
+/// Most guest memory a VM may have, in MiB: 63 GiB (the guest kernel maps
+/// 64 GiB of physical addresses, less the 1 GiB hole below 4 GiB). The VMM
+/// checks at compile time that its own limit is the same.
+pub const MAX_MEM_SIZE_MIB: u64 = 64512;
 /// Smallest memmap chunk, in KiB (matches the guest's `MIN_CHUNK_SIZE`).
 pub const MIN_CHUNK_KIB: u64 = 128;
 /// Largest memmap chunk, in KiB (128 MiB: one memory section).
@@ -393,7 +395,7 @@ mod tests {
         );
         assert_eq!(
             msg(r#"{"mem_size_mib": 2097152}"#),
-            "mem_size_mib must be at most 1048576 (got 2097152)"
+            "mem_size_mib must be at most 64512 (got 2097152)"
         );
     }
 
@@ -401,7 +403,7 @@ mod tests {
     fn bounds_are_accepted() {
         for u in [
             r#"{"vcpu_count": 32, "mem_size_mib": 2, "memmap_chunk_kib": 128}"#,
-            r#"{"vcpu_count": 1, "mem_size_mib": 1048576, "memmap_chunk_kib": 131072}"#,
+            r#"{"vcpu_count": 1, "mem_size_mib": 64512, "memmap_chunk_kib": 131072}"#,
         ] {
             MachineConfig::default()
                 .merged(&update(u))

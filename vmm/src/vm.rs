@@ -123,6 +123,10 @@ impl Default for VmConfig {
 /// Most vCPUs a VM may have (the guest kernel's limit).
 pub const MAX_VCPUS: u8 = 32;
 
+// The API refuses what the VMM would refuse, at `PUT /machine-config`.
+const _: () = assert!(api::MAX_VCPUS == MAX_VCPUS);
+const _: () = assert!(api::MAX_MEM_SIZE_MIB == layout::MAX_RAM >> 20);
+
 impl VmConfig {
     /// The full guest command line: the VMM's words, then the user's (which win).
     pub fn guest_cmdline(&self) -> String {
