@@ -141,7 +141,7 @@ pub fn run(args: BenchArgs) -> u8 {
         results.memmap = Some(r);
     }
     results.duration_s = t0.elapsed().as_secs_f64();
-    results.host.loadavg_end = std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string());
+    results.host.loadavg_end = loadavg();
     print!("{}", results.table());
     if let Err(e) = write_results(&b.args.out, &results) {
         eprintln!("vmm bench: error: {}", crate::cli::error_chain(&e));
@@ -762,16 +762,13 @@ struct Settings {
     small_mem_mib: u64,
 }
 
+/// The host, as `vmm density` describes it, plus the load around the run
+/// (other work on a shared host).
 #[derive(Debug, Serialize)]
 struct HostInfo {
-    kernel: Option<String>,
-    cpu_model: Option<String>,
-    cpus: Option<usize>,
-    mem_total_kib: Option<u64>,
-    /// `/sys/module/kvm_pvm` exists: /dev/kvm is PVM (shadow paging).
-    kvm_pvm: bool,
-    hostname: Option<String>,
-    /// `/proc/loadavg` when the bench started (other work on a shared host).
+    #[serde(flatten)]
+    machine: Option<crate::density::host::HostInfo>,
+    /// `/proc/loadavg` when the bench started.
     loadavg_start: Option<String>,
     /// `/proc/loadavg` when it ended.
     loadavg_end: Option<String>,
@@ -779,28 +776,16 @@ struct HostInfo {
 
 impl HostInfo {
     fn read() -> HostInfo {
-        let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
-        let cpuinfo = read("/proc/cpuinfo").unwrap_or_default();
-        let meminfo = read("/proc/meminfo").unwrap_or_default();
         HostInfo {
-            kernel: read("/proc/sys/kernel/osrelease"),
-            cpu_model: cpuinfo
-                .lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string()),
-            cpus: std::thread::available_parallelism().ok().map(|n| n.get()),
-            mem_total_kib: meminfo
-                .lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok()),
-            kvm_pvm: Path::new("/sys/module/kvm_pvm").exists(),
-            hostname: read("/proc/sys/kernel/hostname"),
-            loadavg_start: read("/proc/loadavg"),
+            machine: crate::density::host::meminfo().ok().map(crate::density::host::host_info),
+            loadavg_start: loadavg(),
             loadavg_end: None,
         }
     }
+}
+
+fn loadavg() -> Option<String> {
+    std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string())
 }
 
 #[derive(Debug, Serialize)]
@@ -829,7 +814,7 @@ impl BenchResults {
         let mut s = format!(
             "vmm bench, {} ({} CPUs, load average at start {})\n\n",
             self.date_utc,
-            self.host.cpus.unwrap_or(0),
+            self.host.machine.as_ref().map_or(0, |m| m.cores),
             self.host.loadavg_start.as_deref().unwrap_or("?")
         );
         if let Some(b) = &self.boot {
@@ -932,7 +917,9 @@ fn median(xs: &[f64]) -> Option<f64> {
 }
 
 /// The `p`th percentile (0..=100) of the finite values, interpolating
-/// linearly between closest ranks.
+/// linearly between closest ranks. (`vmm density` reports nearest-rank
+/// percentiles of latency distributions instead; a benchmark's median of a
+/// few repetitions is better served by interpolation.)
 fn percentile(xs: &[f64], p: f64) -> Option<f64> {
     let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() || !(0.0..=100.0).contains(&p) {

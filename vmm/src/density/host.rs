@@ -3,7 +3,6 @@
 //! `/dev/kvm` is PVM) and a child's `/proc/PID/status` (page tables, threads).
 
 use serde::Serialize;
-use std::path::Path;
 
 /// Why `/proc/meminfo` could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +98,7 @@ pub fn host_info(mem: Meminfo) -> HostInfo {
         cpu_model,
         mem_total_bytes: mem.total,
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
-        pvm: Path::new("/sys/module/kvm_pvm").exists(),
+        pvm: crate::vm::is_pvm_host(),
         kvm_tdp_mmu: read_trimmed("/sys/module/kvm/parameters/tdp_mmu"),
         transparent_hugepage: read_trimmed("/sys/kernel/mm/transparent_hugepage/enabled")
             .and_then(|s| bracketed(&s).map(str::to_string)),

@@ -18,7 +18,7 @@
 //! results written).
 
 mod fleet;
-mod host;
+pub(crate) mod host;
 mod output;
 mod plot;
 mod probe;
