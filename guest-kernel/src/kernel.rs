@@ -11,8 +11,6 @@ use guest_kernel::mm::{MmConfig, PhysRange};
 
 /// The last page of RAM (for `workload=touch-offline`).
 static LAST_RAM_PAGE: AtomicU64 = AtomicU64::new(0);
-/// Boot parameters saved for the ring-0 continuation.
-static BOOT_PARAMS: AtomicU64 = AtomicU64::new(0);
 static TSC_ENTRY: AtomicU64 = AtomicU64::new(0);
 
 /// Entered in ring 3 from `arch::entry` on every CPU.
@@ -22,7 +20,6 @@ pub extern "C" fn kernel_entry(cpu: u64, boot_params: u64, tsc_entry: u64) -> ! 
         smp::ap_main(cpu)
     }
     idt::init();
-    BOOT_PARAMS.store(boot_params, Ordering::Relaxed);
     TSC_ENTRY.store(tsc_entry, Ordering::Relaxed);
     let info = bootparams::parse(boot_params);
     let config = match Config::parse(info.cmdline) {
@@ -36,16 +33,19 @@ pub extern "C" fn kernel_entry(cpu: u64, boot_params: u64, tsc_entry: u64) -> ! 
     };
     if config.cpl == 0 && arch::cpl() != 0 {
         smp::RING0.store(true, Ordering::Release);
-        idt::continue_in_ring0(boot_ring0, 0)
+        let parsed = (info, config);
+        idt::continue_in_ring0(boot_ring0, &raw const parsed as u64)
     }
     boot(&info, &config)
 }
 
-extern "C" fn boot_ring0(_: u64) -> ! {
-    let info = bootparams::parse(BOOT_PARAMS.load(Ordering::Relaxed));
-    // The command line parsed before we came here.
-    let config = Config::parse(info.cmdline).unwrap_or_default();
-    boot(&info, &config)
+/// `boot`, in ring 0, with what `kernel_entry` parsed in ring 3.
+extern "C" fn boot_ring0(parsed: u64) -> ! {
+    // SAFETY: `parsed` points at the tuple in `kernel_entry`'s frame on the
+    // ring-3 stack. That frame never returns, and ring 0 runs on its own
+    // stack, so the tuple stays intact and unaliased.
+    let (info, config) = unsafe { &*(parsed as *const (bootparams::BootInfo, Config)) };
+    boot(info, config)
 }
 
 fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
@@ -267,7 +267,7 @@ fn command_loop(config: &Config) -> ! {
 /// allocator (the equivalent of Linux's `static_branch_disable`), at a point
 /// where this CPU runs no allocator code and every AP is parked.
 fn maybe_patch_jump_sites() {
-    if MM.stats().grow_check_on || arch::jump_label::patched() || !smp::aps_idle() {
+    if arch::jump_label::patched() || MM.grow_check_on() || !smp::aps_idle() {
         return;
     }
     // SAFETY: the only static key (the grow check) is off; this CPU is

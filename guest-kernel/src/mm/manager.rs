@@ -584,6 +584,12 @@ impl MemoryManager {
         }
     }
 
+    /// Whether the allocator still checks for uninitialized memory (the
+    /// grow key); cheaper than [`MemoryManager::stats`].
+    pub fn grow_check_on(&self) -> bool {
+        self.grow_key.is_enabled()
+    }
+
     /// Sets the function called with a chunk's memory range and then its
     /// memmap range before the chunk is initialized (call before
     /// [`MemoryManager::boot_init`]). It may run on several CPUs at once.
