@@ -274,7 +274,6 @@ pub struct Vm {
     threads: Vec<VcpuThread>,
     event_tx: std::sync::mpsc::Sender<VmEvent>,
     boot_sregs: kvm_sregs,
-    running: usize,
     control: Arc<vcpu::RunControl>,
     /// Guest TSC frequency, to turn guest cycle counts into time.
     pub tsc_khz: Option<u32>,
@@ -390,7 +389,6 @@ impl Vm {
             threads: Vec::new(),
             event_tx,
             boot_sregs,
-            running: 0,
             control: Arc::new(vcpu::RunControl::new(usize::from(config_vcpus))),
             tsc_khz,
         })
@@ -414,7 +412,6 @@ impl Vm {
                 let _ = tx.send(VmEvent::VcpuStopped { cpu, reason });
             })?;
         self.threads.push(VcpuThread { cpu, handle, stop, stopped: false });
-        self.running += 1;
         Ok(())
     }
 
@@ -448,13 +445,11 @@ impl Vm {
         Ok(started)
     }
 
-    /// Notes that vCPU `cpu` stopped; returns how many are still running.
-    pub fn vcpu_stopped(&mut self, cpu: u8) -> usize {
-        if let Some(t) = self.threads.iter_mut().find(|t| t.cpu == cpu && !t.stopped) {
+    /// Notes that vCPU `cpu` stopped (its thread is returning).
+    pub fn vcpu_stopped(&mut self, cpu: u8) {
+        if let Some(t) = self.threads.iter_mut().find(|t| t.cpu == cpu) {
             t.stopped = true;
-            self.running = self.running.saturating_sub(1);
         }
-        self.running
     }
 
     /// Pauses the VM: holds commands, and keeps every vCPU out of the guest
