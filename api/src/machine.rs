@@ -30,52 +30,9 @@ pub const DEFAULT_CHUNK_KIB: u64 = 2048;
 
 /// How the guest initializes its memmap (the page metadata array); passed to
 /// the guest as `memmap_init=` on its command line. JSON: `"eager"`,
-/// `"parallel"`, `"deferred"`, `"ondemand"` (the names of
-/// `guest_abi::Strategy::name`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Strategy {
-    /// Every page's metadata before the guest reports ready.
-    Eager,
-    /// Like eager, split across all vCPUs.
-    Parallel,
-    /// One section before ready, the rest in the background.
-    Deferred,
-    /// One chunk at boot, more when an allocation needs it.
-    #[default]
-    OnDemand,
-}
-
-impl Strategy {
-    /// All strategies, in the guest's numeric order.
-    pub const ALL: [Strategy; 4] = [
-        Strategy::Eager,
-        Strategy::Parallel,
-        Strategy::Deferred,
-        Strategy::OnDemand,
-    ];
-
-    /// The JSON and command-line name.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Strategy::Eager => "eager",
-            Strategy::Parallel => "parallel",
-            Strategy::Deferred => "deferred",
-            Strategy::OnDemand => "ondemand",
-        }
-    }
-
-    /// Parses a name as written by [`Strategy::name`].
-    pub fn from_name(name: &str) -> Option<Strategy> {
-        Strategy::ALL.into_iter().find(|s| s.name() == name)
-    }
-}
-
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// `"parallel"`, `"deferred"`, `"ondemand"`. It is the guest contract's own
+/// type, so the API and the guest cannot disagree on the set or the names.
+pub use guest_abi::Strategy;
 
 /// The privilege level the guest kernel runs its code at after entry.
 ///

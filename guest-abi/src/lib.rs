@@ -163,8 +163,11 @@ pub mod exit_code {
 }
 
 /// How the guest initializes its memmap (`memmap_init=` on its command line).
+/// With the `serde` feature it is also the API's JSON value, spelled as
+/// [`Strategy::name`] gives it.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "lowercase"))]
 pub enum Strategy {
     /// Every struct page before the guest is ready.
     Eager = 0,
@@ -172,8 +175,15 @@ pub enum Strategy {
     Parallel = 1,
     /// One section before ready, the rest in the background.
     Deferred = 2,
-    /// One chunk at boot, more when an allocation needs it.
+    /// One chunk at boot, more when an allocation needs it (the default).
+    #[default]
     OnDemand = 3,
+}
+
+impl core::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Strategy {

@@ -256,7 +256,7 @@ fn api_config(c: &VmConfig) -> (api::MachineConfig, api::BootSource) {
     let machine = api::MachineConfig {
         vcpu_count: c.vcpus,
         mem_size_mib: c.mem_mib,
-        memmap_init: api::Strategy::from_name(c.memmap_init.name()).unwrap_or(api::Strategy::OnDemand),
+        memmap_init: c.memmap_init,
         memmap_chunk_kib: c.memmap_chunk_kib,
         guest_cpl: match c.cpl {
             GuestCpl::Auto => api::GuestCpl::Auto,

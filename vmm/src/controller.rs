@@ -183,7 +183,7 @@ impl Controller {
                 api::GuestCpl::Ring0 => GuestCpl::Ring0,
                 api::GuestCpl::Ring3 => GuestCpl::Ring3,
             },
-            memmap_init: guest_abi::Strategy::from_name(m.memmap_init.name()).unwrap_or(guest_abi::Strategy::OnDemand),
+            memmap_init: m.memmap_init,
             memmap_chunk_kib: m.memmap_chunk_kib,
             memmap_on_memory: m.memmap_on_memory,
             huge_pages: m.huge_pages,

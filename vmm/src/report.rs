@@ -253,7 +253,7 @@ pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
     api::MemoryReport {
         valid: true,
         invalid_reason: None,
-        strategy: api::Strategy::from_name(strategy.name()),
+        strategy: Some(strategy),
         guest: Some(guest),
         host,
         timings,
