@@ -197,7 +197,7 @@ impl Controller {
     /// Builds and starts the VM.
     pub fn start(&mut self) -> Result<(), crate::vm::BuildError> {
         let mut vm = Vm::build_with_events(self.vm_config(), self.timings.clone(), self.metrics.clone(), self.tx.clone())?;
-        vm.start().map_err(|e| crate::vm::BuildError::Config(format!("cannot start the vCPU thread: {e}")))?;
+        vm.start().map_err(crate::vm::BuildError::VcpuThread)?;
         self.vm = Some(vm);
         self.state = VmState::Running;
         Ok(())

@@ -210,6 +210,8 @@ pub enum BuildError {
     Memory(#[from] crate::memory::MemoryError),
     #[error("cannot prepare the guest's boot data")]
     Arch(#[from] arch::ArchSetupError),
+    #[error("cannot start the vCPU thread")]
+    VcpuThread(#[source] std::io::Error),
     #[error("cannot set up vCPU {cpu}: {what}")]
     Vcpu {
         cpu: u8,
