@@ -15,11 +15,16 @@ use std::sync::{Arc, Condvar, Mutex};
 
 /// Pause control shared by the VMM thread and the vCPU threads.
 ///
-/// A vCPU checks the pause flag before every `KVM_RUN` and marks itself "in
-/// the guest" while it runs; pausing sets the flag and kicks every vCPU that
-/// is in the guest until none is (a vCPU blocked in a port read is already
-/// out of the guest, and commands are held while paused).
+/// Before every `KVM_RUN` a vCPU marks itself "in the guest", *then* reads
+/// the pause flag; pausing sets the flag, *then* reads the marks and kicks
+/// every vCPU still in the guest until none is. With both sides sequentially
+/// consistent, a vCPU either sees the pause or is seen (and kicked), so no
+/// vCPU slips into the guest after a pause returned. A vCPU blocked in a port
+/// read is already out of the guest, and commands are held while paused.
+/// The mutex is taken only while paused, so the run loop's fast path is two
+/// atomic operations.
 pub struct RunControl {
+    paused_flag: AtomicBool,
     paused: Mutex<bool>,
     cond: Condvar,
     in_guest: Vec<AtomicBool>,
@@ -28,12 +33,20 @@ pub struct RunControl {
 impl RunControl {
     /// Control for `vcpus` vCPUs.
     pub fn new(vcpus: usize) -> RunControl {
-        RunControl { paused: Mutex::new(false), cond: Condvar::new(), in_guest: (0..vcpus).map(|_| AtomicBool::new(false)).collect() }
+        RunControl {
+            paused_flag: AtomicBool::new(false),
+            paused: Mutex::new(false),
+            cond: Condvar::new(),
+            in_guest: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+        }
     }
 
     /// Sets or clears the pause flag (waking paused vCPUs on resume).
     pub fn set_paused(&self, paused: bool) {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = paused;
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        *p = paused;
+        self.paused_flag.store(paused, Ordering::SeqCst);
+        drop(p);
         self.cond.notify_all();
     }
 
@@ -44,12 +57,17 @@ impl RunControl {
 
     /// Blocks while paused (unless `stop` is set), then marks `cpu` in the guest.
     fn enter_guest(&self, cpu: usize, stop: &AtomicBool) {
-        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        while *paused && !stop.load(Ordering::Acquire) {
-            paused = self.cond.wait(paused).unwrap_or_else(|e| e.into_inner());
-        }
-        if let Some(f) = self.in_guest.get(cpu) {
-            f.store(true, Ordering::SeqCst);
+        let Some(mark) = self.in_guest.get(cpu) else { return };
+        loop {
+            mark.store(true, Ordering::SeqCst);
+            if !self.paused_flag.load(Ordering::SeqCst) || stop.load(Ordering::Acquire) {
+                return;
+            }
+            mark.store(false, Ordering::SeqCst);
+            let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            while *paused && !stop.load(Ordering::Acquire) {
+                paused = self.cond.wait(paused).unwrap_or_else(|e| e.into_inner());
+            }
         }
     }
 
@@ -304,6 +322,36 @@ mod tests {
     use super::*;
     use crate::devices::tests::devices;
     use guest_abi::port;
+
+    #[test]
+    fn a_paused_vcpu_stays_out_of_the_guest_until_resumed_or_stopped() {
+        let c = Arc::new(RunControl::new(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        c.enter_guest(0, &stop);
+        assert!(c.in_guest(0), "not paused: straight in");
+        c.leave_guest(0);
+        c.set_paused(true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (c2, s2) = (c.clone(), stop.clone());
+        let t = std::thread::spawn(move || {
+            c2.enter_guest(0, &s2);
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(100)).is_err(), "entered while paused");
+        assert!(!c.in_guest(0), "a waiting vCPU is not marked in the guest");
+        c.set_paused(false);
+        rx.recv().unwrap();
+        t.join().unwrap();
+        assert!(c.in_guest(0));
+        // A stop request also lets a paused vCPU through (to see the stop).
+        c.leave_guest(0);
+        c.set_paused(true);
+        let (c3, s3) = (c.clone(), stop.clone());
+        let t = std::thread::spawn(move || c3.enter_guest(0, &s3));
+        stop.store(true, Ordering::Release);
+        c.wake();
+        t.join().unwrap();
+    }
 
     #[test]
     fn port_writes_are_routed_and_counted() {
