@@ -5,7 +5,7 @@ use crate::boot::BootSourceError;
 use crate::instance::VmState;
 use crate::machine::MachineConfigError;
 use crate::memory::GuestMemoryTargetError;
-use crate::routes::{Endpoint, Method, MAX_BODY_BYTES};
+use crate::endpoint::{Endpoint, RouteError, MAX_BODY_BYTES};
 use serde::{Deserialize, Serialize};
 
 /// The body of every error answer.
@@ -17,17 +17,26 @@ pub struct ApiErrorBody {
 }
 
 impl ApiErrorBody {
-    /// The message of `err` followed by those of its sources, joined with
-    /// `": "` (each error's own message does not repeat its source).
+    /// The message of `err` followed by those of its sources (see [`ErrorChain`]).
     pub fn from_error(err: &dyn std::error::Error) -> Self {
-        let mut fault_message = err.to_string();
-        let mut source = err.source();
+        ApiErrorBody { fault_message: ErrorChain(err).to_string() }
+    }
+}
+
+/// Displays an error and its sources on one line, joined with `": "` (each
+/// error's own message does not repeat its source). Every part of the VMM
+/// prints errors this way, on the console and in `fault_message`.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
         while let Some(e) = source {
-            fault_message.push_str(": ");
-            fault_message.push_str(&e.to_string());
+            write!(f, ": {e}")?;
             source = e.source();
         }
-        ApiErrorBody { fault_message }
+        Ok(())
     }
 }
 
@@ -54,19 +63,9 @@ pub enum ApiError {
     /// `PUT /guest/memory` was invalid.
     #[error("invalid guest memory target")]
     GuestMemoryTarget(#[from] GuestMemoryTargetError),
-    /// No such path.
-    #[error("no such path: {0:?}; see openapi.yaml for the paths served")]
-    NotFound(String),
-    /// The path exists, not with this method.
-    #[error("{method} is not allowed on {path}; use {}", allowed_list(.allowed))]
-    MethodNotAllowed {
-        /// Method received.
-        method: String,
-        /// Path received.
-        path: String,
-        /// Methods the path serves.
-        allowed: Vec<Method>,
-    },
+    /// No endpoint for this method and path (404 or 405).
+    #[error(transparent)]
+    Route(#[from] RouteError),
     /// The request is valid but not in the VM's current state (e.g.
     /// `PUT /machine-config` once started, pausing a halted VM).
     #[error("cannot {action} while the VM is {state}")]
@@ -76,22 +75,30 @@ pub enum ApiError {
         /// The state the VM is in.
         state: VmState,
     },
-    /// `InstanceStart` could not build the VM from its configuration (a
-    /// missing kernel file, no access to `/dev/kvm`, ...).
-    #[error("cannot start the VM: {0}")]
-    StartFailed(String),
+    /// `InstanceStart` refused the configuration the caller gave (a missing
+    /// kernel file, an invalid size, no access to `/dev/kvm`, ...): 400.
+    #[error("cannot start the VM")]
+    StartRefused(#[source] BoxError),
+    /// `InstanceStart` failed on the host's side (KVM, memory, threads): 500.
+    #[error("the host failed to start the VM")]
+    StartFailed(#[source] BoxError),
+    /// The guest cannot take a command now (no mailbox yet, one running,
+    /// stopping): 409.
+    #[error("the guest cannot take the command")]
+    GuestBusy(#[source] BoxError),
     /// The body is larger than [`MAX_BODY_BYTES`].
     #[error("request body is {0} bytes; at most {MAX_BODY_BYTES} are accepted")]
     PayloadTooLarge(usize),
-    /// A failure of the VMM itself.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// The VMM thread dropped the request without answering: 500.
+    #[error("internal error: the VMM did not answer")]
+    NoAnswer,
+    /// The answer could not be encoded as JSON: 500.
+    #[error("internal error: cannot encode the answer")]
+    Encode(#[source] serde_json::Error),
 }
 
-fn allowed_list(methods: &[Method]) -> String {
-    let names: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
-    names.join(" or ")
-}
+/// An error from another crate, carried with its chain of sources.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ApiError {
     /// The HTTP status code this error is answered with.
@@ -103,12 +110,11 @@ impl ApiError {
             | ApiError::MachineConfig(_)
             | ApiError::BootSource(_)
             | ApiError::GuestMemoryTarget(_)
-            | ApiError::StartFailed(_) => 400,
-            ApiError::NotFound(_) => 404,
-            ApiError::MethodNotAllowed { .. } => 405,
-            ApiError::InvalidState { .. } => 409,
+            | ApiError::StartRefused(_) => 400,
+            ApiError::Route(e) => e.status(),
+            ApiError::InvalidState { .. } | ApiError::GuestBusy(_) => 409,
             ApiError::PayloadTooLarge(_) => 413,
-            ApiError::Internal(_) => 500,
+            ApiError::StartFailed(_) | ApiError::NoAnswer | ApiError::Encode(_) => 500,
         }
     }
 
@@ -120,10 +126,7 @@ impl ApiError {
     /// The `Allow` header value for a 405 answer.
     pub fn allow_header(&self) -> Option<String> {
         match self {
-            ApiError::MethodNotAllowed { allowed, .. } => {
-                let names: Vec<&str> = allowed.iter().map(|m| m.as_str()).collect();
-                Some(names.join(", "))
-            }
+            ApiError::Route(e) => e.allow_header(),
             _ => None,
         }
     }
@@ -139,7 +142,7 @@ mod tests {
         assert_eq!(err.status(), 400);
         assert_eq!(
             err.body().fault_message,
-            "invalid machine configuration: mem_size_mib must be a multiple of 2 (got 3); use 2 or 4"
+            "invalid machine configuration: memory size (mem_size_mib) must be a multiple of 2 MiB (got 3); use 2 or 4"
         );
     }
 
@@ -154,11 +157,11 @@ mod tests {
             e.to_string(),
             "cannot change the machine configuration while the VM is Running"
         );
-        let e = ApiError::MethodNotAllowed {
+        let e = ApiError::from(RouteError::MethodNotAllowed {
             method: "DELETE".into(),
             path: "/machine-config".into(),
-            allowed: vec![Method::Get, Method::Put],
-        };
+            allowed: vec![crate::endpoint::Method::Get, crate::endpoint::Method::Put],
+        });
         assert_eq!(e.status(), 405);
         assert_eq!(
             e.to_string(),
@@ -166,14 +169,19 @@ mod tests {
         );
         assert_eq!(e.allow_header().as_deref(), Some("GET, PUT"));
         assert_eq!(ApiError::PayloadTooLarge(1 << 20).status(), 413);
-        assert_eq!(ApiError::NotFound("/x".into()).status(), 404);
-        assert_eq!(ApiError::Internal("boom".into()).status(), 500);
-        assert_eq!(ApiError::Internal("x".into()).allow_header(), None);
+        assert_eq!(ApiError::from(RouteError::NotFound("/x".into())).status(), 404);
+        assert_eq!(ApiError::NoAnswer.status(), 500);
+        assert_eq!(ApiError::NoAnswer.allow_header(), None);
+        let refused = ApiError::StartRefused(std::io::Error::from(std::io::ErrorKind::NotFound).into());
+        assert_eq!(refused.status(), 400, "the caller's fault");
+        assert_eq!(refused.body().fault_message, "cannot start the VM: entity not found");
+        let failed = ApiError::StartFailed(std::io::Error::from(std::io::ErrorKind::OutOfMemory).into());
+        assert_eq!(failed.status(), 500, "the host's fault");
     }
 
     #[test]
     fn body_shape() {
-        let v = serde_json::to_value(ApiError::NotFound("/x".into()).body()).unwrap();
+        let v = serde_json::to_value(ApiError::from(RouteError::NotFound("/x".into())).body()).unwrap();
         assert_eq!(
             v.as_object().unwrap().keys().collect::<Vec<_>>(),
             ["fault_message"]

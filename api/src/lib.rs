@@ -58,18 +58,20 @@
 //!   microseconds (`f64`).
 
 mod boot;
+mod endpoint;
 mod error;
 mod instance;
 mod machine;
 mod memory;
 mod metrics;
-mod routes;
+mod request;
 
 #[cfg(test)]
 mod openapi_tests;
 
 pub use boot::{BootSource, BootSourceError, MAX_BOOT_ARGS_LEN};
-pub use error::{ApiError, ApiErrorBody};
+pub use endpoint::{Endpoint, Method, RouteError, MAX_BODY_BYTES};
+pub use error::{ApiError, ApiErrorBody, BoxError, ErrorChain};
 pub use instance::{
     ActionType, InstanceActionInfo, InstanceInfo, VmState, VmStateTarget, VmStateUpdate,
 };
@@ -83,4 +85,4 @@ pub use memory::{
     GuestMemoryView, HostMemoryView, MemoryReport,
 };
 pub use metrics::{Metrics, VmExitCounts};
-pub use routes::{ApiRequest, ApiResponse, Endpoint, Method, MAX_BODY_BYTES};
+pub use request::{ApiRequest, ApiResponse};

@@ -67,6 +67,15 @@ impl GuestCpl {
     pub fn from_name(name: &str) -> Option<GuestCpl> {
         GuestCpl::ALL.into_iter().find(|c| c.name() == name)
     }
+
+    /// What the level means, in one line (for help texts).
+    pub const fn summary(self) -> &'static str {
+        match self {
+            GuestCpl::Auto => "Ring 3 on a PVM host (where ring 0 is emulated), ring 0 elsewhere",
+            GuestCpl::Ring0 => "Ring 0, the classic kernel",
+            GuestCpl::Ring3 => "Ring 3, deprivileged (as Xen PV and PVM guests run)",
+        }
+    }
 }
 
 impl fmt::Display for GuestCpl {
@@ -179,22 +188,22 @@ pub struct MachineConfigUpdate {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MachineConfigError {
     /// `vcpu_count` out of range.
-    #[error("vcpu_count must be between 1 and {MAX_VCPUS} (got {0})")]
+    #[error("vCPU count (vcpu_count) must be between 1 and {MAX_VCPUS} (got {0})")]
     VcpuCount(u8),
     /// `mem_size_mib` is zero.
-    #[error("mem_size_mib must be greater than 0 (got 0); the default is {DEFAULT_MEM_SIZE_MIB}")]
+    #[error("memory size (mem_size_mib) must be more than 0 MiB; the default is {DEFAULT_MEM_SIZE_MIB}")]
     MemSizeZero,
     /// `mem_size_mib` is odd.
-    #[error("mem_size_mib must be a multiple of 2 (got {0}); use {below} or {above}", below = .0 - 1, above = .0 + 1)]
+    #[error("memory size (mem_size_mib) must be a multiple of 2 MiB (got {0}); use {below} or {above}", below = .0 - 1, above = .0 + 1)]
     MemSizeOdd(u64),
     /// `mem_size_mib` too large.
-    #[error("mem_size_mib must be at most {MAX_MEM_SIZE_MIB} (got {0})")]
+    #[error("memory size (mem_size_mib) must be at most {MAX_MEM_SIZE_MIB} MiB, what this VMM can map for a guest (got {0})")]
     MemSizeTooLarge(u64),
     /// `memmap_chunk_kib` is not a power of two.
-    #[error("memmap_chunk_kib must be a power of two (got {got}); use {below} or {above}", got = .0, below = prev_power_of_two(*.0), above = .0.next_power_of_two())]
+    #[error("memmap chunk (memmap_chunk_kib) must be a power of two (got {got}); use {below} or {above}", got = .0, below = prev_power_of_two(*.0), above = .0.next_power_of_two())]
     ChunkNotPowerOfTwo(u64),
     /// `memmap_chunk_kib` out of range.
-    #[error("memmap_chunk_kib must be between {MIN_CHUNK_KIB} and {MAX_CHUNK_KIB} (got {0})")]
+    #[error("memmap chunk (memmap_chunk_kib) must be between {MIN_CHUNK_KIB} and {MAX_CHUNK_KIB} KiB (got {0})")]
     ChunkOutOfRange(u64),
 }
 
@@ -324,35 +333,35 @@ mod tests {
         };
         assert_eq!(
             msg(r#"{"mem_size_mib": 3}"#),
-            "mem_size_mib must be a multiple of 2 (got 3); use 2 or 4"
+            "memory size (mem_size_mib) must be a multiple of 2 MiB (got 3); use 2 or 4"
         );
         assert_eq!(
             msg(r#"{"mem_size_mib": 0}"#),
-            "mem_size_mib must be greater than 0 (got 0); the default is 2048"
+            "memory size (mem_size_mib) must be more than 0 MiB; the default is 2048"
         );
         assert_eq!(
             msg(r#"{"vcpu_count": 0}"#),
-            "vcpu_count must be between 1 and 32 (got 0)"
+            "vCPU count (vcpu_count) must be between 1 and 32 (got 0)"
         );
         assert_eq!(
             msg(r#"{"vcpu_count": 33}"#),
-            "vcpu_count must be between 1 and 32 (got 33)"
+            "vCPU count (vcpu_count) must be between 1 and 32 (got 33)"
         );
         assert_eq!(
             msg(r#"{"memmap_chunk_kib": 1000}"#),
-            "memmap_chunk_kib must be a power of two (got 1000); use 512 or 1024"
+            "memmap chunk (memmap_chunk_kib) must be a power of two (got 1000); use 512 or 1024"
         );
         assert_eq!(
             msg(r#"{"memmap_chunk_kib": 64}"#),
-            "memmap_chunk_kib must be between 128 and 131072 (got 64)"
+            "memmap chunk (memmap_chunk_kib) must be between 128 and 131072 KiB (got 64)"
         );
         assert_eq!(
             msg(r#"{"memmap_chunk_kib": 262144}"#),
-            "memmap_chunk_kib must be between 128 and 131072 (got 262144)"
+            "memmap chunk (memmap_chunk_kib) must be between 128 and 131072 KiB (got 262144)"
         );
         assert_eq!(
             msg(r#"{"mem_size_mib": 2097152}"#),
-            "mem_size_mib must be at most 64512 (got 2097152)"
+            "memory size (mem_size_mib) must be at most 64512 MiB, what this VMM can map for a guest (got 2097152)"
         );
     }
 

@@ -73,6 +73,9 @@ pub struct GuestMemoryView {
     pub grow_check_on: bool,
     /// Whether the whole memmap is initialized.
     pub fully_initialized: bool,
+    /// The grow check's jump sites are patched out of the allocator's code
+    /// (the fast path no longer pays for on-demand initialization).
+    pub jump_sites_patched: bool,
     /// Whether the memmap lives in the memory it describes.
     pub memmap_on_memory: bool,
     /// `pages_allocated` in bytes.
@@ -235,6 +238,85 @@ pub struct GuestMemoryStatus {
     /// A memory report taken when the command ended; `null` for `GET` and
     /// when the guest did not answer.
     pub report: Option<MemoryReport>,
+}
+
+impl GuestMemoryView {
+    /// An example with round numbers, for documentation and tests.
+    pub fn example() -> GuestMemoryView {
+        GuestMemoryView {
+            pages_total: 524_288,
+            pages_initialized: 32_768,
+            pages_allocated: 1_000,
+            pages_free: 30_000,
+            pages_reserved: 1_768,
+            memmap_bytes_reserved: 32 << 20,
+            memmap_bytes_initialized: 2 << 20,
+            chunks_total: 1_024,
+            chunks_initialized: 64,
+            chunk_bytes: 2 << 20,
+            grow_events: 3,
+            init_cycles: 123_456,
+            init_us: Some(41.5),
+            alloc_failures: 0,
+            grow_check_on: true,
+            fully_initialized: false,
+            jump_sites_patched: false,
+            memmap_on_memory: true,
+            allocated_bytes: 4_096_000,
+            workload_bytes: 1 << 20,
+            cpus: 2,
+        }
+    }
+}
+
+impl HostMemoryView {
+    /// An example with round numbers, for documentation and tests.
+    pub fn example() -> HostMemoryView {
+        HostMemoryView {
+            guest_ram_bytes: 2 << 30,
+            guest_ram_resident_bytes: 40 << 20,
+            memmap_resident_bytes: 2 << 20,
+            memmap_range_bytes: 32 << 20,
+            vmm_rss_bytes: 6 << 20,
+            vmm_pss_bytes: Some(5 << 20),
+            kvm_registered_bytes: 128 << 20,
+            kvm_memslot_bytes_estimate: 4 << 20,
+            kvm_estimate_note: "rmap 8 B per 4 KiB page".into(),
+        }
+    }
+}
+
+impl BootTimings {
+    /// An example with every step set, for documentation and tests.
+    pub fn example() -> BootTimings {
+        BootTimings {
+            process_start: Some(0.5),
+            vm_created: Some(1200.5),
+            vcpu_first_entry: Some(1500.5),
+            guest_first_port_write: Some(1600.5),
+            guest_entered: Some(1700.5),
+            guest_memory_ready: Some(1900.5),
+            guest_ready: Some(2000.5),
+            guest_fully_initialized: Some(9000.5),
+            guest_init_memmap_us: Some(200.5),
+            guest_init_total_us: Some(300.5),
+            guest_init_full_memmap_us: Some(7300.5),
+        }
+    }
+}
+
+impl MemoryReport {
+    /// An example of a valid report, for documentation and tests.
+    pub fn example() -> MemoryReport {
+        MemoryReport {
+            valid: true,
+            invalid_reason: None,
+            strategy: Some(crate::machine::Strategy::OnDemand),
+            guest: Some(GuestMemoryView::example()),
+            host: HostMemoryView::example(),
+            timings: BootTimings::example(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -53,69 +53,14 @@ fn sample<T: Serialize + DeserializeOwned>(
     }
 }
 
-fn guest_view() -> GuestMemoryView {
-    GuestMemoryView {
-        pages_total: 524_288,
-        pages_initialized: 32_768,
-        pages_allocated: 1_000,
-        pages_free: 30_000,
-        pages_reserved: 1_768,
-        memmap_bytes_reserved: 32 << 20,
-        memmap_bytes_initialized: 2 << 20,
-        chunks_total: 1_024,
-        chunks_initialized: 64,
-        chunk_bytes: 2 << 20,
-        grow_events: 3,
-        init_cycles: 123_456,
-        init_us: Some(41.5),
-        alloc_failures: 0,
-        grow_check_on: true,
-        fully_initialized: false,
-        memmap_on_memory: true,
-        allocated_bytes: 4_096_000,
-        workload_bytes: 1 << 20,
-        cpus: 2,
-    }
-}
-
-fn host_view(pss: Option<u64>) -> HostMemoryView {
-    HostMemoryView {
-        guest_ram_bytes: 2 << 30,
-        guest_ram_resident_bytes: 40 << 20,
-        memmap_resident_bytes: 2 << 20,
-        memmap_range_bytes: 32 << 20,
-        vmm_rss_bytes: 6 << 20,
-        vmm_pss_bytes: pss,
-        kvm_registered_bytes: 128 << 20,
-        kvm_memslot_bytes_estimate: 4 << 20,
-        kvm_estimate_note: "rmap 8 B per 4 KiB page".into(),
-    }
-}
-
-fn timings_full() -> BootTimings {
-    BootTimings {
-        process_start: Some(0.5),
-        vm_created: Some(1200.5),
-        vcpu_first_entry: Some(1500.5),
-        guest_first_port_write: Some(1600.5),
-        guest_entered: Some(1700.5),
-        guest_memory_ready: Some(1900.5),
-        guest_ready: Some(2000.5),
-        guest_fully_initialized: Some(9000.5),
-        guest_init_memmap_us: Some(200.5),
-        guest_init_total_us: Some(300.5),
-        guest_init_full_memmap_us: Some(7300.5),
-    }
-}
-
 fn report_full() -> MemoryReport {
     MemoryReport {
         valid: true,
         invalid_reason: Some("stale".into()),
         strategy: Some(Strategy::Deferred),
-        guest: Some(guest_view()),
-        host: host_view(Some(5 << 20)),
-        timings: timings_full(),
+        guest: Some(GuestMemoryView::example()),
+        host: HostMemoryView::example(),
+        timings: BootTimings::example(),
     }
 }
 
@@ -125,13 +70,13 @@ fn report_minimal() -> MemoryReport {
         invalid_reason: None,
         strategy: None,
         guest: None,
-        host: host_view(None),
+        host: HostMemoryView { vmm_pss_bytes: None, ..HostMemoryView::example() },
         timings: BootTimings::default(),
     }
 }
 
 fn samples() -> Vec<Sample> {
-    let mut guest_min = guest_view();
+    let mut guest_min = GuestMemoryView::example();
     guest_min.init_us = None;
     let mut info_full = InstanceInfo::new("vm0", "0.1.0", VmState::Halted);
     info_full.exit_code = Some(-3);
@@ -231,9 +176,9 @@ fn samples() -> Vec<Sample> {
             },
         ),
         sample("MemoryReport", false, report_full(), report_minimal()),
-        sample("GuestMemoryView", false, guest_view(), guest_min),
-        sample("HostMemoryView", false, host_view(Some(1)), host_view(None)),
-        sample("BootTimings", false, timings_full(), BootTimings::default()),
+        sample("GuestMemoryView", false, GuestMemoryView::example(), guest_min),
+        sample("HostMemoryView", false, HostMemoryView::example(), HostMemoryView { vmm_pss_bytes: None, ..HostMemoryView::example() }),
+        sample("BootTimings", false, BootTimings::example(), BootTimings::default()),
         sample(
             "GuestMemoryTarget",
             true,

@@ -210,6 +210,16 @@ impl Strategy {
         Strategy::ALL.into_iter().find(|s| s.name() == name)
     }
 
+    /// What the strategy does, in one line (for help texts).
+    pub const fn summary(self) -> &'static str {
+        match self {
+            Strategy::Eager => "Every struct page before the guest is ready",
+            Strategy::Parallel => "Eager, split across all vCPUs",
+            Strategy::Deferred => "One section before ready, the rest in the background",
+            Strategy::OnDemand => "One chunk at boot, more when allocations need it",
+        }
+    }
+
     /// Decodes the raw value from a [`StatsBlock`].
     pub fn decode(raw: u32) -> Option<Strategy> {
         Strategy::ALL.into_iter().find(|s| *s as u32 == raw)

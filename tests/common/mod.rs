@@ -40,7 +40,7 @@ pub fn vmm_path() -> &'static str {
 
 /// Path of the guest kernel ELF that the `vmm` binary embeds.
 pub fn embedded_kernel_path() -> &'static str {
-    env!("GUEST_KERNEL_PATH")
+    vmm::loader::EMBEDDED_KERNEL_PATH
 }
 
 /// Runs `vmm` with `args`.

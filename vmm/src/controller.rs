@@ -20,61 +20,23 @@
 //! flags, started at once, and an optional script (allocate, report, shut
 //! down) that runs when the guest is ready.
 
-use crate::devices::{ApiCall, VmEvent};
+use crate::builder::{build_microvm, BuildContext, BuildError};
+use crate::config::VmConfig;
+use crate::devices::SubmitError;
+use api::ErrorChain;
+use crate::events::{ApiCall, CommandDone, VmEvent};
+use crate::metrics::Metrics;
 use crate::report::{self, ReportContext};
-use crate::timings::{Metrics, Timings};
-use crate::vcpu::StopReason;
-use crate::vm::{GuestCpl, KernelImage, SerialTarget, Vm, VmConfig};
+use crate::script::{BenchResult, Script};
+use crate::timings::Timings;
+use crate::vstate::stop::StopReason;
+use crate::vstate::vm::{ends_vm, Vm};
 use api::{ApiError, ApiRequest, ApiResponse, GuestMemoryOutcome, GuestMemoryStatus, VmState};
 use guest_abi::{Command, CommandStatus, Phase};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How `vmm run` reports, once the guest is ready and its workload ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReportFormat {
-    Json,
-    Table,
-}
-
-/// What `vmm run` does once the guest is ready.
-#[derive(Debug, Clone, Default)]
-pub struct Script {
-    /// Make the guest hold this much memory first.
-    pub alloc_mib: Option<u64>,
-    /// Print the memory report, then shut the guest down.
-    pub report: Option<ReportFormat>,
-    /// Then make the guest hold this much instead (e.g. fill memory, so the
-    /// allocator initializes everything, then free it).
-    pub then_target_mib: Option<u64>,
-    /// Benchmark: this many order-0 alloc+free pairs in the guest (after
-    /// the allocation, before the report).
-    pub bench_alloc_free: Option<u64>,
-}
-
-/// Result of the guest's allocator benchmark.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct BenchResult {
-    pub pairs: u64,
-    pub cycles: u64,
-    pub cycles_per_pair: f64,
-    pub grow_check_on: bool,
-    /// The grow check's jump sites were patched out of the code.
-    pub jump_sites_patched: bool,
-    pub ok: bool,
-}
-
-/// Settings that are not part of the API's machine configuration.
-#[derive(Debug, Clone)]
-pub struct HostSettings {
-    pub serial: SerialTarget,
-    pub kvm_path: PathBuf,
-    pub legacy_only: bool,
-    pub register_all_memory: bool,
-}
 
 enum Waiter {
     /// `PUT /guest/memory`: answer when the guest is done.
@@ -96,9 +58,7 @@ struct Pending {
 /// The VMM thread's state.
 pub struct Controller {
     id: String,
-    machine: api::MachineConfig,
-    boot: api::BootSource,
-    host: HostSettings,
+    config: VmConfig,
     vm: Option<Vm>,
     state: VmState,
     exit_code: Option<i32>,
@@ -123,18 +83,11 @@ pub struct Controller {
 
 impl Controller {
     /// A controller with no VM yet.
-    pub fn new(
-        machine: api::MachineConfig,
-        boot: api::BootSource,
-        host: HostSettings,
-        timings: Arc<Timings>,
-        (tx, rx): (Sender<VmEvent>, Receiver<VmEvent>),
-    ) -> Controller {
+    pub fn new(config: VmConfig, timings: Arc<Timings>) -> Controller {
+        let (tx, rx) = std::sync::mpsc::channel();
         Controller {
             id: format!("vmm-{}", std::process::id()),
-            machine,
-            boot,
-            host,
+            config,
             vm: None,
             state: VmState::NotStarted,
             exit_code: None,
@@ -170,34 +123,16 @@ impl Controller {
         self.script = script;
     }
 
-    /// The VM configuration for the current machine and boot source.
-    pub fn vm_config(&self) -> VmConfig {
-        let m = &self.machine;
-        VmConfig {
-            mem_mib: m.mem_size_mib,
-            vcpus: m.vcpu_count,
-            kernel: self.boot.kernel_image_path.as_ref().map_or(KernelImage::Embedded, |p| KernelImage::File(p.into())),
-            cmdline: self.boot.boot_args.clone().unwrap_or_default(),
-            cpl: match m.guest_cpl {
-                api::GuestCpl::Auto => GuestCpl::Auto,
-                api::GuestCpl::Ring0 => GuestCpl::Ring0,
-                api::GuestCpl::Ring3 => GuestCpl::Ring3,
-            },
-            memmap_init: m.memmap_init,
-            memmap_chunk_kib: m.memmap_chunk_kib,
-            memmap_on_memory: m.memmap_on_memory,
-            huge_pages: m.huge_pages,
-            serial: self.host.serial.clone(),
-            kvm_path: self.host.kvm_path.clone(),
-            legacy_only: self.host.legacy_only,
-            register_all_memory: self.host.register_all_memory,
-        }
+    /// The configuration the VM is (or will be) built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
 
     /// Builds and starts the VM.
-    pub fn start(&mut self) -> Result<(), crate::vm::BuildError> {
-        let mut vm = Vm::build_with_events(self.vm_config(), self.timings.clone(), self.metrics.clone(), self.tx.clone())?;
-        vm.start().map_err(crate::vm::BuildError::VcpuThread)?;
+    pub fn start(&mut self) -> Result<(), StartError> {
+        let ctx = BuildContext { timings: self.timings.clone(), metrics: self.metrics.clone(), events: self.tx.clone() };
+        let mut vm = build_microvm(self.config.clone(), &ctx)?;
+        vm.start().map_err(StartError::Thread)?;
         self.vm = Some(vm);
         self.state = VmState::Running;
         Ok(())
@@ -222,18 +157,18 @@ impl Controller {
                 self.run_script();
             }
             VmEvent::Phase(_) => {}
-            VmEvent::CommandDone { seq, status, result0, result1 } => self.command_done(seq, status, result0, result1),
+            VmEvent::CommandDone(done) => self.command_done(done),
             VmEvent::StartAps(rec) => {
                 if let Some(vm) = self.vm.as_mut() {
                     if let Err(e) = vm.start_aps(rec) {
-                        eprintln!("vmm: guest AP start-up refused: {e}");
+                        eprintln!("vmm: guest AP start-up refused: {}", ErrorChain(&e));
                     }
                 }
             }
             VmEvent::VcpuStopped { cpu, reason } => {
                 let Some(vm) = self.vm.as_mut() else { return };
                 vm.vcpu_stopped(cpu);
-                if cpu == 0 || reason.is_failure() {
+                if ends_vm(cpu, &reason) {
                     self.timings.mark_once(&self.timings.vm_stopped);
                     vm.stop();
                     self.stopped(reason);
@@ -305,14 +240,16 @@ impl Controller {
         }
     }
 
-    fn submit(&mut self, cmd: Command, arg0: u64, arg1: u64) -> Result<u64, crate::devices::SubmitError> {
-        let vm = self.vm.as_ref().ok_or(crate::devices::SubmitError::Stopping)?;
-        let seq = vm.devices.submit(cmd, arg0, arg1)?;
+    fn submit(&mut self, cmd: Command, arg0: u64, arg1: u64) -> Result<u64, SubmitError> {
+        let vm = self.vm.as_ref().ok_or(SubmitError::Stopping)?;
+        let pv = vm.devices.paravirt().ok_or(SubmitError::NoMailbox)?;
+        let seq = pv.submit(cmd, arg0, arg1)?;
         self.guest_commands += 1;
         Ok(seq)
     }
 
-    fn command_done(&mut self, seq: u64, status: Option<CommandStatus>, result0: u64, result1: u64) {
+    fn command_done(&mut self, done: CommandDone) {
+        let CommandDone { seq, status, result0, result1 } = done;
         let Some(p) = self.pending.take_if(|p| p.seq == seq) else { return };
         if let Waiter::Bench(pairs) = p.waiter {
             let ok = status == Some(CommandStatus::Ok);
@@ -364,7 +301,7 @@ impl Controller {
         Some(report::memory_report(&ReportContext {
             mem: &vm.mem,
             stats_gpa: vm.devices.stats_gpa(),
-            vcpus: vm.config.vcpus,
+            vcpus: vm.config.machine.vcpu_count,
             tsc_khz: vm.tsc_khz,
             workload_bytes: self.workload_bytes,
             registered_bytes: vm.devices.registered_bytes(),
@@ -387,19 +324,19 @@ impl Controller {
                 exit_code: self.exit_code,
                 failure_reason: self.failure.clone(),
             })),
-            ApiRequest::GetMachineConfig => Ok(ApiResponse::MachineConfig(self.machine.clone())),
+            ApiRequest::GetMachineConfig => Ok(ApiResponse::MachineConfig(self.config.machine.clone())),
             ApiRequest::PutMachineConfig(update) => {
                 if self.vm.is_some() {
                     Err(self.invalid_state("change the machine configuration"))
                 } else {
-                    self.machine.apply(&update).map(|()| ApiResponse::NoContent).map_err(ApiError::from)
+                    self.config.machine.apply(&update).map(|()| ApiResponse::NoContent).map_err(ApiError::from)
                 }
             }
             ApiRequest::PutBootSource(boot) => {
                 if self.vm.is_some() {
                     Err(self.invalid_state("change the boot source"))
                 } else {
-                    self.boot = boot;
+                    self.config.set_boot_source(&boot);
                     Ok(ApiResponse::NoContent)
                 }
             }
@@ -411,7 +348,7 @@ impl Controller {
             },
             ApiRequest::GetGuestMemory => Ok(ApiResponse::GuestMemoryStatus(Box::new(self.last.clone()))),
             ApiRequest::PutGuestMemory(target) => {
-                if let Err(e) = target.validate(self.machine.mem_size_mib) {
+                if let Err(e) = target.validate(self.config.machine.mem_size_mib) {
                     Err(ApiError::from(e))
                 } else if self.state != VmState::Running {
                     Err(self.invalid_state("change the guest's memory"))
@@ -427,7 +364,7 @@ impl Controller {
                             self.pending = Some(Pending { seq, target_mib: target.target_mib, waiter: Waiter::Api(reply) });
                             return;
                         }
-                        Err(e) => Err(ApiError::InvalidState { action: format!("change the guest's memory ({e})"), state: self.state }),
+                        Err(e) => Err(ApiError::GuestBusy(e.into())),
                     }
                 }
             }
@@ -442,7 +379,10 @@ impl Controller {
                 if self.vm.is_some() {
                     return Err(self.invalid_state("start the VM"));
                 }
-                self.start().map_err(|e| ApiError::StartFailed(crate::cli::error_chain(&e)))?;
+                self.start().map_err(|e| match e.is_usage() {
+                    true => ApiError::StartRefused(e.into()),
+                    false => ApiError::StartFailed(e.into()),
+                })?;
                 Ok(ApiResponse::NoContent)
             }
             api::ActionType::SendCtrlAltDel => {
@@ -503,5 +443,21 @@ impl Controller {
             guest_commands: self.guest_commands,
             serial_bytes: l(&m.serial_bytes),
         }
+    }
+}
+
+/// Why the VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("cannot start the boot vCPU's thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl StartError {
+    /// Whether the configuration the user gave is at fault (exit code 2, HTTP 400).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, StartError::Build(e) if e.is_usage())
     }
 }

@@ -5,7 +5,7 @@
 //! thread inherits the blocked mask; [`forward_to`] starts one thread that
 //! waits for them with `sigwait` and sends [`VmEvent::Signal`].
 
-use crate::devices::VmEvent;
+use crate::events::VmEvent;
 use std::sync::mpsc::Sender;
 use std::sync::{Mutex, Once};
 

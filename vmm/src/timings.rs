@@ -1,10 +1,9 @@
-//! Boot timings on the host's monotonic clock, and the VMM's counters.
+//! Boot timings on the host's monotonic clock.
 //!
 //! Every timestamp is taken once (the first time the event happens) and
 //! reported in microseconds since the process started (`main` entry).
 
 use guest_abi::Phase;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -17,7 +16,8 @@ pub struct Timings {
     pub vm_created: OnceLock<Instant>,
     /// Just before the boot vCPU's first `KVM_RUN`.
     pub vcpu_first_entry: OnceLock<Instant>,
-    /// The guest's first port access (its first VM exit to the VMM).
+    /// The guest's first port access, read or write (its first VM exit to
+    /// the VMM). The name is kept for the report's key.
     pub guest_first_port_write: OnceLock<Instant>,
     /// The guest announced `Phase::Entered`.
     pub guest_entered: OnceLock<Instant>,
@@ -88,32 +88,6 @@ impl Timings {
             guest_ready: self.us(&self.guest_ready),
             ..Default::default()
         }
-    }
-}
-
-/// Counters, read by `GET /metrics`.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub exits_io_in: AtomicU64,
-    pub exits_io_out: AtomicU64,
-    pub exits_mmio_read: AtomicU64,
-    pub exits_mmio_write: AtomicU64,
-    pub exits_system_event: AtomicU64,
-    pub exits_failed: AtomicU64,
-    pub serial_bytes: AtomicU64,
-    pub exits_hlt: AtomicU64,
-    pub exits_shutdown: AtomicU64,
-    pub exits_other: AtomicU64,
-    pub kvm_run_interrupted: AtomicU64,
-    pub guest_protocol_errors: AtomicU64,
-    pub api_requests: AtomicU64,
-    pub api_errors: AtomicU64,
-}
-
-impl Metrics {
-    /// Adds one to a counter.
-    pub fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -1,0 +1,281 @@
+//! The route table: [`Endpoint`], one method on one path, and the only place
+//! that knows which method and path carry which type. `openapi.yaml` is
+//! checked against [`Endpoint::ALL`] by this crate's tests.
+
+use std::fmt;
+
+/// Largest request body accepted, in bytes; larger ones get 413. The HTTP
+/// server should check `Content-Length` against it before reading the body.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// Why a request line matches no endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No such path (404).
+    #[error("no such path: {0:?}; see openapi.yaml for the paths served")]
+    NotFound(String),
+    /// The path exists, not with this method (405).
+    #[error("{method} is not allowed on {path}; use {}", allowed_list(.allowed, " or "))]
+    MethodNotAllowed {
+        /// Method received.
+        method: String,
+        /// Path received.
+        path: String,
+        /// Methods the path serves.
+        allowed: Vec<Method>,
+    },
+}
+
+fn allowed_list(methods: &[Method], sep: &str) -> String {
+    let names: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+    names.join(sep)
+}
+
+impl RouteError {
+    /// The HTTP status code.
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::NotFound(_) => 404,
+            RouteError::MethodNotAllowed { .. } => 405,
+        }
+    }
+
+    /// The `Allow` header value for a 405 answer.
+    pub fn allow_header(&self) -> Option<String> {
+        match self {
+            RouteError::MethodNotAllowed { allowed, .. } => Some(allowed_list(allowed, ", ")),
+            RouteError::NotFound(_) => None,
+        }
+    }
+}
+
+/// The HTTP methods the API serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Method {
+    /// `GET`.
+    Get,
+    /// `PUT`.
+    Put,
+    /// `PATCH`.
+    Patch,
+}
+
+impl Method {
+    /// The method as written in a request line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+        }
+    }
+
+    /// Parses a request-line method (case-sensitive, as HTTP says).
+    pub fn from_name(name: &str) -> Option<Method> {
+        [Method::Get, Method::Put, Method::Patch]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One operation of the API: a method on a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `GET /` → [`InstanceInfo`].
+    GetInstanceInfo,
+    /// `GET /machine-config` → [`MachineConfig`].
+    GetMachineConfig,
+    /// `PUT /machine-config` with [`MachineConfigUpdate`] → 204.
+    PutMachineConfig,
+    /// `PUT /boot-source` with [`BootSource`] → 204.
+    PutBootSource,
+    /// `PUT /actions` with [`InstanceActionInfo`] → 204.
+    PutActions,
+    /// `PATCH /vm` with [`VmStateUpdate`] → 204.
+    PatchVm,
+    /// `GET /memory` → [`MemoryReport`].
+    GetMemory,
+    /// `GET /guest/memory` → [`GuestMemoryStatus`].
+    GetGuestMemory,
+    /// `PUT /guest/memory` with [`GuestMemoryTarget`] → [`GuestMemoryStatus`].
+    PutGuestMemory,
+    /// `GET /metrics` → [`Metrics`].
+    GetMetrics,
+}
+
+/// Error statuses every endpoint may answer: a body where none belongs or an
+/// unparsable one (400), and the path-level ones (404, 405, 413, 500).
+const COMMON_ERRORS: &[u16] = &[400, 404, 405, 413, 500];
+/// The same plus 409, for endpoints that depend on the VM's state.
+const STATEFUL_ERRORS: &[u16] = &[400, 404, 405, 409, 413, 500];
+
+impl Endpoint {
+    /// Every endpoint.
+    pub const ALL: [Endpoint; 10] = [
+        Endpoint::GetInstanceInfo,
+        Endpoint::GetMachineConfig,
+        Endpoint::PutMachineConfig,
+        Endpoint::PutBootSource,
+        Endpoint::PutActions,
+        Endpoint::PatchVm,
+        Endpoint::GetMemory,
+        Endpoint::GetGuestMemory,
+        Endpoint::PutGuestMemory,
+        Endpoint::GetMetrics,
+    ];
+
+    /// The HTTP method.
+    pub const fn method(self) -> Method {
+        match self {
+            Endpoint::GetInstanceInfo
+            | Endpoint::GetMachineConfig
+            | Endpoint::GetMemory
+            | Endpoint::GetGuestMemory
+            | Endpoint::GetMetrics => Method::Get,
+            Endpoint::PutMachineConfig
+            | Endpoint::PutBootSource
+            | Endpoint::PutActions
+            | Endpoint::PutGuestMemory => Method::Put,
+            Endpoint::PatchVm => Method::Patch,
+        }
+    }
+
+    /// The path.
+    pub const fn path(self) -> &'static str {
+        match self {
+            Endpoint::GetInstanceInfo => "/",
+            Endpoint::GetMachineConfig | Endpoint::PutMachineConfig => "/machine-config",
+            Endpoint::PutBootSource => "/boot-source",
+            Endpoint::PutActions => "/actions",
+            Endpoint::PatchVm => "/vm",
+            Endpoint::GetMemory => "/memory",
+            Endpoint::GetGuestMemory | Endpoint::PutGuestMemory => "/guest/memory",
+            Endpoint::GetMetrics => "/metrics",
+        }
+    }
+
+    /// Name of the request body's type (and OpenAPI schema), if it has one.
+    pub const fn request_type(self) -> Option<&'static str> {
+        match self {
+            Endpoint::PutMachineConfig => Some("MachineConfigUpdate"),
+            Endpoint::PutBootSource => Some("BootSource"),
+            Endpoint::PutActions => Some("InstanceActionInfo"),
+            Endpoint::PatchVm => Some("VmStateUpdate"),
+            Endpoint::PutGuestMemory => Some("GuestMemoryTarget"),
+            _ => None,
+        }
+    }
+
+    /// Name of the success body's type (and OpenAPI schema), if it has one.
+    pub const fn response_type(self) -> Option<&'static str> {
+        match self {
+            Endpoint::GetInstanceInfo => Some("InstanceInfo"),
+            Endpoint::GetMachineConfig => Some("MachineConfig"),
+            Endpoint::GetMemory => Some("MemoryReport"),
+            Endpoint::GetGuestMemory | Endpoint::PutGuestMemory => Some("GuestMemoryStatus"),
+            Endpoint::GetMetrics => Some("Metrics"),
+            _ => None,
+        }
+    }
+
+    /// Status of a successful answer: 200 with a body, 204 without.
+    pub const fn success_status(self) -> u16 {
+        match self.response_type() {
+            Some(_) => 200,
+            None => 204,
+        }
+    }
+
+    /// Error statuses the endpoint can answer (all with [`crate::ApiErrorBody`]).
+    pub const fn error_statuses(self) -> &'static [u16] {
+        match self {
+            Endpoint::PutMachineConfig
+            | Endpoint::PutBootSource
+            | Endpoint::PutActions
+            | Endpoint::PatchVm
+            | Endpoint::PutGuestMemory => STATEFUL_ERRORS,
+            _ => COMMON_ERRORS,
+        }
+    }
+
+    /// Finds the endpoint for a request line: 404 for an unknown path, 405
+    /// (with the allowed methods) for a known path and another method. One
+    /// trailing `/` is ignored.
+    pub fn find(method: &str, path: &str) -> Result<Endpoint, RouteError> {
+        let path = match path.strip_suffix('/') {
+            Some(p) if !p.is_empty() => p,
+            _ => path,
+        };
+        let on_path: Vec<Endpoint> = Endpoint::ALL
+            .into_iter()
+            .filter(|e| e.path() == path)
+            .collect();
+        if on_path.is_empty() {
+            return Err(RouteError::NotFound(path.to_string()));
+        }
+        let wanted = Method::from_name(method);
+        on_path
+            .iter()
+            .copied()
+            .find(|e| Some(e.method()) == wanted)
+            .ok_or_else(|| RouteError::MethodNotAllowed {
+                method: method.to_string(),
+                path: path.to_string(),
+                allowed: on_path.iter().map(|e| e.method()).collect(),
+            })
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.method(), self.path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_endpoint_is_found_by_its_method_and_path() {
+        for e in Endpoint::ALL {
+            assert_eq!(Endpoint::find(e.method().as_str(), e.path()).unwrap(), e);
+        }
+        assert_eq!(
+            Endpoint::find("GET", "/metrics/").unwrap(),
+            Endpoint::GetMetrics
+        );
+    }
+
+    #[test]
+    fn routes_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for e in Endpoint::ALL {
+            assert!(seen.insert((e.method(), e.path())), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_path_and_method() {
+        let e = Endpoint::find("GET", "/nope").unwrap_err();
+        assert_eq!(e.status(), 404);
+        let e = Endpoint::find("DELETE", "/guest/memory").unwrap_err();
+        assert_eq!(e.status(), 405);
+        assert_eq!(e.allow_header().as_deref(), Some("GET, PUT"));
+        assert_eq!(Endpoint::find("get", "/").unwrap_err().status(), 405);
+    }
+
+    #[test]
+    fn success_statuses() {
+        assert_eq!(Endpoint::PutActions.success_status(), 204);
+        assert_eq!(Endpoint::PutGuestMemory.success_status(), 200);
+        assert!(Endpoint::PatchVm.error_statuses().contains(&409));
+        assert!(!Endpoint::GetMetrics.error_statuses().contains(&409));
+    }
+}

@@ -1,0 +1,247 @@
+//! Request parsing ([`ApiRequest::parse`]) and responses ([`ApiResponse`]):
+//! what travels between the HTTP server and the VMM thread.
+
+use crate::boot::BootSource;
+use crate::endpoint::{Endpoint, MAX_BODY_BYTES};
+use crate::error::ApiError;
+use crate::instance::{InstanceActionInfo, InstanceInfo, VmStateUpdate};
+use crate::machine::{MachineConfig, MachineConfigUpdate};
+use crate::memory::{GuestMemoryStatus, GuestMemoryTarget, MemoryReport};
+use crate::metrics::Metrics;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A parsed request, ready to be handed to the VMM thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET /`.
+    GetInstanceInfo,
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `PUT /machine-config`; validated by the VMM against the current config
+    /// with [`MachineConfig::apply`].
+    PutMachineConfig(MachineConfigUpdate),
+    /// `PUT /boot-source` (already validated).
+    PutBootSource(BootSource),
+    /// `PUT /actions`.
+    PutActions(InstanceActionInfo),
+    /// `PATCH /vm`.
+    PatchVm(VmStateUpdate),
+    /// `GET /memory`.
+    GetMemory,
+    /// `GET /guest/memory`.
+    GetGuestMemory,
+    /// `PUT /guest/memory`; validated by the VMM, which knows the guest size.
+    PutGuestMemory(GuestMemoryTarget),
+    /// `GET /metrics`.
+    GetMetrics,
+}
+
+impl ApiRequest {
+    /// Parses a request from its method, path and body. Does every check that
+    /// needs no VM state: route, body size, body presence, JSON shape
+    /// (unknown fields are errors), [`BootSource::validate`].
+    pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
+        let endpoint = Endpoint::find(method, path)?;
+        if body.len() > MAX_BODY_BYTES {
+            return Err(ApiError::PayloadTooLarge(body.len()));
+        }
+        let body = body.trim_ascii();
+        let has_body = !body.is_empty();
+        match (endpoint.request_type(), has_body) {
+            (None, true) => return Err(ApiError::UnexpectedBody(endpoint)),
+            (Some(_), false) => return Err(ApiError::MissingBody(endpoint)),
+            _ => {}
+        }
+        Ok(match endpoint {
+            Endpoint::GetInstanceInfo => ApiRequest::GetInstanceInfo,
+            Endpoint::GetMachineConfig => ApiRequest::GetMachineConfig,
+            Endpoint::PutMachineConfig => ApiRequest::PutMachineConfig(json(endpoint, body)?),
+            Endpoint::PutBootSource => {
+                let source: BootSource = json(endpoint, body)?;
+                source.validate()?;
+                ApiRequest::PutBootSource(source)
+            }
+            Endpoint::PutActions => ApiRequest::PutActions(json(endpoint, body)?),
+            Endpoint::PatchVm => ApiRequest::PatchVm(json(endpoint, body)?),
+            Endpoint::GetMemory => ApiRequest::GetMemory,
+            Endpoint::GetGuestMemory => ApiRequest::GetGuestMemory,
+            Endpoint::PutGuestMemory => ApiRequest::PutGuestMemory(json(endpoint, body)?),
+            Endpoint::GetMetrics => ApiRequest::GetMetrics,
+        })
+    }
+
+    /// The endpoint this request came from.
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            ApiRequest::GetInstanceInfo => Endpoint::GetInstanceInfo,
+            ApiRequest::GetMachineConfig => Endpoint::GetMachineConfig,
+            ApiRequest::PutMachineConfig(_) => Endpoint::PutMachineConfig,
+            ApiRequest::PutBootSource(_) => Endpoint::PutBootSource,
+            ApiRequest::PutActions(_) => Endpoint::PutActions,
+            ApiRequest::PatchVm(_) => Endpoint::PatchVm,
+            ApiRequest::GetMemory => Endpoint::GetMemory,
+            ApiRequest::GetGuestMemory => Endpoint::GetGuestMemory,
+            ApiRequest::PutGuestMemory(_) => Endpoint::PutGuestMemory,
+            ApiRequest::GetMetrics => Endpoint::GetMetrics,
+        }
+    }
+}
+
+fn json<T: DeserializeOwned>(endpoint: Endpoint, body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::InvalidBody(endpoint, e))
+}
+
+/// A successful answer from the VMM thread.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ApiResponse {
+    /// 204, no body.
+    NoContent,
+    /// `GET /`.
+    InstanceInfo(InstanceInfo),
+    /// `GET /machine-config`.
+    MachineConfig(MachineConfig),
+    /// `GET /memory`.
+    MemoryReport(Box<MemoryReport>),
+    /// `GET` and `PUT /guest/memory`.
+    GuestMemoryStatus(Box<GuestMemoryStatus>),
+    /// `GET /metrics`.
+    Metrics(Metrics),
+}
+
+impl ApiResponse {
+    /// The HTTP status code.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiResponse::NoContent => 204,
+            _ => 200,
+        }
+    }
+
+    /// The schema name of the body, as in [`Endpoint::response_type`].
+    pub fn type_name(&self) -> Option<&'static str> {
+        match self {
+            ApiResponse::NoContent => None,
+            ApiResponse::InstanceInfo(_) => Some("InstanceInfo"),
+            ApiResponse::MachineConfig(_) => Some("MachineConfig"),
+            ApiResponse::MemoryReport(_) => Some("MemoryReport"),
+            ApiResponse::GuestMemoryStatus(_) => Some("GuestMemoryStatus"),
+            ApiResponse::Metrics(_) => Some("Metrics"),
+        }
+    }
+
+    /// The JSON body, `None` for 204.
+    pub fn to_json(&self) -> Result<Option<Vec<u8>>, serde_json::Error> {
+        fn enc<T: Serialize>(v: &T) -> Result<Option<Vec<u8>>, serde_json::Error> {
+            serde_json::to_vec(v).map(Some)
+        }
+        match self {
+            ApiResponse::NoContent => Ok(None),
+            ApiResponse::InstanceInfo(v) => enc(v),
+            ApiResponse::MachineConfig(v) => enc(v),
+            ApiResponse::MemoryReport(v) => enc(v),
+            ApiResponse::GuestMemoryStatus(v) => enc(v),
+            ApiResponse::Metrics(v) => enc(v),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::{ActionType, VmState, VmStateTarget};
+    use crate::machine::Strategy;
+
+    #[test]
+    fn parse_bodies() {
+        let r = ApiRequest::parse("PUT", "/machine-config", br#"{"memmap_init":"eager"}"#).unwrap();
+        let ApiRequest::PutMachineConfig(u) = &r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(u.memmap_init, Some(Strategy::Eager));
+        assert_eq!(r.endpoint(), Endpoint::PutMachineConfig);
+
+        let r = ApiRequest::parse("PUT", "/actions", br#" {"action_type":"InstanceStart"} "#);
+        assert_eq!(
+            r.unwrap(),
+            ApiRequest::PutActions(InstanceActionInfo {
+                action_type: ActionType::InstanceStart
+            })
+        );
+        let r = ApiRequest::parse("PATCH", "/vm", br#"{"state":"Resumed"}"#).unwrap();
+        assert_eq!(
+            r,
+            ApiRequest::PatchVm(VmStateUpdate {
+                state: VmStateTarget::Resumed
+            })
+        );
+        let r = ApiRequest::parse("PUT", "/guest/memory", br#"{"target_mib":64}"#).unwrap();
+        assert_eq!(
+            r,
+            ApiRequest::PutGuestMemory(GuestMemoryTarget { target_mib: 64 })
+        );
+        assert_eq!(
+            ApiRequest::parse("GET", "/", b"").unwrap(),
+            ApiRequest::GetInstanceInfo
+        );
+        assert_eq!(
+            ApiRequest::parse("GET", "/memory", b"\r\n").unwrap(),
+            ApiRequest::GetMemory
+        );
+    }
+
+    #[test]
+    fn every_endpoint_parses_and_round_trips() {
+        for e in Endpoint::ALL {
+            let body: &[u8] = match e.request_type() {
+                Some("MachineConfigUpdate") | Some("BootSource") => b"{}",
+                Some("InstanceActionInfo") => br#"{"action_type":"Shutdown"}"#,
+                Some("VmStateUpdate") => br#"{"state":"Paused"}"#,
+                Some("GuestMemoryTarget") => br#"{"target_mib":0}"#,
+                Some(other) => panic!("no example body for {other}"),
+                None => b"",
+            };
+            let r = ApiRequest::parse(e.method().as_str(), e.path(), body).unwrap();
+            assert_eq!(r.endpoint(), e);
+        }
+    }
+
+    #[test]
+    fn parse_errors() {
+        let status = |m, p, b: &[u8]| ApiRequest::parse(m, p, b).unwrap_err().status();
+        assert_eq!(status("PUT", "/machine-config", b""), 400);
+        assert_eq!(status("GET", "/metrics", b"{}"), 400);
+        assert_eq!(status("PUT", "/machine-config", b"{"), 400);
+        assert_eq!(status("PUT", "/machine-config", br#"{"vcpus":2}"#), 400);
+        assert_eq!(
+            status("PUT", "/boot-source", br#"{"kernel_image_path":""}"#),
+            400
+        );
+        assert_eq!(status("PUT", "/nope", b""), 404);
+        assert_eq!(status("POST", "/actions", b""), 405);
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        assert_eq!(status("PUT", "/machine-config", &big), 413);
+
+        let e = ApiRequest::parse("PUT", "/machine-config", br#"{"vcpus":2}"#).unwrap_err();
+        let msg = e.body().fault_message;
+        assert!(
+            msg.starts_with("invalid body for PUT /machine-config: unknown field `vcpus`"),
+            "{msg}"
+        );
+        let e = ApiRequest::parse("PUT", "/actions", b"").unwrap_err();
+        assert_eq!(e.body().fault_message, "PUT /actions needs a JSON body");
+    }
+
+    #[test]
+    fn responses() {
+        assert_eq!(ApiResponse::NoContent.status(), 204);
+        assert_eq!(ApiResponse::NoContent.to_json().unwrap(), None);
+        let r = ApiResponse::InstanceInfo(InstanceInfo::new("a", "1", VmState::NotStarted));
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.type_name(), Endpoint::GetInstanceInfo.response_type());
+        let v: serde_json::Value = serde_json::from_slice(&r.to_json().unwrap().unwrap()).unwrap();
+        assert_eq!(v["state"], "NotStarted");
+        let r = ApiResponse::MachineConfig(MachineConfig::default());
+        assert_eq!(r.type_name(), Endpoint::GetMachineConfig.response_type());
+    }
+}

@@ -1,0 +1,279 @@
+//! The `vmm` command line: every subcommand's arguments (clap), and the
+//! [`VmConfig`] that `vmm run`'s flags describe.
+
+use api::GuestCpl;
+use clap::{Parser, Subcommand, ValueEnum};
+use guest_abi::Strategy;
+use lab::args::{cpl_parser, strategy_parser};
+use std::path::PathBuf;
+use vmm::config::{KernelImage, SerialTarget, VmConfig};
+use vmm::script::ReportFormat;
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  vmm run                                    boot the built-in guest (2 GiB, 1 vCPU) and idle
+  vmm run --cmdline workload=exit            boot, print timings, shut down
+  vmm run --memmap-init ondemand --alloc-mib 256 --report json
+                                             boot, allocate 256 MiB in the guest, print the
+                                             page-metadata report as JSON, shut down
+  vmm run --memmap-init eager --report table compare: every struct page initialized at boot
+  vmm run --api-sock /tmp/vm.sock            boot and serve the control API (see `vmm ctl`)
+  vmm run --mem-mib 512 --guest-cpl 0 --cmdline workload=exit
+  vmm run --serial file:/tmp/console.log --cmdline workload=exit
+  vmm run --kernel ./my-vmlinux --cmdline \"console=ttyS0\"
+
+The guest runs until it shuts down (exit code 0), reports an exit code (passed
+through), or fails (exit code 1, with what happened and the guest RIP). Bad
+input exits with code 2.";
+
+/// A lightweight KVM VMM for container-style microVMs.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a microVM now and run it until the guest stops.
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+    /// Start empty and serve the control API; configure and start the VM through it.
+    #[command(after_help = SERVE_EXAMPLES)]
+    Serve(ServeArgs),
+    /// Talk to a running VMM's control API.
+    Ctl(crate::ctl::CtlArgs),
+    /// The four memmap strategies side by side: boot time and memmap cost.
+    Compare(lab::compare::CompareArgs),
+    /// Density experiment: many microVMs per strategy, measured and plotted.
+    Density(lab::density::DensityArgs),
+    /// Benchmarks: boot per strategy, allocator fast path, memmap init cost (`make bench`).
+    Bench(lab::bench::BenchArgs),
+}
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  vmm serve --api-sock /tmp/vm.sock &
+  curl --unix-socket /tmp/vm.sock -X PUT http://localhost/machine-config -d '{\"mem_size_mib\": 512}'
+  curl --unix-socket /tmp/vm.sock -X PUT http://localhost/actions -d '{\"action_type\": \"InstanceStart\"}'
+  vmm ctl --api-sock /tmp/vm.sock memory --human
+
+The process ends when the guest stops, on a Shutdown action, or on SIGINT/SIGTERM;
+the socket file is removed. See docs/api.md.";
+
+/// Arguments of `vmm serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Path of the control socket (created with mode 0600; a stale socket is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Where the guest's serial console goes: stdout, stderr, file:PATH, or none.
+    #[arg(long, default_value = "stdout", value_parser = parse_serial, value_name = "TARGET")]
+    pub serial: SerialTarget,
+}
+
+/// `--report` formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportArg {
+    /// One JSON object on stdout (the guest console goes to stderr).
+    Json,
+    /// A readable table.
+    Table,
+}
+
+/// Arguments of `vmm run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Guest memory in MiB (a multiple of 2).
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vcpus: u8,
+    /// Boot this ELF kernel instead of the built-in guest.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Extra words for the guest command line (e.g. "workload=exit").
+    #[arg(long, default_value = "", value_name = "WORDS")]
+    pub cmdline: String,
+    /// Privilege level of the guest kernel.
+    #[arg(long, value_parser = cpl_parser(), default_value = "auto")]
+    pub guest_cpl: GuestCpl,
+    /// Where the guest's serial console goes: stdout, stderr, file:PATH, or
+    /// none [default: stdout; stderr with --report json].
+    #[arg(long, value_parser = parse_serial, value_name = "TARGET")]
+    pub serial: Option<SerialTarget>,
+    /// How the guest initializes its page metadata.
+    #[arg(long, value_parser = strategy_parser(), default_value = "ondemand")]
+    pub memmap_init: Strategy,
+    /// Memory covered by one memmap chunk, in KiB (power of two, 128 .. 131072).
+    #[arg(long, default_value_t = 2048, value_name = "KIB")]
+    pub memmap_chunk_kib: u64,
+    /// Put each memory section's memmap at the start of the section.
+    #[arg(long)]
+    pub memmap_on_memory: bool,
+    /// Let the host back guest RAM with transparent huge pages.
+    #[arg(long)]
+    pub huge_pages: bool,
+    /// Once the guest is ready, make it allocate (and write) this many MiB.
+    #[arg(long, value_name = "MIB")]
+    pub alloc_mib: Option<u64>,
+    /// Print the page-metadata report once the guest is ready (and its
+    /// allocation done), then shut the guest down. With --alloc-mib and no
+    /// --report, a table is printed.
+    #[arg(long, value_enum)]
+    pub report: Option<ReportArg>,
+    /// After --alloc-mib, make the guest hold this many MiB instead (used by
+    /// `make bench` to fill memory, then free it).
+    #[arg(long, value_name = "MIB", hide = true, requires = "alloc_mib")]
+    pub then_target_mib: Option<u64>,
+    /// Benchmark: run this many order-0 alloc+free pairs in the guest once
+    /// it is ready (after --alloc-mib), print the result as one JSON line
+    /// on stdout, then shut down. Used by `make bench`.
+    #[arg(long, value_name = "PAIRS", hide = true)]
+    pub bench_alloc_free: Option<u64>,
+    /// Also serve the control API on this Unix socket while the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Register all guest RAM with KVM at boot, instead of 128 MiB block by
+    /// block as the guest first uses it (to compare KVM's cost).
+    #[arg(long)]
+    pub register_all_memory: bool,
+    /// Act like a VMM without this project's extensions (no paravirtual
+    /// ports, only the first GiB mapped at entry), to check the guest's
+    /// portability.
+    #[arg(long, hide = true)]
+    pub legacy_only: bool,
+}
+
+/// A `--serial` value that is none of the accepted forms.
+#[derive(Debug, thiserror::Error)]
+#[error("expected stdout, stderr, file:PATH or none, not {0:?}")]
+pub struct SerialArgError(String);
+
+/// Parses `--serial`.
+pub fn parse_serial(s: &str) -> Result<SerialTarget, SerialArgError> {
+    match s {
+        "stdout" => Ok(SerialTarget::Stdout),
+        "none" => Ok(SerialTarget::None),
+        "stderr" => Ok(SerialTarget::File(PathBuf::from("/dev/stderr"))),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialTarget::File(PathBuf::from(p))),
+            _ => Err(SerialArgError(s.to_string())),
+        },
+    }
+}
+
+impl RunArgs {
+    /// The report format, if any: `--report`, or a table with `--alloc-mib`.
+    pub fn report_format(&self) -> Option<ReportFormat> {
+        match (self.report, self.alloc_mib) {
+            (Some(ReportArg::Json), _) => Some(ReportFormat::Json),
+            (Some(ReportArg::Table), _) | (None, Some(_)) => Some(ReportFormat::Table),
+            (None, None) => None,
+        }
+    }
+
+    /// Where the console goes: as asked, else stdout (stderr when stdout
+    /// carries the JSON report).
+    pub fn serial_target(&self) -> SerialTarget {
+        match (&self.serial, self.report) {
+            (Some(t), _) => t.clone(),
+            (None, Some(ReportArg::Json)) => SerialTarget::File(PathBuf::from("/dev/stderr")),
+            (None, _) => SerialTarget::Stdout,
+        }
+    }
+
+    /// The VM configuration these flags describe (not yet validated).
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            machine: api::MachineConfig {
+                vcpu_count: self.vcpus,
+                mem_size_mib: self.mem_mib,
+                memmap_init: self.memmap_init,
+                memmap_chunk_kib: self.memmap_chunk_kib,
+                guest_cpl: self.guest_cpl,
+                memmap_on_memory: self.memmap_on_memory,
+                huge_pages: self.huge_pages,
+            },
+            kernel: self.kernel.clone().map_or(KernelImage::Embedded, KernelImage::File),
+            cmdline: self.cmdline.clone(),
+            serial: self.serial_target(),
+            kvm_path: vmm::host::kvm_device_path(),
+            legacy_only: self.legacy_only,
+            register_all_memory: self.register_all_memory,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut v = vec!["vmm", "run"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).map(|c| match c.command {
+            Command::Run(a) => a,
+            _ => unreachable!("parsed `run`"),
+        })
+    }
+
+    #[test]
+    fn defaults_are_a_2gib_one_vcpu_ondemand_guest() {
+        let a = run_args(&[]).unwrap();
+        let c = a.vm_config();
+        assert_eq!(c.machine, api::MachineConfig::default(), "the CLI and the API agree on defaults");
+        assert_eq!(c.kernel, KernelImage::Embedded);
+        assert_eq!(c.serial, SerialTarget::Stdout);
+        assert_eq!(a.report_format(), None);
+    }
+
+    #[test]
+    fn a_json_report_moves_the_console_to_stderr_unless_told_otherwise() {
+        let a = run_args(&["--alloc-mib", "256", "--report", "json"]).unwrap();
+        assert_eq!(a.report_format(), Some(ReportFormat::Json));
+        assert_eq!(a.serial_target(), SerialTarget::File("/dev/stderr".into()));
+        let a = run_args(&["--report", "json", "--serial", "none"]).unwrap();
+        assert_eq!(a.serial_target(), SerialTarget::None);
+        let a = run_args(&["--alloc-mib", "16"]).unwrap();
+        assert_eq!(a.report_format(), Some(ReportFormat::Table));
+        assert_eq!(a.serial_target(), SerialTarget::Stdout);
+    }
+
+    #[test]
+    fn every_flag_parses() {
+        let a = run_args(&[
+            "--mem-mib", "512", "--vcpus", "2", "--kernel", "/k", "--cmdline", "workload=exit",
+            "--guest-cpl", "3", "--serial", "file:/tmp/x", "--memmap-init", "eager",
+            "--memmap-chunk-kib", "128", "--memmap-on-memory", "--huge-pages",
+        ])
+        .unwrap();
+        let c = a.vm_config();
+        let m = &c.machine;
+        assert_eq!((m.mem_size_mib, m.vcpu_count, m.guest_cpl), (512, 2, GuestCpl::Ring3));
+        assert_eq!(c.kernel, KernelImage::File("/k".into()));
+        assert_eq!(c.serial, SerialTarget::File("/tmp/x".into()));
+        assert_eq!((m.memmap_init, m.memmap_chunk_kib), (Strategy::Eager, 128));
+        assert!(m.memmap_on_memory && m.huge_pages);
+        assert_eq!(run_args(&["--guest-cpl", "0"]).unwrap().vm_config().machine.guest_cpl, GuestCpl::Ring0);
+        assert_eq!(c.boot_source().boot_args.as_deref(), Some("workload=exit"));
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        for bad in [
+            &["--serial", "tty"][..],
+            &["--serial", "file:"],
+            &["--guest-cpl", "1"],
+            &["--memmap-init", "lazy"],
+            &["--mem-mib", "-1"],
+            &["--vcpus", "300"],
+        ] {
+            let e = run_args(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+    }
+}

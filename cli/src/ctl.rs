@@ -1,0 +1,338 @@
+//! `vmm ctl`: a small client for a running VMM's API socket. Each subcommand
+//! is one request; the answer is printed as pretty JSON, or as a table with
+//! `--human`.
+//!
+//! Exit codes: 0 on a 2xx answer, 1 on an error answer (its `fault_message`
+//! goes to stderr) or a broken exchange, 2 when the socket cannot be reached.
+//! The request itself is `vmm_client`'s; the tables are [`crate::render`]'s.
+
+use crate::render::render;
+use api::{ActionType, Endpoint, ErrorChain, GuestMemoryTarget, InstanceActionInfo, VmStateTarget, VmStateUpdate};
+use hyper::StatusCode;
+use serde_json::Value;
+use std::path::PathBuf;
+use vmm_client::{fault_message, Client, ClientError};
+
+const CTL_EXAMPLES: &str = "\
+Examples:
+  vmm ctl --api-sock /tmp/vmm.sock info
+  vmm ctl --api-sock /tmp/vmm.sock --human memory
+  vmm ctl --api-sock /tmp/vmm.sock set-memory 512
+  vmm ctl --api-sock /tmp/vmm.sock pause
+
+Every subcommand is one HTTP request; `vmm ctl SUBCOMMAND --help` shows the
+equivalent curl command. Exit codes: 0 on success, 1 when the VMM answers an
+error (printed to stderr), 2 when the socket cannot be reached.";
+
+/// Talk to a running VMM through its API socket.
+#[derive(Debug, clap::Args)]
+#[command(after_help = CTL_EXAMPLES)]
+pub struct CtlArgs {
+    /// The VMM's API socket (as given to `vmm run --api-sock`).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Print a readable table instead of JSON.
+    #[arg(long, global = true)]
+    pub human: bool,
+    #[command(subcommand)]
+    pub cmd: CtlCommand,
+}
+
+/// The requests `vmm ctl` can send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum CtlCommand {
+    /// Show the VM's id, state and exit code (GET /).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock info
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock http://localhost/")]
+    Info,
+    /// Show the machine configuration (GET /machine-config).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock config
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock http://localhost/machine-config")]
+    Config,
+    /// Show the memory report: the guest's memmap next to what the host sees
+    /// (GET /memory).
+    #[command(after_help = "\
+Examples:
+  vmm ctl --api-sock /tmp/vmm.sock memory
+  vmm ctl --api-sock /tmp/vmm.sock --human memory
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock http://localhost/memory")]
+    Memory,
+    /// Show the guest workload's last memory target and how it ended
+    /// (GET /guest/memory).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock workload
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock http://localhost/guest/memory")]
+    Workload,
+    /// Make the guest workload hold TARGET_MIB MiB (0 frees it all); waits
+    /// until the guest is done (PUT /guest/memory).
+    #[command(after_help = "\
+Examples:
+  vmm ctl --api-sock /tmp/vmm.sock set-memory 512
+  vmm ctl --api-sock /tmp/vmm.sock --human set-memory 0
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock -X PUT -H 'Content-Type: application/json' \\
+       -d '{\"target_mib\": 512}' http://localhost/guest/memory")]
+    SetMemory {
+        /// Memory the workload should hold, in MiB.
+        target_mib: u64,
+    },
+    /// Start a VM that was configured through the API (PUT /actions
+    /// InstanceStart).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock start
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock -X PUT -H 'Content-Type: application/json' \\
+       -d '{\"action_type\": \"InstanceStart\"}' http://localhost/actions")]
+    Start,
+    /// Stop the vCPUs, keeping guest memory (PATCH /vm Paused).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock pause
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock -X PATCH -H 'Content-Type: application/json' \\
+       -d '{\"state\": \"Paused\"}' http://localhost/vm")]
+    Pause,
+    /// Run paused vCPUs again (PATCH /vm Resumed).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock resume
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock -X PATCH -H 'Content-Type: application/json' \\
+       -d '{\"state\": \"Resumed\"}' http://localhost/vm")]
+    Resume,
+    /// Stop the VM now; its state becomes Halted (PUT /actions Shutdown).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock shutdown
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock -X PUT -H 'Content-Type: application/json' \\
+       -d '{\"action_type\": \"Shutdown\"}' http://localhost/actions")]
+    Shutdown,
+    /// Ask the guest to shut down cleanly (PUT /actions SendCtrlAltDel).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock ctrl-alt-del
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock -X PUT -H 'Content-Type: application/json' \\
+       -d '{\"action_type\": \"SendCtrlAltDel\"}' http://localhost/actions")]
+    CtrlAltDel,
+    /// Show the VMM's counters: exits, API requests, guest commands
+    /// (GET /metrics).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock --human metrics
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock http://localhost/metrics")]
+    Metrics,
+}
+
+impl CtlCommand {
+    /// The endpoint the command calls.
+    pub fn endpoint(self) -> Endpoint {
+        match self {
+            CtlCommand::Info => Endpoint::GetInstanceInfo,
+            CtlCommand::Config => Endpoint::GetMachineConfig,
+            CtlCommand::Memory => Endpoint::GetMemory,
+            CtlCommand::Workload => Endpoint::GetGuestMemory,
+            CtlCommand::SetMemory { .. } => Endpoint::PutGuestMemory,
+            CtlCommand::Start | CtlCommand::Shutdown | CtlCommand::CtrlAltDel => {
+                Endpoint::PutActions
+            }
+            CtlCommand::Pause | CtlCommand::Resume => Endpoint::PatchVm,
+            CtlCommand::Metrics => Endpoint::GetMetrics,
+        }
+    }
+
+    /// The request body, built from the API's own types.
+    pub fn body(self) -> Option<Value> {
+        let action = |action_type| serde_json::to_value(InstanceActionInfo { action_type });
+        let state = |state| serde_json::to_value(VmStateUpdate { state });
+        let body = match self {
+            CtlCommand::SetMemory { target_mib } => {
+                serde_json::to_value(GuestMemoryTarget { target_mib })
+            }
+            CtlCommand::Start => action(ActionType::InstanceStart),
+            CtlCommand::Shutdown => action(ActionType::Shutdown),
+            CtlCommand::CtrlAltDel => action(ActionType::SendCtrlAltDel),
+            CtlCommand::Pause => state(VmStateTarget::Paused),
+            CtlCommand::Resume => state(VmStateTarget::Resumed),
+            _ => return None,
+        };
+        // These plain structs always serialize.
+        body.ok()
+    }
+}
+
+/// Runs `vmm ctl`; returns the process exit code.
+pub fn run(args: CtlArgs) -> u8 {
+    let endpoint = args.cmd.endpoint();
+    let body = args.cmd.body();
+    let sock = &args.api_sock;
+    let answer = Client::new().and_then(|c| c.request(sock, endpoint.method().as_str(), endpoint.path(), body.as_ref()));
+    match answer {
+        Ok((status, value)) if (200..300).contains(&status) => {
+            print!("{}", render(args.cmd, &value, args.human));
+            0
+        }
+        Ok((status, value)) => {
+            eprintln!(
+                "vmm ctl: {}: {}",
+                status_line(status),
+                fault_message(&value)
+            );
+            1
+        }
+        Err(ClientError::Connect(_, e)) => {
+            eprintln!(
+                "vmm ctl: cannot connect to {}: {e}; is the VMM running with --api-sock {}?",
+                sock.display(),
+                sock.display()
+            );
+            2
+        }
+        Err(e) => {
+            eprintln!("vmm ctl: {}", ErrorChain(&e));
+            1
+        }
+    }
+}
+
+/// "409 Conflict".
+fn status_line(status: u16) -> String {
+    match StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+    {
+        Some(reason) => format!("{status} {reason}"),
+        None => status.to_string(),
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::ApiRequest;
+    use std::path::Path;
+    use clap::{CommandFactory, Parser};
+
+    /// `vmm ctl` as its own program, for parsing tests.
+    #[derive(Debug, Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    }
+
+    const ALL: [CtlCommand; 11] = [
+        CtlCommand::Info,
+        CtlCommand::Config,
+        CtlCommand::Memory,
+        CtlCommand::Workload,
+        CtlCommand::SetMemory { target_mib: 512 },
+        CtlCommand::Start,
+        CtlCommand::Pause,
+        CtlCommand::Resume,
+        CtlCommand::Shutdown,
+        CtlCommand::CtrlAltDel,
+        CtlCommand::Metrics,
+    ];
+
+    #[test]
+    fn every_command_builds_a_request_the_api_accepts() {
+        for cmd in ALL {
+            let e = cmd.endpoint();
+            let body = cmd.body().map(|b| b.to_string()).unwrap_or_default();
+            let parsed = ApiRequest::parse(e.method().as_str(), e.path(), body.as_bytes())
+                .unwrap_or_else(|err| panic!("{cmd:?}: {err}"));
+            assert_eq!(parsed.endpoint(), e);
+        }
+        assert_eq!(
+            CtlCommand::SetMemory { target_mib: 64 }.body().unwrap(),
+            serde_json::json!({"target_mib": 64})
+        );
+        assert_eq!(
+            CtlCommand::Shutdown.body().unwrap(),
+            serde_json::json!({"action_type": "Shutdown"})
+        );
+    }
+
+    #[test]
+    fn parses_the_command_line() {
+        let w =
+            Wrapper::try_parse_from(["ctl", "--api-sock", "/s", "set-memory", "256", "--human"])
+                .unwrap();
+        assert_eq!(w.ctl.api_sock, Path::new("/s"));
+        assert!(w.ctl.human);
+        assert_eq!(w.ctl.cmd, CtlCommand::SetMemory { target_mib: 256 });
+        assert!(Wrapper::try_parse_from(["ctl", "memory"]).is_err());
+        assert!(Wrapper::try_parse_from(["ctl", "--api-sock", "/s", "set-memory", "-1"]).is_err());
+        Wrapper::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_documents_its_curl_equivalent() {
+        let mut app = Wrapper::command();
+        for cmd in ALL {
+            let e = cmd.endpoint();
+            let name = format!("{cmd:?}");
+            let sub = app
+                .get_subcommands_mut()
+                .find(|s| {
+                    s.get_name().replace('-', "") == name.split(' ').next().unwrap().to_lowercase()
+                })
+                .unwrap_or_else(|| panic!("no subcommand for {name}"));
+            let help = sub.render_long_help().to_string();
+            assert!(
+                help.contains(&format!("http://localhost{}", e.path())),
+                "{name}: {help}"
+            );
+            assert!(help.contains("curl --unix-socket"), "{name}");
+            if e.method() != api::Method::Get {
+                assert!(help.contains(&format!("-X {}", e.method())), "{name}");
+            }
+            if let Some(body) = cmd.body() {
+                // The documented body is the one sent (modulo spacing).
+                let first_key = body.as_object().unwrap().keys().next().unwrap().clone();
+                assert!(help.contains(&format!("\"{first_key}\"")), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn unreachable_socket_is_exit_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let code = run(CtlArgs {
+            api_sock: dir.path().join("none.sock"),
+            human: false,
+            cmd: CtlCommand::Info,
+        });
+        assert_eq!(code, 2);
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(status_line(409), "409 Conflict");
+        assert_eq!(status_line(599), "599");
+    }
+}

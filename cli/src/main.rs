@@ -1,0 +1,34 @@
+//! `vmm`: a lightweight KVM VMM for container-style microVMs whose guest
+//! kernel initializes its page metadata on demand, and reports what that
+//! metadata costs.
+//!
+//! Subcommands: `run` boots a VM now, `serve` waits for the control API to
+//! configure and start one, `ctl` talks to that API, and `compare`,
+//! `density` and `bench` run the lab's experiments. See `vmm --help`.
+
+mod args;
+mod ctl;
+mod render;
+mod run;
+
+use clap::Parser;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    // Before any thread exists, so every thread inherits it (see `signals`).
+    vmm::signals::block();
+    let cli = args::Cli::parse();
+    let timings = Arc::new(vmm::timings::Timings::starting_at(start));
+    let code = match cli.command {
+        args::Command::Run(a) => run::run(a, timings),
+        args::Command::Serve(a) => run::serve(a, timings),
+        args::Command::Ctl(a) => ctl::run(a),
+        args::Command::Compare(a) => lab::compare::run(a),
+        args::Command::Density(a) => lab::density::run(a),
+        args::Command::Bench(a) => lab::bench::run(a),
+    };
+    ExitCode::from(code)
+}

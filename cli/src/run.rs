@@ -1,0 +1,147 @@
+//! `vmm run` and `vmm serve`: a controller with its VM configuration, the
+//! API server when asked for, and what is printed at the end (report, boot
+//! timings, why the VM stopped). The exit code follows from how it ended.
+//!
+//! Exit codes: 0 when the guest shut down cleanly, the guest's own exit code
+//! when it reported one (1..=255), 1 when the VM failed (triple fault, guest
+//! exception, KVM error, unhandled exit) or the VMM hit a host error, and 2
+//! for bad input (flags, kernel file, `/dev/kvm` access).
+
+use crate::args::{RunArgs, ServeArgs};
+use api::ErrorChain;
+use std::path::Path;
+use std::sync::Arc;
+use vmm::api_server::ApiServer;
+use vmm::builder::BuildError;
+use vmm::config::VmConfig;
+use vmm::controller::{Controller, StartError};
+use vmm::loader::LoadError;
+use vmm::script::{ReportFormat, Script};
+use vmm::timings::Timings;
+use vmm::vstate::stop::StopReason;
+
+fn start_api(path: &Path, ctl: &Controller) -> Result<ApiServer, u8> {
+    let server = vmm::api_server::start(path, ctl.sender(), ctl.metrics()).map_err(|e| {
+        eprintln!("vmm: error: {}", ErrorChain(&e));
+        2
+    })?;
+    eprintln!("vmm: serving the control API on {}", server.path().display());
+    Ok(server)
+}
+
+/// What to tell a user who got `e`, beyond the error itself.
+fn hint(e: &StartError) -> Option<&'static str> {
+    match e {
+        StartError::Build(BuildError::Kernel(LoadError::Read { .. } | LoadError::NotElf { .. })) => {
+            Some("pass an existing ELF kernel to --kernel, or omit it to boot the built-in guest")
+        }
+        _ => None,
+    }
+}
+
+/// `vmm run`: boots the VM and runs it until the guest stops (or, with a
+/// script, until the report is printed).
+pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
+    let config = args.vm_config();
+    if let Err(e) = config.validate() {
+        eprintln!("vmm: error: {}", ErrorChain(&e));
+        return 2;
+    }
+    let mut ctl = Controller::new(config, timings.clone());
+    let format = args.report_format();
+    ctl.set_script(Script {
+        alloc_mib: args.alloc_mib,
+        report: format,
+        then_target_mib: args.then_target_mib,
+        bench_alloc_free: args.bench_alloc_free,
+    });
+    let server = match args.api_sock.as_deref().map(|p| start_api(p, &ctl)).transpose() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Err(e) = ctl.start() {
+        eprintln!("vmm: error: {}", ErrorChain(&e));
+        if let Some(h) = hint(&e) {
+            eprintln!("vmm: hint: {h}");
+        }
+        return if e.is_usage() { 2 } else { 1 };
+    }
+    let reason = ctl.run();
+    if let Some(s) = server {
+        s.shutdown();
+    }
+    if let Some(report) = ctl.printed_report.take() {
+        match format {
+            Some(ReportFormat::Json) => println!("{}", serde_json::to_value(&report).unwrap_or_default()),
+            _ => println!("{}", crate::render::memory_table(&report)),
+        }
+    }
+    if let Some(b) = ctl.bench_result.take() {
+        println!("{}", serde_json::json!({ "bench_alloc_free": b }));
+    }
+    print_timings(&timings);
+    exit_code(reason)
+}
+
+/// `vmm serve`: serves the API with no VM until it is configured and started.
+pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
+    let config = VmConfig { serial: args.serial.clone(), ..VmConfig::default() };
+    let mut ctl = Controller::new(config, timings);
+    let server = match start_api(&args.api_sock, &ctl) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let reason = ctl.run();
+    server.shutdown();
+    exit_code(reason)
+}
+
+/// Prints why the VM stopped and returns the process exit code for it.
+fn exit_code(reason: Option<StopReason>) -> u8 {
+    let Some(reason) = reason else { return 0 };
+    if reason.is_failure() {
+        eprintln!("vmm: error: {reason}");
+    } else {
+        eprintln!("vmm: {reason}");
+    }
+    reason.exit_code().clamp(0, 255) as u8
+}
+
+fn print_timings(t: &Timings) {
+    let rows = [
+        ("vm created", &t.vm_created),
+        ("vcpu first entry", &t.vcpu_first_entry),
+        ("guest first port write", &t.guest_first_port_write),
+        ("guest entered", &t.guest_entered),
+        ("guest memory ready", &t.guest_memory_ready),
+        ("guest ready", &t.guest_ready),
+        ("vm stopped", &t.vm_stopped),
+    ];
+    let mut line = String::from("vmm: boot timings (us from process start):");
+    for (name, slot) in rows {
+        if let Some(us) = t.us(slot) {
+            line.push_str(&format!(" {name} {us:.0};"));
+        }
+    }
+    line.pop();
+    eprintln!("{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_kernel_gets_a_hint_for_the_command_line() {
+        let e = StartError::Build(BuildError::Kernel(LoadError::NotElf { name: "x".into(), why: "no ELF magic" }));
+        assert!(hint(&e).unwrap().contains("--kernel"));
+        assert!(hint(&StartError::Thread(std::io::Error::from(std::io::ErrorKind::Other))).is_none());
+    }
+
+    #[test]
+    fn exit_codes_follow_the_stop_reason() {
+        assert_eq!(exit_code(None), 0);
+        assert_eq!(exit_code(Some(StopReason::GuestExit(7))), 7);
+        assert_eq!(exit_code(Some(StopReason::TripleFault { rip: None })), 1);
+    }
+}

@@ -1,0 +1,600 @@
+//! `vmm density`: how many microVMs fit on this host under each memmap
+//! strategy, and where every megabyte of each VM's footprint goes.
+//!
+//! For each strategy in turn, the runner launches `vmm run` child processes
+//! ([`fleet`]) in ramps of `--ramp`, `--parallel` launches in flight, waits
+//! for each guest to be ready and gives it its workload through the API
+//! ([`probe`]), then measures the step: the host's `MemAvailable` drop from
+//! the strategy's baseline and every VM's `GET /memory` report
+//! ([`stats::Breakdown`] turns the sums into a per-VM footprint). Before each
+//! launch it checks `MemAvailable` against the floor and ends the ramp there.
+//! Between strategies every VM is stopped and the runner waits for the host
+//! to come back to its initial `MemAvailable`. Results go to `--out`
+//! ([`output`], [`plot`]) and a summary to stdout.
+//!
+//! Exit codes: 0 when the run completed (reaching the floor is a result, not
+//! an error), 1 when a VM or the host failed, 2 for bad flags, 130 when
+//! interrupted (SIGINT/SIGTERM/SIGHUP; the VMs are stopped and the partial
+//! results written).
+
+mod fleet;
+pub(crate) mod host;
+mod output;
+mod plot;
+mod probe;
+mod stats;
+
+use crate::args::strategy_parser;
+use api::ErrorChain;
+use guest_abi::Strategy;
+use fleet::{Fleet, VmSpec};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use output::{Baseline, CsvSink, Fit, Report, Settings, Step, StrategyRun, VmRecord};
+use stats::{AllocSpec, Breakdown, Distribution, StepSums};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const EXAMPLES: &str = "\
+Examples:
+  vmm density --vms 10 --mem-mib 256 --out /tmp/d          a quick look at both strategies
+  vmm density --vms 600 --strategies eager --out d-eager   eager until 600 VMs or the floor
+  vmm density --vms 3000 --strategies eager,ondemand --ramp 100 --parallel 4 --out docs/density
+  vmm density --vms 200 --alloc-mib 32..256 --seed 7 --out d-work
+                                            each VM allocates a seeded random 32..256 MiB
+
+Every VM is a `vmm run --api-sock ... --serial none` child of this process. Ctrl-C
+stops them all and writes the partial results. Exit codes: 0 done (reaching the
+floor included), 1 a VM or the host failed, 2 bad flags, 130 interrupted.";
+
+/// Arguments of `vmm density`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub struct DensityArgs {
+    /// VMs to launch per strategy (fewer if the floor is reached first).
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub vms: u64,
+    /// Strategies to ramp, one after the other, comma-separated.
+    #[arg(long, value_parser = strategy_parser(), value_delimiter = ',', default_value = "eager,ondemand", value_name = "LIST")]
+    pub strategies: Vec<Strategy>,
+    /// Guest memory per VM, MiB.
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    pub mem_mib: u64,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vcpus: u8,
+    /// Workload per VM once ready: M MiB, or LO..HI drawn per VM with --seed.
+    #[arg(long, default_value = "0", value_name = "M|LO..HI")]
+    pub alloc_mib: AllocSpec,
+    /// Seed of the workload spread (the same VM number gets the same size in
+    /// every strategy).
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub seed: u64,
+    /// VMs launched per step between two measurements.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub ramp: u64,
+    /// Launches in flight at once.
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    pub parallel: usize,
+    /// Stop a ramp when MemAvailable would fall below this many MiB
+    /// [default: the larger of 2 GiB and 10% of MemTotal].
+    #[arg(long, value_name = "MIB")]
+    pub floor_mib: Option<u64>,
+    /// Write report.json, vms.csv and the SVG plots here (created if needed).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Longest wait for MemAvailable to come back between strategies, s.
+    #[arg(long, default_value_t = 120, value_name = "S")]
+    pub settle_timeout_s: u64,
+    /// Longest wait for one VM to be ready with its workload, s.
+    #[arg(long, default_value_t = 60, value_name = "S")]
+    pub ready_timeout_s: u64,
+}
+
+/// Why a run could not start or went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum DensityError {
+    /// A flag is out of range.
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Meminfo(#[from] host::MeminfoError),
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
+    #[error(transparent)]
+    Launch(#[from] probe::LaunchError),
+    #[error(transparent)]
+    Sample(#[from] probe::SampleError),
+    #[error(transparent)]
+    Output(#[from] output::OutputError),
+    /// The runner's own executable cannot be found.
+    #[error("cannot find this program's executable")]
+    Exe(#[source] std::io::Error),
+}
+
+/// One VM's measurement: its figures and raw report, or why not.
+type Sampled = Result<(probe::Sample, String), probe::SampleError>;
+
+/// What the runner's main thread waits for.
+enum Msg {
+    /// Launch `index` ended (ready with its workload, or not).
+    Launched(u64, Result<probe::Ready, probe::LaunchError>),
+    /// SIGINT/SIGTERM/SIGHUP.
+    Signal(i32),
+}
+
+/// Runs the experiment; returns the process exit code.
+pub fn run(args: DensityArgs) -> u8 {
+    if let Err(e) = validate(&args) {
+        eprintln!("vmm density: error: {e}");
+        return 2;
+    }
+    fleet::install_panic_hook();
+    match Runner::new(args).and_then(Runner::run) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmm density: error: {}", ErrorChain(&e));
+            1
+        }
+    }
+}
+
+fn validate(a: &DensityArgs) -> Result<(), DensityError> {
+    let bad = |m: String| Err(DensityError::Usage(m));
+    if a.vms == 0 || a.ramp == 0 || a.parallel == 0 {
+        return bad("--vms, --ramp and --parallel must be at least 1".into());
+    }
+    if a.strategies.is_empty() {
+        return bad("--strategies needs at least one strategy".into());
+    }
+    let names: Vec<&str> = a.strategies.iter().map(|s| s.name()).collect();
+    if (1..names.len()).any(|i| names[..i].contains(&names[i])) {
+        return bad(format!("--strategies names a strategy twice: {}", names.join(",")));
+    }
+    if a.alloc_mib.max_mib() >= a.mem_mib {
+        return bad(format!("--alloc-mib {} must stay below --mem-mib {}", a.alloc_mib, a.mem_mib));
+    }
+    if a.vcpus == 0 {
+        return bad("--vcpus must be at least 1".into());
+    }
+    Ok(())
+}
+
+struct Runner {
+    args: DensityArgs,
+    started: Instant,
+    report: Report,
+    fleet: Fleet,
+    csv: CsvSink,
+    tx: Sender<Msg>,
+    rx: Receiver<Msg>,
+    cancel: Arc<AtomicBool>,
+    interrupted: bool,
+}
+
+impl Runner {
+    fn new(args: DensityArgs) -> Result<Runner, DensityError> {
+        let mem = host::meminfo()?;
+        let floor_bytes = args.floor_mib.map_or_else(|| stats::default_floor(mem.total), |m| m << 20);
+        let exe = std::env::current_exe().map_err(DensityError::Exe)?;
+        if let Some(out) = &args.out {
+            std::fs::create_dir_all(out).map_err(|e| output::OutputError::Dir(out.clone(), e))?;
+        }
+        let csv = CsvSink::create(args.out.as_deref())?;
+        let fleet = Fleet::new(exe)?;
+        let settings = Settings {
+            vms: args.vms,
+            strategies: args.strategies.iter().map(|s| s.name().to_string()).collect(),
+            mem_mib: args.mem_mib,
+            vcpus: args.vcpus,
+            alloc_mib: args.alloc_mib,
+            seed: args.seed,
+            ramp: args.ramp,
+            parallel: args.parallel,
+            floor_bytes,
+            floor_from_flag: args.floor_mib.is_some(),
+            settle_timeout_s: args.settle_timeout_s,
+            ready_timeout_s: args.ready_timeout_s,
+        };
+        let report = Report {
+            tool: "vmm density",
+            version: env!("CARGO_PKG_VERSION"),
+            command: std::env::args().collect(),
+            started_unix_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            duration_s: 0.0,
+            outcome: "completed",
+            error: None,
+            host: host::host_info(mem),
+            settings,
+            work_dir: fleet.dir().to_path_buf(),
+            initial_mem_available_bytes: mem.available,
+            final_mem_available_bytes: None,
+            strategies: Vec::new(),
+        };
+        let (tx, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        // Signals arrive as VmEvents (see crate::signals); relay them.
+        let (sig_tx, sig_rx) = mpsc::channel();
+        vmm::signals::forward_to(sig_tx);
+        let (relay, flag) = (tx.clone(), cancel.clone());
+        std::thread::Builder::new()
+            .name("density-signals".into())
+            .stack_size(64 << 10)
+            .spawn(move || {
+                for ev in sig_rx {
+                    if let vmm::events::VmEvent::Signal(sig) = ev {
+                        flag.store(true, Ordering::SeqCst);
+                        let _ = relay.send(Msg::Signal(sig));
+                    }
+                }
+            })
+            .map_err(|e| DensityError::Fleet(fleet::FleetError::Spawn("signal relay".into(), e)))?;
+        Ok(Runner { args, started: Instant::now(), report, fleet, csv, tx, rx, cancel, interrupted: false })
+    }
+
+    fn run(mut self) -> Result<u8, DensityError> {
+        let mut failure: Option<DensityError> = None;
+        let strategies = self.args.strategies.clone();
+        for (i, s) in strategies.iter().enumerate() {
+            if self.interrupted || self.cancel.load(Ordering::SeqCst) {
+                self.interrupted = true;
+                break;
+            }
+            let mut run = self.start_strategy(s.name(), i == 0)?;
+            let result = self.ramp(&mut run);
+            run.shutdown = self.fleet.shutdown_all();
+            finish_strategy(&mut run, &self.report);
+            self.report.strategies.push(run);
+            if let Err(e) = result {
+                failure = Some(e);
+                break;
+            }
+        }
+        self.report.final_mem_available_bytes = host::meminfo().ok().map(|m| m.available);
+        self.report.duration_s = self.started.elapsed().as_secs_f64();
+        if let Some(e) = &failure {
+            self.report.outcome = "failed";
+            self.report.error = Some(ErrorChain(e).to_string());
+        } else if self.interrupted {
+            self.report.outcome = "interrupted";
+        }
+        self.csv.finish()?;
+        if let Some(out) = &self.args.out {
+            output::write_report(out, &self.report)?;
+            plot::all(out, &self.report)?;
+        }
+        print!("{}", output::summary(&self.report));
+        if let Some(out) = &self.args.out {
+            println!("results in {}", out.display());
+        }
+        match failure {
+            Some(e) => Err(e),
+            None if self.interrupted => Ok(130),
+            None => Ok(0),
+        }
+    }
+
+    /// Waits for the host to come back to its initial `MemAvailable` (not
+    /// for the first strategy) and takes the strategy's baseline.
+    fn start_strategy(&mut self, name: &str, first: bool) -> Result<StrategyRun, DensityError> {
+        let initial = self.report.initial_mem_available_bytes;
+        // Tolerance: other tenants of a shared host move MemAvailable by a
+        // few hundred MiB; 1% of RAM, at least 128 MiB.
+        let tolerance = (128u64 << 20).max(self.report.host.mem_total_bytes / 100);
+        let target = initial.saturating_sub(tolerance);
+        let start = Instant::now();
+        let timeout = Duration::from_secs(self.args.settle_timeout_s);
+        let mut avail = host::meminfo()?.available;
+        let mut settled = first || avail >= target;
+        while !settled && start.elapsed() < timeout && !self.cancel.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(250));
+            avail = host::meminfo()?.available;
+            settled = avail >= target;
+        }
+        if !settled {
+            eprintln!(
+                "vmm density: MemAvailable is {} MiB, not back to {} MiB after {:.0} s; ramping {name} from here",
+                avail >> 20,
+                target >> 20,
+                start.elapsed().as_secs_f64()
+            );
+        }
+        Ok(StrategyRun {
+            strategy: name.to_string(),
+            baseline: Baseline { mem_available_bytes: avail, settled, waited_s: start.elapsed().as_secs_f64(), target_bytes: target },
+            floor_reached: false,
+            stop_reason: String::new(),
+            asked: self.args.vms,
+            launched: 0,
+            ready: 0,
+            steps: Vec::new(),
+            vms: Vec::new(),
+            time_to_ready_ms: None,
+            vmm_guest_ready_ms: None,
+            workload_ms: None,
+            launch_seconds: 0.0,
+            launch_throughput_vms_per_s: None,
+            footprint: None,
+            fit: Fit { measured: 0, extrapolated: None },
+            shutdown: Default::default(),
+        })
+    }
+
+    /// One strategy's ramp, step by step, until `--vms`, the floor, a
+    /// failure or a signal.
+    fn ramp(&mut self, run: &mut StrategyRun) -> Result<(), DensityError> {
+        let spec = VmSpec { strategy: run.strategy.clone(), mem_mib: self.args.mem_mib, vcpus: self.args.vcpus };
+        let bar = progress_bar(self.args.vms, &run.strategy);
+        let floor = self.report.settings.floor_bytes;
+        let mut in_flight = 0usize;
+        let mut error: Option<DensityError> = None;
+        // What one more VM is expected to cost until a step has measured it:
+        // generous, so in-flight launches cannot overshoot the floor.
+        let mut per_vm_estimate = (64u64 << 20) + (self.args.alloc_mib.max_mib() << 20);
+        let mut step = 0u64;
+        while run.launched < self.args.vms && run.stop_reason.is_empty() {
+            let step_start = Instant::now();
+            let step_target = (run.launched + self.args.ramp).min(self.args.vms);
+            let mut launched_in_step = 0;
+            while run.launched < step_target && run.stop_reason.is_empty() {
+                // A signal may have come while nothing read the channel.
+                if self.cancel.load(Ordering::SeqCst) {
+                    self.interrupted = true;
+                    run.stop_reason = "interrupted by a signal".into();
+                    break;
+                }
+                if in_flight >= self.args.parallel {
+                    self.handle(self.rx.recv(), run, &bar, &mut in_flight, &mut error);
+                    continue;
+                }
+                let avail = host::meminfo()?.available;
+                if avail < floor + in_flight as u64 * per_vm_estimate {
+                    run.floor_reached = true;
+                    run.stop_reason = format!(
+                        "floor reached: MemAvailable {} MiB with {in_flight} launches in flight, floor {} MiB",
+                        avail >> 20,
+                        floor >> 20
+                    );
+                    break;
+                }
+                let index = run.launched;
+                let alloc_mib = self.args.alloc_mib.mib_for(self.args.seed, index);
+                let vm = self.fleet.spawn(&spec, index)?;
+                let target = (vm.index, vm.pid, vm.sock.clone(), vm.log.clone(), vm.spawned_at);
+                run.vms.push(VmRecord { index, pid: vm.pid, alloc_mib, ready: None, error: None, last_sample: None, last_memory_report: None });
+                run.launched += 1;
+                launched_in_step += 1;
+                in_flight += 1;
+                let (tx, cancel, timeout) = (self.tx.clone(), self.cancel.clone(), Duration::from_secs(self.args.ready_timeout_s));
+                let waiter = std::thread::Builder::new().name("density-wait".into()).stack_size(1 << 20).spawn(move || {
+                    let (index, pid, sock, log, spawned_at) = target;
+                    let t = probe::Target { index, pid, sock: &sock, log: &log, spawned_at, alloc_mib };
+                    let _ = tx.send(Msg::Launched(index, probe::await_ready(&t, timeout, &cancel)));
+                });
+                if let Err(e) = waiter {
+                    // Without its waiter this launch never reports: count it as failed.
+                    in_flight -= 1;
+                    run.stop_reason = "cannot start a waiter thread".into();
+                    error = Some(fleet::FleetError::Spawn("waiter thread".into(), e).into());
+                }
+            }
+            while in_flight > 0 {
+                self.handle(self.rx.recv(), run, &bar, &mut in_flight, &mut error);
+            }
+            let launch_seconds = step_start.elapsed().as_secs_f64();
+            run.launch_seconds += launch_seconds;
+            if let Some(e) = error.take() {
+                bar.abandon_with_message(format!("{}: failed", run.strategy));
+                return Err(e);
+            }
+            if self.interrupted {
+                break;
+            }
+            if launched_in_step > 0 {
+                let measured = self.measure(run, step, launched_in_step, launch_seconds)?;
+                if let Some(b) = measured {
+                    per_vm_estimate = ((b.total.max(0.0) as u64) + (self.args.alloc_mib.max_mib() << 20)).max(8 << 20) * 2;
+                }
+                step += 1;
+            }
+            bar.set_message(format!("{}: {} VMs, MemAvailable {} MiB", run.strategy, run.ready, host::meminfo()?.available >> 20));
+        }
+        if run.stop_reason.is_empty() {
+            run.stop_reason =
+                if self.interrupted { "interrupted".into() } else { format!("all {} VMs launched", self.args.vms) };
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    /// Handles one message from a waiter or the signal relay.
+    fn handle(
+        &mut self,
+        msg: Result<Msg, mpsc::RecvError>,
+        run: &mut StrategyRun,
+        bar: &ProgressBar,
+        in_flight: &mut usize,
+        error: &mut Option<DensityError>,
+    ) {
+        match msg {
+            Ok(Msg::Launched(index, result)) => {
+                *in_flight -= 1;
+                // Records are pushed in launch order: the index is the position.
+                let Some(vm) = run.vms.get_mut(index as usize) else { return };
+                match result {
+                    Ok(r) => {
+                        vm.ready = Some(r);
+                        run.ready += 1;
+                        bar.inc(1);
+                    }
+                    Err(probe::LaunchError::Interrupted) => vm.error = Some("interrupted".into()),
+                    Err(e) => {
+                        vm.error = Some(e.to_string());
+                        if error.is_none() {
+                            run.stop_reason = format!("VM failed: {e}");
+                            *error = Some(e.into());
+                        }
+                    }
+                }
+            }
+            Ok(Msg::Signal(sig)) => {
+                self.interrupted = true;
+                if run.stop_reason.is_empty() {
+                    run.stop_reason = format!("interrupted by signal {sig}");
+                }
+            }
+            // Unreachable: the runner holds a sender itself.
+            Err(mpsc::RecvError) => *in_flight = 0,
+        }
+    }
+
+    /// Measures a step: `MemAvailable`, then every ready VM's report.
+    fn measure(&mut self, run: &mut StrategyRun, step: u64, launched: u64, launch_seconds: f64) -> Result<Option<Breakdown>, DensityError> {
+        let start = Instant::now();
+        let mem = host::meminfo()?;
+        // The fleet holds this strategy's VMs only (the previous ones were
+        // shut down), and a record's position is its index.
+        let targets: Vec<(usize, u64, u32, PathBuf)> = self
+            .fleet
+            .vms()
+            .iter()
+            .filter(|p| run.vms.get(p.index as usize).is_some_and(|v| v.pid == p.pid && v.ready.is_some()))
+            .map(|p| (p.index as usize, p.index, p.pid, p.sock.clone()))
+            .collect();
+        let workers = self.args.parallel.clamp(1, 8);
+        let chunk = targets.len().div_ceil(workers).max(1);
+        let results: Vec<(usize, Sampled)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = targets
+                .chunks(chunk)
+                .map(|part| sc.spawn(move || part.iter().map(|(pos, index, pid, sock)| (*pos, probe::sample(*index, *pid, sock))).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        });
+        let mut sums = StepSums {
+            mem_available_drop: run.baseline.mem_available_bytes as i64 - mem.available as i64,
+            ..StepSums::default()
+        };
+        let step_vms = results.len() as u64;
+        for (pos, result) in results {
+            let (s, raw) = result?;
+            sums.vms += 1;
+            sums.vmm_pss += s.vmm_pss;
+            sums.vmm_rss += s.vmm_rss;
+            sums.guest_ram_resident += s.guest_ram_resident;
+            sums.memmap_resident += s.memmap_resident;
+            sums.workload += s.workload;
+            sums.page_tables += s.page_tables;
+            sums.threads += s.threads;
+            let vm = &mut run.vms[pos];
+            self.csv.row(&output::csv_row(&run.strategy, step, step_vms, vm, &s))?;
+            vm.last_sample = Some(s);
+            vm.last_memory_report = Some(output::RawJson(raw.into_boxed_str()));
+        }
+        let per_vm = Breakdown::from_sums(&sums);
+        run.steps.push(Step {
+            step,
+            mem_available_bytes: mem.available,
+            sums,
+            per_vm,
+            runner_rss_bytes: runner_rss(),
+            launched,
+            launch_seconds,
+            measure_seconds: start.elapsed().as_secs_f64(),
+        });
+        Ok(per_vm)
+    }
+}
+
+/// The figures derived once a strategy's ramp is over.
+fn finish_strategy(run: &mut StrategyRun, report: &Report) {
+    let ready: Vec<&probe::Ready> = run.vms.iter().filter_map(|v| v.ready.as_ref()).collect();
+    run.time_to_ready_ms = Distribution::of(&ready.iter().map(|r| r.spawn_to_ready_ms).collect::<Vec<_>>());
+    run.vmm_guest_ready_ms = Distribution::of(&ready.iter().map(|r| r.vmm_guest_ready_ms).collect::<Vec<_>>());
+    run.workload_ms = Distribution::of(&ready.iter().map(|r| r.workload_ms).collect::<Vec<_>>());
+    run.launch_throughput_vms_per_s = (run.launch_seconds > 0.0 && run.ready > 0).then(|| run.ready as f64 / run.launch_seconds);
+    let last = run.steps.last();
+    run.footprint = last.and_then(|s| s.per_vm);
+    run.fit = Fit {
+        measured: last.map_or(0, |s| s.sums.vms),
+        extrapolated: run.footprint.and_then(|b| {
+            stats::extrapolated_fit(report.host.mem_total_bytes, report.settings.floor_bytes, run.baseline.mem_available_bytes, b.total)
+        }),
+    };
+}
+
+/// The runner's own resident memory (`VmRSS`), bytes.
+fn runner_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// A progress bar on a terminal (stderr), hidden otherwise.
+fn progress_bar(len: u64, strategy: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(format!("{strategy}: starting"));
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        a: DensityArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<DensityArgs, clap::Error> {
+        let mut v = vec!["density"];
+        v.extend_from_slice(args);
+        T::try_parse_from(v).map(|t| t.a)
+    }
+
+    #[test]
+    fn defaults_and_flags_parse() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.vms, a.mem_mib, a.vcpus, a.ramp, a.parallel), (100, 2048, 1, 50, 4));
+        assert_eq!(a.strategies, vec![Strategy::Eager, Strategy::OnDemand]);
+        assert_eq!(a.alloc_mib, AllocSpec::Fixed { mib: 0 });
+        assert!(validate(&a).is_ok());
+        let a = parse(&["--vms", "3", "--strategies", "ondemand", "--alloc-mib", "8..64", "--floor-mib", "9000", "--out", "/x"]).unwrap();
+        assert_eq!(a.strategies, vec![Strategy::OnDemand]);
+        assert_eq!(a.alloc_mib, AllocSpec::Range { lo: 8, hi: 64 });
+        assert_eq!(a.floor_mib, Some(9000));
+        assert!(parse(&["--strategies", "lazy"]).is_err());
+        assert!(parse(&["--alloc-mib", "x"]).is_err());
+    }
+
+    #[test]
+    fn bad_combinations_are_refused() {
+        for bad in [
+            &["--vms", "0"][..],
+            &["--parallel", "0"],
+            &["--strategies", "eager,eager"],
+            &["--mem-mib", "256", "--alloc-mib", "256"],
+            &["--vcpus", "0"],
+        ] {
+            assert!(matches!(validate(&parse(bad).unwrap()), Err(DensityError::Usage(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_runner_measures_its_own_memory() {
+        assert!(runner_rss() > 0);
+    }
+}

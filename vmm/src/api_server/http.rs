@@ -1,0 +1,166 @@
+//! One request, from hyper's parsed head to the answer written back: route,
+//! body read under a cap and a deadline, parse into an [`api::ApiRequest`],
+//! hand-off to the controller, wait for its reply, encode. Nothing here
+//! touches VM state.
+
+use crate::events::{ApiCall, VmEvent};
+use crate::metrics::Metrics;
+use api::{ApiError, ApiErrorBody, ApiRequest, ApiResponse, Endpoint, MAX_BODY_BYTES};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+
+/// The timeouts and limits of the server (shorter in tests).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// To receive a request's line and headers (also the idle keep-alive
+    /// time: hyper starts this clock when it waits for the next request).
+    pub(crate) header_read: Duration,
+    /// To receive a request's body.
+    pub(crate) body_read: Duration,
+    /// For the VMM thread to answer (`PUT /guest/memory` waits on the guest).
+    pub(crate) vmm_reply: Duration,
+    /// Connections served at once.
+    pub(crate) max_connections: usize,
+}
+
+impl Limits {
+    pub(crate) const DEFAULT: Limits = Limits {
+        header_read: Duration::from_secs(10),
+        body_read: Duration::from_secs(5),
+        vmm_reply: Duration::from_secs(120),
+        max_connections: 128,
+    };
+}
+
+
+/// What every request handler needs.
+pub(crate) struct Context {
+    pub(crate) to_vmm: Sender<VmEvent>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) limits: Limits,
+}
+
+/// Answers one request and counts it.
+pub(crate) async fn handle(req: Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> {
+    Metrics::inc(&ctx.metrics.api_requests);
+    let response = answer(req, ctx).await;
+    if response.status().is_client_error() || response.status().is_server_error() {
+        Metrics::inc(&ctx.metrics.api_errors);
+    }
+    response
+}
+
+async fn answer(req: Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let (method, path) = (parts.method.as_str(), parts.uri.path());
+    // Route first, so a wrong path is answered without reading its body.
+    if let Err(e) = Endpoint::find(method, path) {
+        return error_response(&e.into());
+    }
+    let body = match read_body(body, ctx.limits.body_read).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let request = match ApiRequest::parse(method, path, &body) {
+        Ok(request) => request,
+        Err(e) => return error_response(&e),
+    };
+    let (reply, answer) = oneshot::channel();
+    if ctx
+        .to_vmm
+        .send(VmEvent::Api(ApiCall { request, reply }))
+        .is_err()
+    {
+        return fault(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the VMM is shutting down and takes no more requests".into(),
+        );
+    }
+    match tokio::time::timeout(ctx.limits.vmm_reply, answer).await {
+        Ok(Ok(Ok(response))) => success_response(&response),
+        Ok(Ok(Err(e))) => error_response(&e),
+        Ok(Err(_)) => error_response(&ApiError::NoAnswer),
+        Err(_) => fault(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the VMM did not answer within {} s; the request may still take effect",
+                ctx.limits.vmm_reply.as_secs()
+            ),
+        ),
+    }
+}
+
+/// Reads a body of at most [`MAX_BODY_BYTES`] within `deadline`, or the
+/// error response to send instead.
+async fn read_body(body: Incoming, deadline: Duration) -> Result<Bytes, Response<Full<Bytes>>> {
+    let declared = body.size_hint().lower();
+    if declared > MAX_BODY_BYTES as u64 {
+        let len = usize::try_from(declared).unwrap_or(usize::MAX);
+        return Err(error_response(&ApiError::PayloadTooLarge(len)));
+    }
+    match tokio::time::timeout(deadline, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(fault(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is over {MAX_BODY_BYTES} bytes; at most {MAX_BODY_BYTES} are accepted"),
+        )),
+        Ok(Err(e)) => Err(fault(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        )),
+        Err(_) => Err(fault(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                deadline.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+fn success_response(response: &ApiResponse) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(response.status()).unwrap_or(StatusCode::OK);
+    match response.to_json() {
+        Ok(Some(body)) => json_response(status, Bytes::from(body)),
+        Ok(None) => json_response(StatusCode::NO_CONTENT, Bytes::new()),
+        Err(e) => error_response(&ApiError::Encode(e)),
+    }
+}
+
+fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = fault_body(status, &err.body());
+    if let Some(allow) = err.allow_header() {
+        if let Ok(value) = HeaderValue::from_str(&allow) {
+            response.headers_mut().insert(ALLOW, value);
+        }
+    }
+    response
+}
+
+/// An error answer raised by the HTTP side itself (no [`ApiError`] for it).
+fn fault(status: StatusCode, fault_message: String) -> Response<Full<Bytes>> {
+    fault_body(status, &ApiErrorBody { fault_message })
+}
+
+fn fault_body(status: StatusCode, body: &ApiErrorBody) -> Response<Full<Bytes>> {
+    let json = serde_json::to_vec(body)
+        .unwrap_or_else(|_| br#"{"fault_message":"internal error"}"#.to_vec());
+    json_response(status, Bytes::from(json))
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,674 @@
+//! The API server: one thread ("api") running a current-thread tokio
+//! runtime with a hyper HTTP/1.1 server on a Unix socket.
+//!
+//! It only turns bytes into [`api::ApiRequest`]s and answers back; it never
+//! touches VM state. A request goes:
+//!
+//! 1. hyper reads the request line and headers (closing the connection of a
+//!    client that does not send them within `header_read`).
+//! 2. [`api::Endpoint::find`] answers 404/405 at once; a `Content-Length`
+//!    over [`api::MAX_BODY_BYTES`] is answered 413 without reading the body.
+//! 3. The body is read with a hard cap of [`api::MAX_BODY_BYTES`] (413 past
+//!    it) and a deadline (`body_read`, 408 past it), then parsed with
+//!    [`api::ApiRequest::parse`] (400 and friends on error).
+//! 4. The request goes to the controller as a [`VmEvent::Api`]; this side
+//!    waits for the reply on a oneshot channel (504 after `vmm_reply`, 503 if
+//!    the controller no longer takes events, 500 if it dropped the reply).
+//! 5. The answer is written as JSON (`Content-Type: application/json`; 204
+//!    has no body; errors are `{"fault_message": ...}`, 405 with `Allow`).
+//!
+//! Steps 2 to 5 are [`super::http`]. Every connection is its own task, at
+//! most `max_connections` at once (more wait in the listen backlog), each
+//! with a small read buffer.
+
+use super::http::{handle, Context, Limits};
+use super::socket::{bind, remove_if_ours, SocketError, SocketIdentity};
+use crate::events::VmEvent;
+use crate::metrics::Metrics;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::io;
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::{oneshot, Semaphore};
+
+/// Stack of the API thread; the work it does is small and shallow.
+const THREAD_STACK_BYTES: usize = 512 * 1024;
+
+/// hyper's per-connection read buffer cap: request head plus a full body,
+/// with room to spare (hyper's minimum is 8 KiB).
+const CONNECTION_BUFFER_BYTES: usize = 32 * 1024;
+
+/// Most headers a request may carry.
+const MAX_HEADERS: usize = 32;
+
+/// Why the API server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    /// The socket path could not be claimed.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The tokio runtime could not be built.
+    #[error("cannot create the API runtime")]
+    Runtime(#[source] io::Error),
+    /// The thread could not be spawned.
+    #[error("cannot spawn the API thread")]
+    Thread(#[source] io::Error),
+}
+
+/// thread, ends every connection, and removes the socket file.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+    /// Device and inode of the socket we bound, so we never remove a file
+    /// someone else put at the path since.
+    identity: SocketIdentity,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Starts the API server on `path`. Returns once the socket is listening: a
+/// client may connect as soon as this returns.
+pub fn start(
+    path: &Path,
+    to_vmm: Sender<VmEvent>,
+    metrics: Arc<Metrics>,
+) -> Result<ApiServer, ApiServerError> {
+    start_with(path, to_vmm, metrics, Limits::DEFAULT)
+}
+
+pub(crate) fn start_with(
+    path: &Path,
+    to_vmm: Sender<VmEvent>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+) -> Result<ApiServer, ApiServerError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(ApiServerError::Runtime)?;
+    let (listener, identity) = bind(path)?;
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let ctx = Arc::new(Context {
+        to_vmm,
+        metrics,
+        limits,
+    });
+    let thread = std::thread::Builder::new()
+        .name("api".into())
+        .stack_size(THREAD_STACK_BYTES)
+        .spawn(move || serve(runtime, listener, ctx, stop_rx));
+    match thread {
+        Ok(thread) => Ok(ApiServer {
+            path: path.to_path_buf(),
+            identity,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(ApiServerError::Thread(e))
+        }
+    }
+}
+
+impl ApiServer {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops the server and removes the socket file (as dropping it does).
+    pub fn shutdown(self) {
+        drop(self);
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            // The thread only returns or panics; a panic there has already
+            // been printed and must not take the VMM down with it.
+            let _ = thread.join();
+        }
+        remove_if_ours(&self.path, self.identity);
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// How long a stopping server lets in-flight requests finish (so the answer
+/// to the request that stopped the VM still reaches its client).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The API thread: accepts connections until `stop` fires, then stops
+/// accepting and lets in-flight requests finish (at most [`DRAIN_TIMEOUT`])
+/// before the runtime is dropped.
+fn serve(
+    runtime: tokio::runtime::Runtime,
+    listener: StdUnixListener,
+    ctx: Arc<Context>,
+    stop: oneshot::Receiver<()>,
+) {
+    runtime.block_on(async move {
+        let listener = match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("vmm: API server: cannot register the socket: {e}");
+                return;
+            }
+        };
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+        // An error means the ApiServer was dropped: stop as well.
+        let mut stop = stop;
+        loop {
+            let slot = tokio::select! {
+                _ = &mut stop => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(s) => s,
+                    Err(_) => break, // The semaphore is never closed.
+                },
+            };
+            let accepted = tokio::select! {
+                _ = &mut stop => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let header_read = ctx.limits.header_read;
+                    let conn_ctx = ctx.clone();
+                    let service = hyper::service::service_fn(move |req| {
+                        let ctx = conn_ctx.clone();
+                        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+                    });
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_read)
+                        .max_buf_size(CONNECTION_BUFFER_BYTES)
+                        .max_headers(MAX_HEADERS);
+                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(async move {
+                        // Errors here are the client's (malformed request,
+                        // timeout, hang-up); hyper has already answered 400
+                        // or closed, and nothing else is hurt.
+                        let _ = conn.await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: wait instead of spinning.
+                    eprintln!("vmm: API server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        drop(listener);
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
+    });
+}
+
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::super::socket::SOCKET_MODE;
+    use super::*;
+    use api::{
+        ActionType, ApiError, ApiRequest, ApiResponse, GuestMemoryOutcome, GuestMemoryStatus, InstanceInfo,
+        MachineConfig, MemoryReport, VmState, MAX_BODY_BYTES,
+    };
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream as StdUnixStream;
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc::{self, Receiver};
+
+    /// The VMM thread of the tests: answers from fixed data. `PUT /boot-source`
+    /// drops its reply unanswered; `PUT /guest/memory` with `target_mib: 999`
+    /// is never answered (held until the channel closes).
+    fn fake_vmm(rx: Receiver<VmEvent>) {
+        let mut held = Vec::new();
+        for event in rx {
+            let VmEvent::Api(call) = event else { continue };
+            let answer = match call.request {
+                ApiRequest::GetInstanceInfo => Ok(ApiResponse::InstanceInfo(InstanceInfo::new(
+                    "vm0",
+                    "0.1.0",
+                    VmState::Running,
+                ))),
+                ApiRequest::GetMachineConfig => {
+                    Ok(ApiResponse::MachineConfig(MachineConfig::default()))
+                }
+                ApiRequest::GetMemory => Ok(ApiResponse::MemoryReport(Box::new(MemoryReport::example()))),
+                ApiRequest::GetMetrics => Ok(ApiResponse::Metrics(api::Metrics::default())),
+                ApiRequest::PutActions(a) if a.action_type == ActionType::InstanceStart => {
+                    Err(ApiError::InvalidState {
+                        action: "start the VM".into(),
+                        state: VmState::Running,
+                    })
+                }
+                ApiRequest::PutBootSource(_) => {
+                    drop(call.reply);
+                    continue;
+                }
+                ApiRequest::PutGuestMemory(t) if t.target_mib == 999 => {
+                    held.push(call.reply);
+                    continue;
+                }
+                ApiRequest::PutGuestMemory(t) => Ok(ApiResponse::GuestMemoryStatus(Box::new(
+                    GuestMemoryStatus {
+                        target_mib: t.target_mib,
+                        held_bytes: t.target_bytes(),
+                        status: GuestMemoryOutcome::Ok,
+                        report: None,
+                    },
+                ))),
+                _ => Ok(ApiResponse::NoContent),
+            };
+            let _ = call.reply.send(answer);
+        }
+    }
+
+    /// A server with the fake VMM behind it.
+    pub(crate) struct Fixture {
+        pub(crate) server: ApiServer,
+        pub(crate) metrics: Arc<Metrics>,
+        pub(crate) _dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        pub(crate) fn new() -> Fixture {
+            Fixture::with_limits(Limits {
+                header_read: Duration::from_millis(300),
+                body_read: Duration::from_millis(300),
+                vmm_reply: Duration::from_millis(500),
+                max_connections: 128,
+            })
+        }
+
+        fn with_limits(limits: Limits) -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || fake_vmm(rx));
+            let metrics = Arc::new(Metrics::default());
+            let server = start_with(&dir.path().join("api.sock"), tx, metrics.clone(), limits).unwrap();
+            Fixture {
+                server,
+                metrics,
+                _dir: dir,
+            }
+        }
+
+        pub(crate) fn sock(&self) -> &Path {
+            self.server.path()
+        }
+    }
+
+    /// An answer as read off the wire.
+    #[derive(Debug)]
+    struct Raw {
+        status: u16,
+        head: String,
+        body: String,
+    }
+
+    impl Raw {
+        fn parse(bytes: &[u8]) -> Raw {
+            let text = String::from_utf8_lossy(bytes).into_owned();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let status = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            Raw {
+                status,
+                head: head.to_ascii_lowercase(),
+                body: body.to_string(),
+            }
+        }
+
+        fn fault(&self) -> String {
+            let v: serde_json::Value = serde_json::from_str(&self.body)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"));
+            assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+            v["fault_message"].as_str().unwrap().to_string()
+        }
+    }
+
+    fn connect(sock: &Path) -> StdUnixStream {
+        let s = StdUnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// Sends `bytes` and reads the answer until the server closes.
+    fn raw(sock: &Path, bytes: &[u8]) -> Raw {
+        let mut s = connect(sock);
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        Raw::parse(&out)
+    }
+
+    /// A one-request exchange (`Connection: close`).
+    fn call(sock: &Path, method: &str, path: &str, body: &str) -> Raw {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        raw(sock, req.as_bytes())
+    }
+
+    #[test]
+    fn answers_get_and_the_socket_is_private() {
+        let f = Fixture::new();
+        let mode = std::fs::metadata(f.sock()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, SOCKET_MODE);
+        let r = call(f.sock(), "GET", "/", "");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.head.contains("content-type: application/json"), "{r:?}");
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["state"], "Running");
+        assert_eq!(f.metrics.api_requests.load(Ordering::Relaxed), 1);
+        assert_eq!(f.metrics.api_errors.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn no_content_has_no_body() {
+        let f = Fixture::new();
+        let r = call(f.sock(), "PATCH", "/vm", r#"{"state":"Paused"}"#);
+        assert_eq!(r.status, 204, "{r:?}");
+        assert_eq!(r.body, "");
+    }
+
+    #[test]
+    fn keep_alive_serves_several_requests() {
+        let f = Fixture::new();
+        let mut s = connect(f.sock());
+        let req = b"GET /machine-config HTTP/1.1\r\nHost: x\r\n\r\n";
+        s.write_all(req).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    }
+
+    #[test]
+    fn live_socket_is_refused() {
+        let f = Fixture::new();
+        let (tx, _rx) = mpsc::channel();
+        let err = start(f.sock(), tx, Arc::default()).unwrap_err();
+        assert!(matches!(err, ApiServerError::Socket(SocketError::InUse(_))), "{err}");
+        assert!(err.to_string().contains("another VMM is serving"), "{err}");
+        // The first server is unharmed.
+        assert_eq!(call(f.sock(), "GET", "/", "").status, 200);
+    }
+
+    #[test]
+    fn socket_is_removed_on_shutdown_and_drop() {
+        let f = Fixture::new();
+        let path = f.sock().to_path_buf();
+        f.server.shutdown();
+        assert!(!path.exists());
+        let f = Fixture::new();
+        let path = f.sock().to_path_buf();
+        drop(f.server);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn request_errors_are_json_faults() {
+        let f = Fixture::new();
+        let r = call(f.sock(), "GET", "/nope", "");
+        assert_eq!(r.status, 404, "{r:?}");
+        assert!(r.fault().contains("no such path"), "{r:?}");
+
+        let r = call(f.sock(), "DELETE", "/guest/memory", "");
+        assert_eq!(r.status, 405, "{r:?}");
+        assert!(r.head.contains("\r\nallow: get, put"), "{r:?}");
+        assert!(r.fault().contains("DELETE is not allowed"), "{r:?}");
+
+        let r = call(f.sock(), "PUT", "/machine-config", "{");
+        assert_eq!(r.status, 400, "{r:?}");
+        assert!(r
+            .fault()
+            .starts_with("invalid body for PUT /machine-config"));
+
+        let r = call(f.sock(), "PUT", "/machine-config", r#"{"vcpus": 2}"#);
+        assert_eq!(r.status, 400, "{r:?}");
+        assert!(r.fault().contains("unknown field `vcpus`"), "{r:?}");
+
+        let r = call(f.sock(), "PUT", "/actions", "");
+        assert_eq!(r.status, 400, "{r:?}");
+        assert_eq!(r.fault(), "PUT /actions needs a JSON body");
+
+        let r = call(
+            f.sock(),
+            "PUT",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        );
+        assert_eq!(r.status, 409, "{r:?}");
+        assert!(r.head.contains("content-type: application/json"));
+        assert_eq!(r.fault(), "cannot start the VM while the VM is Running");
+
+        assert_eq!(f.metrics.api_requests.load(Ordering::Relaxed), 6);
+        assert_eq!(f.metrics.api_errors.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn oversized_bodies_get_413() {
+        let f = Fixture::new();
+        // Declared too large: answered before the body is read.
+        let head = format!(
+            "PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{{",
+            MAX_BODY_BYTES + 1
+        );
+        let r = raw(f.sock(), head.as_bytes());
+        assert_eq!(r.status, 413, "{r:?}");
+        assert!(r.fault().contains("at most 16384"), "{r:?}");
+
+        // Chunked, with no length up front: cut off at the cap.
+        let mut req =
+            b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        for _ in 0..5 {
+            req.extend_from_slice(b"1000\r\n");
+            req.extend_from_slice(&[b' '; 0x1000]);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        let r = raw(f.sock(), &req);
+        assert_eq!(r.status, 413, "{r:?}");
+        assert!(r.fault().contains("over 16384 bytes"), "{r:?}");
+
+        // Exactly the cap is fine (blank padding around a valid body).
+        let mut body = vec![b' '; MAX_BODY_BYTES - 2];
+        body.splice(0..0, *b"{}");
+        let r = call(
+            f.sock(),
+            "PUT",
+            "/machine-config",
+            std::str::from_utf8(&body).unwrap(),
+        );
+        assert_eq!(r.status, 204, "{r:?}");
+    }
+
+    #[test]
+    fn half_a_body_then_hang_up_harms_nothing() {
+        let f = Fixture::new();
+        {
+            let mut s = connect(f.sock());
+            s.write_all(
+                b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mem",
+            )
+            .unwrap();
+        }
+        let r = call(f.sock(), "GET", "/", "");
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    #[test]
+    fn slow_body_gets_408() {
+        let f = Fixture::new();
+        let mut s = connect(f.sock());
+        s.write_all(b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let r = Raw::parse(&out);
+        assert_eq!(r.status, 408, "{r:?}");
+        assert!(r.fault().contains("did not arrive"), "{r:?}");
+    }
+
+    #[test]
+    fn silent_client_is_dropped_after_the_header_timeout() {
+        let f = Fixture::new();
+        let mut s = connect(f.sock());
+        let mut buf = [0u8; 256];
+        // hyper closes (EOF) or answers 408; either way it does not wait forever.
+        let n = s.read(&mut buf).expect("server kept a silent client");
+        let r = Raw::parse(&buf[..n]);
+        assert!(n == 0 || r.status == 408, "{r:?}");
+        // A client that sends half its headers too.
+        let mut s = connect(f.sock());
+        s.write_all(b"GET / HTTP/1.1\r\nHost").unwrap();
+        let n = s.read(&mut buf).expect("server kept a slow client");
+        let r = Raw::parse(&buf[..n]);
+        assert!(n == 0 || r.status == 408, "{r:?}");
+        assert_eq!(call(f.sock(), "GET", "/", "").status, 200);
+    }
+
+    #[test]
+    fn garbage_gets_400_or_close() {
+        let f = Fixture::new();
+        for junk in [
+            &b"\x00\x01\x02\xff\r\n\r\n"[..],
+            b"GET\r\n\r\n",
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"PUT /actions HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"PUT /actions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ] {
+            let r = raw(f.sock(), junk);
+            assert!(r.status == 0 || r.status == 400, "{junk:?}: {r:?}");
+        }
+        let r = raw(
+            f.sock(),
+            b"GET / HTTP/1.1\r\nX: \xff\xfe\r\nConnection: close\r\n\r\n",
+        );
+        assert!(r.status == 200 || r.status == 400, "{r:?}");
+        assert_eq!(call(f.sock(), "GET", "/", "").status, 200);
+    }
+
+    #[test]
+    fn fifty_concurrent_clients_all_get_answers() {
+        let f = Fixture::new();
+        let sock = f.sock().to_path_buf();
+        // Open every connection first, so they are all in flight at once.
+        let streams: Vec<StdUnixStream> = (0..50).map(|_| connect(&sock)).collect();
+        let threads: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut s)| {
+                std::thread::spawn(move || {
+                    let req = if i % 2 == 0 {
+                        "GET /memory HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_string()
+                    } else {
+                        let body = format!(r#"{{"target_mib": {i}}}"#);
+                        format!(
+                            "PUT /guest/memory HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                             Content-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    s.write_all(req.as_bytes()).unwrap();
+                    let mut out = Vec::new();
+                    s.read_to_end(&mut out).unwrap();
+                    (i, Raw::parse(&out))
+                })
+            })
+            .collect();
+        for t in threads {
+            let (i, r) = t.join().unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            if i % 2 == 1 {
+                assert_eq!(v["target_mib"], i as u64);
+            } else {
+                assert_eq!(v["valid"], true);
+            }
+        }
+        assert_eq!(f.metrics.api_requests.load(Ordering::Relaxed), 50);
+    }
+
+    #[test]
+    fn dropped_reply_is_500() {
+        let f = Fixture::new();
+        let r = call(f.sock(), "PUT", "/boot-source", "{}");
+        assert_eq!(r.status, 500, "{r:?}");
+        assert_eq!(r.fault(), "internal error: the VMM did not answer");
+    }
+
+    #[test]
+    fn slow_vmm_is_504() {
+        let f = Fixture::new();
+        let r = call(f.sock(), "PUT", "/guest/memory", r#"{"target_mib":999}"#);
+        assert_eq!(r.status, 504, "{r:?}");
+        assert!(r.fault().contains("did not answer within"), "{r:?}");
+    }
+
+    #[test]
+    fn idle_keep_alive_connection_is_closed() {
+        let f = Fixture::new();
+        let mut s = connect(f.sock());
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        // The answer, then EOF once the idle connection times out.
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("idle connection kept open");
+        assert_eq!(Raw::parse(&out).status, 200);
+    }
+
+    #[test]
+    fn shutdown_with_a_request_in_flight_does_not_hang() {
+        let f = Fixture::with_limits(Limits {
+            vmm_reply: Duration::from_secs(60),
+            ..Limits::DEFAULT
+        });
+        let sock = f.sock().to_path_buf();
+        let client = std::thread::spawn(move || {
+            call(&sock, "PUT", "/guest/memory", r#"{"target_mib":999}"#)
+        });
+        while f.metrics.api_requests.load(Ordering::Relaxed) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        f.server.shutdown();
+        // The client sees the connection close without an answer.
+        assert_eq!(client.join().unwrap().status, 0);
+    }
+
+    #[test]
+    fn exiting_vmm_is_503() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel();
+        drop(rx);
+        let server = start(&dir.path().join("api.sock"), tx, Arc::default()).unwrap();
+        let r = call(server.path(), "GET", "/", "");
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(r.fault().contains("shutting down"), "{r:?}");
+    }
+}

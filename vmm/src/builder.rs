@@ -1,0 +1,237 @@
+//! The builder: a [`VmConfig`] in, a [`Vm`] out, ready to start and not yet
+//! running (Firecracker's `build_microvm_for_boot`). [`build_microvm`] is the
+//! whole boot flow in one function, step by step.
+
+use crate::arch::{self, layout};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::serial::{open_console, ConsoleError};
+use crate::devices::Devices;
+use crate::events::VmEvent;
+use crate::loader::{Image, LoadError};
+use crate::memory::{self, RamError, RegisterError, Registrar};
+use crate::metrics::Metrics;
+use crate::timings::Timings;
+use crate::vstate::vm::{Vm, VmParts};
+use kvm_bindings::{kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use vm_memory::GuestAddress;
+
+/// Why a VM could not be built. [`BuildError::is_usage`] tells the user's
+/// mistakes (exit code 2, HTTP 400) from the host's failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{path} does not exist: this host has no KVM (load the kvm_intel or kvm_amd module, or use a host with virtualization)")]
+    KvmMissing { path: PathBuf },
+    #[error("permission denied opening {path}: add your user to the kvm group (sudo usermod -aG kvm $USER, then log in again) or run as root")]
+    KvmDenied { path: PathBuf },
+    #[error("cannot open {path}")]
+    KvmOpen {
+        path: PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_CREATE_VM failed")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Kernel(#[from] LoadError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    #[error("cannot register the boot memory with KVM")]
+    Register(#[from] RegisterError),
+    #[error("cannot prepare the guest's boot data")]
+    Arch(#[from] arch::ArchSetupError),
+    #[error("cannot set up vCPU {cpu}: {what}")]
+    Vcpu {
+        cpu: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl BuildError {
+    /// Whether this is the user's input to fix (exit code 2, HTTP 400).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            BuildError::Config(_)
+            | BuildError::KvmMissing { .. }
+            | BuildError::KvmDenied { .. }
+            | BuildError::Console(_)
+            | BuildError::Arch(arch::ArchSetupError::CmdlineTooLong { .. } | arch::ArchSetupError::CmdlineNul) => true,
+            BuildError::Kernel(e) => e.is_usage(),
+            _ => false,
+        }
+    }
+}
+
+/// Where a VM's threads report, and the clocks and counters they share.
+#[derive(Clone)]
+pub struct BuildContext {
+    pub timings: Arc<Timings>,
+    pub metrics: Arc<Metrics>,
+    pub events: Sender<VmEvent>,
+}
+
+/// Builds a VM ready to start: KVM VM and guest RAM registered, kernel and
+/// boot data loaded, vCPUs created and set up for 64-bit entry.
+pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildError> {
+    // 1. Everything the user gave is checked before any resource is taken.
+    config.validate()?;
+    let image = Image::read(&config.kernel)?;
+    let console = open_console(&config.serial)?;
+
+    // 2. The KVM VM and its RAM. The first registration block holds the boot
+    //    data and the kernel; the guest onlines the others as its allocator
+    //    first needs them (without the paravirtual device it cannot, so a
+    //    legacy VM gets all of its RAM at once).
+    let kvm = open_kvm(&config.kvm_path)?;
+    let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
+    let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages)?;
+    let registrar = Arc::new(Registrar::new(vm_fd.clone(), mem.clone()));
+    if config.register_all_memory || config.legacy_only {
+        registrar.register_all()?;
+    } else {
+        registrar.register_range(0, 1)?;
+    }
+    ctx.timings.mark_once(&ctx.timings.vm_created);
+
+    // 3. What the guest finds at its first instruction: its ELF segments,
+    //    page tables, GDT, command line and boot_params.
+    let entry = image.load(&mem)?;
+    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
+
+    // 4. The devices on the port bus.
+    let devices = Arc::new(Devices::new(
+        mem.clone(),
+        console,
+        !config.legacy_only,
+        ctx.events.clone(),
+        ctx.timings.clone(),
+        ctx.metrics.clone(),
+    ));
+    if let Some(pv) = devices.paravirt() {
+        pv.set_vcpu_count(u32::from(config.machine.vcpu_count));
+        pv.set_registrar(registrar);
+    }
+
+    // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.
+    let vcpus = create_vcpus(&kvm, &vm_fd, config.machine.vcpu_count, entry)?;
+
+    Ok(Vm::new(VmParts {
+        config,
+        kvm,
+        vm_fd,
+        mem,
+        devices,
+        vcpus: vcpus.fds,
+        boot_sregs: vcpus.boot_sregs,
+        tsc_khz: vcpus.tsc_khz,
+        events: ctx.events.clone(),
+    }))
+}
+
+/// The vCPUs of a VM, the boot one set up for entry.
+struct Vcpus {
+    fds: Vec<VcpuFd>,
+    boot_sregs: kvm_sregs,
+    tsc_khz: Option<u32>,
+}
+
+fn create_vcpus(kvm: &Kvm, vm_fd: &VmFd, count: u8, entry: GuestAddress) -> Result<Vcpus, BuildError> {
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
+    let mut out = Vcpus { fds: Vec::with_capacity(count.into()), boot_sregs: kvm_sregs::default(), tsc_khz: None };
+    for cpu in 0..count {
+        let vcpu_err = |what| move |source| BuildError::Vcpu { cpu, what, source };
+        let vcpu = vm_fd.create_vcpu(u64::from(cpu)).map_err(vcpu_err("KVM_CREATE_VCPU"))?;
+        if let Some(c) = &cpuid {
+            let mut c: CpuId = c.clone();
+            out.tsc_khz = vcpu.get_tsc_khz().ok();
+            arch::patch_cpuid(&mut c, cpu, out.tsc_khz);
+            vcpu.set_cpuid2(&c).map_err(vcpu_err("KVM_SET_CPUID2"))?;
+        }
+        if cpu == 0 {
+            let sregs = vcpu.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+            let sregs = arch::long_mode_sregs(sregs, layout::PML4_START);
+            vcpu.set_sregs(&sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&arch::boot_regs(entry.0)).map_err(vcpu_err("KVM_SET_REGS"))?;
+            vcpu.set_fpu(&arch::boot_fpu()).map_err(vcpu_err("KVM_SET_FPU"))?;
+            out.boot_sregs = sregs;
+        }
+        out.fds.push(vcpu);
+    }
+    Ok(out)
+}
+
+fn open_kvm(path: &Path) -> Result<Kvm, BuildError> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Err(BuildError::KvmMissing { path: path.into() });
+    };
+    Kvm::new_with_path(cpath).map_err(|e| kvm_open_error(path, e))
+}
+
+/// Names why `/dev/kvm` could not be opened, with the usual fix.
+fn kvm_open_error(path: &Path, e: kvm_ioctls::Error) -> BuildError {
+    match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => BuildError::KvmMissing { path: path.into() },
+        libc::EACCES | libc::EPERM => BuildError::KvmDenied { path: path.into() },
+        _ => BuildError::KvmOpen { path: path.into(), source: e },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_open_errors_say_which_problem_and_the_fix() {
+        let p = Path::new("/dev/kvm");
+        let e = |errno| kvm_open_error(p, kvm_ioctls::Error::new(errno));
+        let denied = e(libc::EACCES);
+        assert!(matches!(denied, BuildError::KvmDenied { .. }));
+        assert!(denied.is_usage());
+        let msg = denied.to_string();
+        assert!(msg.contains("permission denied opening /dev/kvm") && msg.contains("kvm group"), "{msg}");
+        assert!(matches!(e(libc::EPERM), BuildError::KvmDenied { .. }));
+        assert!(matches!(e(libc::ENOENT), BuildError::KvmMissing { .. }));
+        let other = e(libc::EMFILE);
+        assert!(matches!(other, BuildError::KvmOpen { .. }));
+        assert!(!other.is_usage(), "a host failure, not the user's input");
+    }
+
+    #[test]
+    fn a_missing_kvm_device_is_a_usage_error_that_names_the_path() {
+        let e = open_kvm(Path::new("/nonexistent/kvm")).err().unwrap();
+        assert!(matches!(e, BuildError::KvmMissing { .. }));
+        assert!(e.to_string().contains("/nonexistent/kvm"));
+        assert!(e.is_usage());
+    }
+
+    #[test]
+    fn a_bad_config_fails_before_kvm_is_touched() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
+        let mut c = VmConfig { kvm_path: "/nonexistent/kvm".into(), ..Default::default() };
+        c.machine.mem_size_mib = 3;
+        let e = build_microvm(c, &ctx).err().unwrap();
+        assert!(matches!(e, BuildError::Config(_)) && e.is_usage(), "{e}");
+    }
+
+    #[test]
+    fn a_small_vm_builds_with_its_boot_block_registered() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
+        let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..Default::default() };
+        c.machine.mem_size_mib = 256;
+        let vm = build_microvm(c, &ctx).unwrap();
+        assert_eq!(vm.devices.registered_bytes(), guest_abi::MEMORY_BLOCK_SIZE);
+        assert!(ctx.timings.vm_created.get().is_some());
+    }
+}

@@ -1,0 +1,167 @@
+//! The one configuration a VM is built from. The CLI (`vmm run` flags) and
+//! the API (`PUT /machine-config`, `PUT /boot-source`) both produce a
+//! [`VmConfig`]; the builder consumes it. The machine part is the API's own
+//! [`api::MachineConfig`], so its rules live in one place.
+
+use crate::arch::layout;
+use std::path::PathBuf;
+
+/// Which kernel to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelImage {
+    /// The guest kernel built into this binary.
+    Embedded,
+    /// An ELF file.
+    File(PathBuf),
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    Stdout,
+    File(PathBuf),
+    None,
+}
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    /// vCPUs, memory, memmap strategy and chunk, CPL, huge pages.
+    pub machine: api::MachineConfig,
+    pub kernel: KernelImage,
+    /// Extra words for the guest command line (after the VMM's own).
+    pub cmdline: String,
+    pub serial: SerialTarget,
+    /// Path of `/dev/kvm` (tests point it elsewhere).
+    pub kvm_path: PathBuf,
+    /// Behave like a VMM without this project's extensions (as Firecracker
+    /// boots an ELF kernel): no paravirtual ports, boot page tables that map
+    /// only the first GiB. Tests use it to check the guest stays portable.
+    pub legacy_only: bool,
+    /// Register all guest RAM with KVM at boot instead of block by block as
+    /// the guest onlines it (for comparison).
+    pub register_all_memory: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            machine: api::MachineConfig::default(),
+            kernel: KernelImage::Embedded,
+            cmdline: String::new(),
+            serial: SerialTarget::Stdout,
+            kvm_path: crate::host::kvm_device_path(),
+            legacy_only: false,
+            register_all_memory: false,
+        }
+    }
+}
+
+// The API refuses what the VMM would refuse, at `PUT /machine-config`.
+const _: () = assert!(api::MAX_MEM_SIZE_MIB == layout::MAX_RAM >> 20);
+const _: () = assert!(api::MIN_CHUNK_KIB << 10 == guest_abi::MIN_CHUNK_SIZE);
+const _: () = assert!(api::MAX_CHUNK_KIB << 10 == guest_abi::SECTION_SIZE);
+const _: () = assert!(api::DEFAULT_CHUNK_KIB << 10 == guest_abi::DEFAULT_CHUNK_SIZE);
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Machine(#[from] api::MachineConfigError),
+    #[error(transparent)]
+    Boot(#[from] api::BootSourceError),
+}
+
+impl VmConfig {
+    /// Memory in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.machine.mem_size_bytes()
+    }
+
+    /// The full guest command line: the VMM's words, then the user's (which win).
+    pub fn guest_cmdline(&self) -> String {
+        let m = &self.machine;
+        let mut s = format!(
+            "cpl={} memmap_init={} memmap_chunk={}K",
+            crate::host::resolve_cpl(m.guest_cpl),
+            m.memmap_init.name(),
+            m.memmap_chunk_kib
+        );
+        if m.memmap_on_memory {
+            s.push_str(" memmap_on_memory=on");
+        }
+        if !self.cmdline.trim().is_empty() {
+            s.push(' ');
+            s.push_str(self.cmdline.trim());
+        }
+        s
+    }
+
+    /// Checks every rule (the API's); the message says what to do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.machine.validate()?;
+        self.boot_source().validate()?;
+        Ok(())
+    }
+
+    /// The boot source as the API describes it.
+    pub fn boot_source(&self) -> api::BootSource {
+        api::BootSource {
+            kernel_image_path: match &self.kernel {
+                KernelImage::Embedded => None,
+                KernelImage::File(p) => Some(p.display().to_string()),
+            },
+            boot_args: (!self.cmdline.is_empty()).then(|| self.cmdline.clone()),
+        }
+    }
+
+    /// Replaces the kernel and command line with an API boot source.
+    pub fn set_boot_source(&mut self, b: &api::BootSource) {
+        self.kernel = b.kernel_image_path.as_ref().map_or(KernelImage::Embedded, |p| KernelImage::File(p.into()));
+        self.cmdline = b.boot_args.clone().unwrap_or_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_machine(f: impl FnOnce(&mut api::MachineConfig)) -> VmConfig {
+        let mut c = VmConfig::default();
+        f(&mut c.machine);
+        c
+    }
+
+    #[test]
+    fn validation_says_what_to_do() {
+        assert!(VmConfig::default().validate().is_ok());
+        let msg = |c: VmConfig| c.validate().unwrap_err().to_string();
+        assert!(msg(with_machine(|m| m.mem_size_mib = 0)).contains("more than 0"));
+        assert!(msg(with_machine(|m| m.mem_size_mib = 3)).contains("multiple of 2"));
+        assert!(msg(with_machine(|m| m.mem_size_mib = 1 << 30)).contains("at most"));
+        assert!(msg(with_machine(|m| m.vcpu_count = 0)).contains("vCPU"));
+        assert!(msg(with_machine(|m| m.memmap_chunk_kib = 100)).contains("128"));
+        let c = VmConfig { cmdline: "a\u{1}b".into(), ..Default::default() };
+        assert!(msg(c).contains("control characters"));
+    }
+
+    #[test]
+    fn user_words_come_last_so_they_win() {
+        let c = VmConfig {
+            machine: api::MachineConfig { guest_cpl: api::GuestCpl::Ring0, ..Default::default() },
+            cmdline: " workload=exit cpl=3 ".into(),
+            ..Default::default()
+        };
+        assert_eq!(c.guest_cmdline(), "cpl=0 memmap_init=ondemand memmap_chunk=2048K workload=exit cpl=3");
+    }
+
+    #[test]
+    fn the_boot_source_round_trips() {
+        let mut c = VmConfig::default();
+        assert_eq!(c.boot_source(), api::BootSource::default());
+        let b = api::BootSource { kernel_image_path: Some("/k".into()), boot_args: Some("quiet".into()) };
+        c.set_boot_source(&b);
+        assert_eq!((c.kernel.clone(), c.cmdline.as_str()), (KernelImage::File("/k".into()), "quiet"));
+        assert_eq!(c.boot_source(), b);
+    }
+}

@@ -1,0 +1,101 @@
+//! The per-VM memory report: the guest's own figures ([`super::guest`]),
+//! validated, next to what the host measures itself ([`super::host`], and
+//! `mincore()` over the memmap ranges and all of guest RAM).
+
+use super::guest::{memmap_ranges, memmap_resident, read_snapshot, validate, GuestReportError};
+use super::host::{kvm_memslot_estimate, vmm_own_memory, KVM_ESTIMATE_NOTE};
+use crate::memory;
+use guest_abi::{stats_flags, PAGE_SIZE};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Inputs the report needs besides guest memory.
+pub struct ReportContext<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub stats_gpa: Option<GuestAddress>,
+    pub vcpus: u8,
+    pub tsc_khz: Option<u32>,
+    pub workload_bytes: u64,
+    /// Guest RAM registered with KVM so far.
+    pub registered_bytes: u64,
+    pub timings: &'a crate::timings::Timings,
+}
+
+fn cycles_to_us(cycles: u64, khz: Option<u32>) -> Option<f64> {
+    khz.filter(|k| *k > 0).map(|k| cycles as f64 * 1000.0 / f64::from(k))
+}
+
+/// Builds the full report: guest view (if valid), host view, timings.
+pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
+    let mem = ctx.mem;
+    let ram = memory::ram::ram_bytes(mem);
+    let registered = ctx.registered_bytes;
+    let (rss, pss) = vmm_own_memory(mem).map_or((0, None), |(r, p)| (r, Some(p)));
+    let mut host = api::HostMemoryView {
+        guest_ram_bytes: ram,
+        kvm_registered_bytes: registered,
+        guest_ram_resident_bytes: memory::ram_resident_bytes(mem),
+        memmap_resident_bytes: 0,
+        memmap_range_bytes: 0,
+        vmm_rss_bytes: rss,
+        vmm_pss_bytes: pss,
+        kvm_memslot_bytes_estimate: kvm_memslot_estimate(registered),
+        kvm_estimate_note: KVM_ESTIMATE_NOTE.to_string(),
+    };
+    let mut timings = ctx.timings.report();
+    let snapshot = ctx
+        .stats_gpa
+        .ok_or(GuestReportError::NotAnnounced)
+        .and_then(|gpa| read_snapshot(mem, gpa))
+        .and_then(|b| validate(&b, mem, ctx.vcpus).map(|s| (b, s)));
+    let (b, strategy) = match snapshot {
+        Ok(v) => v,
+        Err(e) => {
+            return api::MemoryReport {
+                valid: false,
+                invalid_reason: Some(format!("guest report invalid: {e}")),
+                strategy: None,
+                guest: None,
+                host,
+                timings,
+            }
+        }
+    };
+    host.memmap_resident_bytes = memmap_resident(mem, &b);
+    host.memmap_range_bytes = memmap_ranges(&b).map(|r| r.len).sum();
+    let since_entry = |tsc: u64| (tsc > b.tsc_entry && b.tsc_entry != 0).then(|| cycles_to_us(tsc - b.tsc_entry, ctx.tsc_khz)).flatten();
+    timings.guest_init_memmap_us = since_entry(b.tsc_memory_ready);
+    timings.guest_init_total_us = since_entry(b.tsc_ready);
+    timings.guest_init_full_memmap_us = since_entry(b.tsc_fully_initialized);
+    let guest = api::GuestMemoryView {
+        pages_total: b.total_pages,
+        pages_initialized: b.initialized_pages,
+        pages_allocated: b.allocated_pages,
+        pages_free: b.free_pages,
+        pages_reserved: b.reserved_pages,
+        memmap_bytes_reserved: b.memmap_bytes_reserved,
+        memmap_bytes_initialized: b.memmap_bytes_initialized,
+        chunks_total: b.chunks_total,
+        chunks_initialized: b.chunks_initialized,
+        chunk_bytes: b.chunk_bytes,
+        grow_events: b.grow_events,
+        init_cycles: b.init_cycles,
+        init_us: cycles_to_us(b.init_cycles, ctx.tsc_khz),
+        alloc_failures: b.alloc_failures,
+        grow_check_on: b.flags & stats_flags::GROW_CHECK_ON != 0,
+        fully_initialized: b.flags & stats_flags::FULLY_INITIALIZED != 0,
+        jump_sites_patched: b.flags & stats_flags::JUMP_SITES_PATCHED != 0,
+        memmap_on_memory: b.flags & stats_flags::MEMMAP_ON_MEMORY != 0,
+        allocated_bytes: b.allocated_pages * PAGE_SIZE,
+        workload_bytes: ctx.workload_bytes,
+        cpus: b.cpus,
+    };
+    api::MemoryReport {
+        valid: true,
+        invalid_reason: None,
+        strategy: Some(strategy),
+        guest: Some(guest),
+        host,
+        timings,
+    }
+}
+

@@ -1,0 +1,178 @@
+//! One vCPU thread's run loop ([`run`]), the pause protocol it shares with
+//! the controller ([`RunControl`]), and the signal that kicks a vCPU out of
+//! `KVM_RUN`.
+
+use super::exit::{handle_exit, VcpuAction};
+use super::stop::StopReason;
+use crate::devices::Devices;
+use crate::metrics::Metrics;
+use kvm_ioctls::VcpuFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Pause control shared by the VMM thread and the vCPU threads.
+///
+/// Before every `KVM_RUN` a vCPU marks itself "in the guest", *then* reads
+/// the pause flag; pausing sets the flag, *then* reads the marks and kicks
+/// every vCPU still in the guest until none is. With both sides sequentially
+/// consistent, a vCPU either sees the pause or is seen (and kicked), so no
+/// vCPU slips into the guest after a pause returned. A vCPU blocked in a port
+/// read is already out of the guest, and commands are held while paused.
+/// The mutex is taken only while paused, so the run loop's fast path is two
+/// atomic operations.
+pub struct RunControl {
+    paused_flag: AtomicBool,
+    paused: Mutex<bool>,
+    cond: Condvar,
+    in_guest: Vec<AtomicBool>,
+}
+
+impl RunControl {
+    /// Control for `vcpus` vCPUs.
+    pub fn new(vcpus: usize) -> RunControl {
+        RunControl {
+            paused_flag: AtomicBool::new(false),
+            paused: Mutex::new(false),
+            cond: Condvar::new(),
+            in_guest: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Sets or clears the pause flag (waking paused vCPUs on resume).
+    pub fn set_paused(&self, paused: bool) {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        *p = paused;
+        self.paused_flag.store(paused, Ordering::SeqCst);
+        drop(p);
+        self.cond.notify_all();
+    }
+
+    /// Whether vCPU `cpu` is running guest code (or about to).
+    pub fn in_guest(&self, cpu: usize) -> bool {
+        self.in_guest.get(cpu).is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// Blocks while paused (unless `stop` is set), then marks `cpu` in the guest.
+    fn enter_guest(&self, cpu: usize, stop: &AtomicBool) {
+        let Some(mark) = self.in_guest.get(cpu) else { return };
+        loop {
+            mark.store(true, Ordering::SeqCst);
+            if !self.paused_flag.load(Ordering::SeqCst) || stop.load(Ordering::Acquire) {
+                return;
+            }
+            mark.store(false, Ordering::SeqCst);
+            let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            while *paused && !stop.load(Ordering::Acquire) {
+                paused = self.cond.wait(paused).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+
+    fn leave_guest(&self, cpu: usize) {
+        if let Some(f) = self.in_guest.get(cpu) {
+            f.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Wakes paused vCPUs so they can see a stop request.
+    pub fn wake(&self) {
+        let _guard = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
+    }
+}
+
+/// A signal used to kick a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// Installs a no-op handler for [`kick_signal`] (once per process), so the
+/// signal interrupts `KVM_RUN` with `EINTR` instead of killing the process.
+pub fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        // Registration only fails for an invalid signal number; SIGRTMIN is valid.
+        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop);
+    });
+}
+
+/// Runs vCPU `cpu` until it stops; returns why.
+pub fn run(vcpu: &mut VcpuFd, cpu: u8, devices: &Arc<Devices>, control: &RunControl, stop: &AtomicBool) -> StopReason {
+    if cpu == 0 {
+        devices.timings.mark_once(&devices.timings.vcpu_first_entry);
+    }
+    loop {
+        control.enter_guest(cpu as usize, stop);
+        if stop.load(Ordering::Acquire) {
+            control.leave_guest(cpu as usize);
+            return StopReason::Requested;
+        }
+        let result = vcpu.run();
+        control.leave_guest(cpu as usize);
+        let action = match result {
+            Ok(exit) => handle_exit(exit, cpu, devices),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Metrics::inc(&devices.metrics.kvm_run_interrupted);
+                vcpu.set_kvm_immediate_exit(0);
+                VcpuAction::Continue
+            }
+            Err(e) => VcpuAction::Stop(StopReason::RunFailed(e)),
+        };
+        match action {
+            VcpuAction::Continue => {}
+            VcpuAction::Stop(reason) if reason.is_failure() => {
+                let rip = vcpu.get_regs().ok().map(|r| r.rip);
+                return reason.with_rip(rip);
+            }
+            VcpuAction::Stop(reason) => return reason,
+            VcpuAction::ReadExceptionAndStop => {
+                return match vcpu.get_regs() {
+                    Ok(r) => StopReason::GuestException {
+                        vector: r.rdi,
+                        error_code: r.rsi,
+                        rip: r.r8,
+                        cr2: r.r9,
+                        ring: (r.r10 & 3) as u8,
+                    },
+                    Err(e) => StopReason::ExceptionRegisters(e),
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paused_vcpu_stays_out_of_the_guest_until_resumed_or_stopped() {
+        let c = Arc::new(RunControl::new(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        c.enter_guest(0, &stop);
+        assert!(c.in_guest(0), "not paused: straight in");
+        c.leave_guest(0);
+        c.set_paused(true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (c2, s2) = (c.clone(), stop.clone());
+        let t = std::thread::spawn(move || {
+            c2.enter_guest(0, &s2);
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(100)).is_err(), "entered while paused");
+        assert!(!c.in_guest(0), "a waiting vCPU is not marked in the guest");
+        c.set_paused(false);
+        rx.recv().unwrap();
+        t.join().unwrap();
+        assert!(c.in_guest(0));
+        // A stop request also lets a paused vCPU through (to see the stop).
+        c.leave_guest(0);
+        c.set_paused(true);
+        let (c3, s3) = (c.clone(), stop.clone());
+        let t = std::thread::spawn(move || c3.enter_guest(0, &s3));
+        stop.store(true, Ordering::Release);
+        c.wake();
+        t.join().unwrap();
+    }
+}
