@@ -25,18 +25,24 @@ run: build
 	@echo
 	$(VMM) compare --mem-mib 2048 --alloc-mib 256
 
-# Every test: contract, API types, VMM unit tests, integration tests that
-# boot real VMs (tests/), and the guest memory manager's host tests.
+# Every test: contract, API types, the monitor's unit tests, the client, the
+# lab, the binary, integration tests that boot real VMs (tests/), and the
+# guest memory manager's host tests.
 test: setup test-guest
 	$(CARGO) test --release --locked --workspace
 
 test-guest: setup
 	cd guest-kernel && $(CARGO) test --release --locked
 
+# Clippy (warnings are errors, every unsafe block documented) and rustdoc
+# (broken links and missing docs are errors) for the host workspace and the
+# guest kernel. CI runs it after `make test`.
 lint: setup
-	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
-	cd guest-kernel && $(CARGO) clippy --release --all-targets -- -D warnings
-	cd guest-kernel && $(CARGO) clippy --release --target x86_64-unknown-none --bin guest-kernel -- -D warnings
+	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --locked --workspace --no-deps
+	cd guest-kernel && $(CARGO) clippy --release --locked --all-targets -- -D warnings
+	cd guest-kernel && $(CARGO) clippy --release --locked --target x86_64-unknown-none --bin guest-kernel -- -D warnings
+	cd guest-kernel && RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --locked --no-deps
 
 # Benchmarks (not tests; no time is asserted): boot per strategy, allocator
 # fast path, memmap init cost per struct page. Takes a few minutes; results in

@@ -186,3 +186,24 @@ fn a_table_report_is_readable() {
     assert!(o.stdout.contains("MiB"), "{o}");
     let _ = CHUNK;
 }
+
+#[test]
+fn the_allocator_works_after_its_jump_sites_are_patched() {
+    // Fill a small guest so every chunk is initialized, free it all, then run
+    // alloc/free pairs: the grow check's jump sites are NOPs by then, and the
+    // report says so.
+    let mut a = vec!["run", "--serial", "none", "--report", "json", "--mem-mib", "256", "--memmap-init", "ondemand"];
+    a.extend_from_slice(&["--alloc-mib", "250", "--then-target-mib", "0", "--bench-alloc-free", "100000"]);
+    let o = vmm(&a);
+    o.assert_code(0);
+    let lines: Vec<Value> = o.stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {o}"))).collect();
+    let report = lines.iter().find(|v| v.get("guest").is_some()).unwrap_or_else(|| panic!("no report: {o}"));
+    let bench = &lines.iter().find_map(|v| v.get("bench_alloc_free")).unwrap_or_else(|| panic!("no bench: {o}"));
+    assert_eq!(report["valid"], true, "{report}");
+    assert_eq!(report["guest"]["fully_initialized"], true, "{report}");
+    assert_eq!(report["guest"]["grow_check_on"], false, "{report}");
+    assert_eq!(report["guest"]["jump_sites_patched"], true, "{report}");
+    assert_eq!(u(report, "/guest/pages_allocated"), 0, "the workload freed everything: {report}");
+    assert_eq!((bench["ok"].as_bool(), bench["jump_sites_patched"].as_bool()), (Some(true), Some(true)), "{bench}");
+    assert_eq!(u(bench, "/pairs"), 100_000);
+}

@@ -87,25 +87,25 @@ impl fmt::Display for Method {
 /// One operation of the API: a method on a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Endpoint {
-    /// `GET /` → [`InstanceInfo`].
+    /// `GET /` → [`InstanceInfo`](crate::InstanceInfo).
     GetInstanceInfo,
-    /// `GET /machine-config` → [`MachineConfig`].
+    /// `GET /machine-config` → [`MachineConfig`](crate::MachineConfig).
     GetMachineConfig,
-    /// `PUT /machine-config` with [`MachineConfigUpdate`] → 204.
+    /// `PUT /machine-config` with [`MachineConfigUpdate`](crate::MachineConfigUpdate) → 204.
     PutMachineConfig,
-    /// `PUT /boot-source` with [`BootSource`] → 204.
+    /// `PUT /boot-source` with [`BootSource`](crate::BootSource) → 204.
     PutBootSource,
-    /// `PUT /actions` with [`InstanceActionInfo`] → 204.
+    /// `PUT /actions` with [`InstanceActionInfo`](crate::InstanceActionInfo) → 204.
     PutActions,
-    /// `PATCH /vm` with [`VmStateUpdate`] → 204.
+    /// `PATCH /vm` with [`VmStateUpdate`](crate::VmStateUpdate) → 204.
     PatchVm,
-    /// `GET /memory` → [`MemoryReport`].
+    /// `GET /memory` → [`MemoryReport`](crate::MemoryReport).
     GetMemory,
-    /// `GET /guest/memory` → [`GuestMemoryStatus`].
+    /// `GET /guest/memory` → [`GuestMemoryStatus`](crate::GuestMemoryStatus).
     GetGuestMemory,
-    /// `PUT /guest/memory` with [`GuestMemoryTarget`] → [`GuestMemoryStatus`].
+    /// `PUT /guest/memory` with [`GuestMemoryTarget`](crate::GuestMemoryTarget) → [`GuestMemoryStatus`](crate::GuestMemoryStatus).
     PutGuestMemory,
-    /// `GET /metrics` → [`Metrics`].
+    /// `GET /metrics` → [`Metrics`](crate::Metrics).
     GetMetrics,
 }
 

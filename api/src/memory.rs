@@ -125,7 +125,8 @@ pub struct BootTimings {
     pub vm_created: Option<f64>,
     /// First `KVM_RUN` on the boot vCPU.
     pub vcpu_first_entry: Option<f64>,
-    /// First port write from the guest.
+    /// The guest's first port access, a read or a write (its first exit to
+    /// the VMM); the name is kept for compatibility.
     pub guest_first_port_write: Option<f64>,
     /// Guest announced kernel entry.
     pub guest_entered: Option<f64>,

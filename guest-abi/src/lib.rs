@@ -17,7 +17,8 @@
 //!    paravirtual interface is present.
 //! 3. The guest writes the guest-physical address of its [`StatsBlock`] to
 //!    [`port::STATS`] and of its [`Mailbox`] to [`port::MAILBOX`] (each once,
-//!    32-bit, below 4 GiB), and [`port::READY`] once it is ready for work.
+//!    32-bit, below 4 GiB), and [`Phase::Ready`] to [`port::PHASE`] once it
+//!    is ready for work.
 //! 4. When idle, the guest reads [`port::WAIT`]: the VMM blocks that vCPU until
 //!    it has written a command into the mailbox, so an idle VM costs no host
 //!    CPU. The guest runs the command, fills in the result, and writes the
@@ -385,10 +386,12 @@ impl CommandStatus {
 
 /// The command mailbox, at the address given on [`port::MAILBOX`].
 ///
-/// The VMM writes `cmd`, `arg0`, `arg1`, then `seq` (one more than the last),
-/// then answers the guest's [`port::WAIT`] read with `seq`. The guest writes
-/// `status`, `result0`, `result1`, then `done_seq = seq`, then writes `seq` to
-/// [`port::DONE`].
+/// The VMM writes the whole record at once (`seq` one more than the last,
+/// `cmd`, `arg0`, `arg1`, `status` = `Pending`, results zero) while the
+/// guest's vCPU is out of the guest in its [`port::WAIT`] read, then answers
+/// that read with `seq`; the guest therefore never sees a half-written
+/// record. The guest writes `status`, `result0`, `result1`, then
+/// `done_seq = seq`, then writes `seq` to [`port::DONE`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Mailbox {
