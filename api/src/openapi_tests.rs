@@ -29,13 +29,11 @@ struct Sample {
     full: Value,
     minimal: Value,
     request: bool,
-    parses: fn(&Value) -> Result<(), String>,
+    parses: fn(&Value) -> Result<(), serde_json::Error>,
 }
 
-fn parses<T: DeserializeOwned>(v: &Value) -> Result<(), String> {
-    serde_json::from_value::<T>(v.clone())
-        .map(drop)
-        .map_err(|e| e.to_string())
+fn parses<T: DeserializeOwned>(v: &Value) -> Result<(), serde_json::Error> {
+    serde_json::from_value::<T>(v.clone()).map(drop)
 }
 
 fn sample<T: Serialize + DeserializeOwned>(
