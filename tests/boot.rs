@@ -170,3 +170,42 @@ fn bad_flags_are_usage_errors_with_help() {
     o.assert_code(0);
     assert!(o.stdout.contains("Examples:"), "{o}");
 }
+
+/// A minimal x86-64 ELF executable with one segment, `code`, linked and
+/// entered at `addr`.
+fn elf_at(addr: u64, code: &[u8]) -> Vec<u8> {
+    let mut e = vec![0u8; 120];
+    e[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    e[20..24].copy_from_slice(&1u32.to_le_bytes());
+    e[24..32].copy_from_slice(&addr.to_le_bytes()); // entry
+    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // program headers
+    e[52..54].copy_from_slice(&64u16.to_le_bytes());
+    e[54..56].copy_from_slice(&56u16.to_le_bytes());
+    e[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    e[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    e[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes()); // file offset
+    for field in [16, 24] {
+        e[ph + field..ph + field + 8].copy_from_slice(&addr.to_le_bytes()); // vaddr, paddr
+    }
+    for field in [32, 40] {
+        e[ph + field..ph + field + 8].copy_from_slice(&(code.len() as u64).to_le_bytes()); // filesz, memsz
+    }
+    e.extend_from_slice(code);
+    e
+}
+
+#[test]
+fn a_kernel_linked_above_the_first_memory_block_boots() {
+    // mov eax, 7; mov dx, port::EXIT (0x514); out dx, eax
+    let code = [0xb8, 7, 0, 0, 0, 0x66, 0xba, 0x14, 0x05, 0xef];
+    let dir = common::TempDir::new("high-elf");
+    let path = dir.path().join("high.elf");
+    std::fs::write(&path, elf_at(200 << 20, &code)).unwrap();
+    let o = vmm(&["run", "--mem-mib", "512", "--guest-cpl", "0", "--serial", "none", "--kernel", path.to_str().unwrap()]);
+    o.assert_code(7);
+    assert!(o.stderr.contains("guest exited with code 7"), "{o}");
+}

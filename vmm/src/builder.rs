@@ -87,25 +87,29 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     let image = Image::read(&config.kernel)?;
     let console = open_console(&config.serial)?;
 
-    // 2. The KVM VM and its RAM. The first registration block holds the boot
-    //    data and the kernel; the guest onlines the others as its allocator
-    //    first needs them (without the paravirtual device it cannot, so a
-    //    legacy VM gets all of its RAM at once).
+    // 2. The KVM VM, its RAM, and what the guest finds at its first
+    //    instruction: its ELF segments, page tables, GDT, command line and
+    //    boot_params (written through the host mapping; KVM is not involved).
     let kvm = open_kvm(&config.kvm_path)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
     let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages)?;
+    let entry = image.load(&mem)?;
+    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
+
+    // 3. Registration with KVM: the blocks that hold the boot data (the
+    //    first) and the kernel's segments, wherever it is linked. The guest
+    //    onlines the others as its allocator first needs them (without the
+    //    paravirtual device it cannot, so a legacy VM gets all of its RAM).
     let registrar = Arc::new(Registrar::new(vm_fd.clone(), mem.clone()));
     if config.register_all_memory || config.legacy_only {
         registrar.register_all()?;
     } else {
         registrar.register_range(0, 1)?;
+        for (start, end) in image.segments() {
+            registrar.register_range(start, end)?;
+        }
     }
     ctx.timings.mark_once(&ctx.timings.vm_created);
-
-    // 3. What the guest finds at its first instruction: its ELF segments,
-    //    page tables, GDT, command line and boot_params.
-    let entry = image.load(&mem)?;
-    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
 
     // 4. The devices on the port bus.
     let devices = Arc::new(Devices::new(

@@ -62,12 +62,40 @@ impl Image {
         Ok(image)
     }
 
+    /// The guest-physical ranges `[start, end)` its loadable segments occupy
+    /// (`PT_LOAD` program headers, by physical address, as they are loaded).
+    /// Headers that do not fit in the image are skipped: loading refuses them.
+    pub fn segments(&self) -> Vec<(u64, u64)> {
+        load_segments(&self.bytes)
+    }
+
     /// Loads the ELF segments into guest memory from 1 MiB up; returns the entry point.
     pub fn load(&self, mem: &GuestMemoryMmap) -> Result<GuestAddress, LoadError> {
         let loaded = Elf::load(mem, None, &mut Cursor::new(&self.bytes[..]), Some(GuestAddress(HIMEM_START)))
             .map_err(|source| LoadError::Load { name: self.name.clone(), source })?;
         Ok(loaded.kernel_load)
     }
+}
+
+/// The `[p_paddr, p_paddr + p_memsz)` of every `PT_LOAD` header of a 64-bit
+/// little-endian ELF image (checked by [`check_elf`]).
+fn load_segments(image: &[u8]) -> Vec<(u64, u64)> {
+    const PT_LOAD: u32 = 1;
+    let u16_at = |o: usize| image.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| image.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+    let u64_at = |o: usize| image.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let (Some(phoff), Some(entsize), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for i in 0..usize::from(count) {
+        let Some(h) = usize::try_from(phoff).ok().and_then(|o| o.checked_add(i * usize::from(entsize))) else { break };
+        let (Some(kind), Some(paddr), Some(memsz)) = (u32_at(h), u64_at(h + 0x18), u64_at(h + 0x28)) else { break };
+        if kind == PT_LOAD && memsz > 0 {
+            out.push((paddr, paddr.saturating_add(memsz)));
+        }
+    }
+    out
 }
 
 /// Checks that `image` is a 64-bit little-endian x86-64 ELF executable.
@@ -109,6 +137,21 @@ mod tests {
         assert_eq!(check_elf(&img), Err("not built for x86-64"));
         img[4] = 1;
         assert_eq!(check_elf(&img), Err("not a 64-bit ELF"));
+    }
+
+    #[test]
+    fn the_embedded_kernel_loads_from_1_mib_up() {
+        let segs = load_segments(EMBEDDED_KERNEL);
+        assert!(!segs.is_empty());
+        assert!(segs.iter().all(|&(s, e)| s >= HIMEM_START && e > s), "{segs:x?}");
+    }
+
+    #[test]
+    fn truncated_program_headers_yield_no_segments() {
+        let mut img = EMBEDDED_KERNEL[..64].to_vec();
+        assert!(load_segments(&img).is_empty(), "headers past the end of the image");
+        img[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(load_segments(&img).is_empty());
     }
 
     #[test]

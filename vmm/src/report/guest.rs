@@ -102,12 +102,16 @@ pub fn validate(b: &StatsBlock, mem: &GuestMemoryMmap, vcpus: u8) -> Result<Stra
     )?;
     check(b.cpus <= u32::from(vcpus), "more CPUs than the VM has")?;
     check(b.memmap_range_count as usize <= MAX_MEMMAP_RANGES, "too many memmap ranges")?;
+    let mut ranges: Vec<GpaRange> = memmap_ranges(b).filter(|r| r.len != 0).collect();
     let mut range_bytes = 0u64;
-    for r in memmap_ranges(b) {
-        check(r.len == 0 || range_in_ram(mem, r.start, r.len), "a memmap range lies outside guest RAM")?;
+    for r in &ranges {
+        check(range_in_ram(mem, r.start, r.len), "a memmap range lies outside guest RAM")?;
         range_bytes = range_bytes.saturating_add(r.len);
     }
     check(range_bytes <= max_memmap, "memmap ranges are larger than RAM needs")?;
+    // In RAM, so `start + len` cannot overflow.
+    ranges.sort_unstable_by_key(|r| r.start);
+    check(ranges.windows(2).all(|w| w[0].start + w[0].len <= w[1].start), "memmap ranges overlap")?;
     Ok(strategy)
 }
 
@@ -216,6 +220,15 @@ mod tests {
         assert!(validate(&b, &mem, 1).unwrap_err().to_string().contains("outside guest RAM"));
         b.memmap_ranges[0] = GpaRange { start: u64::MAX - 5, len: 10 };
         assert!(validate(&b, &mem, 1).is_err());
+        // The same range twice, or two that overlap, would count memory twice.
+        let mut b = good();
+        b.memmap_range_count = 2;
+        b.memmap_ranges[1] = b.memmap_ranges[0];
+        assert!(validate(&b, &mem, 1).unwrap_err().to_string().contains("overlap"));
+        b.memmap_ranges[1] = GpaRange { start: 0x20_0000 + 4096, len: 4096 };
+        assert!(validate(&b, &mem, 1).unwrap_err().to_string().contains("overlap"));
+        b.memmap_ranges[1] = GpaRange { start: 0x30_0000, len: 4096 };
+        assert!(validate(&b, &mem, 1).is_ok(), "adjacent ranges are fine");
     }
 
     #[test]
