@@ -1,17 +1,19 @@
 //! `vmm ctl`: a small client for a running VMM's API socket. Each subcommand
-//! is one request; the answer is printed as pretty JSON, or as a table with
-//! `--human`.
+//! is one request; the answer is printed as the VMM sent it, pretty JSON, or
+//! with `--human` decoded into its API type (`api::InstanceInfo` for `info`,
+//! `api::MemoryReport` for `memory`, ...) and shown as a table.
 //!
 //! Exit codes: 0 on a 2xx answer, 1 on an error answer (its `fault_message`
 //! goes to stderr) or a broken exchange, 2 when the socket cannot be reached.
-//! The request itself is `vmm_client`'s; the tables are [`crate::render`]'s.
+//! The request itself is `vmm_client`'s (one [`Client`] per run); the tables
+//! are [`crate::render`]'s.
 
-use crate::render::render;
+use crate::render;
 use api::{ActionType, Endpoint, ErrorChain, GuestMemoryTarget, InstanceActionInfo, VmStateTarget, VmStateUpdate};
 use hyper::StatusCode;
 use serde_json::Value;
-use std::path::PathBuf;
-use vmm_client::{fault_message, Client, ClientError};
+use std::path::{Path, PathBuf};
+use vmm_client::{Client, ClientError};
 
 const CTL_EXAMPLES: &str = "\
 Examples:
@@ -186,36 +188,68 @@ impl CtlCommand {
 
 /// Runs `vmm ctl`; returns the process exit code.
 pub fn run(args: CtlArgs) -> u8 {
-    let endpoint = args.cmd.endpoint();
-    let body = args.cmd.body();
     let sock = &args.api_sock;
-    let answer = Client::new().and_then(|c| c.request(sock, endpoint.method().as_str(), endpoint.path(), body.as_ref()));
-    match answer {
-        Ok((status, value)) if (200..300).contains(&status) => {
-            print!("{}", render(args.cmd, &value, args.human));
+    match Client::new().and_then(|client| answer(&client, sock, args.cmd, args.human)) {
+        Ok(out) => {
+            print!("{out}");
             0
         }
-        Ok((status, value)) => {
-            eprintln!(
-                "vmm ctl: {}: {}",
-                status_line(status),
-                fault_message(&value)
-            );
-            1
-        }
-        Err(ClientError::Connect(_, e)) => {
-            eprintln!(
-                "vmm ctl: cannot connect to {}: {e}; is the VMM running with --api-sock {}?",
-                sock.display(),
-                sock.display()
-            );
-            2
-        }
         Err(e) => {
-            eprintln!("vmm ctl: {}", ErrorChain(&e));
-            1
+            let (code, message) = failure(&e, sock);
+            eprintln!("vmm ctl: {message}");
+            code
         }
     }
+}
+
+/// The exit code and message for a request that did not succeed: 1 for an
+/// error answer (its status and `fault_message`) or a broken exchange, 2 when
+/// nothing listens on the socket.
+fn failure(e: &ClientError, sock: &Path) -> (u8, String) {
+    match e {
+        ClientError::Fault { status, fault_message } => (1, format!("{}: {fault_message}", status_line(*status))),
+        ClientError::Connect(_, source) => (
+            2,
+            format!(
+                "cannot connect to {}: {source}; is the VMM running with --api-sock {}?",
+                sock.display(),
+                sock.display()
+            ),
+        ),
+        e => (1, ErrorChain(e).to_string()),
+    }
+}
+
+/// Sends `cmd` and renders a successful answer: as it came (pretty JSON), or
+/// for a human, decoded into its API type (each arm's `call` takes the type
+/// its renderer wants) and shown as a table. An error answer is a
+/// [`ClientError::Fault`], a body of another type a
+/// [`ClientError::UnexpectedBody`].
+fn answer(client: &Client, sock: &Path, cmd: CtlCommand, human: bool) -> Result<String, ClientError> {
+    let (endpoint, body) = (cmd.endpoint(), cmd.body());
+    let body = body.as_ref();
+    if !human {
+        return Ok(render::json(&client.call::<Value>(sock, endpoint, body)?));
+    }
+    Ok(match cmd {
+        CtlCommand::Info => render::instance_info(&client.call(sock, endpoint, body)?),
+        CtlCommand::Config => render::machine_config(&client.call(sock, endpoint, body)?),
+        CtlCommand::Memory => render::memory_table(&client.call(sock, endpoint, body)?),
+        CtlCommand::Workload | CtlCommand::SetMemory { .. } => {
+            render::guest_memory_status(&client.call(sock, endpoint, body)?)
+        }
+        CtlCommand::Metrics => render::metrics(&client.call(sock, endpoint, body)?),
+        CtlCommand::Start
+        | CtlCommand::Pause
+        | CtlCommand::Resume
+        | CtlCommand::Shutdown
+        | CtlCommand::CtrlAltDel => {
+            // A 204 has no body, which decodes as `()`; a body would be
+            // unexpected.
+            client.call::<()>(sock, endpoint, body)?;
+            render::NO_CONTENT.to_string()
+        }
+    })
 }
 
 /// "409 Conflict".
@@ -229,12 +263,10 @@ fn status_line(status: u16) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use api::ApiRequest;
-    use std::path::Path;
     use clap::{CommandFactory, Parser};
 
     /// `vmm ctl` as its own program, for parsing tests.
