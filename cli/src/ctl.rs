@@ -266,8 +266,13 @@ fn status_line(status: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use api::ApiRequest;
+    use api::{
+        ApiError, ApiRequest, ApiResponse, GuestMemoryOutcome, GuestMemoryStatus, InstanceInfo, MachineConfig,
+        MemoryReport, Metrics, VmState,
+    };
     use clap::{CommandFactory, Parser};
+    use std::sync::mpsc;
+    use vmm::events::VmEvent;
 
     /// `vmm ctl` as its own program, for parsing tests.
     #[derive(Debug, Parser)]
@@ -290,14 +295,17 @@ mod tests {
         CtlCommand::Metrics,
     ];
 
+    /// The request `cmd` sends, as the VMM thread receives it.
+    fn request_of(cmd: CtlCommand) -> ApiRequest {
+        let e = cmd.endpoint();
+        let body = cmd.body().map(|b| b.to_string()).unwrap_or_default();
+        ApiRequest::parse(e.method().as_str(), e.path(), body.as_bytes()).unwrap_or_else(|err| panic!("{cmd:?}: {err}"))
+    }
+
     #[test]
     fn every_command_builds_a_request_the_api_accepts() {
         for cmd in ALL {
-            let e = cmd.endpoint();
-            let body = cmd.body().map(|b| b.to_string()).unwrap_or_default();
-            let parsed = ApiRequest::parse(e.method().as_str(), e.path(), body.as_bytes())
-                .unwrap_or_else(|err| panic!("{cmd:?}: {err}"));
-            assert_eq!(parsed.endpoint(), e);
+            assert_eq!(request_of(cmd).endpoint(), cmd.endpoint());
         }
         assert_eq!(
             CtlCommand::SetMemory { target_mib: 64 }.body().unwrap(),
@@ -360,6 +368,100 @@ mod tests {
             cmd: CtlCommand::Info,
         });
         assert_eq!(code, 2);
+    }
+
+    /// What the fake VMM answers: the API's examples, and a 409 for a start.
+    fn fake_answer(request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        let status = GuestMemoryStatus {
+            target_mib: 512,
+            held_bytes: 512 << 20,
+            status: GuestMemoryOutcome::Ok,
+            report: Some(MemoryReport::example()),
+        };
+        Ok(match request {
+            ApiRequest::GetInstanceInfo => ApiResponse::InstanceInfo(InstanceInfo::new("vm0", "0.1.0", VmState::Running)),
+            ApiRequest::GetMachineConfig => ApiResponse::MachineConfig(MachineConfig::default()),
+            ApiRequest::GetMemory => ApiResponse::MemoryReport(Box::new(MemoryReport::example())),
+            ApiRequest::GetGuestMemory | ApiRequest::PutGuestMemory(_) => ApiResponse::GuestMemoryStatus(Box::new(status)),
+            ApiRequest::GetMetrics => ApiResponse::Metrics(Metrics::default()),
+            ApiRequest::PutActions(InstanceActionInfo { action_type: ActionType::InstanceStart }) => {
+                return Err(ApiError::InvalidState { action: "start the VM".into(), state: VmState::Running })
+            }
+            _ => ApiResponse::NoContent,
+        })
+    }
+
+    /// A real API server whose VMM thread answers with [`fake_answer`].
+    fn fake_vmm() -> (vmm::api_server::ApiServer, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (to_vmm, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            while let Ok(event) = events.recv() {
+                if let VmEvent::Api(call) = event {
+                    let _ = call.reply.send(fake_answer(call.request));
+                }
+            }
+        });
+        let server = vmm::api_server::start(&dir.path().join("api.sock"), to_vmm, Default::default()).unwrap();
+        (server, dir)
+    }
+
+    #[test]
+    fn answers_print_as_pretty_json_or_as_their_type_s_table() {
+        let (server, _dir) = fake_vmm();
+        let client = Client::new().unwrap();
+        for cmd in ALL {
+            let json = answer(&client, server.path(), cmd, false);
+            let human = answer(&client, server.path(), cmd, true);
+            let response = match fake_answer(request_of(cmd)) {
+                Ok(response) => response,
+                Err(e) => {
+                    for got in [json, human] {
+                        match got {
+                            Err(ClientError::Fault { status, fault_message }) => {
+                                assert_eq!((status, fault_message), (e.status(), e.body().fault_message));
+                            }
+                            other => panic!("{cmd:?}: {other:?}"),
+                        }
+                    }
+                    continue;
+                }
+            };
+            // Without --human: the answer's JSON as sent, pretty-printed.
+            let sent = response.to_json().unwrap();
+            let expected = match sent {
+                Some(bytes) => serde_json::to_string_pretty(&serde_json::from_slice::<Value>(&bytes).unwrap()).unwrap() + "\n",
+                None => String::new(),
+            };
+            assert_eq!(json.unwrap(), expected, "{cmd:?}");
+            // With it: the table of the answer's type.
+            let table = match response {
+                ApiResponse::NoContent => render::NO_CONTENT.to_string(),
+                ApiResponse::InstanceInfo(v) => render::instance_info(&v),
+                ApiResponse::MachineConfig(v) => render::machine_config(&v),
+                ApiResponse::MemoryReport(v) => render::memory_table(&v),
+                ApiResponse::GuestMemoryStatus(v) => render::guest_memory_status(&v),
+                ApiResponse::Metrics(v) => render::metrics(&v),
+            };
+            assert_eq!(human.unwrap(), table, "{cmd:?}");
+        }
+    }
+
+    #[test]
+    fn failures_map_to_exit_codes_and_messages() {
+        let sock = Path::new("/run/vm.sock");
+        let fault = ClientError::Fault { status: 409, fault_message: "the VM is Running".into() };
+        assert_eq!(failure(&fault, sock), (1, "409 Conflict: the VM is Running".to_string()));
+        let refused = ClientError::Connect(sock.into(), std::io::ErrorKind::ConnectionRefused.into());
+        let (code, message) = failure(&refused, sock);
+        assert_eq!(code, 2);
+        assert!(message.starts_with("cannot connect to /run/vm.sock: "), "{message}");
+        assert!(message.ends_with("; is the VMM running with --api-sock /run/vm.sock?"), "{message}");
+        // A 2xx answer that is not of the command's type: a broken exchange.
+        let source = serde_json::from_value::<MemoryReport>(Value::Null).unwrap_err();
+        let (code, message) = failure(&ClientError::UnexpectedBody("MemoryReport", source), sock);
+        assert_eq!(code, 1);
+        assert!(message.starts_with("the VMM answered with a body that is not a MemoryReport: "), "{message}");
     }
 
     #[test]
