@@ -1,17 +1,19 @@
 //! `vmm ctl`: a small client for a running VMM's API socket. Each subcommand
-//! is one request; the answer is printed as pretty JSON, or as a table with
-//! `--human`.
+//! is one request; the answer is printed as the VMM sent it, pretty JSON, or
+//! with `--human` decoded into its API type (`api::InstanceInfo` for `info`,
+//! `api::MemoryReport` for `memory`, ...) and shown as a table.
 //!
 //! Exit codes: 0 on a 2xx answer, 1 on an error answer (its `fault_message`
 //! goes to stderr) or a broken exchange, 2 when the socket cannot be reached.
-//! The request itself is `vmm_client`'s; the tables are [`crate::render`]'s.
+//! The request itself is `vmm_client`'s (one [`Client`] per run); the tables
+//! are [`crate::render`]'s.
 
-use crate::render::render;
+use crate::render;
 use api::{ActionType, Endpoint, ErrorChain, GuestMemoryTarget, InstanceActionInfo, VmStateTarget, VmStateUpdate};
 use hyper::StatusCode;
 use serde_json::Value;
-use std::path::PathBuf;
-use vmm_client::{fault_message, Client, ClientError};
+use std::path::{Path, PathBuf};
+use vmm_client::{Client, ClientError};
 
 const CTL_EXAMPLES: &str = "\
 Examples:
@@ -186,36 +188,68 @@ impl CtlCommand {
 
 /// Runs `vmm ctl`; returns the process exit code.
 pub fn run(args: CtlArgs) -> u8 {
-    let endpoint = args.cmd.endpoint();
-    let body = args.cmd.body();
     let sock = &args.api_sock;
-    let answer = Client::new().and_then(|c| c.request(sock, endpoint.method().as_str(), endpoint.path(), body.as_ref()));
-    match answer {
-        Ok((status, value)) if (200..300).contains(&status) => {
-            print!("{}", render(args.cmd, &value, args.human));
+    match Client::new().and_then(|client| answer(&client, sock, args.cmd, args.human)) {
+        Ok(out) => {
+            print!("{out}");
             0
         }
-        Ok((status, value)) => {
-            eprintln!(
-                "vmm ctl: {}: {}",
-                status_line(status),
-                fault_message(&value)
-            );
-            1
-        }
-        Err(ClientError::Connect(_, e)) => {
-            eprintln!(
-                "vmm ctl: cannot connect to {}: {e}; is the VMM running with --api-sock {}?",
-                sock.display(),
-                sock.display()
-            );
-            2
-        }
         Err(e) => {
-            eprintln!("vmm ctl: {}", ErrorChain(&e));
-            1
+            let (code, message) = failure(&e, sock);
+            eprintln!("vmm ctl: {message}");
+            code
         }
     }
+}
+
+/// The exit code and message for a request that did not succeed: 1 for an
+/// error answer (its status and `fault_message`) or a broken exchange, 2 when
+/// nothing listens on the socket.
+fn failure(e: &ClientError, sock: &Path) -> (u8, String) {
+    match e {
+        ClientError::Fault { status, fault_message } => (1, format!("{}: {fault_message}", status_line(*status))),
+        ClientError::Connect(_, source) => (
+            2,
+            format!(
+                "cannot connect to {}: {source}; is the VMM running with --api-sock {}?",
+                sock.display(),
+                sock.display()
+            ),
+        ),
+        e => (1, ErrorChain(e).to_string()),
+    }
+}
+
+/// Sends `cmd` and renders a successful answer: as it came (pretty JSON), or
+/// for a human, decoded into its API type (each arm's `call` takes the type
+/// its renderer wants) and shown as a table. An error answer is a
+/// [`ClientError::Fault`], a body of another type a
+/// [`ClientError::UnexpectedBody`].
+fn answer(client: &Client, sock: &Path, cmd: CtlCommand, human: bool) -> Result<String, ClientError> {
+    let (endpoint, body) = (cmd.endpoint(), cmd.body());
+    let body = body.as_ref();
+    if !human {
+        return Ok(render::json(&client.call::<Value>(sock, endpoint, body)?));
+    }
+    Ok(match cmd {
+        CtlCommand::Info => render::instance_info(&client.call(sock, endpoint, body)?),
+        CtlCommand::Config => render::machine_config(&client.call(sock, endpoint, body)?),
+        CtlCommand::Memory => render::memory_table(&client.call(sock, endpoint, body)?),
+        CtlCommand::Workload | CtlCommand::SetMemory { .. } => {
+            render::guest_memory_status(&client.call(sock, endpoint, body)?)
+        }
+        CtlCommand::Metrics => render::metrics(&client.call(sock, endpoint, body)?),
+        CtlCommand::Start
+        | CtlCommand::Pause
+        | CtlCommand::Resume
+        | CtlCommand::Shutdown
+        | CtlCommand::CtrlAltDel => {
+            // A 204 has no body, which decodes as `()`; a body would be
+            // unexpected.
+            client.call::<()>(sock, endpoint, body)?;
+            render::NO_CONTENT.to_string()
+        }
+    })
 }
 
 /// "409 Conflict".
@@ -229,13 +263,16 @@ fn status_line(status: u16) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use api::ApiRequest;
-    use std::path::Path;
+    use api::{
+        ApiError, ApiRequest, ApiResponse, GuestMemoryOutcome, GuestMemoryStatus, InstanceInfo, MachineConfig,
+        MemoryReport, Metrics, VmState,
+    };
     use clap::{CommandFactory, Parser};
+    use std::sync::mpsc;
+    use vmm::events::VmEvent;
 
     /// `vmm ctl` as its own program, for parsing tests.
     #[derive(Debug, Parser)]
@@ -258,14 +295,17 @@ mod tests {
         CtlCommand::Metrics,
     ];
 
+    /// The request `cmd` sends, as the VMM thread receives it.
+    fn request_of(cmd: CtlCommand) -> ApiRequest {
+        let e = cmd.endpoint();
+        let body = cmd.body().map(|b| b.to_string()).unwrap_or_default();
+        ApiRequest::parse(e.method().as_str(), e.path(), body.as_bytes()).unwrap_or_else(|err| panic!("{cmd:?}: {err}"))
+    }
+
     #[test]
     fn every_command_builds_a_request_the_api_accepts() {
         for cmd in ALL {
-            let e = cmd.endpoint();
-            let body = cmd.body().map(|b| b.to_string()).unwrap_or_default();
-            let parsed = ApiRequest::parse(e.method().as_str(), e.path(), body.as_bytes())
-                .unwrap_or_else(|err| panic!("{cmd:?}: {err}"));
-            assert_eq!(parsed.endpoint(), e);
+            assert_eq!(request_of(cmd).endpoint(), cmd.endpoint());
         }
         assert_eq!(
             CtlCommand::SetMemory { target_mib: 64 }.body().unwrap(),
@@ -328,6 +368,100 @@ mod tests {
             cmd: CtlCommand::Info,
         });
         assert_eq!(code, 2);
+    }
+
+    /// What the fake VMM answers: the API's examples, and a 409 for a start.
+    fn fake_answer(request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        let status = GuestMemoryStatus {
+            target_mib: 512,
+            held_bytes: 512 << 20,
+            status: GuestMemoryOutcome::Ok,
+            report: Some(MemoryReport::example()),
+        };
+        Ok(match request {
+            ApiRequest::GetInstanceInfo => ApiResponse::InstanceInfo(InstanceInfo::new("vm0", "0.1.0", VmState::Running)),
+            ApiRequest::GetMachineConfig => ApiResponse::MachineConfig(MachineConfig::default()),
+            ApiRequest::GetMemory => ApiResponse::MemoryReport(Box::new(MemoryReport::example())),
+            ApiRequest::GetGuestMemory | ApiRequest::PutGuestMemory(_) => ApiResponse::GuestMemoryStatus(Box::new(status)),
+            ApiRequest::GetMetrics => ApiResponse::Metrics(Metrics::default()),
+            ApiRequest::PutActions(InstanceActionInfo { action_type: ActionType::InstanceStart }) => {
+                return Err(ApiError::InvalidState { action: "start the VM".into(), state: VmState::Running })
+            }
+            _ => ApiResponse::NoContent,
+        })
+    }
+
+    /// A real API server whose VMM thread answers with [`fake_answer`].
+    fn fake_vmm() -> (vmm::api_server::ApiServer, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (to_vmm, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            while let Ok(event) = events.recv() {
+                if let VmEvent::Api(call) = event {
+                    let _ = call.reply.send(fake_answer(call.request));
+                }
+            }
+        });
+        let server = vmm::api_server::start(&dir.path().join("api.sock"), to_vmm, Default::default()).unwrap();
+        (server, dir)
+    }
+
+    #[test]
+    fn answers_print_as_pretty_json_or_as_their_type_s_table() {
+        let (server, _dir) = fake_vmm();
+        let client = Client::new().unwrap();
+        for cmd in ALL {
+            let json = answer(&client, server.path(), cmd, false);
+            let human = answer(&client, server.path(), cmd, true);
+            let response = match fake_answer(request_of(cmd)) {
+                Ok(response) => response,
+                Err(e) => {
+                    for got in [json, human] {
+                        match got {
+                            Err(ClientError::Fault { status, fault_message }) => {
+                                assert_eq!((status, fault_message), (e.status(), e.body().fault_message));
+                            }
+                            other => panic!("{cmd:?}: {other:?}"),
+                        }
+                    }
+                    continue;
+                }
+            };
+            // Without --human: the answer's JSON as sent, pretty-printed.
+            let sent = response.to_json().unwrap();
+            let expected = match sent {
+                Some(bytes) => serde_json::to_string_pretty(&serde_json::from_slice::<Value>(&bytes).unwrap()).unwrap() + "\n",
+                None => String::new(),
+            };
+            assert_eq!(json.unwrap(), expected, "{cmd:?}");
+            // With it: the table of the answer's type.
+            let table = match response {
+                ApiResponse::NoContent => render::NO_CONTENT.to_string(),
+                ApiResponse::InstanceInfo(v) => render::instance_info(&v),
+                ApiResponse::MachineConfig(v) => render::machine_config(&v),
+                ApiResponse::MemoryReport(v) => render::memory_table(&v),
+                ApiResponse::GuestMemoryStatus(v) => render::guest_memory_status(&v),
+                ApiResponse::Metrics(v) => render::metrics(&v),
+            };
+            assert_eq!(human.unwrap(), table, "{cmd:?}");
+        }
+    }
+
+    #[test]
+    fn failures_map_to_exit_codes_and_messages() {
+        let sock = Path::new("/run/vm.sock");
+        let fault = ClientError::Fault { status: 409, fault_message: "the VM is Running".into() };
+        assert_eq!(failure(&fault, sock), (1, "409 Conflict: the VM is Running".to_string()));
+        let refused = ClientError::Connect(sock.into(), std::io::ErrorKind::ConnectionRefused.into());
+        let (code, message) = failure(&refused, sock);
+        assert_eq!(code, 2);
+        assert!(message.starts_with("cannot connect to /run/vm.sock: "), "{message}");
+        assert!(message.ends_with("; is the VMM running with --api-sock /run/vm.sock?"), "{message}");
+        // A 2xx answer that is not of the command's type: a broken exchange.
+        let source = serde_json::from_value::<MemoryReport>(Value::Null).unwrap_err();
+        let (code, message) = failure(&ClientError::UnexpectedBody("MemoryReport", source), sock);
+        assert_eq!(code, 1);
+        assert!(message.starts_with("the VMM answered with a body that is not a MemoryReport: "), "{message}");
     }
 
     #[test]

@@ -1,269 +1,485 @@
-//! What `vmm ctl` and `vmm run --report table` print: pretty JSON, or tables
-//! for a human.
+//! What `vmm ctl` and `vmm run --report table` print: an API answer as pretty
+//! JSON, or, for a human, its fields in tables. Each table is built from the
+//! answer's API type, field by field, every figure in the unit that fits it
+//! ([`units`]); [`table`] draws them.
 
+mod table;
+mod units;
+
+use api::{
+    BootTimings, GuestMemoryStatus, GuestMemoryView, HostMemoryView, InstanceInfo, MachineConfig,
+    MemoryReport, Metrics, VmExitCounts,
+};
 use serde_json::Value;
-use std::fmt::Write as _;
-use crate::ctl::CtlCommand;
+use table::{fields, side_by_side, Field};
+use units::{bytes, kib, mib, micros, pages, text, text_or_dash, yes_no};
 
-/// What to print for a successful answer.
-pub fn render(cmd: CtlCommand, value: &Value, human: bool) -> String {
-    if value.is_null() {
-        // 204: nothing to show; say so only to a human.
-        return if human {
-            "ok\n".to_string()
-        } else {
-            String::new()
-        };
+/// The fields of `$value`, a `$Type`, each named as in the JSON (the field's
+/// name) and shown by the unit function after it (which gets the field's
+/// value, owned):
+///
+/// ```ignore
+/// shown!(config => MachineConfig { vcpu_count: text, mem_size_mib: mib, ... })
+/// ```
+///
+/// The struct is taken apart without `..`, so a field added to the API does
+/// not compile here until it is given a place and a unit.
+macro_rules! shown {
+    ($value:expr => $Type:ident { $($field:ident: $unit:path),* $(,)? }) => {{
+        let $Type { $($field),* } = $value;
+        vec![$((stringify!($field), $unit(ToOwned::to_owned($field)))),*]
+    }};
+}
+
+/// What a human is shown for an answer with no body (204).
+pub const NO_CONTENT: &str = "ok\n";
+
+/// The answer as it came, pretty-printed; nothing for an answer with no body.
+pub fn json(answer: &Value) -> String {
+    if answer.is_null() {
+        return String::new();
     }
-    if !human {
-        let mut out = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    let mut out = serde_json::to_string_pretty(answer).unwrap_or_else(|_| answer.to_string());
+    out.push('\n');
+    out
+}
+
+/// `GET /` for a human.
+pub fn instance_info(info: &InstanceInfo) -> String {
+    fields(&shown!(info => InstanceInfo {
+        id: text,
+        state: text,
+        vmm_version: text,
+        started: yes_no,
+        exit_code: text_or_dash,
+        failure_reason: text_or_dash,
+    }))
+}
+
+/// `GET /machine-config` for a human.
+pub fn machine_config(config: &MachineConfig) -> String {
+    fields(&shown!(config => MachineConfig {
+        vcpu_count: text,
+        mem_size_mib: mib,
+        memmap_init: text,
+        memmap_chunk_kib: kib,
+        guest_cpl: text,
+        memmap_on_memory: yes_no,
+        huge_pages: yes_no,
+    }))
+}
+
+/// `GET /memory` for a human: the memmap strategy, the guest's view beside
+/// the host's, then the boot timings.
+pub fn memory_table(report: &MemoryReport) -> String {
+    let MemoryReport {
+        valid,
+        invalid_reason,
+        strategy,
+        guest,
+        host,
+        timings,
+    } = report;
+    let guest = match (valid, guest) {
+        (true, Some(view)) => fields(&guest_view(view)),
+        _ => format!(
+            "not available: {}",
+            invalid_reason.as_deref().unwrap_or("no valid report")
+        ),
+    };
+    let mut out = format!("memmap strategy: {}\n", text_or_dash(*strategy));
+    out += &side_by_side(&[
+        ("GUEST (its stats block)", guest),
+        ("HOST (measured by the VMM)", fields(&host_view(host))),
+    ]);
+    let (milestones, durations) = boot_timings(timings);
+    out.push('\n');
+    out += &side_by_side(&[
+        ("TIMINGS (since VMM start)", fields(&milestones)),
+        ("GUEST-MEASURED (from kernel entry)", fields(&durations)),
+    ]);
+    out
+}
+
+/// `GET /guest/memory` and `PUT /guest/memory` for a human: the workload's
+/// state, then the memory report taken when its command ended, if any.
+pub fn guest_memory_status(status: &GuestMemoryStatus) -> String {
+    let GuestMemoryStatus {
+        target_mib,
+        held_bytes,
+        status,
+        report,
+    } = status;
+    let mut out = fields(&[
+        ("target_mib", mib(*target_mib)),
+        ("held_bytes", bytes(*held_bytes)),
+        // A unit variant's Debug form is its name, as in the JSON.
+        ("status", format!("{status:?}")),
+    ]);
+    if let Some(report) = report {
         out.push('\n');
-        return out;
-    }
-    match cmd {
-        CtlCommand::Memory => memory_table_json(value),
-        CtlCommand::SetMemory { .. } | CtlCommand::Workload => {
-            let mut top = value.clone();
-            let report = top.as_object_mut().and_then(|o| o.remove("report"));
-            let mut out = key_values(&top);
-            if let Some(report) = report.filter(|r| !r.is_null()) {
-                out.push('\n');
-                out.push_str(&memory_table_json(&report));
-            }
-            out
-        }
-        _ => key_values(value),
-    }
-}
-
-/// One value for a human: `-` for null, yes/no, sizes in MiB, durations in
-/// µs.
-fn human_value(key: &str, v: &Value) -> String {
-    match v {
-        Value::Null => "-".to_string(),
-        Value::Bool(b) => if *b { "yes" } else { "no" }.to_string(),
-        Value::String(s) => s.clone(),
-        Value::Number(n) if key.contains("bytes") => match n.as_u64() {
-            Some(b) => mib(b),
-            None => n.to_string(),
-        },
-        Value::Number(n) if key.ends_with("_us") || is_timing(key) => match n.as_f64() {
-            Some(us) => format!("{us:.1} µs"),
-            None => n.to_string(),
-        },
-        Value::Number(n) => n.to_string(),
-        other => other.to_string(),
-    }
-}
-
-/// Keys of `BootTimings` that are microsecond timestamps.
-fn is_timing(key: &str) -> bool {
-    key.starts_with("timings.")
-}
-
-fn mib(bytes: u64) -> String {
-    // Precision loss above 2^53 bytes is irrelevant for display.
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
-/// Flattens a JSON object into `(dotted key, shown value)` rows.
-fn rows(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
-    match v.as_object() {
-        Some(obj) => {
-            for (k, v) in obj {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                if v.is_object() {
-                    rows(&key, v, out);
-                } else {
-                    let shown = human_value(&key, v);
-                    out.push((key, shown));
-                }
-            }
-        }
-        None => out.push((prefix.to_string(), human_value(prefix, v))),
-    }
-}
-
-/// A generic two-column listing of a JSON answer.
-fn key_values(v: &Value) -> String {
-    let mut list = Vec::new();
-    rows("", v, &mut list);
-    let width = list
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0);
-    let mut out = String::new();
-    for (k, v) in list {
-        let _ = writeln!(out, "{k:<width$}  {v}");
+        out += &memory_table(report);
     }
     out
 }
 
-/// `GET /memory` for a human: the guest's view and the host's side by side,
-/// then the boot timings.
-pub fn memory_table_json(report: &Value) -> String {
-    let mut out = String::new();
-    let strategy = report
-        .get("strategy")
-        .map_or("-".into(), |s| human_value("strategy", s));
-    let _ = writeln!(out, "memmap strategy: {strategy}");
-
-    let mut guest = Vec::new();
-    match report.get("guest") {
-        Some(g) if g.is_object() => rows("", g, &mut guest),
-        _ => {
-            let why = report
-                .get("invalid_reason")
-                .and_then(Value::as_str)
-                .unwrap_or("no valid report");
-            guest.push(("not available:".into(), why.to_string()));
-        }
-    }
-    let mut host = Vec::new();
-    if let Some(h) = report.get("host") {
-        rows("", h, &mut host);
-    }
-    let left = table_column("GUEST (its stats block)", &guest);
-    let right = table_column("HOST (measured by the VMM)", &host);
-    let left_width = left.iter().map(|l| l.chars().count()).max().unwrap_or(0);
-    for i in 0..left.len().max(right.len()) {
-        let l = left.get(i).map_or("", String::as_str);
-        let r = right.get(i).map_or("", String::as_str);
-        let line = format!("{l:<left_width$}    {r}");
-        let _ = writeln!(out, "{}", line.trim_end());
-    }
-
-    if let Some(timings) = report.get("timings") {
-        let mut list = Vec::new();
-        rows("timings", timings, &mut list);
-        let list: Vec<(String, String)> = list
-            .into_iter()
-            .map(|(k, v)| (k.trim_start_matches("timings.").to_string(), v))
-            .collect();
-        out.push('\n');
-        for line in table_column("TIMINGS (since VMM start)", &list) {
-            let _ = writeln!(out, "{}", line.trim_end());
-        }
-    }
-    out
+/// `GET /metrics` for a human: the VMM's counters beside the vCPU exits by
+/// reason (`vm_exits`).
+pub fn metrics(metrics: &Metrics) -> String {
+    let Metrics {
+        vm_exits,
+        api_requests,
+        api_errors,
+        guest_commands,
+        serial_bytes,
+    } = metrics;
+    let counters = fields(&[
+        ("api_requests", text(api_requests)),
+        ("api_errors", text(api_errors)),
+        ("guest_commands", text(guest_commands)),
+        ("serial_bytes", bytes(*serial_bytes)),
+    ]);
+    let exits_title = format!("VM EXITS ({} in all)", vm_exits.total());
+    side_by_side(&[
+        ("COUNTERS", counters),
+        (&exits_title, fields(&exit_counts(vm_exits))),
+    ])
 }
 
-/// A titled column of `key  value` lines, keys padded to one width.
-fn table_column(title: &str, list: &[(String, String)]) -> Vec<String> {
-    let width = list
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0);
-    let mut lines = vec![title.to_string()];
-    lines.extend(list.iter().map(|(k, v)| format!("{k:<width$}  {v}")));
-    lines
+/// The guest's stats block: page counts with the memory they make, sizes,
+/// chunk counts, cycles and flags.
+fn guest_view(view: &GuestMemoryView) -> Vec<Field> {
+    shown!(view => GuestMemoryView {
+        pages_total: pages,
+        pages_initialized: pages,
+        pages_allocated: pages,
+        pages_free: pages,
+        pages_reserved: pages,
+        memmap_bytes_reserved: bytes,
+        memmap_bytes_initialized: bytes,
+        chunks_total: text,
+        chunks_initialized: text,
+        chunk_bytes: bytes,
+        grow_events: text,
+        init_cycles: text,
+        init_us: micros,
+        alloc_failures: text,
+        grow_check_on: yes_no,
+        fully_initialized: yes_no,
+        jump_sites_patched: yes_no,
+        memmap_on_memory: yes_no,
+        allocated_bytes: bytes,
+        workload_bytes: bytes,
+        cpus: text,
+    })
 }
 
+/// What the VMM measured: sizes, and how the KVM estimate was made.
+fn host_view(view: &HostMemoryView) -> Vec<Field> {
+    shown!(view => HostMemoryView {
+        guest_ram_bytes: bytes,
+        guest_ram_resident_bytes: bytes,
+        memmap_resident_bytes: bytes,
+        memmap_range_bytes: bytes,
+        vmm_rss_bytes: bytes,
+        vmm_pss_bytes: bytes,
+        kvm_registered_bytes: bytes,
+        kvm_memslot_bytes_estimate: bytes,
+        kvm_estimate_note: text,
+    })
+}
 
-/// `GET /memory` for a human.
-pub fn memory_table(report: &api::MemoryReport) -> String {
-    memory_table_json(&serde_json::to_value(report).unwrap_or_default())
+/// The milestones (time since the VMM started) and, apart, the durations the
+/// guest measured from its kernel entry; `-` for what has not happened.
+fn boot_timings(timings: &BootTimings) -> (Vec<Field>, Vec<Field>) {
+    let mut all = shown!(timings => BootTimings {
+        process_start: micros,
+        vm_created: micros,
+        vcpu_first_entry: micros,
+        guest_first_port_write: micros,
+        guest_entered: micros,
+        guest_memory_ready: micros,
+        guest_ready: micros,
+        guest_fully_initialized: micros,
+        guest_init_memmap_us: micros,
+        guest_init_total_us: micros,
+        guest_init_full_memmap_us: micros,
+    });
+    // The guest-measured durations are the ones named `_us`.
+    let durations = all.split_off(
+        all.iter()
+            .position(|(name, _)| name.ends_with("_us"))
+            .unwrap_or(all.len()),
+    );
+    (all, durations)
+}
+
+/// vCPU exits by reason.
+fn exit_counts(exits: &VmExitCounts) -> Vec<Field> {
+    shown!(exits => VmExitCounts {
+        io_in: text,
+        io_out: text,
+        mmio_read: text,
+        mmio_write: text,
+        hlt: text,
+        shutdown: text,
+        system_event: text,
+        failed: text,
+        other: text,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use api::{GuestCpl, GuestMemoryOutcome, Strategy, VmState};
+
+    /// `GET /memory`'s example, as a human sees it.
+    const EXAMPLE_MEMORY: &str = "\
+memmap strategy: ondemand
+GUEST (its stats block)                        HOST (measured by the VMM)
+pages_total               524288 (2 GiB)       guest_ram_bytes             2 GiB
+pages_initialized         32768 (128 MiB)      guest_ram_resident_bytes    40 MiB
+pages_allocated           1000 (3.9 MiB)       memmap_resident_bytes       2 MiB
+pages_free                30000 (117.2 MiB)    memmap_range_bytes          32 MiB
+pages_reserved            1768 (6.9 MiB)       vmm_rss_bytes               6 MiB
+memmap_bytes_reserved     32 MiB               vmm_pss_bytes               5 MiB
+memmap_bytes_initialized  2 MiB                kvm_registered_bytes        128 MiB
+chunks_total              1024                 kvm_memslot_bytes_estimate  4 MiB
+chunks_initialized        64                   kvm_estimate_note           rmap 8 B per 4 KiB page
+chunk_bytes               2 MiB
+grow_events               3
+init_cycles               123456
+init_us                   41.5 µs
+alloc_failures            0
+grow_check_on             yes
+fully_initialized         no
+jump_sites_patched        no
+memmap_on_memory          yes
+allocated_bytes           3.9 MiB
+workload_bytes            1 MiB
+cpus                      2
+
+TIMINGS (since VMM start)           GUEST-MEASURED (from kernel entry)
+process_start            0.5 µs     guest_init_memmap_us       200.5 µs
+vm_created               1.20 ms    guest_init_total_us        300.5 µs
+vcpu_first_entry         1.50 ms    guest_init_full_memmap_us  7.30 ms
+guest_first_port_write   1.60 ms
+guest_entered            1.70 ms
+guest_memory_ready       1.90 ms
+guest_ready              2.00 ms
+guest_fully_initialized  9.00 ms
+";
 
     #[test]
-    fn renders_json_by_default() {
-        let v = serde_json::json!({"state": "Running", "id": "vm0"});
-        let out = render(CtlCommand::Info, &v, false);
-        assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), v);
-        assert!(out.contains("\n  \""), "pretty-printed: {out}");
-        assert_eq!(render(CtlCommand::Pause, &Value::Null, false), "");
-        assert_eq!(render(CtlCommand::Pause, &Value::Null, true), "ok\n");
+    fn json_is_the_answer_pretty_printed() {
+        let answer = serde_json::to_value(MemoryReport::example()).unwrap();
+        let out = json(&answer);
+        assert_eq!(out, serde_json::to_string_pretty(&answer).unwrap() + "\n");
+        assert!(out.starts_with("{\n  \"valid\": true,\n"), "{out}");
+        assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), answer);
+        // Keys stay in the order the VMM sent them.
+        let out = json(&serde_json::json!({"state": "Running", "id": "vm0"}));
+        assert_eq!(out, "{\n  \"state\": \"Running\",\n  \"id\": \"vm0\"\n}\n");
+        // A 204.
+        assert_eq!(json(&Value::Null), "");
+        assert_eq!(NO_CONTENT, "ok\n");
     }
 
     #[test]
-    fn human_info_is_a_key_value_list() {
-        let v = serde_json::json!({
-            "id": "vm0", "state": "Halted", "vmm_version": "0.1.0",
-            "started": true, "exit_code": 0, "failure_reason": null
-        });
-        let out = render(CtlCommand::Info, &v, true);
-        assert!(out.contains("state           Halted\n"), "{out}");
-        assert!(out.contains("started         yes\n"), "{out}");
-        assert!(out.contains("failure_reason  -\n"), "{out}");
+    fn human_info_shows_every_field() {
+        let mut info = InstanceInfo::new("vm0", "0.1.0", VmState::Halted);
+        info.exit_code = Some(0);
+        assert_eq!(
+            instance_info(&info),
+            "\
+id              vm0
+state           Halted
+vmm_version     0.1.0
+started         yes
+exit_code       0
+failure_reason  -
+"
+        );
+        let mut info = InstanceInfo::new("vm1", "0.1.0", VmState::Failed);
+        info.failure_reason = Some("KVM_RUN: Bad address".into());
+        let out = instance_info(&info);
+        assert!(out.contains("exit_code       -\n"), "{out}");
+        assert!(
+            out.contains("failure_reason  KVM_RUN: Bad address\n"),
+            "{out}"
+        );
     }
 
     #[test]
-    fn human_memory_puts_guest_and_host_side_by_side_in_mib() {
-        let v = serde_json::to_value(api::MemoryReport::example()).unwrap();
-        let out = render(CtlCommand::Memory, &v, true);
+    fn human_config_gives_sizes_in_their_unit() {
+        let config = MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 512,
+            memmap_init: Strategy::Deferred,
+            memmap_chunk_kib: 128,
+            guest_cpl: GuestCpl::Ring3,
+            memmap_on_memory: true,
+            huge_pages: false,
+        };
+        assert_eq!(
+            machine_config(&config),
+            "\
+vcpu_count        2
+mem_size_mib      512 MiB
+memmap_init       deferred
+memmap_chunk_kib  128 KiB
+guest_cpl         3
+memmap_on_memory  yes
+huge_pages        no
+"
+        );
+        let out = machine_config(&MachineConfig::default());
+        assert!(out.contains("mem_size_mib      2 GiB\n"), "{out}");
+        assert!(out.contains("memmap_chunk_kib  2 MiB\n"), "{out}");
+        assert!(out.contains("guest_cpl         auto\n"), "{out}");
+    }
+
+    #[test]
+    fn human_memory_puts_guest_beside_host_then_timings() {
+        let out = memory_table(&MemoryReport::example());
+        assert_eq!(out, EXAMPLE_MEMORY, "\n{out}");
+    }
+
+    #[test]
+    fn human_memory_of_an_invalid_report_still_shows_the_host() {
+        let mut report = MemoryReport::example();
+        report.valid = false;
+        report.invalid_reason = Some("no stats block yet".into());
+        report.strategy = None;
+        report.guest = None;
+        report.host.vmm_pss_bytes = None;
+        report.timings = BootTimings::default();
+        report.timings.process_start = Some(0.0);
+        let out = memory_table(&report);
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], "memmap strategy: ondemand");
+        assert_eq!(lines[0], "memmap strategy: -");
         assert!(
-            lines[1].starts_with("GUEST") && lines[1].contains("HOST"),
-            "{out}"
-        );
-        let ram = lines
-            .iter()
-            .find(|l| l.contains("guest_ram_bytes"))
-            .unwrap_or_else(|| panic!("{out}"));
-        assert!(
-            ram.contains("pages_total") && ram.contains("524288"),
+            lines[1].starts_with("GUEST (its stats block)") && lines[1].contains("HOST"),
             "{out}"
         );
         assert!(
-            ram.ends_with("guest_ram_bytes             2048.0 MiB"),
-            "{ram:?}"
-        );
-        assert!(out.contains("memmap_bytes_reserved     32.0 MiB"), "{out}");
-        assert!(out.contains("vmm_pss_bytes               5.0 MiB"), "{out}");
-        assert!(
-            out.contains("guest_ready                2000.5 µs"),
+            lines[2].starts_with("not available: no stats block yet"),
             "{out}"
         );
-        assert!(out.contains("init_us                   41.5 µs"), "{out}");
-        // Columns line up: every host key starts at the same offset.
+        assert!(
+            lines[2].ends_with("guest_ram_bytes             2 GiB"),
+            "{out}"
+        );
+        // The host column starts at one offset on every line.
         let col = lines[1].find("HOST").unwrap();
-        assert_eq!(ram.find("guest_ram_bytes"), Some(col), "{out}");
+        assert_eq!(lines[2].find("guest_ram_bytes"), Some(col), "{out}");
+        assert_eq!(lines[7].find("vmm_pss_bytes"), Some(col), "{out}");
+        assert!(lines[7].ends_with("vmm_pss_bytes               -"), "{out}");
+        assert!(!out.contains("pages_total"), "{out}");
+        assert!(out.contains("process_start            0.0 µs"), "{out}");
+        assert!(out.contains("guest_ready              -\n"), "{out}");
 
-        let mut invalid = api::MemoryReport::example();
-        invalid.valid = false;
-        invalid.guest = None;
-        invalid.invalid_reason = Some("no stats block yet".into());
-        let out = render(
-            CtlCommand::Memory,
-            &serde_json::to_value(invalid).unwrap(),
-            true,
-        );
-        assert!(out.contains("not available:  no stats block yet"), "{out}");
+        // A guest view handed over with `valid: false` is not shown either.
+        let mut report = MemoryReport::example();
+        report.valid = false;
+        report.invalid_reason = None;
+        let out = memory_table(&report);
+        assert!(out.contains("not available: no valid report"), "{out}");
+        assert!(!out.contains("pages_total"), "{out}");
     }
 
     #[test]
-    fn human_workload_shows_status_then_report() {
-        let v = serde_json::json!({
-            "target_mib": 512, "held_bytes": 536870912u64, "status": "Ok",
-            "report": serde_json::to_value(api::MemoryReport::example()).unwrap()
-        });
-        let out = render(CtlCommand::SetMemory { target_mib: 512 }, &v, true);
+    fn an_idle_memmap_is_shown_in_kib() {
+        let mut report = MemoryReport::example();
+        let guest = report.guest.as_mut().unwrap();
+        guest.memmap_bytes_initialized = 32 << 10;
+        guest.pages_initialized = 8;
+        report.host.memmap_resident_bytes = 32 << 10;
+        let out = memory_table(&report);
+        assert!(out.contains("memmap_bytes_initialized  32 KiB "), "{out}");
         assert!(
-            out.starts_with("target_mib  512\nheld_bytes  512.0 MiB\nstatus      Ok\n\nmemmap"),
+            out.contains("pages_initialized         8 (32 KiB) "),
             "{out}"
         );
-        let v =
-            serde_json::json!({"target_mib": 0, "held_bytes": 0, "status": "Idle", "report": null});
-        let out = render(CtlCommand::Workload, &v, true);
-        assert!(!out.contains("memmap"), "{out}");
+        assert!(
+            out.contains("memmap_resident_bytes       32 KiB\n"),
+            "{out}"
+        );
+        assert!(!out.contains("0.0 MiB"), "{out}");
     }
 
     #[test]
-    fn human_metrics_flattens_nested_counters() {
-        let v = serde_json::to_value(api::Metrics::default()).unwrap();
-        let out = render(CtlCommand::Metrics, &v, true);
-        assert!(out.contains("vm_exits.io_out"), "{out}");
-        assert!(out.contains("serial_bytes           0.0 MiB"), "{out}");
+    fn human_workload_shows_its_state_then_the_report() {
+        let status = GuestMemoryStatus {
+            target_mib: 512,
+            held_bytes: 512 << 20,
+            status: GuestMemoryOutcome::Ok,
+            report: Some(MemoryReport::example()),
+        };
+        let out = guest_memory_status(&status);
+        let head = "target_mib  512 MiB\nheld_bytes  512 MiB\nstatus      Ok\n\n";
+        assert_eq!(out, format!("{head}{EXAMPLE_MEMORY}"));
+
+        let idle = GuestMemoryStatus {
+            target_mib: 0,
+            held_bytes: 0,
+            status: GuestMemoryOutcome::Idle,
+            report: None,
+        };
+        assert_eq!(
+            guest_memory_status(&idle),
+            "target_mib  0 B\nheld_bytes  0 B\nstatus      Idle\n"
+        );
+        let short = GuestMemoryStatus {
+            held_bytes: 300 << 20,
+            status: GuestMemoryOutcome::OutOfMemory,
+            ..status
+        };
+        let out = guest_memory_status(&short);
+        assert!(
+            out.starts_with("target_mib  512 MiB\nheld_bytes  300 MiB\nstatus      OutOfMemory\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn human_metrics_puts_counters_beside_exits() {
+        let m = Metrics {
+            vm_exits: VmExitCounts {
+                io_in: 2,
+                io_out: 40,
+                hlt: 1,
+                ..VmExitCounts::default()
+            },
+            api_requests: 12,
+            api_errors: 1,
+            guest_commands: 3,
+            serial_bytes: 1536,
+        };
+        assert_eq!(
+            metrics(&m),
+            "\
+COUNTERS                   VM EXITS (43 in all)
+api_requests    12         io_in         2
+api_errors      1          io_out        40
+guest_commands  3          mmio_read     0
+serial_bytes    1.5 KiB    mmio_write    0
+                           hlt           1
+                           shutdown      0
+                           system_event  0
+                           failed        0
+                           other         0
+"
+        );
+        let out = metrics(&Metrics::default());
+        assert!(
+            out.starts_with("COUNTERS               VM EXITS (0 in all)\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nserial_bytes    0 B    mmio_write    0\n"),
+            "{out}"
+        );
     }
 }
