@@ -4,7 +4,7 @@
 //! guests whose memory is (nearly) all allocated, so that each ratio compares
 //! like states. A calibration finds the allocations that give those states.
 
-use super::child::{cmdline, strings, Bench, BenchError};
+use super::child::{cmdline, round_robin, strings, Bench, BenchError};
 use crate::stats::{ratio, Sorted};
 use serde::{Deserialize, Serialize};
 
@@ -187,16 +187,10 @@ pub fn measure(b: &Bench) -> AllocResults {
         add("eager-full", "same allocation as ondemand-full", "eager", false,
             run_args("eager", small, Some(m), pairs));
     }
-    let n = b.args.reps;
-    for rep in 0..n {
-        eprintln!("vmm bench: allocator repetition {}/{n}", rep + 1);
-        let k = variants.len();
-        for j in 0..k {
-            let (v, args) = &mut variants[(rep + j) % k];
-            let s = sample(b, v, args);
-            v.samples.push(s);
-        }
-    }
+    round_robin("allocator repetition", b.args.reps, &mut variants, |(v, args)| {
+        let s = sample(b, v, args);
+        v.samples.push(s);
+    });
     let mut variants: Vec<AllocVariant> = variants.into_iter().map(|(v, _)| v).collect();
     for v in &mut variants {
         let x = Sorted::new(v.samples.iter().filter_map(|s| s.cycles_per_pair));

@@ -7,7 +7,7 @@
 //! exec → ready is the report's `timings.guest_ready` (µs from the child's
 //! `main`, so it leaves out the exec itself, well under 1 ms).
 
-use super::child::{cmdline, strings, Bench};
+use super::child::{cmdline, round_robin, strings, Bench};
 use crate::stats::{ratio, Sorted};
 use api::BootTimings;
 use serde::Serialize;
@@ -122,17 +122,7 @@ pub fn measure(b: &Bench) -> BootResults {
     for (_, args) in &variants {
         let _ = b.run_child(args);
     }
-    let n = b.args.boot_runs;
-    for round in 0..n {
-        eprintln!("vmm bench: boot round {}/{n}", round + 1);
-        // Round-robin, starting one further each round, so neither drift
-        // nor position in the round favours a variant.
-        let k = variants.len();
-        for j in 0..k {
-            let (v, args) = &mut variants[(round + j) % k];
-            v.samples.push(sample(b, args));
-        }
-    }
+    round_robin("boot round", b.args.boot_runs, &mut variants, |(v, args)| v.samples.push(sample(b, args)));
     let mut variants: Vec<BootVariant> = variants.into_iter().map(|(v, _)| v).collect();
     variants.iter_mut().for_each(BootVariant::summarize);
     // eager is the first variant.

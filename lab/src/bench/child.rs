@@ -91,6 +91,20 @@ impl Bench {
     }
 }
 
+/// Runs `rounds` rounds over `variants`, calling `f` on each: round-robin,
+/// starting one further each round, so that neither drift on the host nor
+/// the position in a round favours a variant. `what` names a round in the
+/// progress line on stderr.
+pub fn round_robin<V>(what: &str, rounds: usize, variants: &mut [V], mut f: impl FnMut(&mut V)) {
+    let k = variants.len();
+    for round in 0..rounds {
+        eprintln!("vmm bench: {what} {}/{rounds}", round + 1);
+        for j in 0..k {
+            f(&mut variants[(round + j) % k]);
+        }
+    }
+}
+
 /// The command line as a user would type it (for the record).
 pub fn cmdline(args: &[String]) -> String {
     let mut s = String::from("vmm");
@@ -143,6 +157,14 @@ pub(super) mod tests {
         let run = ChildRun { cmd: "vmm run".into(), wall_us: 1.0, stdout: "{}".into() };
         let e = run.report().unwrap_err();
         assert!(matches!(e, BenchError::Output { .. }) && e.to_string().contains("vmm run"), "{e}");
+    }
+
+    #[test]
+    fn every_round_starts_one_variant_further() {
+        let mut seen = Vec::new();
+        let mut variants = [0, 1, 2];
+        round_robin("test round", 4, &mut variants, |v| seen.push(*v));
+        assert_eq!(seen, [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]);
     }
 
     #[test]

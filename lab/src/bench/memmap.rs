@@ -4,7 +4,7 @@
 //! guest allocated 512 MiB; `deferred` is booted with an API socket and its
 //! `GET /memory` polled until the background initialization has finished.
 
-use super::child::{cmdline, strings, Bench, BenchError};
+use super::child::{cmdline, round_robin, strings, Bench, BenchError};
 use crate::stats::Sorted;
 use api::MemoryReport;
 use serde::Serialize;
@@ -169,23 +169,13 @@ pub fn measure(b: &Bench) -> MemmapResults {
         (v, args)
     })
     .collect();
-    let n = b.args.reps;
-    for rep in 0..n {
-        eprintln!("vmm bench: memmap repetition {}/{n}", rep + 1);
-        let k = variants.len();
-        for j in 0..k {
-            let (v, args) = &mut variants[(rep + j) % k];
-            let r = if v.name == "deferred" {
-                deferred_once(b, args, &sock)
-            } else {
-                b.run_child(args).and_then(|run| run.report())
-            };
-            v.samples.push(match r {
-                Ok(report) => MemmapSample::from_report(&report),
-                Err(e) => MemmapSample::failed(&e),
-            });
-        }
-    }
+    round_robin("memmap repetition", b.args.reps, &mut variants, |(v, args)| {
+        let r = if v.name == "deferred" { deferred_once(b, args, &sock) } else { b.run_child(args).and_then(|run| run.report()) };
+        v.samples.push(match r {
+            Ok(report) => MemmapSample::from_report(&report),
+            Err(e) => MemmapSample::failed(&e),
+        });
+    });
     let mut variants: Vec<MemmapVariant> = variants.into_iter().map(|(v, _)| v).collect();
     for v in &mut variants {
         let median = |f: fn(&MemmapSample) -> Option<f64>| Sorted::new(v.samples.iter().filter_map(f)).median();

@@ -57,6 +57,16 @@ fn r2(x: Option<f64>) -> String {
     x.map_or_else(|| "-".into(), |v| format!("{v:.2}x"))
 }
 
+/// A Markdown table: a header, its separator and the rows, then a blank line.
+fn markdown(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let line = |cells: &[&str]| format!("| {} |\n", cells.join(" | "));
+    let mut s = line(header) + &line(&vec!["---"; header.len()]);
+    for r in rows {
+        s += &line(&r.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    s + "\n"
+}
+
 impl BenchResults {
     /// The short table for stdout (Markdown, so it pastes into docs).
     pub fn table(&self) -> String {
@@ -68,39 +78,38 @@ impl BenchResults {
         );
         if let Some(b) = &self.boot {
             s += &format!("Boot, {} MiB, median of {} runs each (ms)\n\n", self.settings.mem_mib, self.settings.boot_runs);
-            s += "| variant | vCPUs | exec→ready | ratio to eager | exec→exit | ratio to eager | failures |\n";
-            s += "| --- | --- | --- | --- | --- | --- | --- |\n";
-            for v in &b.variants {
-                s += &format!(
-                    "| {} | {} | {} | {} | {} | {} | {} |\n",
-                    v.name,
-                    v.vcpus,
-                    f1(v.median_ready_us, 1e3),
-                    r2(v.ratio_ready_to_eager),
-                    f1(v.median_wall_us, 1e3),
-                    r2(v.ratio_wall_to_eager),
-                    v.failures
-                );
-            }
-            s += "\n";
+            s += &markdown(
+                &["variant", "vCPUs", "exec→ready", "ratio to eager", "exec→exit", "ratio to eager", "failures"],
+                b.variants.iter().map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.vcpus.to_string(),
+                        f1(v.median_ready_us, 1e3),
+                        r2(v.ratio_ready_to_eager),
+                        f1(v.median_wall_us, 1e3),
+                        r2(v.ratio_wall_to_eager),
+                        v.failures.to_string(),
+                    ]
+                }),
+            );
         }
         if let Some(a) = &self.alloc {
             s += &format!(
                 "Allocator fast path, cycles per order-0 alloc+free pair ({} pairs, median of {})\n\n",
                 a.pairs, self.settings.reps
             );
-            s += "| variant | state | median | min | max |\n| --- | --- | --- | --- | --- |\n";
-            for v in &a.variants {
-                s += &format!(
-                    "| {} | {} | {} | {} | {} |\n",
-                    v.name,
-                    v.what,
-                    f1(v.median_cycles_per_pair, 1.0),
-                    f1(v.min_cycles_per_pair, 1.0),
-                    f1(v.max_cycles_per_pair, 1.0)
-                );
-            }
-            s += "\n";
+            s += &markdown(
+                &["variant", "state", "median", "min", "max"],
+                a.variants.iter().map(|v| {
+                    vec![
+                        v.name.to_string(),
+                        v.what.to_string(),
+                        f1(v.median_cycles_per_pair, 1.0),
+                        f1(v.min_cycles_per_pair, 1.0),
+                        f1(v.max_cycles_per_pair, 1.0),
+                    ]
+                }),
+            );
             for r in &a.ratios {
                 s += &format!("- {}: {} / {} = {}\n", r.name, r.numerator, r.denominator, r2(r.ratio));
             }
@@ -108,18 +117,18 @@ impl BenchResults {
         }
         if let Some(m) = &self.memmap {
             s += &format!("Memmap initialization per struct page (median of {})\n\n", self.settings.reps);
-            s += "| strategy | pages initialized | cycles/page | ns/page | what |\n| --- | --- | --- | --- | --- |\n";
-            for v in &m.variants {
-                s += &format!(
-                    "| {} | {} | {} | {} | {} |\n",
-                    v.name,
-                    v.median_pages_initialized.map_or_else(|| "-".into(), |p| format!("{p:.0}")),
-                    f1(v.median_cycles_per_page, 1.0),
-                    f1(v.median_ns_per_page, 1.0),
-                    v.what
-                );
-            }
-            s += "\n";
+            s += &markdown(
+                &["strategy", "pages initialized", "cycles/page", "ns/page", "what"],
+                m.variants.iter().map(|v| {
+                    vec![
+                        v.name.to_string(),
+                        v.median_pages_initialized.map_or_else(|| "-".into(), |p| format!("{p:.0}")),
+                        f1(v.median_cycles_per_page, 1.0),
+                        f1(v.median_ns_per_page, 1.0),
+                        v.what.to_string(),
+                    ]
+                }),
+            );
         }
         s
     }
@@ -173,5 +182,7 @@ mod tests {
         };
         assert_eq!(r.table(), "vmm bench, 2026-01-01 00:00:00 UTC (0 CPUs, load average at start 0.50 0.40 0.30 1/100 7)\n\n");
         assert_eq!((f1(Some(1234.0), 1e3), f1(None, 1.0), r2(Some(0.5)), r2(None)), ("1.2".into(), "-".into(), "0.50x".into(), "-".into()));
+        let t = markdown(&["a", "b"], [vec!["1".to_string(), "-".to_string()]]);
+        assert_eq!(t, "| a | b |\n| --- | --- |\n| 1 | - |\n\n");
     }
 }
