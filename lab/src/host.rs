@@ -78,7 +78,7 @@ fn read_trimmed(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
-/// The word in brackets of a sysfs choice list ("always [madvise] never").
+/// The word in brackets of a sysfs choice list (`always [madvise] never`).
 pub fn bracketed(s: &str) -> Option<&str> {
     let start = s.find('[')? + 1;
     let len = s[start..].find(']')?;

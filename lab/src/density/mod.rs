@@ -2,15 +2,15 @@
 //! strategy, and where every megabyte of each VM's footprint goes.
 //!
 //! For each strategy in turn, the runner launches `vmm run` child processes
-//! ([`fleet`]) in ramps of `--ramp`, `--parallel` launches in flight, waits
-//! for each guest to be ready and gives it its workload through the API
-//! ([`probe`]), then measures the step: the host's `MemAvailable` drop from
-//! the strategy's baseline and every VM's `GET /memory` report
-//! ([`footprint::Breakdown`] turns the sums into a per-VM footprint). Before each
-//! launch it checks `MemAvailable` against the floor and ends the ramp there.
-//! Between strategies every VM is stopped and the runner waits for the host
-//! to come back to its initial `MemAvailable`. Results go to `--out`
-//! ([`output`], [`plot`]) and a summary to stdout.
+//! (`fleet`) in ramps of `--ramp`, `--parallel` launches in flight, waits for
+//! each guest to be ready and gives it its workload (`workload`) through the
+//! API (`probe`), then measures the step: the host's `MemAvailable` drop from
+//! the strategy's baseline and every VM's `GET /memory` report (`footprint`
+//! turns the sums into a per-VM breakdown). Before each launch it checks
+//! `MemAvailable` against the floor and ends the ramp there. Between
+//! strategies every VM is stopped and the runner waits for the host to come
+//! back to its initial `MemAvailable`. Results go to `--out` (`output`:
+//! `report.json`, `vms.csv`; `plot`: the SVGs) and a summary to stdout.
 //!
 //! Exit codes: 0 when the run completed (reaching the floor is a result, not
 //! an error), 1 when a VM or the host failed, 2 for bad flags, 130 when
