@@ -5,9 +5,34 @@
 //! prints boot-to-ready time, the guest's initialized memmap and the
 //! host-measured resident memmap. `make run` runs it.
 
+use api::ErrorChain;
 use clap::Args;
 use serde_json::Value;
 use std::process::{Command, Stdio};
+
+/// Why one boot of the comparison gave no figures.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// This program's own executable (the `vmm` to run) cannot be found.
+    #[error("cannot find the vmm binary")]
+    Exe(#[source] std::io::Error),
+    /// The child could not be started.
+    #[error("cannot run vmm")]
+    Spawn(#[source] std::io::Error),
+    /// The child failed; its stderr says why.
+    #[error("{strategy}: vmm run failed: {stderr}")]
+    Run { strategy: String, stderr: String },
+    /// Its stdout is not the JSON report.
+    #[error("{strategy}: the report is not JSON")]
+    Report {
+        strategy: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The guest's half of the report did not pass the VMM's checks.
+    #[error("{strategy}: the guest report is invalid: {reason}")]
+    Invalid { strategy: String, reason: Value },
+}
 
 /// Arguments of `vmm compare`.
 #[derive(Debug, Clone, Args)]
@@ -50,8 +75,8 @@ impl Row {
     }
 }
 
-fn boot(args: &CompareArgs, strategy: &str, alloc: Option<u64>) -> Result<Value, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vmm binary: {e}"))?;
+fn boot(args: &CompareArgs, strategy: &str, alloc: Option<u64>) -> Result<Value, CompareError> {
+    let exe = std::env::current_exe().map_err(CompareError::Exe)?;
     let vcpus = if matches!(strategy, "parallel" | "deferred") { args.smp_vcpus } else { 1 };
     let mut cmd = Command::new(exe);
     cmd.args(["run", "--serial", "none", "--report", "json", "--memmap-init", strategy]);
@@ -59,11 +84,27 @@ fn boot(args: &CompareArgs, strategy: &str, alloc: Option<u64>) -> Result<Value,
     if let Some(a) = alloc {
         cmd.args(["--alloc-mib", &a.to_string()]);
     }
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("cannot run vmm: {e}"))?;
+    let out = cmd.stdin(Stdio::null()).output().map_err(CompareError::Spawn)?;
     if !out.status.success() {
-        return Err(format!("{strategy}: vmm run failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(CompareError::Run { strategy: strategy.to_string(), stderr });
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{strategy}: the report is not JSON: {e}"))
+    serde_json::from_slice(&out.stdout).map_err(|source| CompareError::Report { strategy: strategy.to_string(), source })
+}
+
+/// Boots `strategy` idle and with the allocation; prints both reports with
+/// `--json`; returns both rows.
+fn compare(args: &CompareArgs, strategy: &str) -> Result<(Row, Row), CompareError> {
+    let idle = boot(args, strategy, None)?;
+    let busy = boot(args, strategy, Some(args.alloc_mib))?;
+    if args.json {
+        println!("{}", serde_json::json!({"strategy": strategy, "state": "idle", "report": idle}));
+        println!("{}", serde_json::json!({"strategy": strategy, "state": "allocated", "alloc_mib": args.alloc_mib, "report": busy}));
+    }
+    match (Row::from_report(&idle), Row::from_report(&busy)) {
+        (Some(i), Some(b)) => Ok((i, b)),
+        _ => Err(CompareError::Invalid { strategy: strategy.to_string(), reason: idle["invalid_reason"].clone() }),
+    }
 }
 
 /// Runs the comparison; returns the exit code.
@@ -74,24 +115,10 @@ pub fn run(args: CompareArgs) -> u8 {
             eprintln!("vmm compare: unknown strategy {s:?}; use eager, parallel, deferred or ondemand");
             return 2;
         }
-        let idle = boot(&args, s, None);
-        let busy = boot(&args, s, Some(args.alloc_mib));
-        match (idle, busy) {
-            (Ok(i), Ok(b)) => {
-                if args.json {
-                    println!("{}", serde_json::json!({"strategy": s, "state": "idle", "report": i}));
-                    println!("{}", serde_json::json!({"strategy": s, "state": "allocated", "alloc_mib": args.alloc_mib, "report": b}));
-                }
-                match (Row::from_report(&i), Row::from_report(&b)) {
-                    (Some(i), Some(b)) => rows.push((s.clone(), i, b)),
-                    _ => {
-                        eprintln!("vmm compare: {s}: the guest report is invalid: {}", i["invalid_reason"]);
-                        return 1;
-                    }
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                eprintln!("vmm compare: {e}");
+        match compare(&args, s) {
+            Ok((i, b)) => rows.push((s.clone(), i, b)),
+            Err(e) => {
+                eprintln!("vmm compare: {}", ErrorChain(&e));
                 return 1;
             }
         }
@@ -141,6 +168,15 @@ mod tests {
             Some(Row { ready_ms: 4.5, init_memmap_kib: 32, resident_memmap_kib: 32, ram_resident_mib: 1.0 })
         );
         assert_eq!(Row::from_report(&serde_json::json!({"valid": false, "guest": null})), None);
+    }
+
+    #[test]
+    fn errors_name_the_strategy_and_their_cause() {
+        let source = serde_json::from_str::<Value>("memmap: eager").unwrap_err();
+        let e = CompareError::Report { strategy: "eager".into(), source };
+        assert!(ErrorChain(&e).to_string().starts_with("eager: the report is not JSON: expected value"), "{}", ErrorChain(&e));
+        let e = CompareError::Invalid { strategy: "ondemand".into(), reason: Value::from("no stats block") };
+        assert_eq!(e.to_string(), "ondemand: the guest report is invalid: \"no stats block\"");
     }
 
     #[test]

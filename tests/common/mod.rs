@@ -4,9 +4,8 @@
 
 use std::fmt;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// No test VM should live longer than this; a hang fails the test instead of CI.
@@ -86,28 +85,18 @@ pub fn vmm_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Output { code: status.and_then(|s| s.code()), stdout, stderr }
 }
 
-/// A scratch directory removed when dropped.
-pub struct TempDir(PathBuf);
+/// A scratch directory, `vmm-test-TAG-XXXXXX` under the temporary
+/// directory (made by `tempfile`: a fresh name, mode 0700), removed with
+/// everything in it when dropped.
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vmm-test-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+        let dir = tempfile::Builder::new().prefix(&format!("vmm-test-{tag}-")).tempdir();
+        TempDir(dir.unwrap_or_else(|e| panic!("cannot create a scratch directory for {tag}: {e}")))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }

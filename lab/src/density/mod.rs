@@ -2,15 +2,15 @@
 //! strategy, and where every megabyte of each VM's footprint goes.
 //!
 //! For each strategy in turn, the runner launches `vmm run` child processes
-//! ([`fleet`]) in ramps of `--ramp`, `--parallel` launches in flight, waits
-//! for each guest to be ready and gives it its workload through the API
-//! ([`probe`]), then measures the step: the host's `MemAvailable` drop from
-//! the strategy's baseline and every VM's `GET /memory` report
-//! ([`stats::Breakdown`] turns the sums into a per-VM footprint). Before each
-//! launch it checks `MemAvailable` against the floor and ends the ramp there.
-//! Between strategies every VM is stopped and the runner waits for the host
-//! to come back to its initial `MemAvailable`. Results go to `--out`
-//! ([`output`], [`plot`]) and a summary to stdout.
+//! (`fleet`) in ramps of `--ramp`, `--parallel` launches in flight, waits for
+//! each guest to be ready and gives it its workload (`workload`) through the
+//! API (`probe`), then measures the step: the host's `MemAvailable` drop from
+//! the strategy's baseline and every VM's `GET /memory` report (`footprint`
+//! turns the sums into a per-VM breakdown). Before each launch it checks
+//! `MemAvailable` against the floor and ends the ramp there. Between
+//! strategies every VM is stopped and the runner waits for the host to come
+//! back to its initial `MemAvailable`. Results go to `--out` (`output`:
+//! `report.json`, `vms.csv`; `plot`: the SVGs) and a summary to stdout.
 //!
 //! Exit codes: 0 when the run completed (reaching the floor is a result, not
 //! an error), 1 when a VM or the host failed, 2 for bad flags, 130 when
@@ -18,19 +18,22 @@
 //! results written).
 
 mod fleet;
-pub(crate) mod host;
+mod footprint;
 mod output;
 mod plot;
 mod probe;
-mod stats;
+mod workload;
 
 use crate::args::strategy_parser;
+use crate::host;
+use crate::stats::Distribution;
 use api::ErrorChain;
-use guest_abi::Strategy;
 use fleet::{Fleet, VmSpec};
+use footprint::{Breakdown, StepSums};
+use guest_abi::Strategy;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use output::{Baseline, CsvSink, Fit, Report, Settings, Step, StrategyRun, VmRecord};
-use stats::{AllocSpec, Breakdown, Distribution, StepSums};
+use output::{Baseline, CsvSink, CsvRow, Fit, Report, Settings, Step, StrategyRun, VmRecord};
+use workload::AllocSpec;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,6 +113,8 @@ pub enum DensityError {
     Sample(#[from] probe::SampleError),
     #[error(transparent)]
     Output(#[from] output::OutputError),
+    #[error(transparent)]
+    Plot(#[from] plot::PlotError),
     /// The runner's own executable cannot be found.
     #[error("cannot find this program's executable")]
     Exe(#[source] std::io::Error),
@@ -178,7 +183,7 @@ struct Runner {
 impl Runner {
     fn new(args: DensityArgs) -> Result<Runner, DensityError> {
         let mem = host::meminfo()?;
-        let floor_bytes = args.floor_mib.map_or_else(|| stats::default_floor(mem.total), |m| m << 20);
+        let floor_bytes = args.floor_mib.map_or_else(|| footprint::default_floor(mem.total), |m| m << 20);
         let exe = std::env::current_exe().map_err(DensityError::Exe)?;
         if let Some(out) = &args.out {
             std::fs::create_dir_all(out).map_err(|e| output::OutputError::Dir(out.clone(), e))?;
@@ -489,7 +494,7 @@ impl Runner {
             sums.page_tables += s.page_tables;
             sums.threads += s.threads;
             let vm = &mut run.vms[pos];
-            self.csv.row(&output::csv_row(&run.strategy, step, step_vms, vm, &s))?;
+            self.csv.row(&CsvRow::new(&run.strategy, step, step_vms, vm, &s))?;
             vm.last_sample = Some(s);
             vm.last_memory_report = Some(output::RawJson(raw.into_boxed_str()));
         }
@@ -499,7 +504,7 @@ impl Runner {
             mem_available_bytes: mem.available,
             sums,
             per_vm,
-            runner_rss_bytes: runner_rss(),
+            runner_rss_bytes: host::own_status().rss_bytes,
             launched,
             launch_seconds,
             measure_seconds: start.elapsed().as_secs_f64(),
@@ -511,28 +516,18 @@ impl Runner {
 /// The figures derived once a strategy's ramp is over.
 fn finish_strategy(run: &mut StrategyRun, report: &Report) {
     let ready: Vec<&probe::Ready> = run.vms.iter().filter_map(|v| v.ready.as_ref()).collect();
-    run.time_to_ready_ms = Distribution::of(&ready.iter().map(|r| r.spawn_to_ready_ms).collect::<Vec<_>>());
-    run.vmm_guest_ready_ms = Distribution::of(&ready.iter().map(|r| r.vmm_guest_ready_ms).collect::<Vec<_>>());
-    run.workload_ms = Distribution::of(&ready.iter().map(|r| r.workload_ms).collect::<Vec<_>>());
+    run.time_to_ready_ms = Distribution::of(ready.iter().map(|r| r.spawn_to_ready_ms));
+    run.vmm_guest_ready_ms = Distribution::of(ready.iter().map(|r| r.vmm_guest_ready_ms));
+    run.workload_ms = Distribution::of(ready.iter().map(|r| r.workload_ms));
     run.launch_throughput_vms_per_s = (run.launch_seconds > 0.0 && run.ready > 0).then(|| run.ready as f64 / run.launch_seconds);
     let last = run.steps.last();
     run.footprint = last.and_then(|s| s.per_vm);
     run.fit = Fit {
         measured: last.map_or(0, |s| s.sums.vms),
         extrapolated: run.footprint.and_then(|b| {
-            stats::extrapolated_fit(report.host.mem_total_bytes, report.settings.floor_bytes, run.baseline.mem_available_bytes, b.total)
+            footprint::extrapolated_fit(report.host.mem_total_bytes, report.settings.floor_bytes, run.baseline.mem_available_bytes, b.total)
         }),
     };
-}
-
-/// The runner's own resident memory (`VmRSS`), bytes.
-fn runner_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
 }
 
 /// A progress bar on a terminal (stderr), hidden otherwise.
@@ -591,10 +586,5 @@ mod tests {
         ] {
             assert!(matches!(validate(&parse(bad).unwrap()), Err(DensityError::Usage(_))), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn the_runner_measures_its_own_memory() {
-        assert!(runner_rss() > 0);
     }
 }

@@ -3,9 +3,11 @@
 //! table printed on stdout.
 
 use super::fleet::ShutdownStats;
-use super::host::HostInfo;
 use super::probe::{Ready, Sample};
-use super::stats::{AllocSpec, Breakdown, Distribution, StepSums};
+use super::footprint::{Breakdown, StepSums};
+use super::workload::AllocSpec;
+use crate::host::HostInfo;
+use crate::stats::Distribution;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -20,9 +22,9 @@ pub enum OutputError {
     /// A file could not be written.
     #[error("cannot write {0:?}")]
     Write(PathBuf, #[source] io::Error),
-    /// A plot could not be drawn.
-    #[error("cannot draw {0:?}: {1}")]
-    Plot(PathBuf, String),
+    /// `vms.csv` could not be created or written.
+    #[error("cannot write {0:?}")]
+    Csv(PathBuf, #[source] csv::Error),
 }
 
 /// `report.json`.
@@ -164,47 +166,93 @@ impl Serialize for RawJson {
     }
 }
 
-/// Header of `vms.csv`.
-pub const CSV_HEADER: &str = "strategy,step,step_vms,index,pid,alloc_mib,spawn_to_ready_ms,vmm_guest_ready_ms,workload_ms,\
-valid,guest_ram_resident_bytes,memmap_resident_bytes,memmap_initialized_bytes,workload_bytes,allocated_bytes,\
-vmm_rss_bytes,vmm_pss_bytes,page_table_bytes,threads,kvm_memslot_estimate_bytes";
+/// The columns of `vms.csv`, in order: the fields of [`CsvRow`].
+pub const CSV_COLUMNS: [&str; 20] = [
+    "strategy",
+    "step",
+    "step_vms",
+    "index",
+    "pid",
+    "alloc_mib",
+    "spawn_to_ready_ms",
+    "vmm_guest_ready_ms",
+    "workload_ms",
+    "valid",
+    "guest_ram_resident_bytes",
+    "memmap_resident_bytes",
+    "memmap_initialized_bytes",
+    "workload_bytes",
+    "allocated_bytes",
+    "vmm_rss_bytes",
+    "vmm_pss_bytes",
+    "page_table_bytes",
+    "threads",
+    "kvm_memslot_estimate_bytes",
+];
 
-/// One `vms.csv` row.
-pub fn csv_row(strategy: &str, step: u64, step_vms: u64, vm: &VmRecord, s: &Sample) -> String {
-    let r = vm.ready.as_ref();
-    let ms = |f: Option<f64>| f.map_or(String::new(), |v| format!("{v:.3}"));
-    let mut line = String::new();
-    let _ = write!(
-        line,
-        "{},{step},{step_vms},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-        csv_field(strategy),
-        vm.index,
-        vm.pid,
-        vm.alloc_mib,
-        ms(r.map(|r| r.spawn_to_ready_ms)),
-        ms(r.map(|r| r.vmm_guest_ready_ms)),
-        ms(r.map(|r| r.workload_ms)),
-        s.valid,
-        s.guest_ram_resident,
-        s.memmap_resident,
-        s.memmap_initialized,
-        s.workload,
-        s.allocated,
-        s.vmm_rss,
-        s.vmm_pss,
-        s.page_tables,
-        s.threads,
-        s.kvm_memslot_estimate,
-    );
-    line
+/// One `vms.csv` row: one VM at one step (times in ms with three decimals,
+/// empty when the VM never became ready).
+#[derive(Debug, Serialize)]
+pub struct CsvRow<'a> {
+    strategy: &'a str,
+    step: u64,
+    step_vms: u64,
+    index: u64,
+    pid: u32,
+    alloc_mib: u64,
+    #[serde(serialize_with = "ms")]
+    spawn_to_ready_ms: Option<f64>,
+    #[serde(serialize_with = "ms")]
+    vmm_guest_ready_ms: Option<f64>,
+    #[serde(serialize_with = "ms")]
+    workload_ms: Option<f64>,
+    valid: bool,
+    guest_ram_resident_bytes: u64,
+    memmap_resident_bytes: u64,
+    memmap_initialized_bytes: u64,
+    workload_bytes: u64,
+    allocated_bytes: u64,
+    vmm_rss_bytes: u64,
+    vmm_pss_bytes: u64,
+    page_table_bytes: u64,
+    threads: u64,
+    kvm_memslot_estimate_bytes: u64,
 }
 
-/// A CSV field, quoted when it needs to be (RFC 4180).
-pub fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+impl<'a> CsvRow<'a> {
+    /// VM `vm`'s row at step `step` (of `step_vms` VMs) with its sample `s`.
+    pub fn new(strategy: &'a str, step: u64, step_vms: u64, vm: &VmRecord, s: &Sample) -> CsvRow<'a> {
+        let r = vm.ready.as_ref();
+        CsvRow {
+            strategy,
+            step,
+            step_vms,
+            index: vm.index,
+            pid: vm.pid,
+            alloc_mib: vm.alloc_mib,
+            spawn_to_ready_ms: r.map(|r| r.spawn_to_ready_ms),
+            vmm_guest_ready_ms: r.map(|r| r.vmm_guest_ready_ms),
+            workload_ms: r.map(|r| r.workload_ms),
+            valid: s.valid,
+            guest_ram_resident_bytes: s.guest_ram_resident,
+            memmap_resident_bytes: s.memmap_resident,
+            memmap_initialized_bytes: s.memmap_initialized,
+            workload_bytes: s.workload,
+            allocated_bytes: s.allocated,
+            vmm_rss_bytes: s.vmm_rss,
+            vmm_pss_bytes: s.vmm_pss,
+            page_table_bytes: s.page_tables,
+            threads: s.threads,
+            kvm_memslot_estimate_bytes: s.kvm_memslot_estimate,
+        }
+    }
+}
+
+/// A time in ms with three decimals; `None` is an empty field.
+fn ms<S: serde::Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(&format_args!("{v:.3}")),
+        None => s.serialize_none(),
     }
 }
 
@@ -212,7 +260,7 @@ pub fn csv_field(s: &str) -> String {
 /// where they would count in the measured drop).
 pub struct CsvSink {
     path: PathBuf,
-    out: Option<io::BufWriter<std::fs::File>>,
+    out: Option<csv::Writer<std::fs::File>>,
 }
 
 impl CsvSink {
@@ -220,15 +268,17 @@ impl CsvSink {
     pub fn create(dir: Option<&Path>) -> Result<CsvSink, OutputError> {
         let Some(dir) = dir else { return Ok(CsvSink { path: PathBuf::new(), out: None }) };
         let path = dir.join("vms.csv");
-        let mut out = io::BufWriter::new(std::fs::File::create(&path).map_err(|e| OutputError::Write(path.clone(), e))?);
-        writeln!(out, "{CSV_HEADER}").map_err(|e| OutputError::Write(path.clone(), e))?;
+        let csv_err = |e| OutputError::Csv(path.clone(), e);
+        // The header comes from CSV_COLUMNS, so that a run with no row has one too.
+        let mut out = csv::WriterBuilder::new().has_headers(false).from_path(&path).map_err(csv_err)?;
+        out.write_record(CSV_COLUMNS).map_err(csv_err)?;
         Ok(CsvSink { path, out: Some(out) })
     }
 
     /// Appends one row.
-    pub fn row(&mut self, line: &str) -> Result<(), OutputError> {
+    pub fn row(&mut self, row: &CsvRow<'_>) -> Result<(), OutputError> {
         match &mut self.out {
-            Some(o) => writeln!(o, "{line}").map_err(|e| OutputError::Write(self.path.clone(), e)),
+            Some(o) => o.serialize(row).map_err(|e| OutputError::Csv(self.path.clone(), e)),
             None => Ok(()),
         }
     }
@@ -309,22 +359,51 @@ mod tests {
         }
     }
 
+    fn sample() -> Sample {
+        Sample { valid: true, guest_ram_resident: 100, memmap_resident: 10, workload: 50, vmm_pss: 7, ..Sample::default() }
+    }
+
+    /// `rows` as CSV text, with the header the writer derives from the fields.
+    fn csv_text(rows: &[CsvRow<'_>]) -> String {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for r in rows {
+            w.serialize(r).unwrap();
+        }
+        String::from_utf8(w.into_inner().unwrap()).unwrap()
+    }
+
     #[test]
     fn csv_rows_match_the_header() {
-        let s = Sample { valid: true, guest_ram_resident: 100, memmap_resident: 10, workload: 50, vmm_pss: 7, ..Sample::default() };
-        let row = csv_row("eager", 2, 10, &record(), &s);
-        assert_eq!(row.split(',').count(), CSV_HEADER.split(',').count(), "{row}");
-        assert!(row.starts_with("eager,2,10,3,42,16,12.500,10.000,1.250,true,100,10,0,50,"), "{row}");
         let unready = VmRecord { ready: None, ..record() };
-        let row = csv_row("ondemand", 0, 1, &unready, &s);
-        assert!(row.starts_with("ondemand,0,1,3,42,16,,,,true,"), "{row}");
+        let text = csv_text(&[CsvRow::new("eager", 2, 10, &record(), &sample()), CsvRow::new("ondemand", 0, 1, &unready, &sample())]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], CSV_COLUMNS.join(","));
+        assert!(lines[1].starts_with("eager,2,10,3,42,16,12.500,10.000,1.250,true,100,10,0,50,"), "{text}");
+        assert!(lines[2].starts_with("ondemand,0,1,3,42,16,,,,true,"), "{text}");
+        assert!(lines.iter().all(|l| l.split(',').count() == CSV_COLUMNS.len()), "{text}");
     }
 
     #[test]
     fn csv_fields_are_quoted_only_when_needed() {
-        assert_eq!(csv_field("eager"), "eager");
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        let text = csv_text(&[CsvRow::new("a,\"b\"", 0, 1, &record(), &sample())]);
+        assert!(text.lines().nth(1).unwrap().starts_with("\"a,\"\"b\"\"\",0,1,"), "{text}");
+    }
+
+    #[test]
+    fn the_sink_writes_the_header_then_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = CsvSink::create(Some(dir.path())).unwrap();
+        sink.finish().unwrap();
+        let header = CSV_COLUMNS.join(",") + "\n";
+        assert_eq!(std::fs::read_to_string(dir.path().join("vms.csv")).unwrap(), header);
+        sink.row(&CsvRow::new("eager", 0, 1, &record(), &sample())).unwrap();
+        sink.finish().unwrap();
+        let text = std::fs::read_to_string(dir.path().join("vms.csv")).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.starts_with(&header) && text.ends_with("\n"), "{text}");
+        let mut none = CsvSink::create(None).unwrap();
+        none.row(&CsvRow::new("eager", 0, 1, &record(), &sample())).unwrap();
+        none.finish().unwrap();
     }
 
     #[test]

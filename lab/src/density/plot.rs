@@ -10,16 +10,35 @@
 //! - `time_to_ready.svg`: the distribution (empirical CDF) of spawn → ready
 //!   per strategy.
 
-use super::output::{OutputError, Report};
+use super::output::Report;
+use plotters::drawing::DrawingAreaErrorKind;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
+
+/// What plotters' SVG backend fails with (it writes the file as it draws).
+type DrawError = DrawingAreaErrorKind<std::io::Error>;
+
+/// Draws one plot of a report into an SVG file.
+type Draw = fn(&Path, &Report) -> Result<(), DrawError>;
+
+/// Why a plot could not be drawn.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// Drawing or writing the SVG file failed.
+    #[error("cannot draw {path:?}")]
+    Draw {
+        path: PathBuf,
+        #[source]
+        source: DrawError,
+    },
+}
 
 const SIZE: (u32, u32) = (960, 560);
 const FONT: &str = "sans-serif";
 
 /// Colors of the strategies, in `--strategies` order.
 const SERIES: [RGBColor; 4] = [RGBColor(0xd6, 0x27, 0x28), RGBColor(0x1f, 0x77, 0xb4), RGBColor(0x2c, 0xa0, 0x2c), RGBColor(0x94, 0x67, 0xbd)];
-/// Colors of the footprint parts, in [`super::stats::Breakdown::parts`] order.
+/// Colors of the footprint parts, in [`super::footprint::Breakdown::parts`] order.
 const PARTS: [RGBColor; 5] = [
     RGBColor(0x7f, 0x7f, 0x7f),
     RGBColor(0xff, 0x7f, 0x0e),
@@ -32,13 +51,13 @@ const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// Draws the three plots into `dir`.
-pub fn all(dir: &Path, report: &Report) -> Result<(), OutputError> {
-    let path = dir.join("host_memory.svg");
-    host_memory(&path, report).map_err(|e| OutputError::Plot(path, e))?;
-    let path = dir.join("footprint.svg");
-    footprint(&path, report).map_err(|e| OutputError::Plot(path, e))?;
-    let path = dir.join("time_to_ready.svg");
-    time_to_ready(&path, report).map_err(|e| OutputError::Plot(path, e))?;
+pub fn all(dir: &Path, report: &Report) -> Result<(), PlotError> {
+    let plots: [(&str, Draw); 3] =
+        [("host_memory.svg", host_memory), ("footprint.svg", footprint), ("time_to_ready.svg", time_to_ready)];
+    for (name, draw) in plots {
+        let path = dir.join(name);
+        draw(&path, report).map_err(|source| PlotError::Draw { path, source })?;
+    }
     Ok(())
 }
 
@@ -46,9 +65,9 @@ fn color(i: usize) -> RGBColor {
     SERIES[i % SERIES.len()]
 }
 
-fn host_memory(path: &PathBuf, report: &Report) -> Result<(), String> {
+fn host_memory(path: &Path, report: &Report) -> Result<(), DrawError> {
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    root.fill(&WHITE)?;
     let lines: Vec<(String, Vec<(f64, f64)>)> = report
         .strategies
         .iter()
@@ -68,38 +87,38 @@ fn host_memory(path: &PathBuf, report: &Report) -> Result<(), String> {
         .x_label_area_size(48)
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)
-        .map_err(|e| e.to_string())?;
+        ?;
     chart
         .configure_mesh()
         .x_desc("VMs running")
         .y_desc("MemAvailable drop (GiB)")
         .label_style((FONT, 14))
         .draw()
-        .map_err(|e| e.to_string())?;
+        ?;
     for (i, (name, pts)) in lines.iter().enumerate() {
         let c = color(i);
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-            .map_err(|e| e.to_string())?
+            ?
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         chart
             .draw_series(pts.iter().skip(1).map(|&p| Circle::new(p, 3, c.filled())))
-            .map_err(|e| e.to_string())?;
+            ?;
     }
     if floor_used > 0.0 {
         chart
             .draw_series(LineSeries::new([(0.0, floor_used), (x_max, floor_used)], BLACK.stroke_width(1)))
-            .map_err(|e| e.to_string())?
+            ?
             .label(format!("floor ({} MiB left)", report.settings.floor_bytes >> 20))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
     }
     finish(&mut chart, &root, SeriesLabelPosition::LowerRight)
 }
 
-fn footprint(path: &PathBuf, report: &Report) -> Result<(), String> {
+fn footprint(path: &Path, report: &Report) -> Result<(), DrawError> {
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    root.fill(&WHITE)?;
     let bars: Vec<(String, [(&'static str, f64); 5])> = report
         .strategies
         .iter()
@@ -119,7 +138,7 @@ fn footprint(path: &PathBuf, report: &Report) -> Result<(), String> {
         .x_label_area_size(40)
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..n, 0.0..y_max)
-        .map_err(|e| e.to_string())?;
+        ?;
     let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
     chart
         .configure_mesh()
@@ -132,7 +151,7 @@ fn footprint(path: &PathBuf, report: &Report) -> Result<(), String> {
         .y_desc("MiB per VM")
         .label_style((FONT, 14))
         .draw()
-        .map_err(|e| e.to_string())?;
+        ?;
     for (k, &c) in PARTS.iter().enumerate() {
         let rects: Vec<Rectangle<(f64, f64)>> = bars
             .iter()
@@ -146,7 +165,7 @@ fn footprint(path: &PathBuf, report: &Report) -> Result<(), String> {
         let label = bars.first().map_or("", |b| b.1[k].0);
         chart
             .draw_series(rects)
-            .map_err(|e| e.to_string())?
+            ?
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], c.filled()));
     }
@@ -154,13 +173,13 @@ fn footprint(path: &PathBuf, report: &Report) -> Result<(), String> {
         let top: f64 = b.parts().iter().map(|p| p.1.max(0.0) / MIB).sum();
         Text::new(format!("{:.1} MiB", b.total / MIB), (i as f64 + 0.40, top + y_max * 0.03), (FONT, 16))
     });
-    chart.draw_series(totals).map_err(|e| e.to_string())?;
+    chart.draw_series(totals)?;
     finish(&mut chart, &root, SeriesLabelPosition::UpperRight)
 }
 
-fn time_to_ready(path: &PathBuf, report: &Report) -> Result<(), String> {
+fn time_to_ready(path: &Path, report: &Report) -> Result<(), DrawError> {
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    root.fill(&WHITE)?;
     let curves: Vec<(String, Vec<(f64, f64)>)> = report
         .strategies
         .iter()
@@ -183,14 +202,14 @@ fn time_to_ready(path: &PathBuf, report: &Report) -> Result<(), String> {
         .x_label_area_size(48)
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..x_max, 0.0..1.02)
-        .map_err(|e| e.to_string())?;
+        ?;
     chart
         .configure_mesh()
         .x_desc("ms from spawn to ready")
         .y_desc("fraction of VMs ready")
         .label_style((FONT, 14))
         .draw()
-        .map_err(|e| e.to_string())?;
+        ?;
     for (i, (label, pts)) in curves.iter().enumerate() {
         let c = color(i);
         // A step function: each VM raises the curve at its time.
@@ -203,20 +222,19 @@ fn time_to_ready(path: &PathBuf, report: &Report) -> Result<(), String> {
         }
         chart
             .draw_series(LineSeries::new(steps, c.stroke_width(2)))
-            .map_err(|e| e.to_string())?
+            ?
             .label(label.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
     finish(&mut chart, &root, SeriesLabelPosition::LowerRight)
 }
 
-
 /// Draws the legend at `position` and writes the SVG out.
 fn finish<'a, X: Ranged, Y: Ranged>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
     root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
     position: SeriesLabelPosition,
-) -> Result<(), String> {
+) -> Result<(), DrawError> {
     chart
         .configure_series_labels()
         .position(position)
@@ -224,6 +242,6 @@ fn finish<'a, X: Ranged, Y: Ranged>(
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+        ?;
+    root.present()
 }

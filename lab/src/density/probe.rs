@@ -5,7 +5,7 @@
 //! Every call is one short connection ([`vmm_client::Client::request`]), so the
 //! runner holds no file descriptor per VM between calls.
 
-use super::host;
+use crate::host;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,188 @@
+//! What `vmm bench` writes: `bench.json` (every raw sample, the host with
+//! its load around the run, the settings and each command line) and the short
+//! Markdown table for stdout.
+
+use super::alloc::AllocResults;
+use super::boot::BootResults;
+use super::memmap::MemmapResults;
+use crate::host;
+use serde::Serialize;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Serialize)]
+pub struct Settings {
+    pub boot_runs: usize,
+    pub reps: usize,
+    pub pairs: u64,
+    pub mem_mib: u64,
+    pub small_mem_mib: u64,
+}
+
+/// The host, as `vmm density` describes it, plus the load around the run
+/// (other work on a shared host).
+#[derive(Debug, Serialize)]
+pub struct HostInfo {
+    #[serde(flatten)]
+    machine: Option<host::HostInfo>,
+    /// `/proc/loadavg` when the bench started.
+    loadavg_start: Option<String>,
+    /// `/proc/loadavg` when it ended.
+    pub loadavg_end: Option<String>,
+}
+
+impl HostInfo {
+    /// The host now, with the load average at the start.
+    pub fn read() -> HostInfo {
+        HostInfo { machine: host::meminfo().ok().map(host::host_info), loadavg_start: host::loadavg(), loadavg_end: None }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResults {
+    pub date_utc: String,
+    pub host: HostInfo,
+    pub vmm: String,
+    pub settings: Settings,
+    pub boot: Option<BootResults>,
+    pub alloc: Option<AllocResults>,
+    pub memmap: Option<MemmapResults>,
+    pub duration_s: f64,
+}
+
+fn f1(x: Option<f64>, scale: f64) -> String {
+    x.map_or_else(|| "-".into(), |v| format!("{:.1}", v / scale))
+}
+
+fn r2(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".into(), |v| format!("{v:.2}x"))
+}
+
+/// A Markdown table: a header, its separator and the rows, then a blank line.
+fn markdown(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let line = |cells: &[&str]| format!("| {} |\n", cells.join(" | "));
+    let mut s = line(header) + &line(&vec!["---"; header.len()]);
+    for r in rows {
+        s += &line(&r.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    s + "\n"
+}
+
+impl BenchResults {
+    /// The short table for stdout (Markdown, so it pastes into docs).
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "vmm bench, {} ({} CPUs, load average at start {})\n\n",
+            self.date_utc,
+            self.host.machine.as_ref().map_or(0, |m| m.cores),
+            self.host.loadavg_start.as_deref().unwrap_or("?")
+        );
+        if let Some(b) = &self.boot {
+            s += &format!("Boot, {} MiB, median of {} runs each (ms)\n\n", self.settings.mem_mib, self.settings.boot_runs);
+            s += &markdown(
+                &["variant", "vCPUs", "exec→ready", "ratio to eager", "exec→exit", "ratio to eager", "failures"],
+                b.variants.iter().map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.vcpus.to_string(),
+                        f1(v.median_ready_us, 1e3),
+                        r2(v.ratio_ready_to_eager),
+                        f1(v.median_wall_us, 1e3),
+                        r2(v.ratio_wall_to_eager),
+                        v.failures.to_string(),
+                    ]
+                }),
+            );
+        }
+        if let Some(a) = &self.alloc {
+            s += &format!(
+                "Allocator fast path, cycles per order-0 alloc+free pair ({} pairs, median of {})\n\n",
+                a.pairs, self.settings.reps
+            );
+            s += &markdown(
+                &["variant", "state", "median", "min", "max"],
+                a.variants.iter().map(|v| {
+                    vec![
+                        v.name.to_string(),
+                        v.what.to_string(),
+                        f1(v.median_cycles_per_pair, 1.0),
+                        f1(v.min_cycles_per_pair, 1.0),
+                        f1(v.max_cycles_per_pair, 1.0),
+                    ]
+                }),
+            );
+            for r in &a.ratios {
+                s += &format!("- {}: {} / {} = {}\n", r.name, r.numerator, r.denominator, r2(r.ratio));
+            }
+            s += "\n";
+        }
+        if let Some(m) = &self.memmap {
+            s += &format!("Memmap initialization per struct page (median of {})\n\n", self.settings.reps);
+            s += &markdown(
+                &["strategy", "pages initialized", "cycles/page", "ns/page", "what"],
+                m.variants.iter().map(|v| {
+                    vec![
+                        v.name.to_string(),
+                        v.median_pages_initialized.map_or_else(|| "-".into(), |p| format!("{p:.0}")),
+                        f1(v.median_cycles_per_page, 1.0),
+                        f1(v.median_ns_per_page, 1.0),
+                        v.what.to_string(),
+                    ]
+                }),
+            );
+        }
+        s
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for `t`.
+pub fn utc_string(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_513), (2026, 3, 1));
+        assert_eq!(utc_string(UNIX_EPOCH + Duration::from_secs(86_400 + 3661)), "1970-01-02 01:01:01 UTC");
+    }
+
+    #[test]
+    fn the_table_names_the_run_and_only_the_sections_run() {
+        let r = BenchResults {
+            date_utc: "2026-01-01 00:00:00 UTC".into(),
+            host: HostInfo { machine: None, loadavg_start: Some("0.50 0.40 0.30 1/100 7".into()), loadavg_end: None },
+            vmm: "/x/vmm".into(),
+            settings: Settings { boot_runs: 1, reps: 1, pairs: 1, mem_mib: 2048, small_mem_mib: 256 },
+            boot: None,
+            alloc: None,
+            memmap: None,
+            duration_s: 0.0,
+        };
+        assert_eq!(r.table(), "vmm bench, 2026-01-01 00:00:00 UTC (0 CPUs, load average at start 0.50 0.40 0.30 1/100 7)\n\n");
+        assert_eq!((f1(Some(1234.0), 1e3), f1(None, 1.0), r2(Some(0.5)), r2(None)), ("1.2".into(), "-".into(), "0.50x".into(), "-".into()));
+        let t = markdown(&["a", "b"], [vec!["1".to_string(), "-".to_string()]]);
+        assert_eq!(t, "| a | b |\n| --- | --- |\n| 1 | - |\n\n");
+    }
+}

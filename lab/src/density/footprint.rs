@@ -1,0 +1,153 @@
+//! The arithmetic of a density run's footprint, free of I/O so it is
+//! unit-tested: the host-wide sums of one ramp step, the per-VM breakdown
+//! derived from them, and the extrapolation to the whole host.
+
+use serde::Serialize;
+
+/// Host-wide sums measured at one ramp step, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StepSums {
+    /// VMs running and measured.
+    pub vms: u64,
+    /// `MemAvailable` at the strategy's baseline minus now (may be negative
+    /// if something else on the host freed memory).
+    pub mem_available_drop: i64,
+    /// Sum of the VMM processes' PSS, guest RAM excluded.
+    pub vmm_pss: u64,
+    /// Sum of the VMM processes' RSS, guest RAM excluded (informative).
+    pub vmm_rss: u64,
+    /// Sum of guest RAM resident on the host.
+    pub guest_ram_resident: u64,
+    /// Sum of the guests' memmap resident on the host (part of guest RAM).
+    pub memmap_resident: u64,
+    /// Sum of what the guests' workloads hold (part of guest RAM).
+    pub workload: u64,
+    /// Sum of the VMM processes' page tables (`VmPTE`; part of the kernel
+    /// share below, shown for information).
+    pub page_tables: u64,
+    /// Sum of the VMM processes' threads.
+    pub threads: u64,
+}
+
+/// One VM's average host footprint at a step, in bytes, split by owner. The
+/// five parts add up to `total` exactly (see [`Breakdown::from_sums`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Breakdown {
+    /// The host kernel's share: KVM (VM, vCPU, memslot rmap, shadow page
+    /// tables) plus the process's own kernel objects (page tables, kernel
+    /// stacks, files). What `MemAvailable` lost that no userspace figure
+    /// accounts for.
+    pub kvm_kernel: f64,
+    /// The VMM process itself (PSS, guest RAM excluded).
+    pub vmm: f64,
+    /// Guest RAM resident that is neither memmap nor workload: the guest
+    /// kernel's image, stacks, page tables and boot structures.
+    pub guest_kernel: f64,
+    /// The guest's memmap resident on the host.
+    pub memmap: f64,
+    /// What the guest workload holds.
+    pub workload: f64,
+    /// `MemAvailable` drop per VM.
+    pub total: f64,
+}
+
+impl Breakdown {
+    /// Per-VM averages from host-wide sums; `None` with no VMs.
+    ///
+    /// total = drop / n; vmm = ΣPSS / n; memmap = Σmemmap / n;
+    /// workload = Σworkload / n; guest_kernel = (Σguest resident − Σmemmap −
+    /// Σworkload) / n; kvm_kernel = (drop − ΣPSS − Σguest resident) / n.
+    pub fn from_sums(s: &StepSums) -> Option<Breakdown> {
+        if s.vms == 0 {
+            return None;
+        }
+        let n = s.vms as f64;
+        let guest = s.guest_ram_resident as f64;
+        let drop = s.mem_available_drop as f64;
+        Some(Breakdown {
+            kvm_kernel: (drop - s.vmm_pss as f64 - guest) / n,
+            vmm: s.vmm_pss as f64 / n,
+            guest_kernel: (guest - s.memmap_resident as f64 - s.workload as f64) / n,
+            memmap: s.memmap_resident as f64 / n,
+            workload: s.workload as f64 / n,
+            total: drop / n,
+        })
+    }
+
+    /// The parts in plot order, with their names.
+    pub fn parts(&self) -> [(&'static str, f64); 5] {
+        [
+            ("KVM + kernel", self.kvm_kernel),
+            ("VMM process", self.vmm),
+            ("guest kernel", self.guest_kernel),
+            ("memmap", self.memmap),
+            ("workload", self.workload),
+        ]
+    }
+}
+
+/// How many VMs of `per_vm` bytes would fit between the baseline and the
+/// floor on the whole host: `(MemTotal − floor − baseline used) / per_vm`,
+/// where baseline used = `MemTotal − MemAvailable` at the baseline, i.e.
+/// `(baseline MemAvailable − floor) / per_vm`. `None` if `per_vm` is not
+/// positive.
+pub fn extrapolated_fit(mem_total: u64, floor: u64, baseline_available: u64, per_vm: f64) -> Option<u64> {
+    if per_vm.is_nan() || per_vm <= 0.0 {
+        return None;
+    }
+    let used = mem_total.saturating_sub(baseline_available);
+    let room = mem_total.saturating_sub(floor).saturating_sub(used);
+    Some((room as f64 / per_vm).floor() as u64)
+}
+
+/// The default floor: the larger of 2 GiB and 10% of `MemTotal`.
+pub fn default_floor(mem_total: u64) -> u64 {
+    (2u64 << 30).max(mem_total / 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breakdown_parts_add_up_to_the_drop() {
+        let s = StepSums {
+            vms: 10,
+            mem_available_drop: 400 << 20,
+            vmm_pss: 20 << 20,
+            vmm_rss: 40 << 20,
+            guest_ram_resident: 330 << 20,
+            memmap_resident: 300 << 20,
+            workload: 10 << 20,
+            page_tables: 1 << 20,
+            threads: 40,
+        };
+        let b = Breakdown::from_sums(&s).unwrap();
+        let mib = |v: f64| v / f64::from(1u32 << 20);
+        assert_eq!(mib(b.total), 40.0);
+        assert_eq!(mib(b.vmm), 2.0);
+        assert_eq!(mib(b.memmap), 30.0);
+        assert_eq!(mib(b.workload), 1.0);
+        assert_eq!(mib(b.guest_kernel), 2.0);
+        assert_eq!(mib(b.kvm_kernel), 5.0);
+        let sum: f64 = b.parts().iter().map(|p| p.1).sum();
+        assert!((sum - b.total).abs() < 1e-6);
+        assert!(Breakdown::from_sums(&StepSums::default()).is_none());
+    }
+
+    #[test]
+    fn extrapolation_uses_the_room_above_the_floor() {
+        let gib = 1u64 << 30;
+        // 24 GiB host, 1 GiB used at baseline, 2 GiB floor: 21 GiB of room.
+        assert_eq!(extrapolated_fit(24 * gib, 2 * gib, 23 * gib, (gib / 100) as f64), Some(2100));
+        assert_eq!(extrapolated_fit(24 * gib, 30 * gib, 23 * gib, 1.0), Some(0));
+        assert_eq!(extrapolated_fit(24 * gib, 2 * gib, 23 * gib, 0.0), None);
+        assert_eq!(extrapolated_fit(24 * gib, 2 * gib, 23 * gib, -5.0), None);
+    }
+
+    #[test]
+    fn the_default_floor_is_the_larger_of_2_gib_and_a_tenth() {
+        assert_eq!(default_floor(8 << 30), 2 << 30);
+        assert_eq!(default_floor(40 << 30), 4 << 30);
+    }
+}

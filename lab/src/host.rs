@@ -1,0 +1,215 @@
+//! What the lab's experiments read about the host and their child processes:
+//! `/proc/meminfo` (`MemTotal`, `MemAvailable`), the load average, the
+//! machine (cores, CPU model, kernel, whether `/dev/kvm` is PVM), and a
+//! process's `/proc/PID/status` (page tables, threads, resident memory) and
+//! state. `/proc` is parsed by the `procfs` crate.
+
+use procfs::process::{ProcState, Process};
+use procfs::{Current, ProcError};
+use serde::Serialize;
+
+/// Why `/proc/meminfo` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MeminfoError {
+    /// The file could not be read or parsed.
+    #[error("cannot read /proc/meminfo")]
+    Read(#[source] ProcError),
+    /// The kernel gives no `MemAvailable` (it has since Linux 3.14).
+    #[error("/proc/meminfo has no MemAvailable line; Linux 3.14 or later is needed")]
+    NoMemAvailable,
+}
+
+/// The two `/proc/meminfo` figures the lab uses, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Meminfo {
+    /// `MemTotal`.
+    pub total: u64,
+    /// `MemAvailable`: what the kernel estimates can be allocated without
+    /// swapping (there is no swap here: without reclaiming page cache).
+    pub available: u64,
+}
+
+impl TryFrom<&procfs::Meminfo> for Meminfo {
+    type Error = MeminfoError;
+    fn try_from(m: &procfs::Meminfo) -> Result<Meminfo, MeminfoError> {
+        let available = m.mem_available.ok_or(MeminfoError::NoMemAvailable)?;
+        Ok(Meminfo { total: m.mem_total, available })
+    }
+}
+
+/// Reads `/proc/meminfo` now.
+pub fn meminfo() -> Result<Meminfo, MeminfoError> {
+    Meminfo::try_from(&procfs::Meminfo::current().map_err(MeminfoError::Read)?)
+}
+
+/// `/proc/loadavg` as the kernel prints it (`0.52 0.58 0.59 2/345 6789`:
+/// the 1, 5 and 15 minute averages, runnable/all tasks, the last PID), or
+/// `None` if it cannot be read.
+pub fn loadavg() -> Option<String> {
+    let l = procfs::LoadAverage::current().ok()?;
+    Some(format!("{:.2} {:.2} {:.2} {}/{} {}", l.one, l.five, l.fifteen, l.cur, l.max, l.latest_pid))
+}
+
+/// The machine an experiment ran on, for its report.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostInfo {
+    /// Online CPUs.
+    pub cores: usize,
+    /// CPU model, from `/proc/cpuinfo`.
+    pub cpu_model: Option<String>,
+    /// `MemTotal` in bytes.
+    pub mem_total_bytes: u64,
+    /// Kernel release (`/proc/sys/kernel/osrelease`).
+    pub kernel: Option<String>,
+    /// Whether KVM is served by the PVM module (`/sys/module/kvm_pvm`),
+    /// i.e. shadow paging without hardware virtualization.
+    pub pvm: bool,
+    /// `/sys/module/kvm/parameters/tdp_mmu` (`N` under PVM).
+    pub kvm_tdp_mmu: Option<String>,
+    /// Transparent huge pages setting (the bracketed word).
+    pub transparent_hugepage: Option<String>,
+    /// The runner's soft `RLIMIT_NOFILE`.
+    pub nofile_limit: Option<u64>,
+}
+
+/// A one-value file (sysfs, or the kernel release, which `procfs` would
+/// shorten to its version numbers), trimmed.
+fn read_trimmed(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+/// The word in brackets of a sysfs choice list (`always [madvise] never`).
+pub fn bracketed(s: &str) -> Option<&str> {
+    let start = s.find('[')? + 1;
+    let len = s[start..].find(']')?;
+    Some(&s[start..start + len])
+}
+
+/// Describes this host.
+pub fn host_info(mem: Meminfo) -> HostInfo {
+    let cpu_model = procfs::CpuInfo::current().ok().and_then(|c| c.model_name(0).map(str::to_string));
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the local struct it is given.
+    let nofile = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur);
+    HostInfo {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        mem_total_bytes: mem.total,
+        kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        pvm: vmm::host::is_pvm_host(),
+        kvm_tdp_mmu: read_trimmed("/sys/module/kvm/parameters/tdp_mmu"),
+        transparent_hugepage: read_trimmed("/sys/kernel/mm/transparent_hugepage/enabled")
+            .and_then(|s| bracketed(&s).map(str::to_string)),
+        nofile_limit: nofile,
+    }
+}
+
+/// What `/proc/PID/status` says about a process's kernel-side cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ProcStatus {
+    /// `VmPTE`: the process's page tables, in bytes.
+    pub page_table_bytes: u64,
+    /// `Threads`.
+    pub threads: u64,
+    /// `VmRSS`: its resident memory, in bytes.
+    pub rss_bytes: u64,
+}
+
+impl From<&procfs::process::Status> for ProcStatus {
+    fn from(s: &procfs::process::Status) -> ProcStatus {
+        let bytes = |kib: Option<u64>| kib.unwrap_or(0) * 1024;
+        ProcStatus { page_table_bytes: bytes(s.vmpte), threads: s.threads, rss_bytes: bytes(s.vmrss) }
+    }
+}
+
+fn status_of(p: Result<Process, ProcError>) -> ProcStatus {
+    p.and_then(|p| p.status()).map(|s| ProcStatus::from(&s)).unwrap_or_default()
+}
+
+/// Reads `/proc/PID/status` (all zero if the process is gone).
+pub fn proc_status(pid: u32) -> ProcStatus {
+    match i32::try_from(pid) {
+        Ok(pid) => status_of(Process::new(pid)),
+        Err(_) => ProcStatus::default(),
+    }
+}
+
+/// This process's own `/proc/self/status`.
+pub fn own_status() -> ProcStatus {
+    status_of(Process::myself())
+}
+
+/// Whether process `pid` has exited (gone, or a zombie waiting to be reaped).
+pub fn exited(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return true };
+    match Process::new(pid).and_then(|p| p.stat()) {
+        Ok(stat) => matches!(stat.state(), Ok(ProcState::Zombie | ProcState::Dead)),
+        Err(ProcError::NotFound(_) | ProcError::PermissionDenied(_) | ProcError::Io(..)) => true,
+        // Read but not understood: say it runs (its end will show otherwise).
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_reads_total_and_available_in_bytes() {
+        let m = meminfo().unwrap();
+        assert!(m.total >= m.available && m.available > 0, "{m:?}");
+        // Whole KiB: procfs converts the kB figures to bytes.
+        assert_eq!(m.total % 1024, 0);
+    }
+
+    #[test]
+    fn meminfo_without_available_is_an_error() {
+        let mut m = procfs::Meminfo::current().unwrap();
+        m.mem_total = 10 << 10;
+        m.mem_available = Some(4 << 10);
+        assert_eq!(Meminfo::try_from(&m).unwrap(), Meminfo { total: 10 << 10, available: 4 << 10 });
+        m.mem_available = None;
+        assert!(matches!(Meminfo::try_from(&m), Err(MeminfoError::NoMemAvailable)));
+    }
+
+    #[test]
+    fn status_gives_page_tables_threads_and_rss() {
+        let s = own_status();
+        assert!(s.threads >= 1 && s.rss_bytes > 0 && s.page_table_bytes > 0, "{s:?}");
+        assert_eq!(s.rss_bytes % 1024, 0);
+        assert_eq!(proc_status(std::process::id()).threads, s.threads);
+        assert_eq!(proc_status(u32::MAX), ProcStatus::default());
+    }
+
+    #[test]
+    fn the_load_average_reads_like_the_kernel_prints_it() {
+        let l = loadavg().unwrap();
+        let words: Vec<&str> = l.split(' ').collect();
+        assert_eq!(words.len(), 5, "{l}");
+        assert!(words[..3].iter().all(|w| w.parse::<f64>().is_ok() && w.split_once('.').unwrap().1.len() == 2), "{l}");
+        assert!(words[3].contains('/'), "{l}");
+    }
+
+    #[test]
+    fn bracketed_choice() {
+        assert_eq!(bracketed("always [madvise] never"), Some("madvise"));
+        assert_eq!(bracketed("none"), None);
+    }
+
+    #[test]
+    fn this_process_is_running_and_a_missing_one_has_exited() {
+        assert!(!exited(std::process::id()));
+        assert!(exited(u32::MAX));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Unreaped, it is a zombie: exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !exited(pid) {
+            assert!(std::time::Instant::now() < deadline, "pid {pid} never seen exited");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        child.wait().unwrap();
+        assert!(exited(pid));
+        assert!(host_info(meminfo().unwrap()).cores >= 1);
+    }
+}
