@@ -131,8 +131,9 @@ impl<'de> Deserialize<'de> for GuestCpl {
 }
 
 /// How the host backs guest memory. JSON: `"None"` or `"2M"`, Firecracker's
-/// `huge_pages` enum.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// `huge_pages` enum (anything else, such as this VMM's old `true`, is an
+/// error that names the two values).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub enum HugePages {
     /// 4 KiB host pages (so residency counts exactly what the guest touched).
     #[default]
@@ -152,6 +153,14 @@ impl HugePages {
         matches!(self, HugePages::Size2M)
     }
 
+    /// The JSON spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            HugePages::None => "None",
+            HugePages::Size2M => "2M",
+        }
+    }
+
     /// `Size2M` when `enabled`, else `None` (for the `--huge-pages` flag).
     pub const fn from_enabled(enabled: bool) -> HugePages {
         if enabled {
@@ -159,6 +168,25 @@ impl HugePages {
         } else {
             HugePages::None
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for HugePages {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<HugePages, D::Error> {
+        struct HugePagesVisitor;
+        impl de::Visitor<'_> for HugePagesVisitor {
+            type Value = HugePages;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"huge_pages "None" or "2M""#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HugePages, E> {
+                HugePages::ALL
+                    .into_iter()
+                    .find(|h| h.name() == v)
+                    .ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(HugePagesVisitor)
     }
 }
 
@@ -659,8 +687,9 @@ mod tests {
         assert_eq!(serde_json::to_value(HugePages::Size2M).unwrap(), "2M");
         assert_eq!(serde_json::to_value(HugePages::None).unwrap(), "None");
         assert_eq!(serde_json::from_str::<HugePages>(r#""2M""#).unwrap(), HugePages::Size2M);
-        for bad in ["true", "false", r#""1G""#, r#""none""#] {
-            assert!(serde_json::from_str::<HugePages>(bad).is_err(), "{bad}");
+        for bad in ["true", "false", r#""1G""#, r#""none""#, "2"] {
+            let e = serde_json::from_str::<HugePages>(bad).unwrap_err();
+            assert!(e.to_string().contains(r#"expected huge_pages "None" or "2M""#), "{bad}: {e}");
         }
         assert!(HugePages::from_enabled(true).is_enabled() && !HugePages::from_enabled(false).is_enabled());
         for t in CpuTemplate::ALL {
