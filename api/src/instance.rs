@@ -36,9 +36,9 @@ pub enum VmState {
     Running,
     /// vCPUs are stopped by `PATCH /vm`; guest memory is kept.
     Paused,
-    /// The guest shut down (exit code in [`InstanceInfo::exit_code`]).
+    /// The guest shut down (exit code in [`InstanceStatus::exit_code`]).
     Halted,
-    /// The VM stopped on an error ([`InstanceInfo::failure_reason`]).
+    /// The VM stopped on an error ([`InstanceStatus::failure_reason`]).
     Failed,
 }
 

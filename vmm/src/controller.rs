@@ -21,7 +21,7 @@
 //! down) that runs when the guest is ready.
 //!
 //! The controller also owns the host files of `PUT /logger` and
-//! `PUT /metrics` ([`output`]): its own diagnostics (API requests, life-cycle
+//! `PUT /metrics` (the private `output` module): its own diagnostics (API requests, life-cycle
 //! events, warnings) are written to the log file, and the counters of
 //! `GET /metrics` to the metrics file on `FlushMetrics`, every
 //! [`METRICS_FLUSH_PERIOD`] and when the VM stops. Without a log file its
