@@ -124,16 +124,24 @@ fn full_lifecycle_serve_configure_start_memory_pause_resume_shutdown() {
 
     let (code, info) = s.curl("GET", "/", None);
     assert_eq!(code, 200);
-    assert_eq!(info["state"], "NotStarted");
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["app_name"], "vmm");
     assert!(info["vmm_version"].is_string());
+    // The extension data GET / leaves out.
+    let (code, status) = s.curl("GET", "/vm/status", None);
+    assert_eq!(code, 200);
+    assert_eq!(status, json!({"id": info["id"], "state": "Not started", "started": false, "exit_code": null, "failure_reason": null}));
 
-    // Configure before start.
-    let (code, _) = s.curl("PUT", "/machine-config", Some(r#"{"mem_size_mib": 512, "memmap_init": "ondemand"}"#));
+    // Configure before start: PUT replaces (vcpu_count and mem_size_mib
+    // required), PATCH changes some fields.
+    let (code, _) = s.curl("PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 512, "memmap_init": "eager"}"#));
+    assert_eq!(code, 204);
+    let (code, _) = s.curl("PATCH", "/machine-config", Some(r#"{"vcpu_count": 1, "memmap_init": "ondemand"}"#));
     assert_eq!(code, 204);
     let (code, _) = s.curl("PUT", "/boot-source", Some(r#"{"boot_args": "quiet"}"#));
     assert_eq!(code, 204);
     let (_, cfg) = s.curl("GET", "/machine-config", None);
-    assert_eq!(cfg["mem_size_mib"], 512);
+    assert_eq!((&cfg["vcpu_count"], &cfg["mem_size_mib"], &cfg["memmap_init"]), (&json!(1), &json!(512), &json!("ondemand")));
     // No memory report before start: a state conflict.
     let (code, e) = s.curl("GET", "/memory", None);
     assert_eq!(code, 409, "{e}");
@@ -145,9 +153,12 @@ fn full_lifecycle_serve_configure_start_memory_pause_resume_shutdown() {
     assert_eq!(u(&before, "/host/guest_ram_bytes"), 512 * MIB);
 
     // Not after start.
-    let (code, e) = s.curl("PUT", "/machine-config", Some(r#"{"vcpu_count": 2}"#));
+    let (code, e) = s.curl("PATCH", "/machine-config", Some(r#"{"vcpu_count": 2}"#));
     assert_eq!(code, 409);
     assert!(e["fault_message"].as_str().unwrap().contains("Running"), "{e}");
+    let (code, _) = s.curl("PUT", "/machine-config", Some(r#"{"vcpu_count": 2, "mem_size_mib": 512}"#));
+    assert_eq!(code, 409);
+    assert_eq!(s.curl("GET", "/vm/status", None).1["started"], true);
     let (code, _) = s.curl("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
     assert_eq!(code, 409);
 
@@ -168,8 +179,10 @@ fn full_lifecycle_serve_configure_start_memory_pause_resume_shutdown() {
     assert_eq!(s.curl("GET", "/", None).1["state"], "Paused");
     let (code, e) = s.curl("PUT", "/guest/memory", Some(r#"{"target_mib": 64}"#));
     assert_eq!(code, 409, "{e}");
+    // Pausing a paused VM changes nothing (as in Firecracker).
     let (code, _) = s.curl("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-    assert_eq!(code, 409);
+    assert_eq!(code, 204);
+    assert_eq!(s.curl("GET", "/", None).1["state"], "Paused");
     let (code, _, _) = ctl(&s.sock, &["resume"]);
     assert_eq!(code, 0);
     assert_eq!(s.curl("GET", "/", None).1["state"], "Running");
@@ -192,12 +205,16 @@ fn full_lifecycle_serve_configure_start_memory_pause_resume_shutdown() {
 #[test]
 fn every_error_status_has_a_fault_message() {
     let s = Server::serve();
-    let cases: [(&str, &str, Option<&str>, u16); 7] = [
+    let cases: [(&str, &str, Option<&str>, u16); 11] = [
         ("GET", "/nope", None, 404),
         ("DELETE", "/machine-config", None, 405),
         ("PUT", "/machine-config", Some("{not json"), 400),
-        ("PUT", "/machine-config", Some(r#"{"mem_size_mib": 512, "color": "red"}"#), 400),
-        ("PUT", "/machine-config", Some(r#"{"mem_size_mib": 3}"#), 400),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 512, "color": "red"}"#), 400),
+        ("PUT", "/machine-config", Some(r#"{"mem_size_mib": 512}"#), 400),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 3, "huge_pages": "2M"}"#), 400),
+        ("PATCH", "/machine-config", Some(r#"{"smt": true}"#), 400),
+        ("PUT", "/drives/rootfs", Some(r#"{"drive_id": "rootfs"}"#), 400),
+        ("PUT", "/logger", Some(r#"{"log_path": "/nonexistent/log.fifo"}"#), 400),
         ("PUT", "/guest/memory", Some(r#"{"target_mib": 10}"#), 409),
         ("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), 409),
     ];
@@ -211,12 +228,19 @@ fn every_error_status_has_a_fault_message() {
     let big = format!(r#"{{"boot_args": "{}"}}"#, "x".repeat(64 * 1024));
     let (code, v) = s.curl("PUT", "/boot-source", Some(&big));
     assert_eq!(code, 413, "{v}");
-    // A kernel that does not exist: the start fails with 400 and says why.
-    s.curl("PUT", "/boot-source", Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#));
-    let (code, v) = s.curl("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    // A kernel that does not exist: refused at the PUT, as Firecracker does.
+    let (code, v) = s.curl("PUT", "/boot-source", Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#));
     assert_eq!(code, 400, "{v}");
-    assert!(v["fault_message"].as_str().unwrap().contains("/nonexistent/vmlinux"), "{v}");
-    assert_eq!(s.curl("GET", "/", None).1["state"], "NotStarted");
+    assert_eq!(
+        v["fault_message"],
+        "invalid kernel_image_path: /nonexistent/vmlinux does not exist or cannot be reached: No such file or directory (os error 2)"
+    );
+    let (code, v) = s.curl("PUT", "/boot-source", Some(r#"{"kernel_image_path": "/tmp"}"#));
+    assert_eq!(code, 400, "{v}");
+    assert!(v["fault_message"].as_str().unwrap().contains("/tmp is not a regular file"), "{v}");
+    let (_, cfg) = s.curl("GET", "/vm/config", None);
+    assert_eq!(cfg["boot-source"], json!({}), "nothing was kept");
+    assert_eq!(s.curl("GET", "/", None).1["state"], "Not started");
 }
 
 #[test]

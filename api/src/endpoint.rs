@@ -1,12 +1,34 @@
 //! The route table: [`Endpoint`], one method on one path, and the only place
 //! that knows which method and path carry which type. `openapi.yaml` is
 //! checked against [`Endpoint::ALL`] by this crate's tests.
+//!
+//! Paths of Firecracker's API that this VMM does not serve (drives, network
+//! interfaces, vsock, MMDS, snapshots, balloon, ...) are answered 400 with a
+//! message naming the endpoint as unsupported ([`RouteError::Unsupported`]),
+//! so a Firecracker client sees its usual status and a clear reason.
 
 use std::fmt;
 
-/// Largest request body accepted, in bytes; larger ones get 413. The HTTP
-/// server should check `Content-Length` against it before reading the body.
-pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest request body accepted, in bytes (Firecracker's limit, 50 KiB);
+/// larger ones get 413. The HTTP server should check `Content-Length`
+/// against it before reading the body.
+pub const MAX_BODY_BYTES: usize = 51_200;
+
+/// Firecracker's paths that this VMM does not serve: the first path segment,
+/// and what it is for (the message says so).
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("drives", "block devices (drives)"),
+    ("network-interfaces", "network interfaces"),
+    ("vsock", "vsock devices"),
+    ("mmds", "the microVM metadata service (MMDS)"),
+    ("snapshot", "snapshots"),
+    ("balloon", "the balloon device"),
+    ("entropy", "the entropy device"),
+    ("cpu-config", "custom CPU templates (cpu-config)"),
+    ("pmem", "pmem devices"),
+    ("serial", "serial console configuration"),
+    ("hotplug", "memory hotplug"),
+];
 
 /// Why a request line matches no endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +46,17 @@ pub enum RouteError {
         /// Methods the path serves.
         allowed: Vec<Method>,
     },
+    /// A Firecracker endpoint this VMM does not have (400, as Firecracker
+    /// answers requests it cannot serve).
+    #[error("{method} {path} is not supported by this VMM: it has no {feature}; see docs/api.md for what it serves")]
+    Unsupported {
+        /// Method received.
+        method: String,
+        /// Path received.
+        path: String,
+        /// What the endpoint configures, in words.
+        feature: &'static str,
+    },
 }
 
 fn allowed_list(methods: &[Method], sep: &str) -> String {
@@ -37,6 +70,7 @@ impl RouteError {
         match self {
             RouteError::NotFound(_) => 404,
             RouteError::MethodNotAllowed { .. } => 405,
+            RouteError::Unsupported { .. } => 400,
         }
     }
 
@@ -44,7 +78,7 @@ impl RouteError {
     pub fn allow_header(&self) -> Option<String> {
         match self {
             RouteError::MethodNotAllowed { allowed, .. } => Some(allowed_list(allowed, ", ")),
-            RouteError::NotFound(_) => None,
+            RouteError::NotFound(_) | RouteError::Unsupported { .. } => None,
         }
     }
 }
@@ -89,16 +123,28 @@ impl fmt::Display for Method {
 pub enum Endpoint {
     /// `GET /` → [`InstanceInfo`](crate::InstanceInfo).
     GetInstanceInfo,
+    /// `GET /vm/status` → [`InstanceStatus`](crate::InstanceStatus) (an extension).
+    GetVmStatus,
+    /// `GET /version` → [`FirecrackerVersion`](crate::FirecrackerVersion).
+    GetVersion,
+    /// `GET /vm/config` → [`FullVmConfiguration`](crate::FullVmConfiguration).
+    GetVmConfig,
     /// `GET /machine-config` → [`MachineConfig`](crate::MachineConfig).
     GetMachineConfig,
-    /// `PUT /machine-config` with [`MachineConfigUpdate`](crate::MachineConfigUpdate) → 204.
+    /// `PUT /machine-config` with [`MachineConfigPut`](crate::MachineConfigPut) → 204.
     PutMachineConfig,
+    /// `PATCH /machine-config` with [`MachineConfigUpdate`](crate::MachineConfigUpdate) → 204.
+    PatchMachineConfig,
     /// `PUT /boot-source` with [`BootSource`](crate::BootSource) → 204.
     PutBootSource,
     /// `PUT /actions` with [`InstanceActionInfo`](crate::InstanceActionInfo) → 204.
     PutActions,
     /// `PATCH /vm` with [`VmStateUpdate`](crate::VmStateUpdate) → 204.
     PatchVm,
+    /// `PUT /logger` with [`Logger`](crate::Logger) → 204.
+    PutLogger,
+    /// `PUT /metrics` with [`MetricsConfig`](crate::MetricsConfig) → 204.
+    PutMetrics,
     /// `GET /memory` → [`MemoryReport`](crate::MemoryReport).
     GetMemory,
     /// `GET /guest/memory` → [`GuestMemoryStatus`](crate::GuestMemoryStatus).
@@ -117,13 +163,19 @@ const STATEFUL_ERRORS: &[u16] = &[400, 404, 405, 409, 413, 500];
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 16] = [
         Endpoint::GetInstanceInfo,
+        Endpoint::GetVmStatus,
+        Endpoint::GetVersion,
+        Endpoint::GetVmConfig,
         Endpoint::GetMachineConfig,
         Endpoint::PutMachineConfig,
+        Endpoint::PatchMachineConfig,
         Endpoint::PutBootSource,
         Endpoint::PutActions,
         Endpoint::PatchVm,
+        Endpoint::PutLogger,
+        Endpoint::PutMetrics,
         Endpoint::GetMemory,
         Endpoint::GetGuestMemory,
         Endpoint::PutGuestMemory,
@@ -134,6 +186,9 @@ impl Endpoint {
     pub const fn method(self) -> Method {
         match self {
             Endpoint::GetInstanceInfo
+            | Endpoint::GetVmStatus
+            | Endpoint::GetVersion
+            | Endpoint::GetVmConfig
             | Endpoint::GetMachineConfig
             | Endpoint::GetMemory
             | Endpoint::GetGuestMemory
@@ -141,8 +196,10 @@ impl Endpoint {
             Endpoint::PutMachineConfig
             | Endpoint::PutBootSource
             | Endpoint::PutActions
+            | Endpoint::PutLogger
+            | Endpoint::PutMetrics
             | Endpoint::PutGuestMemory => Method::Put,
-            Endpoint::PatchVm => Method::Patch,
+            Endpoint::PatchVm | Endpoint::PatchMachineConfig => Method::Patch,
         }
     }
 
@@ -150,20 +207,29 @@ impl Endpoint {
     pub const fn path(self) -> &'static str {
         match self {
             Endpoint::GetInstanceInfo => "/",
-            Endpoint::GetMachineConfig | Endpoint::PutMachineConfig => "/machine-config",
+            Endpoint::GetVmStatus => "/vm/status",
+            Endpoint::GetVersion => "/version",
+            Endpoint::GetVmConfig => "/vm/config",
+            Endpoint::GetMachineConfig
+            | Endpoint::PutMachineConfig
+            | Endpoint::PatchMachineConfig => "/machine-config",
+            Endpoint::PutLogger => "/logger",
             Endpoint::PutBootSource => "/boot-source",
             Endpoint::PutActions => "/actions",
             Endpoint::PatchVm => "/vm",
             Endpoint::GetMemory => "/memory",
             Endpoint::GetGuestMemory | Endpoint::PutGuestMemory => "/guest/memory",
-            Endpoint::GetMetrics => "/metrics",
+            Endpoint::GetMetrics | Endpoint::PutMetrics => "/metrics",
         }
     }
 
     /// Name of the request body's type (and OpenAPI schema), if it has one.
     pub const fn request_type(self) -> Option<&'static str> {
         match self {
-            Endpoint::PutMachineConfig => Some("MachineConfigUpdate"),
+            Endpoint::PutMachineConfig => Some("MachineConfigPut"),
+            Endpoint::PatchMachineConfig => Some("MachineConfigUpdate"),
+            Endpoint::PutLogger => Some("Logger"),
+            Endpoint::PutMetrics => Some("MetricsConfig"),
             Endpoint::PutBootSource => Some("BootSource"),
             Endpoint::PutActions => Some("InstanceActionInfo"),
             Endpoint::PatchVm => Some("VmStateUpdate"),
@@ -176,6 +242,9 @@ impl Endpoint {
     pub const fn response_type(self) -> Option<&'static str> {
         match self {
             Endpoint::GetInstanceInfo => Some("InstanceInfo"),
+            Endpoint::GetVmStatus => Some("InstanceStatus"),
+            Endpoint::GetVersion => Some("FirecrackerVersion"),
+            Endpoint::GetVmConfig => Some("FullVmConfiguration"),
             Endpoint::GetMachineConfig => Some("MachineConfig"),
             Endpoint::GetMemory => Some("MemoryReport"),
             Endpoint::GetGuestMemory | Endpoint::PutGuestMemory => Some("GuestMemoryStatus"),
@@ -196,17 +265,21 @@ impl Endpoint {
     pub const fn error_statuses(self) -> &'static [u16] {
         match self {
             Endpoint::PutMachineConfig
+            | Endpoint::PatchMachineConfig
             | Endpoint::PutBootSource
             | Endpoint::PutActions
             | Endpoint::PatchVm
+            | Endpoint::PutLogger
+            | Endpoint::PutMetrics
             | Endpoint::PutGuestMemory => STATEFUL_ERRORS,
             _ => COMMON_ERRORS,
         }
     }
 
-    /// Finds the endpoint for a request line: 404 for an unknown path, 405
-    /// (with the allowed methods) for a known path and another method. One
-    /// trailing `/` is ignored.
+    /// Finds the endpoint for a request line: 400 for a Firecracker path
+    /// this VMM does not serve, 404 for an unknown path, 405 (with the
+    /// allowed methods) for a known path and another method. One trailing
+    /// `/` is ignored.
     pub fn find(method: &str, path: &str) -> Result<Endpoint, RouteError> {
         let path = match path.strip_suffix('/') {
             Some(p) if !p.is_empty() => p,
@@ -217,6 +290,14 @@ impl Endpoint {
             .filter(|e| e.path() == path)
             .collect();
         if on_path.is_empty() {
+            let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+            if let Some((_, feature)) = UNSUPPORTED.iter().find(|(p, _)| *p == first) {
+                return Err(RouteError::Unsupported {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    feature,
+                });
+            }
             return Err(RouteError::NotFound(path.to_string()));
         }
         let wanted = Method::from_name(method);
@@ -269,6 +350,56 @@ mod tests {
         assert_eq!(e.status(), 405);
         assert_eq!(e.allow_header().as_deref(), Some("GET, PUT"));
         assert_eq!(Endpoint::find("get", "/").unwrap_err().status(), 405);
+        let e = Endpoint::find("PATCH", "/vm/config").unwrap_err();
+        assert_eq!((e.status(), e.allow_header().as_deref()), (405, Some("GET")));
+    }
+
+    #[test]
+    fn firecracker_endpoints_this_vmm_lacks_are_400_and_say_so() {
+        for (method, path, feature) in [
+            ("PUT", "/drives/rootfs", "block devices (drives)"),
+            ("PATCH", "/drives/rootfs", "block devices (drives)"),
+            ("PUT", "/network-interfaces/eth0", "network interfaces"),
+            ("PUT", "/vsock", "vsock devices"),
+            ("GET", "/mmds", "the microVM metadata service (MMDS)"),
+            ("PUT", "/mmds/config", "the microVM metadata service (MMDS)"),
+            ("PUT", "/snapshot/create", "snapshots"),
+            ("PUT", "/snapshot/load", "snapshots"),
+            ("GET", "/balloon", "the balloon device"),
+            ("GET", "/balloon/statistics", "the balloon device"),
+            ("PUT", "/entropy", "the entropy device"),
+            ("PUT", "/cpu-config", "custom CPU templates (cpu-config)"),
+        ] {
+            let e = Endpoint::find(method, path).unwrap_err();
+            assert_eq!(e.status(), 400, "{method} {path}");
+            assert_eq!(
+                e.to_string(),
+                format!("{method} {path} is not supported by this VMM: it has no {feature}; see docs/api.md for what it serves")
+            );
+            assert_eq!(e.allow_header(), None);
+        }
+        // A path Firecracker does not have either stays 404.
+        assert_eq!(Endpoint::find("GET", "/drivesx").unwrap_err().status(), 404);
+    }
+
+    #[test]
+    fn firecracker_paths_that_are_served() {
+        for (method, path) in [
+            ("GET", "/"),
+            ("GET", "/version"),
+            ("GET", "/vm/config"),
+            ("PUT", "/machine-config"),
+            ("PATCH", "/machine-config"),
+            ("GET", "/machine-config"),
+            ("PUT", "/boot-source"),
+            ("PUT", "/logger"),
+            ("PUT", "/metrics"),
+            ("PUT", "/actions"),
+            ("PATCH", "/vm"),
+        ] {
+            let e = Endpoint::find(method, path).unwrap();
+            assert_eq!((e.method().as_str(), e.path()), (method, path));
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::boot::BootSourceError;
 use crate::instance::VmState;
+use crate::logger::{LoggerError, MetricsConfigError};
 use crate::machine::MachineConfigError;
 use crate::memory::GuestMemoryTargetError;
 use crate::endpoint::{Endpoint, RouteError, MAX_BODY_BYTES};
@@ -63,6 +64,23 @@ pub enum ApiError {
     /// `PUT /guest/memory` was invalid.
     #[error("invalid guest memory target")]
     GuestMemoryTarget(#[from] GuestMemoryTargetError),
+    /// `PUT /logger` was invalid.
+    #[error("invalid logger configuration")]
+    Logger(#[from] LoggerError),
+    /// `PUT /metrics` was invalid.
+    #[error("invalid metrics configuration")]
+    MetricsConfig(#[from] MetricsConfigError),
+    /// A host path in the request (`kernel_image_path`, `log_path`,
+    /// `metrics_path`) names nothing the VMM can use; checked by the VMM at
+    /// the `PUT`: 400.
+    #[error("invalid {field}")]
+    HostPath {
+        /// The field that holds the path.
+        field: &'static str,
+        /// What is wrong with it (the VMM's own error).
+        #[source]
+        source: BoxError,
+    },
     /// No endpoint for this method and path (404 or 405).
     #[error(transparent)]
     Route(#[from] RouteError),
@@ -110,6 +128,9 @@ impl ApiError {
             | ApiError::MachineConfig(_)
             | ApiError::BootSource(_)
             | ApiError::GuestMemoryTarget(_)
+            | ApiError::Logger(_)
+            | ApiError::MetricsConfig(_)
+            | ApiError::HostPath { .. }
             | ApiError::StartRefused(_) => 400,
             ApiError::Route(e) => e.status(),
             ApiError::InvalidState { .. } | ApiError::GuestBusy(_) => 409,
@@ -138,12 +159,18 @@ mod tests {
 
     #[test]
     fn body_joins_the_source_chain() {
-        let err = ApiError::from(MachineConfigError::MemSizeOdd(3));
+        let err = ApiError::from(MachineConfigError::MemSizeZero);
         assert_eq!(err.status(), 400);
         assert_eq!(
             err.body().fault_message,
-            "invalid machine configuration: memory size (mem_size_mib) must be a multiple of 2 MiB (got 3); use 2 or 4"
+            "invalid machine configuration: memory size (mem_size_mib) must be more than 0 MiB; the default is 2048"
         );
+        let err = ApiError::HostPath {
+            field: "log_path",
+            source: std::io::Error::from(std::io::ErrorKind::NotFound).into(),
+        };
+        assert_eq!(err.status(), 400);
+        assert_eq!(err.body().fault_message, "invalid log_path: entity not found");
     }
 
     #[test]

@@ -1,11 +1,21 @@
-//! `PUT /machine-config` and `GET /machine-config`: vCPUs, memory size and how
-//! the guest initializes its memmap.
+//! `PUT`, `PATCH` and `GET /machine-config`: vCPUs, memory size, the fields
+//! Firecracker's `MachineConfiguration` has, and this VMM's own extensions
+//! (how the guest initializes its memmap, its privilege level).
 //!
-//! The request body is a [`MachineConfigUpdate`]: every field is optional and
-//! only the fields given change. The VMM keeps one [`MachineConfig`], starting
-//! from [`MachineConfig::default`], and merges each update into it with
-//! [`MachineConfig::apply`], which validates the result and leaves the config
-//! untouched if it is invalid. `GET` answers the full, merged [`MachineConfig`].
+//! As in Firecracker, `PUT` replaces the whole configuration: its body is a
+//! [`MachineConfigPut`], where `vcpu_count` and `mem_size_mib` are required
+//! and every omitted optional field takes its default
+//! ([`MachineConfigPut::into_config`]). `PATCH` changes only the fields
+//! given: its body is a [`MachineConfigUpdate`], merged into the current
+//! config by [`MachineConfig::apply`]. Either way the result is validated as
+//! a whole and nothing changes if it is invalid. `GET` answers the full
+//! [`MachineConfig`].
+//!
+//! Firecracker fields this VMM cannot honour are accepted with their
+//! default value and refused with a clear message otherwise: `smt: true`,
+//! `track_dirty_pages: true`, a `cpu_template` other than `"None"`.
+//! `huge_pages: "2M"` asks the host for transparent huge pages
+//! (`MADV_HUGEPAGE`) rather than a hugetlbfs pool.
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -120,14 +130,118 @@ impl<'de> Deserialize<'de> for GuestCpl {
     }
 }
 
+/// How the host backs guest memory. JSON: `"None"` or `"2M"`, Firecracker's
+/// `huge_pages` enum (anything else, such as this VMM's old `true`, is an
+/// error that names the two values).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub enum HugePages {
+    /// 4 KiB host pages (so residency counts exactly what the guest touched).
+    #[default]
+    None,
+    /// 2 MiB host pages: transparent huge pages, asked for with
+    /// `MADV_HUGEPAGE` (Firecracker uses a hugetlbfs pool instead).
+    #[serde(rename = "2M")]
+    Size2M,
+}
+
+impl HugePages {
+    /// All values.
+    pub const ALL: [HugePages; 2] = [HugePages::None, HugePages::Size2M];
+
+    /// Whether huge pages are asked for.
+    pub const fn is_enabled(self) -> bool {
+        matches!(self, HugePages::Size2M)
+    }
+
+    /// The JSON spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            HugePages::None => "None",
+            HugePages::Size2M => "2M",
+        }
+    }
+
+    /// `Size2M` when `enabled`, else `None` (for the `--huge-pages` flag).
+    pub const fn from_enabled(enabled: bool) -> HugePages {
+        if enabled {
+            HugePages::Size2M
+        } else {
+            HugePages::None
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HugePages {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<HugePages, D::Error> {
+        struct HugePagesVisitor;
+        impl de::Visitor<'_> for HugePagesVisitor {
+            type Value = HugePages;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"huge_pages "None" or "2M""#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HugePages, E> {
+                HugePages::ALL
+                    .into_iter()
+                    .find(|h| h.name() == v)
+                    .ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(HugePagesVisitor)
+    }
+}
+
+/// Firecracker's CPU templates (`cpu_template`). This VMM passes the CPUID
+/// KVM supports and has no templates: only `"None"` is accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CpuTemplate {
+    /// Intel Cascade Lake.
+    C3,
+    /// Intel T2.
+    T2,
+    /// Intel T2S.
+    T2S,
+    /// Intel T2CL.
+    T2CL,
+    /// AMD T2A.
+    T2A,
+    /// ARM Neoverse V1.
+    V1N1,
+    /// No template: the host's CPUID as KVM supports it.
+    #[default]
+    None,
+}
+
+impl CpuTemplate {
+    /// All values, in Firecracker's order.
+    pub const ALL: [CpuTemplate; 7] = [
+        CpuTemplate::C3,
+        CpuTemplate::T2,
+        CpuTemplate::T2S,
+        CpuTemplate::T2CL,
+        CpuTemplate::T2A,
+        CpuTemplate::V1N1,
+        CpuTemplate::None,
+    ];
+}
+
 /// The full machine configuration, as `GET /machine-config` answers it.
+/// The first six fields are Firecracker's `MachineConfiguration`; the rest
+/// are this VMM's extensions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     /// Number of vCPUs, 1..=32.
     pub vcpu_count: u8,
-    /// Guest memory in MiB: more than 0, a multiple of 2 (whole 2 MiB pages).
+    /// Guest memory in MiB: more than 0 (a multiple of 2 with `huge_pages`).
     pub mem_size_mib: u64,
+    /// Simultaneous multithreading; always `false` here.
+    pub smt: bool,
+    /// Dirty page tracking (for snapshots); always `false` here.
+    pub track_dirty_pages: bool,
+    /// CPU template; always `"None"` here.
+    pub cpu_template: CpuTemplate,
+    /// How the host backs guest memory.
+    pub huge_pages: HugePages,
     /// How the guest initializes its memmap.
     pub memmap_init: Strategy,
     /// Memmap initialization unit in KiB: a power of two in 128..=131072.
@@ -137,8 +251,6 @@ pub struct MachineConfig {
     /// Place the memmap in the memory it describes (like Linux's
     /// `memmap_on_memory`) rather than in one block at the start.
     pub memmap_on_memory: bool,
-    /// Back guest memory with 2 MiB huge pages on the host.
-    pub huge_pages: bool,
 }
 
 impl Default for MachineConfig {
@@ -146,26 +258,40 @@ impl Default for MachineConfig {
         MachineConfig {
             vcpu_count: DEFAULT_VCPU_COUNT,
             mem_size_mib: DEFAULT_MEM_SIZE_MIB,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: CpuTemplate::None,
+            huge_pages: HugePages::None,
             memmap_init: Strategy::OnDemand,
             memmap_chunk_kib: DEFAULT_CHUNK_KIB,
             guest_cpl: GuestCpl::Auto,
             memmap_on_memory: false,
-            huge_pages: false,
         }
     }
 }
 
-/// The body of `PUT /machine-config`: the fields to change; absent (or
-/// `null`) fields keep their current value.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The body of `PUT /machine-config`: a whole configuration. `vcpu_count`
+/// and `mem_size_mib` are required (as in Firecracker); every other field
+/// left out (or `null`) takes its default, whatever was set before.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MachineConfigUpdate {
+pub struct MachineConfigPut {
     /// See [`MachineConfig::vcpu_count`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vcpu_count: Option<u8>,
+    pub vcpu_count: u8,
     /// See [`MachineConfig::mem_size_mib`].
+    pub mem_size_mib: u64,
+    /// See [`MachineConfig::smt`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mem_size_mib: Option<u64>,
+    pub smt: Option<bool>,
+    /// See [`MachineConfig::track_dirty_pages`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// See [`MachineConfig::cpu_template`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<CpuTemplate>,
+    /// See [`MachineConfig::huge_pages`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<HugePages>,
     /// See [`MachineConfig::memmap_init`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memmap_init: Option<Strategy>,
@@ -178,9 +304,66 @@ pub struct MachineConfigUpdate {
     /// See [`MachineConfig::memmap_on_memory`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memmap_on_memory: Option<bool>,
+}
+
+impl MachineConfigPut {
+    /// The configuration this body describes: the defaults, with the fields
+    /// given replaced (no validation).
+    pub fn into_config(self) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: self.vcpu_count,
+            mem_size_mib: self.mem_size_mib,
+            ..MachineConfig::default().merged(&MachineConfigUpdate {
+                vcpu_count: None,
+                mem_size_mib: None,
+                smt: self.smt,
+                track_dirty_pages: self.track_dirty_pages,
+                cpu_template: self.cpu_template,
+                huge_pages: self.huge_pages,
+                memmap_init: self.memmap_init,
+                memmap_chunk_kib: self.memmap_chunk_kib,
+                guest_cpl: self.guest_cpl,
+                memmap_on_memory: self.memmap_on_memory,
+            })
+        }
+    }
+}
+
+/// The body of `PATCH /machine-config`: the fields to change; absent (or
+/// `null`) fields keep their current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// See [`MachineConfig::vcpu_count`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u8>,
+    /// See [`MachineConfig::mem_size_mib`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<u64>,
+    /// See [`MachineConfig::smt`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smt: Option<bool>,
+    /// See [`MachineConfig::track_dirty_pages`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// See [`MachineConfig::cpu_template`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<CpuTemplate>,
     /// See [`MachineConfig::huge_pages`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub huge_pages: Option<bool>,
+    pub huge_pages: Option<HugePages>,
+    /// See [`MachineConfig::memmap_init`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memmap_init: Option<Strategy>,
+    /// See [`MachineConfig::memmap_chunk_kib`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memmap_chunk_kib: Option<u64>,
+    /// See [`MachineConfig::guest_cpl`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cpl: Option<GuestCpl>,
+    /// See [`MachineConfig::memmap_on_memory`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memmap_on_memory: Option<bool>,
 }
 
 /// Why a machine configuration was refused. Each message names the field, the
@@ -193,9 +376,9 @@ pub enum MachineConfigError {
     /// `mem_size_mib` is zero.
     #[error("memory size (mem_size_mib) must be more than 0 MiB; the default is {DEFAULT_MEM_SIZE_MIB}")]
     MemSizeZero,
-    /// `mem_size_mib` is odd.
-    #[error("memory size (mem_size_mib) must be a multiple of 2 MiB (got {0}); use {below} or {above}", below = .0 - 1, above = .0 + 1)]
-    MemSizeOdd(u64),
+    /// `mem_size_mib` is odd while 2 MiB huge pages are asked for.
+    #[error("memory size (mem_size_mib) must be a multiple of 2 MiB with huge_pages \"2M\" (got {0}); use {below} or {above}, or huge_pages \"None\"", below = .0 - 1, above = .0 + 1)]
+    MemSizeNotHugePageMultiple(u64),
     /// `mem_size_mib` too large.
     #[error("memory size (mem_size_mib) must be at most {MAX_MEM_SIZE_MIB} MiB, what this VMM can map for a guest (got {0})")]
     MemSizeTooLarge(u64),
@@ -205,6 +388,15 @@ pub enum MachineConfigError {
     /// `memmap_chunk_kib` out of range.
     #[error("memmap chunk (memmap_chunk_kib) must be between {MIN_CHUNK_KIB} and {MAX_CHUNK_KIB} KiB (got {0})")]
     ChunkOutOfRange(u64),
+    /// `smt: true`.
+    #[error("smt: true is not supported by this VMM: its vCPUs are presented as single-threaded cores; send smt: false or leave it out")]
+    SmtUnsupported,
+    /// `track_dirty_pages: true`.
+    #[error("track_dirty_pages: true is not supported by this VMM: it has no snapshots and logs no dirty pages; send false or leave it out")]
+    DirtyPagesUnsupported,
+    /// A CPU template other than `None`.
+    #[error("cpu_template {0:?} is not supported by this VMM: it passes the CPUID KVM supports and has no templates; send \"None\" or leave it out")]
+    CpuTemplateUnsupported(CpuTemplate),
 }
 
 /// The largest power of two not above `v` (`v` > 0).
@@ -221,8 +413,19 @@ impl MachineConfig {
         match self.mem_size_mib {
             0 => return Err(MachineConfigError::MemSizeZero),
             m if m > MAX_MEM_SIZE_MIB => return Err(MachineConfigError::MemSizeTooLarge(m)),
-            m if m % 2 != 0 => return Err(MachineConfigError::MemSizeOdd(m)),
+            m if m % 2 != 0 && self.huge_pages.is_enabled() => {
+                return Err(MachineConfigError::MemSizeNotHugePageMultiple(m))
+            }
             _ => {}
+        }
+        if self.smt {
+            return Err(MachineConfigError::SmtUnsupported);
+        }
+        if self.track_dirty_pages {
+            return Err(MachineConfigError::DirtyPagesUnsupported);
+        }
+        if self.cpu_template != CpuTemplate::None {
+            return Err(MachineConfigError::CpuTemplateUnsupported(self.cpu_template));
         }
         let chunk = self.memmap_chunk_kib;
         if !(MIN_CHUNK_KIB..=MAX_CHUNK_KIB).contains(&chunk) {
@@ -240,20 +443,32 @@ impl MachineConfig {
         MachineConfig {
             vcpu_count: update.vcpu_count.unwrap_or(self.vcpu_count),
             mem_size_mib: update.mem_size_mib.unwrap_or(self.mem_size_mib),
+            smt: update.smt.unwrap_or(self.smt),
+            track_dirty_pages: update.track_dirty_pages.unwrap_or(self.track_dirty_pages),
+            cpu_template: update.cpu_template.unwrap_or(self.cpu_template),
+            huge_pages: update.huge_pages.unwrap_or(self.huge_pages),
             memmap_init: update.memmap_init.unwrap_or(self.memmap_init),
             memmap_chunk_kib: update.memmap_chunk_kib.unwrap_or(self.memmap_chunk_kib),
             guest_cpl: update.guest_cpl.unwrap_or(self.guest_cpl),
             memmap_on_memory: update.memmap_on_memory.unwrap_or(self.memmap_on_memory),
-            huge_pages: update.huge_pages.unwrap_or(self.huge_pages),
         }
     }
 
-    /// Applies a partial update: on success the merged config replaces this
-    /// one; on error this one is unchanged.
+    /// `PATCH`: applies a partial update. On success the merged config
+    /// replaces this one; on error this one is unchanged.
     pub fn apply(&mut self, update: &MachineConfigUpdate) -> Result<(), MachineConfigError> {
         let merged = self.merged(update);
         merged.validate()?;
         *self = merged;
+        Ok(())
+    }
+
+    /// `PUT`: replaces this config with the one `put` describes (defaults
+    /// for what it leaves out). On error this one is unchanged.
+    pub fn replace(&mut self, put: MachineConfigPut) -> Result<(), MachineConfigError> {
+        let config = put.into_config();
+        config.validate()?;
+        *self = config;
         Ok(())
     }
 
@@ -284,9 +499,10 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({
-                "vcpu_count": 1, "mem_size_mib": 2048, "memmap_init": "ondemand",
-                "memmap_chunk_kib": 2048, "guest_cpl": "auto",
-                "memmap_on_memory": false, "huge_pages": false
+                "vcpu_count": 1, "mem_size_mib": 2048, "smt": false,
+                "track_dirty_pages": false, "cpu_template": "None", "huge_pages": "None",
+                "memmap_init": "ondemand", "memmap_chunk_kib": 2048, "guest_cpl": "auto",
+                "memmap_on_memory": false
             })
         );
     }
@@ -304,7 +520,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             (c.vcpu_count, c.mem_size_mib, c.huge_pages),
-            (4, 512, false)
+            (4, 512, HugePages::None)
         );
         // An empty update is a no-op.
         let before = c.clone();
@@ -316,9 +532,9 @@ mod tests {
     fn invalid_update_leaves_config_unchanged() {
         let mut c = MachineConfig::default();
         let err = c
-            .apply(&update(r#"{"vcpu_count": 2, "mem_size_mib": 3}"#))
+            .apply(&update(r#"{"vcpu_count": 2, "mem_size_mib": 0}"#))
             .unwrap_err();
-        assert_eq!(err, MachineConfigError::MemSizeOdd(3));
+        assert_eq!(err, MachineConfigError::MemSizeZero);
         assert_eq!(c, MachineConfig::default());
     }
 
@@ -332,8 +548,17 @@ mod tests {
                 .to_string()
         };
         assert_eq!(
-            msg(r#"{"mem_size_mib": 3}"#),
-            "memory size (mem_size_mib) must be a multiple of 2 MiB (got 3); use 2 or 4"
+            msg(r#"{"mem_size_mib": 3, "huge_pages": "2M"}"#),
+            "memory size (mem_size_mib) must be a multiple of 2 MiB with huge_pages \"2M\" (got 3); use 2 or 4, or huge_pages \"None\""
+        );
+        assert_eq!(
+            msg(r#"{"smt": true}"#),
+            "smt: true is not supported by this VMM: its vCPUs are presented as single-threaded cores; send smt: false or leave it out"
+        );
+        assert!(msg(r#"{"track_dirty_pages": true}"#).starts_with("track_dirty_pages: true is not supported"));
+        assert_eq!(
+            msg(r#"{"cpu_template": "T2"}"#),
+            "cpu_template T2 is not supported by this VMM: it passes the CPUID KVM supports and has no templates; send \"None\" or leave it out"
         );
         assert_eq!(
             msg(r#"{"mem_size_mib": 0}"#),
@@ -420,6 +645,58 @@ mod tests {
         for bad in ["1", "-1", "\"ring0\"", "\"\"", "true", "null", "3.0"] {
             assert!(serde_json::from_str::<GuestCpl>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn put_replaces_with_defaults_and_requires_vcpus_and_memory() {
+        let mut c = MachineConfig::default();
+        c.apply(&update(r#"{"memmap_init": "eager", "guest_cpl": "0"}"#)).unwrap();
+        let put: MachineConfigPut = serde_json::from_str(r#"{"vcpu_count": 2, "mem_size_mib": 257}"#).unwrap();
+        c.replace(put).unwrap();
+        assert_eq!(c, MachineConfig { vcpu_count: 2, mem_size_mib: 257, ..MachineConfig::default() });
+        for missing in [r#"{"vcpu_count": 2}"#, r#"{"mem_size_mib": 128}"#, "{}"] {
+            let err = serde_json::from_str::<MachineConfigPut>(missing).unwrap_err();
+            assert!(err.to_string().contains("missing field"), "{missing}: {err}");
+        }
+        // Firecracker's full body, as its clients send it.
+        let put: MachineConfigPut = serde_json::from_str(
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": false, "track_dirty_pages": false,
+                "cpu_template": "None", "huge_pages": "2M"}"#,
+        )
+        .unwrap();
+        let before = c.clone();
+        c.replace(put).unwrap();
+        assert_eq!((c.mem_size_mib, c.huge_pages), (128, HugePages::Size2M));
+        // An invalid PUT changes nothing.
+        let mut d = before.clone();
+        let bad: MachineConfigPut = serde_json::from_str(r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": true}"#).unwrap();
+        assert_eq!(d.replace(bad), Err(MachineConfigError::SmtUnsupported));
+        assert_eq!(d, before);
+    }
+
+    #[test]
+    fn odd_memory_sizes_are_valid_without_huge_pages() {
+        for m in [1, 3, 257, 64511] {
+            let c = MachineConfig { mem_size_mib: m, ..MachineConfig::default() };
+            c.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn huge_pages_and_cpu_template_are_firecrackers_strings() {
+        assert_eq!(serde_json::to_value(HugePages::Size2M).unwrap(), "2M");
+        assert_eq!(serde_json::to_value(HugePages::None).unwrap(), "None");
+        assert_eq!(serde_json::from_str::<HugePages>(r#""2M""#).unwrap(), HugePages::Size2M);
+        for bad in ["true", "false", r#""1G""#, r#""none""#, "2"] {
+            let e = serde_json::from_str::<HugePages>(bad).unwrap_err();
+            assert!(e.to_string().contains(r#"expected huge_pages "None" or "2M""#), "{bad}: {e}");
+        }
+        assert!(HugePages::from_enabled(true).is_enabled() && !HugePages::from_enabled(false).is_enabled());
+        for t in CpuTemplate::ALL {
+            let v = serde_json::to_value(t).unwrap();
+            assert_eq!(serde_json::from_value::<CpuTemplate>(v).unwrap(), t);
+        }
+        assert!(serde_json::from_str::<CpuTemplate>(r#""T3""#).is_err());
     }
 
     #[test]

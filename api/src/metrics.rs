@@ -1,4 +1,5 @@
-//! `GET /metrics`: counters since the VMM started.
+//! `GET /metrics`: counters since the VMM started, and [`MetricsLine`], what
+//! the VMM writes to the metrics file of `PUT /metrics` on every flush.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,23 @@ pub struct Metrics {
     pub guest_commands: u64,
     /// Bytes the guest wrote to its serial port.
     pub serial_bytes: u64,
+    /// Log lines not written to the `PUT /logger` file (it was full, or
+    /// the VMM's cap on log bytes was reached).
+    pub log_lines_dropped: u64,
+    /// Metrics lines not written to the `PUT /metrics` file.
+    pub metrics_lines_dropped: u64,
+}
+
+/// One line of the metrics file: the time of the flush, then the counters
+/// of [`Metrics`] at the top level (as Firecracker puts `utc_timestamp_ms`
+/// first in its own lines).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MetricsLine<'a> {
+    /// Milliseconds since the Unix epoch, UTC.
+    pub utc_timestamp_ms: u64,
+    /// The counters.
+    #[serde(flatten)]
+    pub metrics: &'a Metrics,
 }
 
 /// vCPU exits by reason (`KVM_EXIT_*`).
@@ -89,5 +107,15 @@ mod tests {
         let v = serde_json::to_value(Metrics::default()).unwrap();
         assert_eq!(v["vm_exits"].as_object().unwrap().len(), 9);
         assert_eq!(v["api_requests"], 0);
+    }
+
+    #[test]
+    fn a_metrics_line_is_flat_json_with_a_timestamp_first() {
+        let m = Metrics { api_requests: 3, ..Default::default() };
+        let line = serde_json::to_string(&MetricsLine { utc_timestamp_ms: 7, metrics: &m }).unwrap();
+        assert!(line.starts_with(r#"{"utc_timestamp_ms":7,"vm_exits":{"#), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["api_requests"], 3);
+        assert!(!line.contains('\n'));
     }
 }

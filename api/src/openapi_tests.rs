@@ -76,27 +76,70 @@ fn report_minimal() -> MemoryReport {
 fn samples() -> Vec<Sample> {
     let mut guest_min = GuestMemoryView::example();
     guest_min.init_us = None;
-    let mut info_full = InstanceInfo::new("vm0", "0.1.0", VmState::Halted);
-    info_full.exit_code = Some(-3);
-    info_full.failure_reason = Some("reason".into());
+    let mut status_full = InstanceStatus::new("vm0", VmState::Halted);
+    status_full.exit_code = Some(-3);
+    status_full.failure_reason = Some("reason".into());
     let config_full = MachineConfig {
         vcpu_count: 4,
-        mem_size_mib: 512,
+        mem_size_mib: 513,
+        smt: true,
+        track_dirty_pages: true,
+        cpu_template: CpuTemplate::T2,
+        huge_pages: HugePages::Size2M,
         memmap_init: Strategy::Parallel,
         memmap_chunk_kib: 128,
         guest_cpl: GuestCpl::Ring3,
         memmap_on_memory: true,
-        huge_pages: true,
     };
     let update_full = MachineConfigUpdate {
         vcpu_count: Some(2),
         mem_size_mib: Some(1024),
+        smt: Some(false),
+        track_dirty_pages: Some(false),
+        cpu_template: Some(CpuTemplate::None),
+        huge_pages: Some(HugePages::None),
         memmap_init: Some(Strategy::Eager),
         memmap_chunk_kib: Some(4096),
         guest_cpl: Some(GuestCpl::Ring0),
         memmap_on_memory: Some(true),
-        huge_pages: Some(false),
     };
+    let put_full = MachineConfigPut {
+        vcpu_count: 2,
+        mem_size_mib: 1024,
+        smt: Some(false),
+        track_dirty_pages: Some(false),
+        cpu_template: Some(CpuTemplate::None),
+        huge_pages: Some(HugePages::Size2M),
+        memmap_init: Some(Strategy::Eager),
+        memmap_chunk_kib: Some(4096),
+        guest_cpl: Some(GuestCpl::Ring0),
+        memmap_on_memory: Some(true),
+    };
+    let put_minimal = MachineConfigPut {
+        vcpu_count: 1,
+        mem_size_mib: 128,
+        smt: None,
+        track_dirty_pages: None,
+        cpu_template: None,
+        huge_pages: None,
+        memmap_init: None,
+        memmap_chunk_kib: None,
+        guest_cpl: None,
+        memmap_on_memory: None,
+    };
+    let logger_full = Logger {
+        log_path: Some("/tmp/log".into()),
+        level: Some(LogLevel::Debug),
+        show_level: Some(true),
+        show_log_origin: Some(true),
+        module: Some("vmm::controller".into()),
+    };
+    let boot_full = BootSource {
+        kernel_image_path: Some("/k".into()),
+        boot_args: Some("quiet".into()),
+        initrd_path: Some("/i".into()),
+    };
+    let metrics_config = MetricsConfig { metrics_path: "/tmp/metrics".into() };
     let metrics_full = Metrics {
         vm_exits: VmExitCounts {
             io_in: 1,
@@ -113,6 +156,8 @@ fn samples() -> Vec<Sample> {
         api_errors: 11,
         guest_commands: 12,
         serial_bytes: 13,
+        log_lines_dropped: 14,
+        metrics_lines_dropped: 15,
     };
     let status = |report| GuestMemoryStatus {
         target_mib: 64,
@@ -134,10 +179,36 @@ fn samples() -> Vec<Sample> {
         sample(
             "InstanceInfo",
             false,
-            info_full,
+            InstanceInfo::new("vm0", "0.1.0", VmState::Paused),
             InstanceInfo::new("vm0", "0.1.0", VmState::NotStarted),
         ),
+        sample(
+            "InstanceStatus",
+            false,
+            status_full,
+            InstanceStatus::new("vm0", VmState::NotStarted),
+        ),
+        sample(
+            "FirecrackerVersion",
+            false,
+            FirecrackerVersion { firecracker_version: "0.1.0".into() },
+            FirecrackerVersion { firecracker_version: "0.1.0".into() },
+        ),
+        sample(
+            "FullVmConfiguration",
+            false,
+            FullVmConfiguration::new(
+                boot_full.clone(),
+                config_full.clone(),
+                Some(logger_full.clone()),
+                Some(metrics_config.clone()),
+            ),
+            FullVmConfiguration::new(BootSource::default(), MachineConfig::default(), None, None),
+        ),
         sample("MachineConfig", false, config_full.clone(), config_full),
+        sample("MachineConfigPut", true, put_full, put_minimal),
+        sample("Logger", true, logger_full, Logger::default()),
+        sample("MetricsConfig", true, metrics_config.clone(), metrics_config),
         sample(
             "MachineConfigUpdate",
             true,
@@ -147,10 +218,7 @@ fn samples() -> Vec<Sample> {
         sample(
             "BootSource",
             true,
-            BootSource {
-                kernel_image_path: Some("/k".into()),
-                boot_args: Some("quiet".into()),
-            },
+            boot_full,
             BootSource::default(),
         ),
         sample(
@@ -211,6 +279,9 @@ fn string_enums() -> Vec<(&'static str, Vec<Value>)> {
         ("VmState", all(&VmState::ALL)),
         ("Strategy", all(&Strategy::ALL)),
         ("ActionType", all(&ActionType::ALL)),
+        ("HugePages", all(&HugePages::ALL)),
+        ("CpuTemplate", all(&CpuTemplate::ALL)),
+        ("LogLevel", all(&LogLevel::ALL)),
         ("VmStateTarget", all(&VmStateTarget::ALL)),
         ("GuestMemoryOutcome", all(&GuestMemoryOutcome::ALL)),
         ("GuestCpl", all(&GuestCpl::ALL)),

@@ -4,8 +4,12 @@
 use crate::boot::BootSource;
 use crate::endpoint::{Endpoint, MAX_BODY_BYTES};
 use crate::error::ApiError;
-use crate::instance::{InstanceActionInfo, InstanceInfo, VmStateUpdate};
-use crate::machine::{MachineConfig, MachineConfigUpdate};
+use crate::instance::{
+    FirecrackerVersion, InstanceActionInfo, InstanceInfo, InstanceStatus, VmStateUpdate,
+};
+use crate::logger::{Logger, MetricsConfig};
+use crate::machine::{MachineConfig, MachineConfigPut, MachineConfigUpdate};
+use crate::vm_config::FullVmConfiguration;
 use crate::memory::{GuestMemoryStatus, GuestMemoryTarget, MemoryReport};
 use crate::metrics::Metrics;
 use serde::de::DeserializeOwned;
@@ -16,17 +20,30 @@ use serde::Serialize;
 pub enum ApiRequest {
     /// `GET /`.
     GetInstanceInfo,
+    /// `GET /vm/status`.
+    GetVmStatus,
+    /// `GET /version`.
+    GetVersion,
+    /// `GET /vm/config`.
+    GetVmConfig,
     /// `GET /machine-config`.
     GetMachineConfig,
-    /// `PUT /machine-config`; validated by the VMM against the current config
-    /// with [`MachineConfig::apply`].
-    PutMachineConfig(MachineConfigUpdate),
+    /// `PUT /machine-config`; validated by the VMM with
+    /// [`MachineConfig::replace`].
+    PutMachineConfig(MachineConfigPut),
+    /// `PATCH /machine-config`; validated by the VMM against the current
+    /// config with [`MachineConfig::apply`].
+    PatchMachineConfig(MachineConfigUpdate),
     /// `PUT /boot-source` (already validated).
     PutBootSource(BootSource),
     /// `PUT /actions`.
     PutActions(InstanceActionInfo),
     /// `PATCH /vm`.
     PatchVm(VmStateUpdate),
+    /// `PUT /logger` (fields validated; the VMM opens the file).
+    PutLogger(Logger),
+    /// `PUT /metrics` (field validated; the VMM opens the file).
+    PutMetrics(MetricsConfig),
     /// `GET /memory`.
     GetMemory,
     /// `GET /guest/memory`.
@@ -40,7 +57,8 @@ pub enum ApiRequest {
 impl ApiRequest {
     /// Parses a request from its method, path and body. Does every check that
     /// needs no VM state: route, body size, body presence, JSON shape
-    /// (unknown fields are errors), [`BootSource::validate`].
+    /// (unknown fields are errors), [`BootSource::validate`],
+    /// [`Logger::validate`], [`MetricsConfig::validate`].
     pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
         let endpoint = Endpoint::find(method, path)?;
         if body.len() > MAX_BODY_BYTES {
@@ -55,8 +73,24 @@ impl ApiRequest {
         }
         Ok(match endpoint {
             Endpoint::GetInstanceInfo => ApiRequest::GetInstanceInfo,
+            Endpoint::GetVmStatus => ApiRequest::GetVmStatus,
+            Endpoint::GetVersion => ApiRequest::GetVersion,
+            Endpoint::GetVmConfig => ApiRequest::GetVmConfig,
             Endpoint::GetMachineConfig => ApiRequest::GetMachineConfig,
             Endpoint::PutMachineConfig => ApiRequest::PutMachineConfig(json(endpoint, body)?),
+            Endpoint::PatchMachineConfig => {
+                ApiRequest::PatchMachineConfig(json(endpoint, body)?)
+            }
+            Endpoint::PutLogger => {
+                let logger: Logger = json(endpoint, body)?;
+                logger.validate()?;
+                ApiRequest::PutLogger(logger)
+            }
+            Endpoint::PutMetrics => {
+                let metrics: MetricsConfig = json(endpoint, body)?;
+                metrics.validate()?;
+                ApiRequest::PutMetrics(metrics)
+            }
             Endpoint::PutBootSource => {
                 let source: BootSource = json(endpoint, body)?;
                 source.validate()?;
@@ -75,8 +109,14 @@ impl ApiRequest {
     pub fn endpoint(&self) -> Endpoint {
         match self {
             ApiRequest::GetInstanceInfo => Endpoint::GetInstanceInfo,
+            ApiRequest::GetVmStatus => Endpoint::GetVmStatus,
+            ApiRequest::GetVersion => Endpoint::GetVersion,
+            ApiRequest::GetVmConfig => Endpoint::GetVmConfig,
             ApiRequest::GetMachineConfig => Endpoint::GetMachineConfig,
             ApiRequest::PutMachineConfig(_) => Endpoint::PutMachineConfig,
+            ApiRequest::PatchMachineConfig(_) => Endpoint::PatchMachineConfig,
+            ApiRequest::PutLogger(_) => Endpoint::PutLogger,
+            ApiRequest::PutMetrics(_) => Endpoint::PutMetrics,
             ApiRequest::PutBootSource(_) => Endpoint::PutBootSource,
             ApiRequest::PutActions(_) => Endpoint::PutActions,
             ApiRequest::PatchVm(_) => Endpoint::PatchVm,
@@ -99,6 +139,12 @@ pub enum ApiResponse {
     NoContent,
     /// `GET /`.
     InstanceInfo(InstanceInfo),
+    /// `GET /vm/status`.
+    InstanceStatus(InstanceStatus),
+    /// `GET /version`.
+    Version(FirecrackerVersion),
+    /// `GET /vm/config`.
+    VmConfig(Box<FullVmConfiguration>),
     /// `GET /machine-config`.
     MachineConfig(MachineConfig),
     /// `GET /memory`.
@@ -123,6 +169,9 @@ impl ApiResponse {
         match self {
             ApiResponse::NoContent => None,
             ApiResponse::InstanceInfo(_) => Some("InstanceInfo"),
+            ApiResponse::InstanceStatus(_) => Some("InstanceStatus"),
+            ApiResponse::Version(_) => Some("FirecrackerVersion"),
+            ApiResponse::VmConfig(_) => Some("FullVmConfiguration"),
             ApiResponse::MachineConfig(_) => Some("MachineConfig"),
             ApiResponse::MemoryReport(_) => Some("MemoryReport"),
             ApiResponse::GuestMemoryStatus(_) => Some("GuestMemoryStatus"),
@@ -138,6 +187,9 @@ impl ApiResponse {
         match self {
             ApiResponse::NoContent => Ok(None),
             ApiResponse::InstanceInfo(v) => enc(v),
+            ApiResponse::InstanceStatus(v) => enc(v),
+            ApiResponse::Version(v) => enc(v),
+            ApiResponse::VmConfig(v) => enc(v),
             ApiResponse::MachineConfig(v) => enc(v),
             ApiResponse::MemoryReport(v) => enc(v),
             ApiResponse::GuestMemoryStatus(v) => enc(v),
@@ -154,12 +206,33 @@ mod tests {
 
     #[test]
     fn parse_bodies() {
-        let r = ApiRequest::parse("PUT", "/machine-config", br#"{"memmap_init":"eager"}"#).unwrap();
-        let ApiRequest::PutMachineConfig(u) = &r else {
+        let r = ApiRequest::parse("PATCH", "/machine-config", br#"{"memmap_init":"eager"}"#).unwrap();
+        let ApiRequest::PatchMachineConfig(u) = &r else {
             panic!("{r:?}")
         };
         assert_eq!(u.memmap_init, Some(Strategy::Eager));
-        assert_eq!(r.endpoint(), Endpoint::PutMachineConfig);
+        assert_eq!(r.endpoint(), Endpoint::PatchMachineConfig);
+        let r = ApiRequest::parse(
+            "PUT",
+            "/machine-config",
+            br#"{"vcpu_count":2,"mem_size_mib":257,"smt":false,"huge_pages":"None"}"#,
+        )
+        .unwrap();
+        let ApiRequest::PutMachineConfig(p) = &r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((p.vcpu_count, p.mem_size_mib), (2, 257));
+        let r = ApiRequest::parse("PUT", "/logger", br#"{"log_path":"/tmp/l","level":"warn"}"#);
+        assert!(matches!(r, Ok(ApiRequest::PutLogger(_))), "{r:?}");
+        let r = ApiRequest::parse("PUT", "/metrics", br#"{"metrics_path":"/tmp/m"}"#);
+        assert!(matches!(r, Ok(ApiRequest::PutMetrics(_))), "{r:?}");
+        let r = ApiRequest::parse("PUT", "/actions", br#"{"action_type":"FlushMetrics"}"#);
+        assert_eq!(
+            r.unwrap(),
+            ApiRequest::PutActions(InstanceActionInfo {
+                action_type: ActionType::FlushMetrics
+            })
+        );
 
         let r = ApiRequest::parse("PUT", "/actions", br#" {"action_type":"InstanceStart"} "#);
         assert_eq!(
@@ -194,7 +267,9 @@ mod tests {
     fn every_endpoint_parses_and_round_trips() {
         for e in Endpoint::ALL {
             let body: &[u8] = match e.request_type() {
-                Some("MachineConfigUpdate") | Some("BootSource") => b"{}",
+                Some("MachineConfigUpdate") | Some("BootSource") | Some("Logger") => b"{}",
+                Some("MachineConfigPut") => br#"{"vcpu_count":1,"mem_size_mib":128}"#,
+                Some("MetricsConfig") => br#"{"metrics_path":"/m"}"#,
                 Some("InstanceActionInfo") => br#"{"action_type":"Shutdown"}"#,
                 Some("VmStateUpdate") => br#"{"state":"Paused"}"#,
                 Some("GuestMemoryTarget") => br#"{"target_mib":0}"#,
@@ -210,9 +285,17 @@ mod tests {
     fn parse_errors() {
         let status = |m, p, b: &[u8]| ApiRequest::parse(m, p, b).unwrap_err().status();
         assert_eq!(status("PUT", "/machine-config", b""), 400);
+        assert_eq!(status("PUT", "/machine-config", br#"{"vcpu_count":1}"#), 400);
+        assert_eq!(status("PUT", "/machine-config", br#"{"mem_size_mib":128}"#), 400);
+        assert_eq!(status("PUT", "/logger", br#"{"log_path":""}"#), 400);
+        assert_eq!(status("PUT", "/metrics", br#"{"metrics_path":""}"#), 400);
+        assert_eq!(status("PUT", "/metrics", b"{}"), 400);
+        assert_eq!(status("PUT", "/boot-source", br#"{"initrd_path":"/i"}"#), 400);
+        assert_eq!(status("PUT", "/drives/rootfs", br#"{}"#), 400);
+        assert_eq!(status("GET", "/version", b"{}"), 400);
         assert_eq!(status("GET", "/metrics", b"{}"), 400);
         assert_eq!(status("PUT", "/machine-config", b"{"), 400);
-        assert_eq!(status("PUT", "/machine-config", br#"{"vcpus":2}"#), 400);
+        assert_eq!(status("PATCH", "/machine-config", br#"{"vcpus":2}"#), 400);
         assert_eq!(
             status("PUT", "/boot-source", br#"{"kernel_image_path":""}"#),
             400
@@ -222,12 +305,15 @@ mod tests {
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         assert_eq!(status("PUT", "/machine-config", &big), 413);
 
-        let e = ApiRequest::parse("PUT", "/machine-config", br#"{"vcpus":2}"#).unwrap_err();
+        let e = ApiRequest::parse("PATCH", "/machine-config", br#"{"vcpus":2}"#).unwrap_err();
         let msg = e.body().fault_message;
         assert!(
-            msg.starts_with("invalid body for PUT /machine-config: unknown field `vcpus`"),
+            msg.starts_with("invalid body for PATCH /machine-config: unknown field `vcpus`"),
             "{msg}"
         );
+        let e = ApiRequest::parse("PUT", "/machine-config", br#"{"vcpu_count":1}"#).unwrap_err();
+        let msg = e.body().fault_message;
+        assert!(msg.contains("missing field `mem_size_mib`"), "{msg}");
         let e = ApiRequest::parse("PUT", "/actions", b"").unwrap_err();
         assert_eq!(e.body().fault_message, "PUT /actions needs a JSON body");
     }
@@ -240,7 +326,8 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(r.type_name(), Endpoint::GetInstanceInfo.response_type());
         let v: serde_json::Value = serde_json::from_slice(&r.to_json().unwrap().unwrap()).unwrap();
-        assert_eq!(v["state"], "NotStarted");
+        assert_eq!(v["state"], "Not started");
+        assert_eq!(v["app_name"], "vmm");
         let r = ApiResponse::MachineConfig(MachineConfig::default());
         assert_eq!(r.type_name(), Endpoint::GetMachineConfig.response_type());
     }

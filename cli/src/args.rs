@@ -86,7 +86,7 @@ pub enum ReportArg {
 /// Arguments of `vmm run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Guest memory in MiB (a multiple of 2).
+    /// Guest memory in MiB.
     #[arg(long, default_value_t = 2048, value_name = "MIB")]
     pub mem_mib: u64,
     /// Number of vCPUs.
@@ -196,7 +196,8 @@ impl RunArgs {
                 memmap_chunk_kib: self.memmap_chunk_kib,
                 guest_cpl: self.guest_cpl,
                 memmap_on_memory: self.memmap_on_memory,
-                huge_pages: self.huge_pages,
+                huge_pages: api::HugePages::from_enabled(self.huge_pages),
+                ..api::MachineConfig::default()
             },
             kernel: self.kernel.clone().map_or(KernelImage::Embedded, KernelImage::File),
             cmdline: self.cmdline.clone(),
@@ -257,7 +258,7 @@ mod tests {
         assert_eq!(c.kernel, KernelImage::File("/k".into()));
         assert_eq!(c.serial, SerialTarget::File("/tmp/x".into()));
         assert_eq!((m.memmap_init, m.memmap_chunk_kib), (Strategy::Eager, 128));
-        assert!(m.memmap_on_memory && m.huge_pages);
+        assert!(m.memmap_on_memory && m.huge_pages.is_enabled());
         assert_eq!(run_args(&["--guest-cpl", "0"]).unwrap().vm_config().machine.guest_cpl, GuestCpl::Ring0);
         assert_eq!(c.boot_source().boot_args.as_deref(), Some("workload=exit"));
     }

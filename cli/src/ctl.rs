@@ -43,7 +43,7 @@ pub struct CtlArgs {
 /// The requests `vmm ctl` can send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
 pub enum CtlCommand {
-    /// Show the VM's id, state and exit code (GET /).
+    /// Show the VM's id, state and version, as Firecracker does (GET /).
     #[command(after_help = "\
 Example:
   vmm ctl --api-sock /tmp/vmm.sock info
@@ -51,6 +51,15 @@ Example:
 Equivalent request:
   curl --unix-socket /tmp/vmm.sock http://localhost/")]
     Info,
+    /// Show whether the VM started, how it ended, its exit code and failure
+    /// reason (GET /vm/status, this VMM's extension).
+    #[command(after_help = "\
+Example:
+  vmm ctl --api-sock /tmp/vmm.sock status
+
+Equivalent request:
+  curl --unix-socket /tmp/vmm.sock http://localhost/vm/status")]
+    Status,
     /// Show the machine configuration (GET /machine-config).
     #[command(after_help = "\
 Example:
@@ -154,6 +163,7 @@ impl CtlCommand {
     pub fn endpoint(self) -> Endpoint {
         match self {
             CtlCommand::Info => Endpoint::GetInstanceInfo,
+            CtlCommand::Status => Endpoint::GetVmStatus,
             CtlCommand::Config => Endpoint::GetMachineConfig,
             CtlCommand::Memory => Endpoint::GetMemory,
             CtlCommand::Workload => Endpoint::GetGuestMemory,
@@ -233,6 +243,7 @@ fn answer(client: &Client, sock: &Path, cmd: CtlCommand, human: bool) -> Result<
     }
     Ok(match cmd {
         CtlCommand::Info => render::instance_info(&client.call(sock, endpoint, body)?),
+        CtlCommand::Status => render::instance_status(&client.call(sock, endpoint, body)?),
         CtlCommand::Config => render::machine_config(&client.call(sock, endpoint, body)?),
         CtlCommand::Memory => render::memory_table(&client.call(sock, endpoint, body)?),
         CtlCommand::Workload | CtlCommand::SetMemory { .. } => {
@@ -281,8 +292,9 @@ mod tests {
         ctl: CtlArgs,
     }
 
-    const ALL: [CtlCommand; 11] = [
+    const ALL: [CtlCommand; 12] = [
         CtlCommand::Info,
+        CtlCommand::Status,
         CtlCommand::Config,
         CtlCommand::Memory,
         CtlCommand::Workload,
@@ -380,6 +392,7 @@ mod tests {
         };
         Ok(match request {
             ApiRequest::GetInstanceInfo => ApiResponse::InstanceInfo(InstanceInfo::new("vm0", "0.1.0", VmState::Running)),
+            ApiRequest::GetVmStatus => ApiResponse::InstanceStatus(api::InstanceStatus::new("vm0", VmState::Running)),
             ApiRequest::GetMachineConfig => ApiResponse::MachineConfig(MachineConfig::default()),
             ApiRequest::GetMemory => ApiResponse::MemoryReport(Box::new(MemoryReport::example())),
             ApiRequest::GetGuestMemory | ApiRequest::PutGuestMemory(_) => ApiResponse::GuestMemoryStatus(Box::new(status)),
@@ -442,6 +455,8 @@ mod tests {
                 ApiResponse::MemoryReport(v) => render::memory_table(&v),
                 ApiResponse::GuestMemoryStatus(v) => render::guest_memory_status(&v),
                 ApiResponse::Metrics(v) => render::metrics(&v),
+                ApiResponse::InstanceStatus(v) => render::instance_status(&v),
+                other => panic!("{cmd:?}: vmm ctl sends no request answered {other:?}"),
             };
             assert_eq!(human.unwrap(), table, "{cmd:?}");
         }

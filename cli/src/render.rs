@@ -7,12 +7,12 @@ mod table;
 mod units;
 
 use api::{
-    BootTimings, GuestMemoryStatus, GuestMemoryView, HostMemoryView, InstanceInfo, MachineConfig,
+    BootTimings, GuestMemoryStatus, GuestMemoryView, HostMemoryView, InstanceInfo, InstanceStatus, MachineConfig,
     MemoryReport, Metrics, VmExitCounts,
 };
 use serde_json::Value;
 use table::{fields, side_by_side, Field};
-use units::{bytes, kib, mib, micros, pages, text, text_or_dash, yes_no};
+use units::{bytes, kib, mib, micros, pages, spelled, text, text_or_dash, yes_no};
 
 /// The fields of `$value`, a `$Type`, each named as in the JSON (the field's
 /// name) and shown by the unit function after it (which gets the field's
@@ -47,9 +47,18 @@ pub fn json(answer: &Value) -> String {
 /// `GET /` for a human.
 pub fn instance_info(info: &InstanceInfo) -> String {
     fields(&shown!(info => InstanceInfo {
+        app_name: text,
         id: text,
         state: text,
         vmm_version: text,
+    }))
+}
+
+/// `GET /vm/status` for a human.
+pub fn instance_status(status: &InstanceStatus) -> String {
+    fields(&shown!(status => InstanceStatus {
+        id: text,
+        state: text,
         started: yes_no,
         exit_code: text_or_dash,
         failure_reason: text_or_dash,
@@ -61,11 +70,14 @@ pub fn machine_config(config: &MachineConfig) -> String {
     fields(&shown!(config => MachineConfig {
         vcpu_count: text,
         mem_size_mib: mib,
+        smt: yes_no,
+        track_dirty_pages: yes_no,
+        cpu_template: spelled,
+        huge_pages: spelled,
         memmap_init: text,
         memmap_chunk_kib: kib,
         guest_cpl: text,
         memmap_on_memory: yes_no,
-        huge_pages: yes_no,
     }))
 }
 
@@ -132,12 +144,16 @@ pub fn metrics(metrics: &Metrics) -> String {
         api_errors,
         guest_commands,
         serial_bytes,
+        log_lines_dropped,
+        metrics_lines_dropped,
     } = metrics;
     let counters = fields(&[
         ("api_requests", text(api_requests)),
         ("api_errors", text(api_errors)),
         ("guest_commands", text(guest_commands)),
         ("serial_bytes", bytes(*serial_bytes)),
+        ("log_lines_dropped", text(log_lines_dropped)),
+        ("metrics_lines_dropped", text(metrics_lines_dropped)),
     ]);
     let exits_title = format!("VM EXITS ({} in all)", vm_exits.total());
     side_by_side(&[
@@ -288,27 +304,26 @@ guest_fully_initialized  9.00 ms
 
     #[test]
     fn human_info_shows_every_field() {
-        let mut info = InstanceInfo::new("vm0", "0.1.0", VmState::Halted);
-        info.exit_code = Some(0);
+        let info = InstanceInfo::new("vm0", "0.1.0", VmState::Running);
         assert_eq!(
             instance_info(&info),
             "\
-id              vm0
-state           Halted
-vmm_version     0.1.0
-started         yes
-exit_code       0
-failure_reason  -
+app_name     vmm
+id           vm0
+state        Running
+vmm_version  0.1.0
 "
         );
-        let mut info = InstanceInfo::new("vm1", "0.1.0", VmState::Failed);
-        info.failure_reason = Some("KVM_RUN: Bad address".into());
-        let out = instance_info(&info);
+    }
+
+    #[test]
+    fn human_status_shows_how_the_vm_ended() {
+        let mut status = InstanceStatus::new("vm1", VmState::Failed);
+        status.failure_reason = Some("KVM_RUN: Bad address".into());
+        let out = instance_status(&status);
+        assert!(out.contains("started         yes\n"), "{out}");
         assert!(out.contains("exit_code       -\n"), "{out}");
-        assert!(
-            out.contains("failure_reason  KVM_RUN: Bad address\n"),
-            "{out}"
-        );
+        assert!(out.contains("failure_reason  KVM_RUN: Bad address\n"), "{out}");
     }
 
     #[test]
@@ -320,24 +335,27 @@ failure_reason  -
             memmap_chunk_kib: 128,
             guest_cpl: GuestCpl::Ring3,
             memmap_on_memory: true,
-            huge_pages: false,
+            ..MachineConfig::default()
         };
         assert_eq!(
             machine_config(&config),
             "\
-vcpu_count        2
-mem_size_mib      512 MiB
-memmap_init       deferred
-memmap_chunk_kib  128 KiB
-guest_cpl         3
-memmap_on_memory  yes
-huge_pages        no
+vcpu_count         2
+mem_size_mib       512 MiB
+smt                no
+track_dirty_pages  no
+cpu_template       None
+huge_pages         None
+memmap_init        deferred
+memmap_chunk_kib   128 KiB
+guest_cpl          3
+memmap_on_memory   yes
 "
         );
         let out = machine_config(&MachineConfig::default());
-        assert!(out.contains("mem_size_mib      2 GiB\n"), "{out}");
-        assert!(out.contains("memmap_chunk_kib  2 MiB\n"), "{out}");
-        assert!(out.contains("guest_cpl         auto\n"), "{out}");
+        assert!(out.contains("mem_size_mib       2 GiB\n"), "{out}");
+        assert!(out.contains("memmap_chunk_kib   2 MiB\n"), "{out}");
+        assert!(out.contains("guest_cpl          auto\n"), "{out}");
     }
 
     #[test]
@@ -456,29 +474,30 @@ huge_pages        no
             api_errors: 1,
             guest_commands: 3,
             serial_bytes: 1536,
+            ..Metrics::default()
         };
         assert_eq!(
             metrics(&m),
             "\
-COUNTERS                   VM EXITS (43 in all)
-api_requests    12         io_in         2
-api_errors      1          io_out        40
-guest_commands  3          mmio_read     0
-serial_bytes    1.5 KiB    mmio_write    0
-                           hlt           1
-                           shutdown      0
-                           system_event  0
-                           failed        0
-                           other         0
+COUNTERS                          VM EXITS (43 in all)
+api_requests           12         io_in         2
+api_errors             1          io_out        40
+guest_commands         3          mmio_read     0
+serial_bytes           1.5 KiB    mmio_write    0
+log_lines_dropped      0          hlt           1
+metrics_lines_dropped  0          shutdown      0
+                                  system_event  0
+                                  failed        0
+                                  other         0
 "
         );
         let out = metrics(&Metrics::default());
         assert!(
-            out.starts_with("COUNTERS               VM EXITS (0 in all)\n"),
+            out.starts_with("COUNTERS                      VM EXITS (0 in all)\n"),
             "{out}"
         );
         assert!(
-            out.contains("\nserial_bytes    0 B    mmio_write    0\n"),
+            out.contains("\nserial_bytes           0 B    mmio_write    0\n"),
             "{out}"
         );
     }

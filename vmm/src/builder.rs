@@ -92,7 +92,7 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     //    boot_params (written through the host mapping; KVM is not involved).
     let kvm = open_kvm(&config.kvm_path)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
-    let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages)?;
+    let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages.is_enabled())?;
     let entry = image.load(&mem)?;
     arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
 
@@ -223,7 +223,7 @@ mod tests {
         let (tx, _rx) = std::sync::mpsc::channel();
         let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
         let mut c = VmConfig { kvm_path: "/nonexistent/kvm".into(), ..Default::default() };
-        c.machine.mem_size_mib = 3;
+        c.machine.mem_size_mib = 0;
         let e = build_microvm(c, &ctx).err().unwrap();
         assert!(matches!(e, BuildError::Config(_)) && e.is_usage(), "{e}");
     }

@@ -2,9 +2,12 @@
 //! the API (`PUT /machine-config`, `PUT /boot-source`) both produce a
 //! [`VmConfig`]; the builder consumes it. The machine part is the API's own
 //! [`api::MachineConfig`], so its rules live in one place.
+//! [`check_kernel_image`] is the host-side check of a kernel path, done at
+//! `PUT /boot-source` as Firecracker does.
 
 use crate::arch::layout;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 
 /// Which kernel to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +66,39 @@ const _: () = assert!(api::MIN_CHUNK_KIB << 10 == guest_abi::MIN_CHUNK_SIZE);
 const _: () = assert!(api::MAX_CHUNK_KIB << 10 == guest_abi::SECTION_SIZE);
 const _: () = assert!(api::DEFAULT_CHUNK_KIB << 10 == guest_abi::DEFAULT_CHUNK_SIZE);
 
+/// Why a kernel path cannot be booted.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelImageError {
+    /// Nothing there, or a directory on the way cannot be searched.
+    #[error("{} does not exist or cannot be reached", path.display())]
+    Missing {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A directory, FIFO, device or socket.
+    #[error("{} is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
+    /// It exists and cannot be read.
+    #[error("{} cannot be opened for reading", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Checks that `path` is a regular file (after symlinks) this process can
+/// open for reading. The file is read again at `InstanceStart`.
+pub fn check_kernel_image(path: &Path) -> Result<(), KernelImageError> {
+    let meta = std::fs::metadata(path).map_err(|source| KernelImageError::Missing { path: path.into(), source })?;
+    if !meta.is_file() {
+        return Err(KernelImageError::NotAFile { path: path.into() });
+    }
+    std::fs::File::open(path).map_err(|source| KernelImageError::Unreadable { path: path.into(), source })?;
+    Ok(())
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -112,10 +148,12 @@ impl VmConfig {
                 KernelImage::File(p) => Some(p.display().to_string()),
             },
             boot_args: (!self.cmdline.is_empty()).then(|| self.cmdline.clone()),
+            initrd_path: None,
         }
     }
 
-    /// Replaces the kernel and command line with an API boot source.
+    /// Replaces the kernel and command line with an API boot source (one
+    /// that passed [`api::BootSource::validate`], so without an initrd).
     pub fn set_boot_source(&mut self, b: &api::BootSource) {
         self.kernel = b.kernel_image_path.as_ref().map_or(KernelImage::Embedded, |p| KernelImage::File(p.into()));
         self.cmdline = b.boot_args.clone().unwrap_or_default();
@@ -137,7 +175,12 @@ mod tests {
         assert!(VmConfig::default().validate().is_ok());
         let msg = |c: VmConfig| c.validate().unwrap_err().to_string();
         assert!(msg(with_machine(|m| m.mem_size_mib = 0)).contains("more than 0"));
-        assert!(msg(with_machine(|m| m.mem_size_mib = 3)).contains("multiple of 2"));
+        assert!(msg(with_machine(|m| {
+            m.mem_size_mib = 3;
+            m.huge_pages = api::HugePages::Size2M;
+        }))
+        .contains("multiple of 2"));
+        assert!(with_machine(|m| m.mem_size_mib = 257).validate().is_ok(), "odd sizes boot");
         assert!(msg(with_machine(|m| m.mem_size_mib = 1 << 30)).contains("at most"));
         assert!(msg(with_machine(|m| m.vcpu_count = 0)).contains("vCPU"));
         assert!(msg(with_machine(|m| m.memmap_chunk_kib = 100)).contains("128"));
@@ -159,9 +202,23 @@ mod tests {
     fn the_boot_source_round_trips() {
         let mut c = VmConfig::default();
         assert_eq!(c.boot_source(), api::BootSource::default());
-        let b = api::BootSource { kernel_image_path: Some("/k".into()), boot_args: Some("quiet".into()) };
+        let b = api::BootSource { kernel_image_path: Some("/k".into()), boot_args: Some("quiet".into()), initrd_path: None };
         c.set_boot_source(&b);
         assert_eq!((c.kernel.clone(), c.cmdline.as_str()), (KernelImage::File("/k".into()), "quiet"));
         assert_eq!(c.boot_source(), b);
+    }
+
+    #[test]
+    fn kernel_paths_are_checked_like_firecracker_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("vmlinux");
+        let e = check_kernel_image(&missing).unwrap_err();
+        assert!(matches!(e, KernelImageError::Missing { .. }), "{e}");
+        assert!(e.to_string().ends_with("vmlinux does not exist or cannot be reached"), "{e}");
+        let e = check_kernel_image(dir.path()).unwrap_err();
+        assert!(matches!(e, KernelImageError::NotAFile { .. }), "{e}");
+        std::fs::write(&missing, b"\x7fELF").unwrap();
+        check_kernel_image(&missing).unwrap();
+        check_kernel_image(Path::new(crate::loader::EMBEDDED_KERNEL_PATH)).unwrap();
     }
 }

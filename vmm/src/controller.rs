@@ -19,9 +19,16 @@
 //! `vmm run` uses the same controller with a machine configured from its
 //! flags, started at once, and an optional script (allocate, report, shut
 //! down) that runs when the guest is ready.
+//!
+//! The controller also owns the host files of `PUT /logger` and
+//! `PUT /metrics` (the private `output` module): its own diagnostics (API requests, life-cycle
+//! events, warnings) are written to the log file, and the counters of
+//! `GET /metrics` to the metrics file on `FlushMetrics`, every
+//! [`METRICS_FLUSH_PERIOD`] and when the VM stops. Without a log file its
+//! warnings go to standard error, as they always did.
 
 use crate::builder::{build_microvm, BuildContext, BuildError};
-use crate::config::VmConfig;
+use crate::config::{check_kernel_image, VmConfig};
 use crate::devices::SubmitError;
 use api::ErrorChain;
 use crate::events::{ApiCall, CommandDone, VmEvent};
@@ -31,12 +38,29 @@ use crate::script::{BenchResult, Script};
 use crate::timings::Timings;
 use crate::vstate::stop::StopReason;
 use crate::vstate::vm::{ends_vm, Vm};
-use api::{ApiError, ApiRequest, ApiResponse, GuestMemoryOutcome, GuestMemoryStatus, VmState};
+use api::{ApiError, ApiRequest, ApiResponse, GuestMemoryOutcome, GuestMemoryStatus, LogLevel, VmState};
 use guest_abi::{Command, CommandStatus, Phase};
+use output::{HostLog, HostOutput};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The VMM's version, as `GET /` and `GET /version` report it.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How often the metrics file gets a line without being asked (as
+/// Firecracker flushes its metrics every minute).
+pub const METRICS_FLUSH_PERIOD: Duration = Duration::from_secs(60);
+
+/// Writes one line to the VMM's log (see [`Controller::log_line`]):
+/// `log!(self, LogLevel::Info, "format", args...)`.
+macro_rules! log {
+    ($ctl:expr, $level:expr, $($arg:tt)*) => {
+        $ctl.log_line($level, module_path!(), file!(), line!(), format_args!($($arg)*))
+    };
+}
 
 enum Waiter {
     /// `PUT /guest/memory`: answer when the guest is done.
@@ -75,6 +99,15 @@ pub struct Controller {
     script: Script,
     /// Set when the loop should end (the VM stopped, or was shut down).
     finished: Option<StopReason>,
+    /// `SendCtrlAltDel` came before the guest was ready: shut down once it is.
+    shutdown_when_ready: bool,
+    /// The log of `PUT /logger`.
+    log: HostLog,
+    /// `PUT /metrics` as given, and its file.
+    metrics_config: Option<api::MetricsConfig>,
+    metrics_out: Option<HostOutput>,
+    metrics_lines_dropped: u64,
+    next_metrics_flush: Option<Instant>,
     /// The script's report, printed by the caller.
     pub printed_report: Option<api::MemoryReport>,
     /// The script's benchmark result, printed by the caller.
@@ -103,6 +136,12 @@ impl Controller {
             guest_commands: 0,
             script: Script::default(),
             finished: None,
+            shutdown_when_ready: false,
+            log: HostLog::default(),
+            metrics_config: None,
+            metrics_out: None,
+            metrics_lines_dropped: 0,
+            next_metrics_flush: None,
             printed_report: None,
             bench_result: None,
         }
@@ -135,6 +174,9 @@ impl Controller {
         vm.start().map_err(StartError::Thread)?;
         self.vm = Some(vm);
         self.state = VmState::Running;
+        let m = &self.config.machine;
+        let (vcpus, mib) = (m.vcpu_count, m.mem_size_mib);
+        log!(self, LogLevel::Info, "VM started: {vcpus} vCPUs, {mib} MiB");
         Ok(())
     }
 
@@ -142,11 +184,43 @@ impl Controller {
     /// ended without a VM, e.g. a signal before start).
     pub fn run(&mut self) -> Option<StopReason> {
         crate::signals::forward_to(self.tx.clone());
+        log!(self, LogLevel::Info, "{} {VERSION} running", api::APP_NAME);
         while self.finished.is_none() {
-            let Ok(ev) = self.rx.recv_timeout(Duration::from_secs(3600)) else { continue };
-            self.handle(ev);
+            let wait = self
+                .next_metrics_flush
+                .map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+            if let Ok(ev) = self.rx.recv_timeout(wait) {
+                self.handle(ev);
+            }
+            if self.next_metrics_flush.is_some_and(|t| t <= Instant::now()) {
+                self.flush_metrics();
+            }
         }
         self.finished.clone()
+    }
+
+    /// Writes one line to the log of `PUT /logger`, if its level and module
+    /// pass; with no log file, warnings and errors go to standard error.
+    pub fn log_line(&mut self, level: LogLevel, module: &str, file: &str, line: u32, msg: std::fmt::Arguments<'_>) {
+        self.log.line(&self.id, level, module, file, line, msg);
+    }
+
+    /// Writes one metrics line, if `PUT /metrics` set a file, and sets the
+    /// next periodic flush.
+    fn flush_metrics(&mut self) {
+        if self.metrics_out.is_none() {
+            return;
+        }
+        self.next_metrics_flush = Some(Instant::now() + METRICS_FLUSH_PERIOD);
+        let snapshot = self.metrics_snapshot();
+        let line = api::MetricsLine { utc_timestamp_ms: output::unix_millis(SystemTime::now()), metrics: &snapshot };
+        let written = match serde_json::to_string(&line) {
+            Ok(text) => self.metrics_out.as_mut().is_some_and(|out| out.write_line(&text)),
+            Err(_) => false,
+        };
+        if !written {
+            self.metrics_lines_dropped += 1;
+        }
     }
 
     fn handle(&mut self, ev: VmEvent) {
@@ -154,14 +228,19 @@ impl Controller {
             VmEvent::Api(call) => self.handle_api(call),
             VmEvent::Phase(Phase::Ready) => {
                 self.guest_ready = true;
-                self.run_script();
+                log!(self, LogLevel::Info, "guest ready");
+                if std::mem::take(&mut self.shutdown_when_ready) {
+                    self.graceful_shutdown();
+                } else {
+                    self.run_script();
+                }
             }
             VmEvent::Phase(_) => {}
             VmEvent::CommandDone(done) => self.command_done(done),
             VmEvent::StartAps(rec) => {
                 if let Some(vm) = self.vm.as_mut() {
                     if let Err(e) = vm.start_aps(rec) {
-                        eprintln!("vmm: guest AP start-up refused: {}", ErrorChain(&e));
+                        log!(self, LogLevel::Warning, "guest AP start-up refused: {}", ErrorChain(&e));
                     }
                 }
             }
@@ -174,9 +253,9 @@ impl Controller {
                     self.stopped(reason);
                 }
             }
-            VmEvent::GuestProtocolError(msg) => eprintln!("vmm: guest protocol error: {msg}"),
+            VmEvent::GuestProtocolError(msg) => log!(self, LogLevel::Warning, "guest protocol error: {msg}"),
             VmEvent::Signal(sig) => {
-                eprintln!("vmm: received signal {sig}; stopping the VM");
+                log!(self, LogLevel::Warning, "received signal {sig}; stopping the VM");
                 if let Some(vm) = self.vm.as_mut() {
                     vm.stop();
                 }
@@ -193,6 +272,9 @@ impl Controller {
             self.state = VmState::Halted;
         }
         self.exit_code = Some(reason.exit_code());
+        let state = self.state;
+        log!(self, LogLevel::Info, "VM {state}: {reason}");
+        self.flush_metrics();
         if let Some(p) = self.pending.take() {
             if let Waiter::Api(reply) = p.waiter {
                 let _ = reply.send(Err(ApiError::InvalidState {
@@ -209,14 +291,14 @@ impl Controller {
         if let Some(mib) = self.script.alloc_mib.take().or_else(|| self.script.then_target_mib.take()) {
             match self.submit(Command::SetTarget, mib << 20, 0) {
                 Ok(seq) => self.pending = Some(Pending { seq, target_mib: mib, waiter: Waiter::Script }),
-                Err(e) => eprintln!("vmm: cannot start the workload: {e}"),
+                Err(e) => log!(self, LogLevel::Warning, "cannot start the workload: {e}"),
             }
             return;
         }
         if let Some(n) = self.script.bench_alloc_free.take() {
             match self.submit(Command::BenchAllocFree, n, 0) {
                 Ok(seq) => self.pending = Some(Pending { seq, target_mib: 0, waiter: Waiter::Bench(n) }),
-                Err(e) => eprintln!("vmm: cannot start the benchmark: {e}"),
+                Err(e) => log!(self, LogLevel::Warning, "cannot start the benchmark: {e}"),
             }
             return;
         }
@@ -287,7 +369,7 @@ impl Controller {
             Waiter::Script => {
                 self.last = GuestMemoryStatus { target_mib: p.target_mib, held_bytes: self.workload_bytes, status: outcome, report: None };
                 if outcome != GuestMemoryOutcome::Ok {
-                    eprintln!("vmm: the guest's allocation of {} MiB ended with {outcome:?}", p.target_mib);
+                    log!(self, LogLevel::Warning, "the guest's allocation of {} MiB ended with {outcome:?}", p.target_mib);
                 }
                 self.run_script();
             }
@@ -315,17 +397,34 @@ impl Controller {
 
     fn handle_api(&mut self, call: ApiCall) {
         let ApiCall { request, reply } = call;
+        let endpoint = request.endpoint();
         let answer = match request {
-            ApiRequest::GetInstanceInfo => Ok(ApiResponse::InstanceInfo(api::InstanceInfo {
-                id: self.id.clone(),
-                state: self.state,
-                vmm_version: env!("CARGO_PKG_VERSION").into(),
-                started: self.vm.is_some(),
+            ApiRequest::GetInstanceInfo => {
+                Ok(ApiResponse::InstanceInfo(api::InstanceInfo::new(self.id.clone(), VERSION, self.state)))
+            }
+            ApiRequest::GetVmStatus => Ok(ApiResponse::InstanceStatus(api::InstanceStatus {
                 exit_code: self.exit_code,
                 failure_reason: self.failure.clone(),
+                ..api::InstanceStatus::new(self.id.clone(), self.state)
             })),
+            ApiRequest::GetVersion => {
+                Ok(ApiResponse::Version(api::FirecrackerVersion { firecracker_version: VERSION.into() }))
+            }
+            ApiRequest::GetVmConfig => Ok(ApiResponse::VmConfig(Box::new(api::FullVmConfiguration::new(
+                self.config.boot_source(),
+                self.config.machine.clone(),
+                self.log.config().cloned(),
+                self.metrics_config.clone(),
+            )))),
             ApiRequest::GetMachineConfig => Ok(ApiResponse::MachineConfig(self.config.machine.clone())),
-            ApiRequest::PutMachineConfig(update) => {
+            ApiRequest::PutMachineConfig(put) => {
+                if self.vm.is_some() {
+                    Err(self.invalid_state("change the machine configuration"))
+                } else {
+                    self.config.machine.replace(put).map(|()| ApiResponse::NoContent).map_err(ApiError::from)
+                }
+            }
+            ApiRequest::PatchMachineConfig(update) => {
                 if self.vm.is_some() {
                     Err(self.invalid_state("change the machine configuration"))
                 } else {
@@ -335,11 +434,15 @@ impl Controller {
             ApiRequest::PutBootSource(boot) => {
                 if self.vm.is_some() {
                     Err(self.invalid_state("change the boot source"))
+                } else if let Some(Err(e)) = boot.kernel_image_path.as_deref().map(|p| check_kernel_image(Path::new(p))) {
+                    Err(ApiError::HostPath { field: "kernel_image_path", source: e.into() })
                 } else {
                     self.config.set_boot_source(&boot);
                     Ok(ApiResponse::NoContent)
                 }
             }
+            ApiRequest::PutLogger(logger) => self.set_logger(logger),
+            ApiRequest::PutMetrics(metrics) => self.set_metrics(metrics),
             ApiRequest::PutActions(a) => self.action(a.action_type),
             ApiRequest::PatchVm(u) => self.pause_resume(u.state),
             ApiRequest::GetMemory => match self.report() {
@@ -362,6 +465,7 @@ impl Controller {
                             self.last.status = GuestMemoryOutcome::Pending;
                             self.last.target_mib = target.target_mib;
                             self.pending = Some(Pending { seq, target_mib: target.target_mib, waiter: Waiter::Api(reply) });
+                            log!(self, LogLevel::Info, "API {endpoint}: sent to the guest, answered when it is done");
                             return;
                         }
                         Err(e) => Err(ApiError::GuestBusy(e.into())),
@@ -370,11 +474,50 @@ impl Controller {
             }
             ApiRequest::GetMetrics => Ok(ApiResponse::Metrics(self.metrics_snapshot())),
         };
+        match &answer {
+            Ok(r) => log!(self, LogLevel::Info, "API {endpoint}: {}", r.status()),
+            Err(e) => log!(self, LogLevel::Info, "API {endpoint}: {} {}", e.status(), ErrorChain(e)),
+        }
         let _ = reply.send(answer);
+    }
+
+    /// `PUT /logger`: opens the log file (if one is given) and uses it from
+    /// now on.
+    fn set_logger(&mut self, logger: api::Logger) -> Result<ApiResponse, ApiError> {
+        if self.vm.is_some() {
+            return Err(self.invalid_state("configure the logger"));
+        }
+        let out = match logger.log_path.as_deref() {
+            Some(path) => Some(
+                HostOutput::open(Path::new(path))
+                    .map_err(|e| ApiError::HostPath { field: "log_path", source: e.into() })?,
+            ),
+            None => None,
+        };
+        self.log.configure(logger, out);
+        log!(self, LogLevel::Info, "{} {VERSION}: logger configured", api::APP_NAME);
+        Ok(ApiResponse::NoContent)
+    }
+
+    /// `PUT /metrics`: opens the metrics file and flushes to it from now on.
+    fn set_metrics(&mut self, metrics: api::MetricsConfig) -> Result<ApiResponse, ApiError> {
+        if self.vm.is_some() {
+            return Err(self.invalid_state("configure the metrics"));
+        }
+        let out = HostOutput::open(Path::new(&metrics.metrics_path))
+            .map_err(|e| ApiError::HostPath { field: "metrics_path", source: e.into() })?;
+        self.metrics_out = Some(out);
+        self.metrics_config = Some(metrics);
+        self.next_metrics_flush = Some(Instant::now() + METRICS_FLUSH_PERIOD);
+        Ok(ApiResponse::NoContent)
     }
 
     fn action(&mut self, action: api::ActionType) -> Result<ApiResponse, ApiError> {
         match action {
+            api::ActionType::FlushMetrics => {
+                self.flush_metrics();
+                Ok(ApiResponse::NoContent)
+            }
             api::ActionType::InstanceStart => {
                 if self.vm.is_some() {
                     return Err(self.invalid_state("start the VM"));
@@ -386,10 +529,16 @@ impl Controller {
                 Ok(ApiResponse::NoContent)
             }
             api::ActionType::SendCtrlAltDel => {
-                if self.state != VmState::Running || !self.guest_ready || self.pending.is_some() {
+                if self.state != VmState::Running || self.pending.is_some() {
                     return Err(self.invalid_state("ask the guest to shut down"));
                 }
-                self.graceful_shutdown();
+                if self.guest_ready {
+                    self.graceful_shutdown();
+                } else {
+                    // As a key press waits for the guest's driver: the guest
+                    // is asked as soon as it can be.
+                    self.shutdown_when_ready = true;
+                }
                 Ok(ApiResponse::NoContent)
             }
             api::ActionType::Shutdown => {
@@ -406,16 +555,22 @@ impl Controller {
         }
     }
 
+    /// `PATCH /vm`. As in Firecracker, asking for the state the VM is
+    /// already in succeeds and changes nothing.
     fn pause_resume(&mut self, target: api::VmStateTarget) -> Result<ApiResponse, ApiError> {
         match (target, self.state, self.vm.as_mut()) {
+            (api::VmStateTarget::Paused, VmState::Paused, Some(_))
+            | (api::VmStateTarget::Resumed, VmState::Running, Some(_)) => Ok(ApiResponse::NoContent),
             (api::VmStateTarget::Paused, VmState::Running, Some(vm)) => {
                 vm.pause();
                 self.state = VmState::Paused;
+                log!(self, LogLevel::Info, "VM paused");
                 Ok(ApiResponse::NoContent)
             }
             (api::VmStateTarget::Resumed, VmState::Paused, Some(vm)) => {
                 vm.resume();
                 self.state = VmState::Running;
+                log!(self, LogLevel::Info, "VM resumed");
                 Ok(ApiResponse::NoContent)
             }
             (api::VmStateTarget::Paused, _, _) => Err(self.invalid_state("pause the VM")),
@@ -442,6 +597,8 @@ impl Controller {
             api_errors: l(&m.api_errors),
             guest_commands: self.guest_commands,
             serial_bytes: l(&m.serial_bytes),
+            log_lines_dropped: self.log.dropped(),
+            metrics_lines_dropped: self.metrics_lines_dropped,
         }
     }
 }
@@ -459,5 +616,270 @@ impl StartError {
     /// Whether the configuration the user gave is at fault (exit code 2, HTTP 400).
     pub fn is_usage(&self) -> bool {
         matches!(self, StartError::Build(e) if e.is_usage())
+    }
+}
+
+/// The host files of `PUT /logger` and `PUT /metrics`: opened once, written
+/// one line at a time by the controller, never blocking it.
+///
+/// A path must name something that exists (a file, a FIFO, a character
+/// device such as `/dev/null`); nothing is created, as in Firecracker. It is
+/// opened with `O_NONBLOCK` and `O_APPEND`, so a FIFO whose reader is slow
+/// makes lines drop (and count) instead of stalling the VM. Every line is at
+/// most [`output::MAX_LINE_BYTES`], so it reaches a FIFO whole or not at all,
+/// and a file gets at most [`output::MAX_OUTPUT_BYTES`].
+mod output {
+    use api::LogLevel;
+    use std::fs::{File, OpenOptions};
+    use std::io::{self, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::path::{Path, PathBuf};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// Longest line written, newline included: `PIPE_BUF`, the most a FIFO
+    /// takes atomically. Longer messages are cut.
+    pub(super) const MAX_LINE_BYTES: usize = 4096;
+    /// Most bytes written to one file; later lines are dropped.
+    pub(super) const MAX_OUTPUT_BYTES: u64 = 16 << 20;
+
+    /// Why a log or metrics path cannot be used.
+    #[derive(Debug, thiserror::Error)]
+    pub enum OutputFileError {
+        /// It cannot be opened for writing (missing, a directory, no permission).
+        #[error("cannot open {} for writing; it must be an existing file or FIFO", path.display())]
+        Open {
+            path: PathBuf,
+            #[source]
+            source: io::Error,
+        },
+    }
+
+    /// An open log or metrics file.
+    #[derive(Debug)]
+    pub(super) struct HostOutput {
+        file: File,
+        written: u64,
+    }
+
+    impl HostOutput {
+        /// Opens `path` for writing without creating it. A FIFO with no
+        /// reader yet is opened read-write, so the open does not fail and
+        /// lines wait in the pipe until a reader comes (or drop when full).
+        pub(super) fn open(path: &Path) -> Result<HostOutput, OutputFileError> {
+            let open = |read| {
+                OpenOptions::new()
+                    .read(read)
+                    .append(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .open(path)
+            };
+            let file = match open(false) {
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => open(true),
+                other => other,
+            }
+            .map_err(|source| OutputFileError::Open { path: path.into(), source })?;
+            Ok(HostOutput { file, written: 0 })
+        }
+
+        /// Writes `text` and a newline in one `write`, cut to
+        /// [`MAX_LINE_BYTES`]. False if the line was dropped: the file
+        /// would block, failed, took only part, or is at its cap.
+        pub(super) fn write_line(&mut self, text: &str) -> bool {
+            let mut end = text.len().min(MAX_LINE_BYTES - 1);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let mut line = Vec::with_capacity(end + 1);
+            line.extend_from_slice(&text.as_bytes()[..end]);
+            line.push(b'\n');
+            if self.written + line.len() as u64 > MAX_OUTPUT_BYTES {
+                return false;
+            }
+            match self.file.write(&line) {
+                Ok(n) => {
+                    self.written += n as u64;
+                    n == line.len()
+                }
+                Err(_) => false,
+            }
+        }
+    }
+
+    /// The log of `PUT /logger`: its configuration, its file, and how many
+    /// lines it dropped.
+    #[derive(Debug, Default)]
+    pub(super) struct HostLog {
+        config: Option<api::Logger>,
+        out: Option<HostOutput>,
+        dropped: u64,
+    }
+
+    impl HostLog {
+        /// Uses `config` and `out` from now on (replacing any earlier ones).
+        pub(super) fn configure(&mut self, config: api::Logger, out: Option<HostOutput>) {
+            self.config = Some(config);
+            self.out = out;
+        }
+
+        /// The configuration of `PUT /logger`, if one was given.
+        pub(super) fn config(&self) -> Option<&api::Logger> {
+            self.config.as_ref()
+        }
+
+        /// Lines not written.
+        pub(super) fn dropped(&self) -> u64 {
+            self.dropped
+        }
+
+        /// Writes one line, Firecracker's way:
+        /// `TIMESTAMP [ID:THREAD(:LEVEL)(:FILE:LINE)] message`. Without a
+        /// file, warnings and errors go to standard error as `vmm: message`.
+        pub(super) fn line(
+            &mut self,
+            id: &str,
+            level: LogLevel,
+            module: &str,
+            file: &str,
+            line: u32,
+            msg: std::fmt::Arguments<'_>,
+        ) {
+            let config = self.config.clone().unwrap_or_default();
+            let Some(out) = self.out.as_mut() else {
+                if level.enabled_at(LogLevel::Warning) && level.enabled_at(config.level()) {
+                    eprintln!("vmm: {msg}");
+                }
+                return;
+            };
+            if !level.enabled_at(config.level()) || config.module.as_deref().is_some_and(|m| !module.starts_with(m)) {
+                return;
+            }
+            let thread = std::thread::current();
+            let mut text = format!("{} [{id}:{}", utc_timestamp(SystemTime::now()), thread.name().unwrap_or("vmm"));
+            if config.show_level == Some(true) {
+                text.push(':');
+                text.push_str(&level.name().to_uppercase());
+            }
+            if config.show_log_origin == Some(true) {
+                text.push_str(&format!(":{file}:{line}"));
+            }
+            text.push_str(&format!("] {msg}"));
+            if !out.write_line(&text) {
+                self.dropped += 1;
+            }
+        }
+    }
+
+    /// Milliseconds since the Unix epoch (0 before it).
+    pub(super) fn unix_millis(t: SystemTime) -> u64 {
+        t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis().try_into().unwrap_or(u64::MAX))
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnn`, UTC (the format of Firecracker's log
+    /// lines).
+    pub(super) fn utc_timestamp(t: SystemTime) -> String {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        let (y, m, day) = civil_from_days(days);
+        format!(
+            "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:09}",
+            rem / 3600,
+            rem / 60 % 60,
+            rem % 60,
+            d.subsec_nanos()
+        )
+    }
+
+    /// The calendar date of a day number counted from 1970-01-01 (Howard
+    /// Hinnant's `civil_from_days`).
+    fn civil_from_days(days: u64) -> (u64, u64, u64) {
+        let z = days + 719_468;
+        let era = z / 146_097;
+        let doe = z % 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + u64::from(month <= 2);
+        (year, month, day)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::time::Duration;
+
+        #[test]
+        fn timestamps_are_utc_calendar_dates() {
+            assert_eq!(utc_timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000000000");
+            let t = UNIX_EPOCH + Duration::new(1_709_210_096, 5);
+            assert_eq!(utc_timestamp(t), "2024-02-29T12:34:56.000000005");
+            assert_eq!(unix_millis(t), 1_709_210_096_000);
+        }
+
+        #[test]
+        fn a_missing_path_is_refused_and_nothing_is_created() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("log");
+            let e = HostOutput::open(&path).unwrap_err();
+            assert!(e.to_string().contains("must be an existing file or FIFO"), "{e}");
+            assert!(!path.exists());
+            assert!(HostOutput::open(dir.path()).is_err(), "a directory");
+        }
+
+        #[test]
+        fn lines_are_appended_whole_and_capped() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("log");
+            std::fs::write(&path, "old\n").unwrap();
+            let mut out = HostOutput::open(&path).unwrap();
+            assert!(out.write_line("one"));
+            assert!(out.write_line(&"é".repeat(MAX_LINE_BYTES)));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines[..2], ["old", "one"]);
+            assert!(lines[2].len() < MAX_LINE_BYTES && lines[2].starts_with('é'));
+            out.written = MAX_OUTPUT_BYTES;
+            assert!(!out.write_line("over the cap"));
+        }
+
+        #[test]
+        fn a_fifo_without_reader_opens_and_a_full_one_drops_lines() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("fifo");
+            let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+            // SAFETY: `c` is a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            let mut out = HostOutput::open(&path).unwrap();
+            let line = "x".repeat(MAX_LINE_BYTES - 1);
+            let written = (0..1000).take_while(|_| out.write_line(&line)).count();
+            assert!(written < 1000, "a full pipe must drop lines, not block");
+        }
+
+        #[test]
+        fn the_log_filters_by_level_and_module_and_formats_like_firecracker() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("log");
+            std::fs::write(&path, "").unwrap();
+            let mut log = HostLog::default();
+            let config = api::Logger {
+                level: Some(LogLevel::Info),
+                show_level: Some(true),
+                show_log_origin: Some(true),
+                module: Some("vmm::controller".into()),
+                ..Default::default()
+            };
+            log.configure(config, Some(HostOutput::open(&path).unwrap()));
+            log.line("vm0", LogLevel::Info, "vmm::controller", "c.rs", 7, format_args!("hello {}", 1));
+            log.line("vm0", LogLevel::Debug, "vmm::controller", "c.rs", 8, format_args!("too detailed"));
+            log.line("vm0", LogLevel::Error, "vmm::builder", "b.rs", 9, format_args!("other module"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(text.lines().count(), 1, "{text}");
+            let (ts, rest) = text.trim_end().split_once(' ').unwrap();
+            assert_eq!(ts.len(), "1970-01-01T00:00:00.000000000".len(), "{ts}");
+            assert!(rest.starts_with("[vm0:") && rest.ends_with(":INFO:c.rs:7] hello 1"), "{rest}");
+            assert_eq!(log.dropped(), 0);
+        }
     }
 }

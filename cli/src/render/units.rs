@@ -54,6 +54,15 @@ pub fn text(v: impl Display) -> String {
     v.to_string()
 }
 
+/// An enumeration's value as the API spells it in JSON (`"2M"`, `"None"`).
+pub fn spelled(v: impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".to_string(),
+    }
+}
+
 /// [`text`], or `-`.
 pub fn text_or_dash<T: Display>(v: Option<T>) -> String {
     or_dash(v, text)
