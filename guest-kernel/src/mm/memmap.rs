@@ -37,7 +37,7 @@ use guest_abi::{MIN_CHUNK_SIZE, PAGE_SIZE, STRUCT_PAGE_SIZE};
 
 use super::addr::{Pfn, PfnRange, PhysAddr, PhysRange, PAGE_SHIFT};
 use super::page::{Page, PagePtr};
-use super::{MmConfig, MmInitError};
+use super::config::{MmConfig, MmInitError};
 
 /// Most RAM (and most reserved) ranges the caller may pass.
 pub const MAX_RANGES: usize = 64;
