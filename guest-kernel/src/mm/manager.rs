@@ -3,7 +3,7 @@
 //!
 //! # Locking
 //!
-//! - The layout ([`Memmap`]) is written once by `init` and read-only after;
+//! - The layout (`Memmap`) is written once by `init` and read-only after;
 //!   `state` (released after the write) publishes it.
 //! - The init bitmap is atomic: a chunk's bit is set (release) after all its
 //!   struct pages are written; readers check it (acquire) before reading one.
@@ -28,7 +28,7 @@ use guest_abi::{Strategy, STRUCT_PAGE_SIZE};
 use super::addr::{Pfn, PhysRange};
 use super::buddy::{FreeArea, MAX_ORDER};
 use super::memmap::{Memmap, PageKind};
-use super::page::{Page, NO_PFN, PG_HEAD, PG_HOLE, PG_RESERVED};
+use super::page::PageState;
 use super::spinlock::{SpinGuard, SpinLock};
 use super::static_key::StaticKey;
 use super::{
@@ -72,7 +72,7 @@ struct Zone {
 /// through the memory itself, which is never touched). Owned by one user.
 #[derive(Debug)]
 pub struct BlockList {
-    head: u64,
+    head: Option<Pfn>,
     blocks: u64,
     pages: u64,
 }
@@ -81,7 +81,7 @@ impl BlockList {
     /// An empty list.
     pub const fn new() -> BlockList {
         BlockList {
-            head: NO_PFN,
+            head: None,
             blocks: 0,
             pages: 0,
         }
@@ -89,7 +89,7 @@ impl BlockList {
 
     /// Whether the list holds no block.
     pub fn is_empty(&self) -> bool {
-        self.head == NO_PFN
+        self.head.is_none()
     }
 
     /// Blocks on the list.
@@ -382,7 +382,7 @@ impl MemoryManager {
         loop {
             let mut z = self.zone.lock();
             if order <= MAX_ORDER {
-                if let Some(pfn) = z.area.take(mm, order) {
+                if let Some(pfn) = z.area.take(mm, order).map(|t| t.pfn) {
                     z.allocated_pages += 1 << order;
                     let low = self.grow_key.is_enabled()
                         && z.area.free_pages < self.setup().cfg.low_watermark_pages;
@@ -428,13 +428,8 @@ impl MemoryManager {
         let mut z = self.zone.lock();
         // SAFETY: the zone lock is held; the bitmap check comes first.
         let page = unsafe { mm.page_if_initialized(pfn) }.ok_or(MmFreeError::NotAllocated)?;
-        let p = page.get();
-        if p.flags & PG_HEAD == 0 {
-            return Err(MmFreeError::NotAllocated);
-        }
-        if p.order != order {
-            return Err(MmFreeError::OrderMismatch);
-        }
+        let allocated = PageState::Allocated { order: order as u8 };
+        page.update(|p| p.try_transition(allocated, PageState::Tail))?;
         z.area.free_block(mm, pfn, order);
         z.allocated_pages -= 1 << order;
         Ok(())
@@ -446,12 +441,11 @@ impl MemoryManager {
         let _z = self.zone.lock();
         // SAFETY: the zone lock is held; the bitmap check comes first.
         let page = unsafe { mm.page_if_initialized(pfn) }.ok_or(MmListError::NotAllocatedBlock)?;
-        let p = page.get();
-        if p.flags & PG_HEAD == 0 || p.order != order {
+        if page.state() != (PageState::Allocated { order: order as u8 }) {
             return Err(MmListError::NotAllocatedBlock);
         }
-        page.update(|p| p.next = list.head);
-        list.head = pfn.0;
+        page.update(|p| p.set_next(list.head));
+        list.head = Some(pfn);
         list.blocks += 1;
         list.pages += 1 << order;
         Ok(())
@@ -459,21 +453,19 @@ impl MemoryManager {
 
     /// Takes the most recently pushed block off `list`: `(pfn, order)`.
     pub fn list_pop(&self, list: &mut BlockList) -> Option<(Pfn, u32)> {
-        if list.head == NO_PFN {
-            return None;
-        }
+        let pfn = list.head?;
         let mm = self.mm();
         let _z = self.zone.lock();
-        let pfn = Pfn(list.head);
         // SAFETY: the zone lock is held; list_push only links allocated
         // heads, which are in initialized chunks.
         let page = unsafe { mm.pfn_to_page(pfn) };
         let p = page.get();
-        page.update(|p| p.next = NO_PFN);
-        list.head = p.next;
+        let order = p.state().order().expect("a listed block is an allocated head");
+        page.update(|p| p.set_next(None));
+        list.head = p.next();
         list.blocks -= 1;
-        list.pages -= 1 << p.order;
-        Some((pfn, p.order))
+        list.pages -= 1 << order;
+        Some((pfn, order))
     }
 
     /// A snapshot of the counters.
@@ -613,32 +605,11 @@ impl MemoryManager {
         let s = self.setup();
         let mm = &s.memmap;
         let t0 = s.clock.map_or(0, |c| c());
-        let range = mm.chunk_range(chunk);
-        self.online(range.to_phys());
+        self.online(mm.chunk_range(chunk).to_phys());
         self.online(mm.chunk_memmap(chunk));
-        let base = mm.memmap_slot(range.start);
-        let mut ram_pages = 0;
-        for (kind, run) in mm.runs(chunk) {
-            let flags = match kind {
-                PageKind::Hole => PG_HOLE,
-                PageKind::Reserved => PG_RESERVED,
-                PageKind::Free => 0,
-            };
-            if kind != PageKind::Hole {
-                ram_pages += run.pages();
-            }
-            for pfn in run.start.0..run.end.0 {
-                // SAFETY: the chunk's memmap is contiguous from `base` and
-                // lies in RAM that `init` reserved for it; the chunk's bit is
-                // clear and this CPU owns the chunk, so nobody else accesses
-                // these struct pages.
-                unsafe {
-                    base.add((pfn - range.start.0) as usize)
-                        .write(Page::initial(flags, pfn))
-                };
-            }
-        }
-        mm.set_initialized(chunk);
+        // SAFETY: this CPU owns the chunk exclusively (claimed at the
+        // frontier or in its parallel share).
+        let ram_pages = unsafe { mm.init_chunk(chunk) };
         self.struct_pages_initialized
             .fetch_add(mm.chunk_pages(), Ordering::Relaxed);
         self.ram_pages_initialized
@@ -680,41 +651,15 @@ mod tests {
     }
     use super::*;
     use crate::mm::addr::PfnRange;
-    use crate::mm::page::{PG_BUDDY, PG_INIT};
-    use std::alloc::{alloc_zeroed, dealloc, Layout};
+    use crate::mm::testing::{cfg, clock, pc_layout, Ram, MIB};
     use std::collections::{BTreeMap, HashSet};
     use std::sync::Arc;
     use std::vec::Vec;
-
-    const MIB: u64 = 1 << 20;
-
-    /// Simulated guest RAM: a zeroed, lazily backed host allocation.
-    struct Ram {
-        ptr: *mut u8,
-        layout: Layout,
-    }
-
-    // SAFETY: the allocation is plain memory owned by this value.
-    unsafe impl Send for Ram {}
-    // SAFETY: shared access goes through the manager's locking protocol.
-    unsafe impl Sync for Ram {}
-
-    impl Drop for Ram {
-        fn drop(&mut self) {
-            // SAFETY: allocated in `Vm::new` with this layout.
-            unsafe { dealloc(self.ptr, self.layout) }
-        }
-    }
 
     /// A manager over simulated RAM (the manager drops first).
     struct Vm {
         mm: Box<MemoryManager>,
         ram: Ram,
-    }
-
-    fn clock() -> u64 {
-        static C: AtomicU64 = AtomicU64::new(0);
-        C.fetch_add(1, Ordering::Relaxed)
     }
 
     impl Vm {
@@ -727,18 +672,13 @@ mod tests {
             ram: &[PhysRange],
             reserved: &[PhysRange],
         ) -> Result<Vm, MmInitError> {
-            let size = ram.iter().map(|r| r.end.0).max().unwrap_or(4096) as usize;
-            let layout = Layout::from_size_align(size, 4096).unwrap();
-            // SAFETY: non-zero size.
-            let ptr = unsafe { alloc_zeroed(layout) };
-            assert!(!ptr.is_null());
             let vm = Vm {
                 mm: Box::new(MemoryManager::empty()),
-                ram: Ram { ptr, layout },
+                ram: Ram::new(ram),
             };
             // SAFETY: every RAM address is inside the allocation, which lives
             // as long as the manager.
-            unsafe { vm.mm.init(cfg, ram, reserved, vm.ram.ptr, clock)? };
+            unsafe { vm.mm.init(cfg, ram, reserved, vm.ram.ptr(), clock)? };
             Ok(vm)
         }
 
@@ -758,15 +698,11 @@ mod tests {
             let m = self.mm.mm();
             let z = self.mm.zone.lock();
             let mut free = BTreeMap::new();
-            z.area.for_each_free(m, |pfn, order| {
-                assert_eq!(
-                    pfn.0 % (1 << order),
-                    0,
-                    "free block {pfn:?} misaligned for order {order}"
-                );
-                // SAFETY: lock held; for_each_free already read it.
-                let p = unsafe { m.pfn_to_page(pfn) }.get();
-                assert_eq!((p.flags, p.order), (PG_INIT | PG_BUDDY, order));
+            z.area.for_each_free(m, |pfn, head| {
+                let order = head.state().order().expect("a free-list entry is a head");
+                assert_eq!(head.state(), PageState::Free { order: order as u8 });
+                assert_eq!(pfn.0 % (1 << order), 0, "free block {pfn:?} misaligned for order {order}");
+                assert_eq!(head.pfn(), pfn);
                 assert!(free.insert(pfn.0, order).is_none());
             });
             let mut end = 0;
@@ -775,13 +711,10 @@ mod tests {
                 assert!(pfn >= end, "free blocks overlap at {pfn:#x}");
                 end = pfn + (1 << order);
                 sum += 1 << order;
-                assert_all_free_kind(
-                    m,
-                    PfnRange {
-                        start: Pfn(pfn),
-                        end: Pfn(end),
-                    },
-                );
+                m.assert_allocatable(PfnRange {
+                    start: Pfn(pfn),
+                    end: Pfn(end),
+                });
                 if order < MAX_ORDER {
                     assert_ne!(
                         free.get(&(pfn ^ (1 << order))),
@@ -800,28 +733,7 @@ mod tests {
                 s.total_pages
             );
             assert_eq!(s.free_pages, sum);
-            // Uninitialized memmap stays untouched (all zero).
-            let mut c = m.next_chunk(0);
-            let mut initialized = 0;
-            while let Some(chunk) = c {
-                if m.chunk_initialized(chunk) {
-                    initialized += 1;
-                } else {
-                    let r = m.chunk_memmap(chunk);
-                    // SAFETY: the memmap lies inside the simulated RAM.
-                    let bytes = unsafe {
-                        std::slice::from_raw_parts(
-                            self.ram.ptr.add(r.start.0 as usize),
-                            r.len() as usize,
-                        )
-                    };
-                    assert!(
-                        bytes.iter().all(|&b| b == 0),
-                        "uninitialized chunk {chunk} memmap was written"
-                    );
-                }
-                c = m.next_chunk(chunk + 1);
-            }
+            let initialized = m.assert_uninitialized_untouched();
             assert_eq!(initialized, s.chunks_initialized);
             assert_eq!(
                 s.memmap_bytes_initialized,
@@ -831,73 +743,15 @@ mod tests {
         }
     }
 
-    fn assert_all_free_kind(m: &Memmap, r: PfnRange) {
-        let mut c = m.chunk_of(r.start);
-        while c <= m.chunk_of(Pfn(r.end.0 - 1)) {
-            for (kind, run) in m.runs(c) {
-                if run.start < r.end && run.end > r.start {
-                    assert_eq!(
-                        kind,
-                        PageKind::Free,
-                        "block {r:?} covers {kind:?} frames {run:?}"
-                    );
-                }
-            }
-            c += 1;
-        }
-    }
-
-    /// 200 MiB with the legacy hole below 1 MiB and a kernel at 1..3 MiB.
-    fn pc_layout() -> ([PhysRange; 2], [PhysRange; 2]) {
-        (
-            [
-                PhysRange::from_len(0, 0x9f000),
-                PhysRange::from_len(MIB, 199 * MIB),
-            ],
-            [
-                PhysRange::from_len(0, 4096),
-                PhysRange::from_len(MIB, 2 * MIB),
-            ],
-        )
-    }
-
-    fn cfg(strategy: Strategy) -> MmConfig {
-        MmConfig {
-            section_bytes: 64 * MIB,
-            ..MmConfig::new(strategy)
-        }
-    }
-
-    /// Deterministic mixed workload; returns (allocated pages, failures seen).
+    /// The shared mixed workload over the manager.
     fn workload(mm: &MemoryManager, seed: u64, steps: usize) -> (u64, u64) {
-        let mut x = seed | 1;
-        let mut rnd = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let mut held = Vec::new();
-        let mut fails = 0;
-        for _ in 0..steps {
-            let r = rnd();
-            if r % 3 != 0 || held.is_empty() {
-                let order = [0, 0, 0, 1, 2, 3, 5, 9, 10][(r >> 8) as usize % 9];
-                match mm.alloc_pages(order) {
-                    Some(p) => held.push((p, order)),
-                    None => {
-                        // Failing is only allowed once nothing waits behind the frontier.
-                        assert_eq!(mm.stats().pending_pages, 0);
-                        fails += 1;
-                    }
-                }
-            } else {
-                let i = (r >> 8) as usize % held.len();
-                let (p, o) = held.swap_remove(i);
-                mm.free_pages(p, o).unwrap();
-            }
-        }
-        (held.iter().map(|(_, o)| 1u64 << o).sum(), fails)
+        crate::mm::testing::workload(
+            |o| mm.alloc_pages(o),
+            |p, o| mm.free_pages(p, o).unwrap(),
+            || mm.stats().pending_pages,
+            seed,
+            steps,
+        )
     }
 
     #[test]
@@ -1333,25 +1187,13 @@ mod tests {
         // SAFETY: refused before touching anything.
         let again = unsafe {
             vm.mm
-                .init(cfg(Strategy::Eager), &ram, &res, vm.ram.ptr, clock)
+                .init(cfg(Strategy::Eager), &ram, &res, vm.ram.ptr(), clock)
         };
         assert_eq!(again, Err(MmInitError::AlreadyInitialized));
         assert_eq!(
             MemoryManager::empty().boot_init(),
             Err(MmBootError::NotInitialized)
         );
-    }
-
-    #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "uninitialized struct page")]
-    fn reading_an_uninitialized_struct_page_is_caught() {
-        let (ram, res) = pc_layout();
-        let vm = Vm::booted(cfg(Strategy::OnDemand), &ram, &res);
-        let _z = vm.mm.zone.lock();
-        // SAFETY: deliberately violated to check the debug assertion fires
-        // before any read.
-        let _ = unsafe { vm.mm.mm().pfn_to_page(Pfn(150 << 8)) };
     }
 
     mod prop {
@@ -1426,7 +1268,7 @@ mod tests {
                 }
                 let free = vm.check();
                 for (&p, &o) in &owned {
-                    assert_all_free_kind(vm.mm.mm(), PfnRange { start: Pfn(p), end: Pfn(p + (1 << o)) });
+                    vm.mm.mm().assert_allocatable(PfnRange { start: Pfn(p), end: Pfn(p + (1 << o)) });
                     let next_free = free.range(..p + (1 << o)).next_back();
                     if let Some((&f, &fo)) = next_free {
                         prop_assert!(f + (1u64 << fo) <= p || f >= p + (1 << o), "allocated {:#x} is free", p);

@@ -51,6 +51,8 @@ pub mod page;
 pub mod spinlock;
 pub mod static_key;
 pub mod stats;
+#[cfg(test)]
+mod testing;
 
 use core::fmt;
 
@@ -58,6 +60,7 @@ pub use addr::{Pfn, PfnRange, PhysAddr, PhysRange};
 pub use buddy::MAX_ORDER;
 pub use config::{MmConfig, MmConfigError, MmInitError, MAX_SECTION_SIZE};
 pub use manager::{BlockList, MemoryManager};
+pub use page::{PageState, PageTransitionError};
 pub use stats::{MemmapRanges, MmStats};
 
 /// Why [`MemoryManager::boot_init`] failed.
@@ -119,6 +122,20 @@ pub enum MmFreeError {
     NotAllocated,
     /// The block was allocated with another order.
     OrderMismatch,
+}
+
+impl From<page::PageTransitionError> for MmFreeError {
+    /// A refused `Allocated → Tail`: the head is allocated with another
+    /// order, or not allocated at all.
+    fn from(e: page::PageTransitionError) -> MmFreeError {
+        match e {
+            page::PageTransitionError::WrongState {
+                found: page::PageState::Allocated { .. },
+                ..
+            } => MmFreeError::OrderMismatch,
+            _ => MmFreeError::NotAllocated,
+        }
+    }
 }
 
 impl fmt::Display for MmFreeError {
