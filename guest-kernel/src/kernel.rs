@@ -7,7 +7,7 @@ use crate::{bootparams, pv, smp, MM};
 use core::sync::atomic::{AtomicU64, Ordering};
 use guest_abi::{exit_code, Command, CommandStatus, Phase, Strategy, PAGE_SIZE};
 use guest_kernel::config::{Config, Workload as BootWorkload};
-use guest_kernel::mm::{MmConfig, PhysRange};
+use guest_kernel::mm::{MmConfig, PhysRange, GROW_CHECK};
 
 /// The last page of RAM (for `workload=touch-offline`).
 static LAST_RAM_PAGE: AtomicU64 = AtomicU64::new(0);
@@ -165,7 +165,7 @@ pub fn publish_memory_stats() {
     let st = MM.stats();
     let ranges = MM.memmap_ranges();
     let corrupt = CORRUPT_STATS.load(Ordering::Relaxed);
-    let patched = arch::jump_label::patched();
+    let patched = GROW_CHECK.sites_patched();
     pv::publish_stats(|s| {
         st.write_to(s);
         ranges.write_to(s);
@@ -263,18 +263,26 @@ fn command_loop(config: &Config) -> ! {
     }
 }
 
-/// Once the grow check is off for good, patches its jump sites out of the
-/// allocator (the equivalent of Linux's `static_branch_disable`), at a point
-/// where this CPU runs no allocator code and every AP is parked.
+/// Once the memory manager is fully initialized, switches the grow check off
+/// for good and patches its jump sites out of the allocator (Linux's
+/// `page_alloc_init_late` disabling `deferred_pages`), at a point where this
+/// CPU runs no allocator code and every AP is parked. The kernel may switch
+/// the global key off: `MM` is its only memory manager.
 fn maybe_patch_jump_sites() {
-    if arch::jump_label::patched() || MM.grow_check_on() || !smp::aps_idle() {
+    if GROW_CHECK.sites_patched() || !MM.fully_initialized() || !smp::aps_idle() {
         return;
     }
-    // SAFETY: the only static key (the grow check) is off; this CPU is
-    // between commands and every AP has finished its job.
-    let n = unsafe { arch::jump_label::patch_jump_sites() };
-    publish_memory_stats();
-    println!("guest: memmap fully initialized; grow check patched out of {n} jump sites");
+    GROW_CHECK.disable();
+    // SAFETY: this CPU is between commands and every AP has finished its
+    // job, so no CPU executes a site of the key.
+    match unsafe { arch::jump_label::patch(&GROW_CHECK) } {
+        Ok(n) => {
+            publish_memory_stats();
+            let s = if n == 1 { "" } else { "s" };
+            println!("guest: memmap fully initialized; grow check patched out of {n} jump site{s}");
+        }
+        Err(e) => println!("guest: grow check not patched: {e}"),
+    }
 }
 
 fn run_command(mb: &guest_abi::Mailbox) -> (CommandStatus, u64, u64) {
@@ -291,7 +299,7 @@ fn run_command(mb: &guest_abi::Mailbox) -> (CommandStatus, u64, u64) {
         Some(Command::BenchAllocFree) => {
             return match crate::workload::bench_alloc_free(mb.arg0) {
                 Some(cycles) => {
-                    let flags = MM.stats().grow_check_on as u64 | (arch::jump_label::patched() as u64) << 1;
+                    let flags = MM.stats().grow_check_on as u64 | (GROW_CHECK.sites_patched() as u64) << 1;
                     (CommandStatus::Ok, cycles, flags)
                 }
                 None => (CommandStatus::OutOfMemory, 0, 0),

@@ -30,7 +30,7 @@ use super::buddy::{FreeArea, MAX_ORDER};
 use super::memmap::{Memmap, PageKind};
 use super::page::PageState;
 use super::spinlock::{SpinGuard, SpinLock};
-use super::static_key::StaticKey;
+use super::static_key::{static_branch_likely, StaticKey};
 use super::{
     MemmapRanges, MmBootError, MmConfig, MmFreeError, MmInitError, MmListError, MmParallelError,
     MmStats,
@@ -43,6 +43,14 @@ const STATE_FAILED: u8 = 3;
 
 /// Most CPUs that may take a parallel share.
 pub const MAX_PARALLEL_CPUS: u64 = 64;
+
+/// The grow check, like Linux's `deferred_pages` key: on while some memory
+/// manager may still have memory behind its frontier. Global, so a manager
+/// never switches it off itself (it cannot know it is the only one; the host
+/// tests run many): the kernel, which has one, switches it off once that
+/// manager is fully initialized and patches the key's jump sites. Each
+/// manager also knows its own state (`fully_initialized`).
+pub static GROW_CHECK: StaticKey = StaticKey::new(true);
 
 /// What `init` fixes for the manager's lifetime.
 struct Setup {
@@ -118,7 +126,6 @@ pub struct MemoryManager {
     state: AtomicU8,
     setup: UnsafeCell<Setup>,
     zone: SpinLock<Zone>,
-    grow_key: StaticKey,
     /// `fn(PhysRange)` called before a chunk is initialized, with the
     /// chunk's memory and then its memmap (0: none). The kernel uses it to
     /// make the VMM register memory with KVM on demand. Stored as an address
@@ -170,7 +177,6 @@ impl MemoryManager {
                 grow_events: 0,
                 alloc_failures: 0,
             }),
-            grow_key: StaticKey::new(true),
             online_hook: AtomicUsize::new(0),
             chunks_initialized: AtomicU64::new(0),
             struct_pages_initialized: AtomicU64::new(0),
@@ -384,7 +390,7 @@ impl MemoryManager {
             if order <= MAX_ORDER {
                 if let Some(pfn) = z.area.take(mm, order).map(|t| t.pfn) {
                     z.allocated_pages += 1 << order;
-                    let low = self.grow_key.is_enabled()
+                    let low = self.may_grow()
                         && z.area.free_pages < self.setup().cfg.low_watermark_pages;
                     drop(z);
                     if low {
@@ -393,7 +399,7 @@ impl MemoryManager {
                     return Some(pfn);
                 }
             }
-            if order > MAX_ORDER || !self.grow_key.is_enabled() {
+            if order > MAX_ORDER || !self.may_grow() {
                 z.alloc_failures += 1;
                 return None;
             }
@@ -494,7 +500,7 @@ impl MemoryManager {
             grow_events: z.grow_events,
             init_cycles: self.init_cycles.load(Ordering::Relaxed),
             alloc_failures: z.alloc_failures,
-            grow_check_on: self.grow_key.is_enabled(),
+            grow_check_on: self.grow_check_on(),
             fully_initialized: self.fully_initialized.load(Ordering::Acquire),
         }
     }
@@ -559,7 +565,8 @@ impl MemoryManager {
         self.check_done(&mut z);
     }
 
-    /// Switches the grow check off once nothing is left behind the frontier.
+    /// Marks the manager fully initialized once nothing is left behind the
+    /// frontier: from then on it never grows.
     fn check_done(&self, z: &mut SpinGuard<'_, Zone>) {
         if z.booted
             && !z.parallel_pending
@@ -571,15 +578,29 @@ impl MemoryManager {
             }
             if z.frontier_done {
                 self.fully_initialized.store(true, Ordering::Release);
-                self.grow_key.disable();
             }
         }
     }
 
-    /// Whether the allocator still checks for uninitialized memory (the
-    /// grow key); cheaper than [`MemoryManager::stats`].
+    /// Whether the allocator may grow: the global key is on (a jump site
+    /// in the guest) and this manager has memory behind its frontier.
+    #[inline]
+    fn may_grow(&self) -> bool {
+        static_branch_likely!(GROW_CHECK) && !self.fully_initialized.load(Ordering::Relaxed)
+    }
+
+    /// Whether the allocator still checks for uninitialized memory: the
+    /// global [`GROW_CHECK`] is on and this manager has memory behind its
+    /// frontier. Cheaper than [`MemoryManager::stats`].
     pub fn grow_check_on(&self) -> bool {
-        self.grow_key.is_enabled()
+        GROW_CHECK.is_enabled() && !self.fully_initialized.load(Ordering::Acquire)
+    }
+
+    /// Whether nothing is left behind the frontier: every chunk is
+    /// initialized (`OnDemand`: every chunk with an allocatable page). The
+    /// kernel switches [`GROW_CHECK`] off once this holds.
+    pub fn fully_initialized(&self) -> bool {
+        self.fully_initialized.load(Ordering::Acquire)
     }
 
     /// Sets the function called with a chunk's memory range and then its

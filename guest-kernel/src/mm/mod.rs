@@ -33,14 +33,15 @@
 //! order. When the free lists cannot serve a request (or drop below the low
 //! watermark) the allocator grows the initialized memory itself, so
 //! allocations never fail while uninitialized memory remains. Once nothing is
-//! left behind the frontier, a [`static_key::StaticKey`] switches the grow
-//! check off.
+//! left behind the frontier, the manager stops checking; the kernel then
+//! switches the global [`GROW_CHECK`] static key off and patches its jump
+//! sites ([`static_key::patch_sites`]).
 //!
 //! Modules: [`addr`] (typed addresses), [`config`] (configuration and
 //! set-up errors), [`stats`] (what the manager reports), [`page`] (struct
 //! page and its states), [`memmap`] (layout, init bitmap), [`buddy`] (free
 //! lists), [`manager`] (the manager, its locking and strategies),
-//! [`spinlock`], [`static_key`].
+//! [`spinlock`], [`static_key`] (static keys and the key-named jump table).
 
 pub mod addr;
 pub mod buddy;
@@ -59,7 +60,7 @@ use core::fmt;
 pub use addr::{Pfn, PfnRange, PhysAddr, PhysRange};
 pub use buddy::MAX_ORDER;
 pub use config::{MmConfig, MmConfigError, MmInitError, MAX_SECTION_SIZE};
-pub use manager::{BlockList, MemoryManager};
+pub use manager::{BlockList, MemoryManager, GROW_CHECK};
 pub use page::{PageState, PageTransitionError};
 pub use stats::{MemmapRanges, MmStats};
 
