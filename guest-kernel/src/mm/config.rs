@@ -24,10 +24,13 @@ pub struct MmConfig {
     /// in low memory.
     pub memmap_on_memory: bool,
     /// Low watermark, in pages. While memory is still uninitialized, an
-    /// allocation that leaves fewer free pages than this on the free lists
-    /// initializes one more chunk before it returns, so the next allocations
-    /// find pages without growing. 0 (the default) grows only when a request
-    /// cannot be served, which keeps `OnDemand` at its minimum footprint.
+    /// allocation that had to split a larger block (its own free list was
+    /// empty: the lists are running short) and leaves fewer free pages than
+    /// this initializes one more chunk before it returns, so the next
+    /// allocations find pages without growing. An allocation served from its
+    /// own list never looks at it: the fast path pays nothing for on-demand
+    /// initialization. 0 (the default) grows only when a request cannot be
+    /// served, which keeps `OnDemand` at its minimum footprint.
     pub low_watermark_pages: u64,
 }
 

@@ -14,151 +14,70 @@
 //! 2. Call [`MemoryManager::init`] once with a [`MmConfig`], the usable RAM
 //!    ranges from e820 and the ranges already in use (kernel image, boot
 //!    data, stacks). It computes the layout and writes no memmap.
-//! 3. Call [`MemoryManager::boot_init`]: it initializes what the strategy
-//!    needs before the guest is ready (see [`guest_abi::Strategy`]):
+//! 3. Call [`MemoryManager::boot`] with the CPUs the strategy may use
+//!    ([`Cpus`]); it does what the strategy needs before the guest is ready
+//!    (see [`strategy`] and [`guest_abi::Strategy`]), runs the [`ApJob`] it
+//!    posts on the other CPUs, and says what is left ([`Booted`]):
 //!    - `Eager`: every chunk.
-//!    - `Parallel`: nothing; every CPU then calls
-//!      [`MemoryManager::parallel_init_share`] and one CPU, after all shares
-//!      are done, [`MemoryManager::parallel_finish`]. No allocation succeeds
-//!      before that.
-//!    - `Deferred`: the first section with memory; then
-//!      [`MemoryManager::background_step`] initializes one chunk per call,
-//!      from another CPU or between commands.
+//!    - `Parallel`: every CPU initializes a share, then the boot CPU frees
+//!      them all into the buddy.
+//!    - `Deferred`: the first section; the rest on CPU 1 in the background
+//!      or, on one CPU, by [`MemoryManager::background_step`] between
+//!      commands.
 //!    - `OnDemand`: the first chunk with allocatable memory.
+//!
+//!    [`MemoryManager::boot_init`], [`MemoryManager::parallel_init_share`]
+//!    and [`MemoryManager::parallel_finish`] are the same steps one at a time.
 //! 4. Allocate with [`MemoryManager::alloc_pages`], free with
 //!    [`MemoryManager::free_pages`], keep blocks on a [`BlockList`].
+//! 5. Once [`MemoryManager::fully_initialized`] holds, switch [`GROW_CHECK`]
+//!    off and patch its jump sites ([`static_key::patch_sites`]) where no
+//!    other CPU runs allocator code (only a kernel with a single manager may:
+//!    the key is global).
 //!
 //! Memory whose struct pages are not initialized is on no free list: it waits
 //! behind the zone's frontier and is initialized chunk by chunk, in address
-//! order. When the free lists cannot serve a request (or drop below the low
-//! watermark) the allocator grows the initialized memory itself, so
-//! allocations never fail while uninitialized memory remains. Once nothing is
-//! left behind the frontier, the manager stops checking; the kernel then
-//! switches the global [`GROW_CHECK`] static key off and patches its jump
-//! sites ([`static_key::patch_sites`]).
+//! order. When the free lists cannot serve a request (or a request that had
+//! to split a block leaves them below the low watermark) the allocator grows
+//! the initialized memory itself, so allocations never fail while
+//! uninitialized memory remains. An allocation served from its own free list
+//! checks nothing.
 //!
-//! Modules: [`addr`] (typed addresses), [`config`] (configuration and
-//! set-up errors), [`stats`] (what the manager reports), [`page`] (struct
-//! page and its states), [`memmap`] (layout, init bitmap), [`buddy`] (free
-//! lists), [`manager`] (the manager, its locking and strategies),
-//! [`spinlock`], [`static_key`] (static keys and the key-named jump table).
+//! # Modules, leaves first
+//!
+//! - [`addr`]: typed addresses; [`spinlock`]; [`static_key`]: static keys
+//!   and the key-named jump table;
+//! - [`config`]: the configuration and set-up errors; [`stats`]: what the
+//!   manager reports;
+//! - [`page`]: the struct page, its states and transitions;
+//! - [`memmap`]: layout, init bitmap, frame → struct page, chunk init;
+//! - [`buddy`]: the free lists;
+//! - [`zone`]: the zone lock's state and the allocation fast path;
+//! - [`grow`]: claiming and initializing chunks, the grow check;
+//! - [`strategy`]: the four strategies and which CPUs run them;
+//! - [`manager`]: the [`MemoryManager`] facade.
 
 pub mod addr;
 pub mod buddy;
 pub mod config;
+pub mod grow;
 pub mod manager;
 pub mod memmap;
 pub mod page;
 pub mod spinlock;
 pub mod static_key;
 pub mod stats;
+pub mod strategy;
 #[cfg(test)]
 mod testing;
-
-use core::fmt;
+pub mod zone;
 
 pub use addr::{Pfn, PfnRange, PhysAddr, PhysRange};
 pub use buddy::MAX_ORDER;
 pub use config::{MmConfig, MmConfigError, MmInitError, MAX_SECTION_SIZE};
-pub use manager::{BlockList, MemoryManager, GROW_CHECK};
+pub use grow::GROW_CHECK;
+pub use manager::MemoryManager;
 pub use page::{PageState, PageTransitionError};
 pub use stats::{MemmapRanges, MmStats};
-
-/// Why [`MemoryManager::boot_init`] failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MmBootError {
-    /// `init` has not succeeded.
-    NotInitialized,
-    /// `boot_init` was already called.
-    AlreadyBooted,
-}
-
-impl fmt::Display for MmBootError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            MmBootError::NotInitialized => "memory manager not initialized",
-            MmBootError::AlreadyBooted => "memmap boot initialization already done",
-        })
-    }
-}
-
-/// Why a parallel-initialization call failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MmParallelError {
-    /// The strategy is not `Parallel`.
-    WrongStrategy,
-    /// `boot_init` has not run.
-    NotBooted,
-    /// `cpu >= ncpus`, `ncpus` is 0 or above 64, or differs from an earlier call.
-    BadShare,
-    /// This CPU's share was already started.
-    ShareTaken,
-    /// `parallel_finish` ran before every share was done.
-    SharesIncomplete,
-    /// `parallel_finish` already ran.
-    AlreadyFinished,
-}
-
-impl fmt::Display for MmParallelError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            MmParallelError::WrongStrategy => "memmap strategy is not parallel",
-            MmParallelError::NotBooted => "boot_init has not run",
-            MmParallelError::BadShare => "bad cpu or cpu count for a parallel share",
-            MmParallelError::ShareTaken => "this cpu's share already ran",
-            MmParallelError::SharesIncomplete => "not every share is done",
-            MmParallelError::AlreadyFinished => "parallel initialization already finished",
-        })
-    }
-}
-
-/// Why [`MemoryManager::free_pages`] refused a block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MmFreeError {
-    /// The order is above [`MAX_ORDER`].
-    BadOrder,
-    /// The frame is not aligned to the order.
-    Misaligned,
-    /// The frame is not the head of an allocated block.
-    NotAllocated,
-    /// The block was allocated with another order.
-    OrderMismatch,
-}
-
-impl From<page::PageTransitionError> for MmFreeError {
-    /// A refused `Allocated → Tail`: the head is allocated with another
-    /// order, or not allocated at all.
-    fn from(e: page::PageTransitionError) -> MmFreeError {
-        match e {
-            page::PageTransitionError::WrongState {
-                found: page::PageState::Allocated { .. },
-                ..
-            } => MmFreeError::OrderMismatch,
-            _ => MmFreeError::NotAllocated,
-        }
-    }
-}
-
-impl fmt::Display for MmFreeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            MmFreeError::BadOrder => "order above MAX_ORDER",
-            MmFreeError::Misaligned => "frame not aligned to its order",
-            MmFreeError::NotAllocated => "frame is not an allocated block",
-            MmFreeError::OrderMismatch => "block was allocated with another order",
-        })
-    }
-}
-
-/// Why [`MemoryManager::list_push`] refused a block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MmListError {
-    /// The frame is not the head of an allocated block of that order.
-    NotAllocatedBlock,
-}
-
-impl fmt::Display for MmListError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("frame is not an allocated block of that order")
-    }
-}
+pub use strategy::{ApJob, Booted, Cpus, MmBootError, MmParallelError, MAX_PARALLEL_CPUS};
+pub use zone::{BlockList, MmFreeError, MmListError};
