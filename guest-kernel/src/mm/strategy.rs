@@ -8,7 +8,7 @@
 //! | --- | --- | --- | --- |
 //! | `Eager` | every chunk | — | nothing |
 //! | `Parallel` | share 0 of `n`, then frees every chunk into the buddy | shares 1..`n` (like Linux's padata-parallel deferred init) | nothing |
-//! | `Deferred` | the first section with memory | CPU 1 initializes the rest in the background (Linux's `pgdatinit`) | without a CPU 1, the boot CPU between commands |
+//! | `Deferred` | the first section with memory | CPU 1 initializes the rest in the background (Linux's `pgdatinit`) | the boot CPU too, between commands (all of it without a CPU 1) |
 //! | `OnDemand` | the first chunk with allocatable memory | — | the allocator's slow path, as needed ([`super::grow`]) |
 //!
 //! `Parallel` shares are disjoint by construction: each `(cpu, ncpus)` runs
@@ -78,7 +78,8 @@ pub struct Booted {
     pub cpus: u32,
     /// The boot CPU should call
     /// [`MemoryManager::background_step`](super::MemoryManager::background_step)
-    /// while it is idle, until it returns false (`Deferred` on one CPU).
+    /// while it is idle, until it returns false (`Deferred`, helping CPU 1
+    /// if there is one).
     pub background_on_boot_cpu: bool,
 }
 
@@ -218,14 +219,16 @@ impl Initializer<'_> {
                     ..alone
                 }
             }
-            Strategy::Deferred if available >= 2 => {
-                cpus.start(ApJob::Background, 2);
-                Booted { cpus: 2, ..alone }
+            Strategy::Deferred => {
+                let helper = available >= 2;
+                if helper {
+                    cpus.start(ApJob::Background, 2);
+                }
+                Booted {
+                    cpus: if helper { 2 } else { 1 },
+                    background_on_boot_cpu: true,
+                }
             }
-            Strategy::Deferred => Booted {
-                background_on_boot_cpu: true,
-                ..alone
-            },
         })
     }
 
@@ -595,7 +598,7 @@ mod tests {
                     (Strategy::Parallel, 3) => {
                         (3, vec![(ApJob::ParallelShare { ncpus: 3 }, 3)], false)
                     }
-                    (Strategy::Deferred, 3) => (2, vec![(ApJob::Background, 2)], false),
+                    (Strategy::Deferred, 3) => (2, vec![(ApJob::Background, 2)], true),
                     (Strategy::Deferred, _) => (1, vec![], true),
                     _ => (1, vec![], false),
                 };
