@@ -30,8 +30,12 @@ run: build
 test: setup test-guest
 	$(CARGO) test --release --locked --workspace
 
+# The guest library's host tests twice: release (as the kernel is built) and
+# the dev/test profile (opt-level 1, debug assertions and overflow checks on,
+# so the checks the release build compiles out run too).
 test-guest: setup
 	cd guest-kernel && $(CARGO) test --release --locked
+	cd guest-kernel && $(CARGO) test --locked
 
 lint: setup
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
