@@ -491,56 +491,6 @@ impl Memmap {
         ram_pages
     }
 
-    /// Whether chunk `c` is initialized.
-    #[cfg(test)]
-    pub(crate) fn chunk_initialized(&self, c: u64) -> bool {
-        self.is_initialized(self.chunk_range(c).start)
-    }
-
-    /// Asserts that every frame of `r` is one the allocator manages.
-    #[cfg(test)]
-    pub(crate) fn assert_allocatable(&self, r: PfnRange) {
-        for c in self.chunk_of(r.start)..=self.chunk_of(Pfn(r.end.0 - 1)) {
-            for (kind, run) in self.runs(c) {
-                if run.start < r.end && run.end > r.start {
-                    assert_eq!(
-                        kind,
-                        PageKind::Free,
-                        "block {r:?} covers {kind:?} frames {run:?}"
-                    );
-                }
-            }
-        }
-    }
-
-    /// Asserts that the memmap of every uninitialized chunk was never
-    /// written (is still all zero); returns how many chunks are initialized.
-    #[cfg(test)]
-    pub(crate) fn assert_uninitialized_untouched(&self) -> u64 {
-        let mut initialized = 0;
-        let mut c = self.next_chunk(0);
-        while let Some(chunk) = c {
-            if self.chunk_initialized(chunk) {
-                initialized += 1;
-            } else {
-                let r = self.chunk_memmap(chunk);
-                // SAFETY: the memmap lies in the RAM behind the direct map.
-                let bytes = unsafe {
-                    core::slice::from_raw_parts(
-                        self.direct_map.add(r.start.0 as usize),
-                        r.len() as usize,
-                    )
-                };
-                assert!(
-                    bytes.iter().all(|&b| b == 0),
-                    "uninitialized chunk {chunk} memmap was written"
-                );
-            }
-            c = self.next_chunk(chunk + 1);
-        }
-        initialized
-    }
-
     /// Where `pfn`'s struct page lives: the one place that maps a frame to
     /// its slot in the memmap. The slot may be uninitialized; readers go
     /// through [`Memmap::pfn_to_page`].
@@ -645,6 +595,57 @@ impl Iterator for Runs<'_> {
         };
         self.cur = end;
         Some((kind, run))
+    }
+}
+
+/// Checks for the tests.
+#[cfg(test)]
+impl Memmap {
+    /// Whether chunk `c` is initialized.
+    pub(crate) fn chunk_initialized(&self, c: u64) -> bool {
+        self.is_initialized(self.chunk_range(c).start)
+    }
+
+    /// Asserts that every frame of `r` is one the allocator manages.
+    pub(crate) fn assert_allocatable(&self, r: PfnRange) {
+        for c in self.chunk_of(r.start)..=self.chunk_of(Pfn(r.end.0 - 1)) {
+            for (kind, run) in self.runs(c) {
+                if run.start < r.end && run.end > r.start {
+                    assert_eq!(
+                        kind,
+                        PageKind::Free,
+                        "block {r:?} covers {kind:?} frames {run:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Asserts that the memmap of every uninitialized chunk was never
+    /// written (is still all zero); returns how many chunks are initialized.
+    pub(crate) fn assert_uninitialized_untouched(&self) -> u64 {
+        let mut initialized = 0;
+        let mut c = self.next_chunk(0);
+        while let Some(chunk) = c {
+            if self.chunk_initialized(chunk) {
+                initialized += 1;
+            } else {
+                let r = self.chunk_memmap(chunk);
+                // SAFETY: the memmap lies in the RAM behind the direct map.
+                let bytes = unsafe {
+                    core::slice::from_raw_parts(
+                        self.direct_map.add(r.start.0 as usize),
+                        r.len() as usize,
+                    )
+                };
+                assert!(
+                    bytes.iter().all(|&b| b == 0),
+                    "uninitialized chunk {chunk} memmap was written"
+                );
+            }
+            c = self.next_chunk(chunk + 1);
+        }
+        initialized
     }
 }
 
