@@ -17,9 +17,10 @@
 //! # The grow check
 //!
 //! [`GROW_CHECK`] is a static key, like Linux's `deferred_pages`: on while
-//! memory may be left behind a frontier. The slow path (`Grower::alloc_slow`) tests it at
-//! a jump site before it looks at the frontier; nothing on the fast path
-//! tests it at all (see [`super::zone`]). The key is global, so a manager
+//! memory may be left behind a frontier. The slow path
+//! (`Grower::alloc_slow`) tests it at a jump site before it looks at the
+//! frontier; nothing on the fast path tests it at all (see
+//! [`super::zone`]). The key is global, so a manager
 //! never switches it off itself: it cannot know it is the only one (the host
 //! tests run many at once). The kernel, which has exactly one, switches it
 //! off once that manager is fully initialized and then patches the key's
