@@ -31,8 +31,12 @@ run: build
 test: setup test-guest
 	$(CARGO) test --release --locked --workspace
 
+# The guest library's host tests twice: release (as the kernel is built) and
+# the dev/test profile (opt-level 1, debug assertions and overflow checks on,
+# so the checks the release build compiles out run too).
 test-guest: setup
 	cd guest-kernel && $(CARGO) test --release --locked
+	cd guest-kernel && $(CARGO) test --locked
 
 # Clippy (warnings are errors, every unsafe block documented) and rustdoc
 # (broken links and missing docs are errors) for the host workspace and the

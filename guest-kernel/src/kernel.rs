@@ -1,13 +1,13 @@
-//! Kernel main: boot sequence, memory set-up per strategy, workloads, the
-//! command loop, the panic handler.
+//! Kernel main: boot sequence, memory set-up, workloads, the command loop,
+//! the panic handler.
 
 use crate::arch::{self, entry, idt, rdtsc};
 use crate::workload::Workload;
-use crate::{bootparams, pv, smp, MM};
+use crate::{bootparams, pv, smp, stats, MM};
 use core::sync::atomic::{AtomicU64, Ordering};
-use guest_abi::{exit_code, Command, CommandStatus, Phase, Strategy, PAGE_SIZE};
+use guest_abi::{exit_code, Command, CommandStatus, Phase, PAGE_SIZE};
 use guest_kernel::config::{Config, Workload as BootWorkload};
-use guest_kernel::mm::{MmConfig, PhysRange};
+use guest_kernel::mm::{Booted, MmConfig, PhysRange, GROW_CHECK};
 
 /// The last page of RAM (for `workload=touch-offline`).
 static LAST_RAM_PAGE: AtomicU64 = AtomicU64::new(0);
@@ -72,18 +72,18 @@ fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
     });
     pv::announce();
 
-    let cpus = init_memory(info, config, mapped);
+    let booted = init_memory(info, config, mapped);
     workload().set_chunk(config.chunk_bytes);
     match config.workload {
         // Test workloads that break the stats channel, before the VMM looks.
-        BootWorkload::CorruptStats => CORRUPT_STATS.store(true, Ordering::Relaxed),
+        BootWorkload::CorruptStats => stats::corrupt(),
         BootWorkload::CorruptStatsAddr if pv => arch::outl(guest_abi::port::STATS, 0xffff_f000),
         _ => {}
     }
-    publish_memory_stats();
+    stats::publish_memory_stats();
     pv::publish_stats(|s| {
         s.tsc_memory_ready = rdtsc();
-        s.cpus = cpus;
+        s.cpus = booted.cpus;
     });
     pv::phase(Phase::MemoryReady);
     let st = MM.stats();
@@ -97,12 +97,12 @@ fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
     pv::publish_stats(|s| s.tsc_ready = rdtsc());
     pv::phase(Phase::Ready);
     println!("guest: ready");
-    run_workload(config)
+    run_workload(config, &booted)
 }
 
-/// Sets up the memory manager and does the strategy's boot-time work;
-/// returns how many CPUs the guest uses.
-fn init_memory(info: &bootparams::BootInfo, config: &Config, mapped: u64) -> u32 {
+/// Sets up the memory manager and has it do the strategy's boot-time work,
+/// on the application processors too; returns what it set going.
+fn init_memory(info: &bootparams::BootInfo, config: &Config, mapped: u64) -> Booted {
     let mut ram = [PhysRange::from_len(0, 0); 32];
     let mut n = 0;
     for e in info.ram() {
@@ -130,57 +130,17 @@ fn init_memory(info: &bootparams::BootInfo, config: &Config, mapped: u64) -> u32
     }
     // Memory is registered with KVM as the allocator first needs it.
     MM.set_online_hook(|r| pv::online_memory(r.start.0, r.end.0));
-    let mut cpus = 1;
-    match config.strategy {
-        Strategy::Parallel => {
-            boot_init_or_die();
-            cpus = smp::parallel_init();
+    let booted = match MM.boot(&smp::Aps) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("guest: memory manager boot: {e}");
+            pv::exit(exit_code::BOOT_FAILED)
         }
-        Strategy::Deferred => {
-            boot_init_or_die();
-            if smp::start_background_init() {
-                cpus = 2;
-            }
-        }
-        Strategy::Eager | Strategy::OnDemand => boot_init_or_die(),
-    }
-    if MM.stats().fully_initialized {
+    };
+    if MM.fully_initialized() {
         pv::publish_stats(|s| s.tsc_fully_initialized = rdtsc());
     }
-    cpus
-}
-
-fn boot_init_or_die() {
-    if let Err(e) = MM.boot_init() {
-        println!("guest: memory manager boot: {e}");
-        pv::exit(exit_code::BOOT_FAILED)
-    }
-}
-
-/// Set by `workload=corrupt-stats`: every publication writes garbage.
-static CORRUPT_STATS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
-/// Copies the memory manager's figures into the stats block.
-pub fn publish_memory_stats() {
-    let st = MM.stats();
-    let ranges = MM.memmap_ranges();
-    let corrupt = CORRUPT_STATS.load(Ordering::Relaxed);
-    let patched = arch::jump_label::patched();
-    pv::publish_stats(|s| {
-        st.write_to(s);
-        ranges.write_to(s);
-        if patched {
-            s.flags |= guest_abi::stats_flags::JUMP_SITES_PATCHED;
-        }
-        if st.fully_initialized && s.tsc_fully_initialized == 0 {
-            s.tsc_fully_initialized = rdtsc();
-        }
-        if corrupt {
-            s.total_pages = 10;
-            s.initialized_pages = 1 << 40;
-            s.memmap_range_count = u32::MAX;
-        }
-    });
+    booted
 }
 
 /// The workload's state; only the boot CPU touches it.
@@ -195,7 +155,7 @@ fn workload() -> &'static mut Workload {
     unsafe { &mut *WORKLOAD.0.get() }
 }
 
-fn run_workload(config: &Config) -> ! {
+fn run_workload(config: &Config, booted: &Booted) -> ! {
     match config.workload {
         BootWorkload::Exit => pv::exit(exit_code::OK),
         BootWorkload::Panic => panic!("deliberate panic (workload=panic)"),
@@ -212,40 +172,41 @@ fn run_workload(config: &Config) -> ! {
             // VMM and the VM stops, which is this workload's point.
             unsafe { core::arch::asm!("ud2", options(noreturn)) }
         }
-        BootWorkload::CorruptStats | BootWorkload::CorruptStatsAddr => command_loop(config),
+        BootWorkload::CorruptStats | BootWorkload::CorruptStatsAddr => command_loop(booted),
         BootWorkload::TouchOffline => {
             let last = LAST_RAM_PAGE.load(Ordering::Relaxed);
             println!("guest: writing {last:#x} without onlining it (workload=touch-offline)");
             // SAFETY: the page is RAM, identity-mapped, and unused; writing
             // it without onlining its block is this test workload's point.
             unsafe { (last as *mut u64).write_volatile(1) };
-            command_loop(config)
+            command_loop(booted)
         }
         BootWorkload::Alloc(bytes) => {
             let status = workload().alloc(bytes, false);
-            publish_memory_stats();
+            stats::publish_memory_stats();
             println!("guest: allocated {} MiB: {:?}", workload().held_bytes() >> 20, status);
-            command_loop(config)
+            command_loop(booted)
         }
-        BootWorkload::Wait => command_loop(config),
+        BootWorkload::Wait => command_loop(booted),
     }
 }
 
 /// Serves the VMM's commands; shuts down when there is no VMM channel.
-/// With `deferred` on one CPU, initializes the memmap between commands.
-fn command_loop(config: &Config) -> ! {
+/// While the strategy leaves background work to this CPU (`deferred`),
+/// initializes the memmap between commands.
+fn command_loop(booted: &Booted) -> ! {
     if !pv::present() {
         println!("guest: no VMM command channel; shutting down");
         pv::exit(exit_code::OK)
     }
-    let mut background = config.strategy == Strategy::Deferred && !MM.stats().fully_initialized;
+    let mut background = booted.background_on_boot_cpu && !MM.fully_initialized();
     loop {
         maybe_patch_jump_sites();
         let seq = if background {
             match pv::poll_command() {
                 0 => {
                     background = MM.background_step();
-                    publish_memory_stats();
+                    stats::publish_memory_stats();
                     continue;
                 }
                 seq => seq,
@@ -258,23 +219,31 @@ fn command_loop(config: &Config) -> ! {
             continue;
         }
         let (status, r0, r1) = run_command(&mb);
-        publish_memory_stats();
+        stats::publish_memory_stats();
         pv::complete(mb.seq, status, r0, r1);
     }
 }
 
-/// Once the grow check is off for good, patches its jump sites out of the
-/// allocator (the equivalent of Linux's `static_branch_disable`), at a point
-/// where this CPU runs no allocator code and every AP is parked.
+/// Once the memory manager is fully initialized, switches the grow check off
+/// for good and patches its jump sites out of the allocator (Linux's
+/// `page_alloc_init_late` disabling `deferred_pages`), at a point where this
+/// CPU runs no allocator code and every AP is parked. The kernel may switch
+/// the global key off: `MM` is its only memory manager.
 fn maybe_patch_jump_sites() {
-    if arch::jump_label::patched() || MM.grow_check_on() || !smp::aps_idle() {
+    if GROW_CHECK.sites_patched() || !MM.fully_initialized() || !smp::aps_idle() {
         return;
     }
-    // SAFETY: the only static key (the grow check) is off; this CPU is
-    // between commands and every AP has finished its job.
-    let n = unsafe { arch::jump_label::patch_jump_sites() };
-    publish_memory_stats();
-    println!("guest: memmap fully initialized; grow check patched out of {n} jump sites");
+    GROW_CHECK.disable();
+    // SAFETY: this CPU is between commands and every AP has finished its
+    // job, so no CPU executes a site of the key.
+    match unsafe { arch::jump_label::patch(&GROW_CHECK) } {
+        Ok(n) => {
+            stats::publish_memory_stats();
+            let s = if n == 1 { "" } else { "s" };
+            println!("guest: memmap fully initialized; grow check patched out of {n} jump site{s}");
+        }
+        Err(e) => println!("guest: grow check not patched: {e}"),
+    }
 }
 
 fn run_command(mb: &guest_abi::Mailbox) -> (CommandStatus, u64, u64) {
@@ -291,7 +260,7 @@ fn run_command(mb: &guest_abi::Mailbox) -> (CommandStatus, u64, u64) {
         Some(Command::BenchAllocFree) => {
             return match crate::workload::bench_alloc_free(mb.arg0) {
                 Some(cycles) => {
-                    let flags = MM.stats().grow_check_on as u64 | (arch::jump_label::patched() as u64) << 1;
+                    let flags = MM.stats().grow_check_on as u64 | (GROW_CHECK.sites_patched() as u64) << 1;
                     (CommandStatus::Ok, cycles, flags)
                 }
                 None => (CommandStatus::OutOfMemory, 0, 0),

@@ -28,11 +28,10 @@ mod pv;
 #[cfg(target_os = "none")]
 mod smp;
 #[cfg(target_os = "none")]
+mod stats;
+#[cfg(target_os = "none")]
 mod workload;
 
 /// The kernel's memory manager (one zone, all RAM).
 #[cfg(target_os = "none")]
 pub static MM: guest_kernel::mm::MemoryManager = guest_kernel::mm::MemoryManager::empty();
-
-#[cfg(target_os = "none")]
-pub use kernel::kernel_entry;

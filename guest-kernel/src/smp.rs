@@ -1,30 +1,27 @@
 //! Application processors: started by the VMM directly in long mode (see
 //! `guest_abi::ApBoot`), they run one posted job, then park in a port read.
 //!
-//! Jobs: a share of the parallel memmap initialization (`memmap_init=parallel`,
-//! like Linux's padata-parallel deferred init), or the background
-//! initialization of the rest of the memmap (`memmap_init=deferred`, like
-//! Linux's `pgdatinit` threads). A job is posted before the APs start, so an
-//! AP never waits for a release it could have missed.
+//! Which job, and on how many CPUs, is the memory manager's choice (its
+//! strategy: a share of the parallel memmap initialization, or the
+//! background initialization of the rest of the memmap on CPU 1): [`Aps`]
+//! gives it these CPUs through `guest_kernel::mm::Cpus`. A job is posted
+//! before the APs start, so an AP never waits for a release it could have
+//! missed.
 
 use crate::arch::{self, entry};
-use crate::{pv, MM};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::{pv, stats, MM};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use guest_abi::{port, ApBoot, ABI_VERSION, AP_BOOT_MAGIC};
+use guest_kernel::mm::{ApJob, Cpus};
 
-const JOB_NONE: u32 = 0;
-const JOB_PARALLEL_INIT: u32 = 1;
-const JOB_BACKGROUND_INIT: u32 = 2;
-
-static JOB: AtomicU32 = AtomicU32::new(JOB_NONE);
-static JOB_CPUS: AtomicU64 = AtomicU64::new(1);
+/// The posted job (`ApJob::to_raw`; 0: none).
+static JOB: AtomicU64 = AtomicU64::new(0);
 /// APs that finished the current job.
 static DONE: AtomicU32 = AtomicU32::new(0);
-/// Whether the kernel runs in ring 0 (APs follow the boot CPU).
-pub static RING0: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
 /// APs started for the current job.
 static STARTED: AtomicU32 = AtomicU32::new(0);
+/// Whether the kernel runs in ring 0 (APs follow the boot CPU).
+pub static RING0: AtomicBool = AtomicBool::new(false);
 
 /// Whether every started AP has finished its job (and is parked or about to
 /// park): then no other CPU runs kernel code that has jump sites.
@@ -45,8 +42,7 @@ static AP_BOOT: pv::Shared<ApBoot> = pv::Shared::new(ApBoot {
 });
 
 /// Posts `job` and starts CPUs 1..`cpus`; they run it at once.
-fn start_aps(job: u32, cpus: u32) {
-    JOB_CPUS.store(u64::from(cpus), Ordering::Relaxed);
+fn start_aps(job: u64, cpus: u32) {
     DONE.store(0, Ordering::Relaxed);
     STARTED.store(cpus - 1, Ordering::Release);
     JOB.store(job, Ordering::Release);
@@ -65,42 +61,27 @@ fn start_aps(job: u32, cpus: u32) {
     arch::outl(port::AP_BOOT, AP_BOOT.ptr() as u64 as u32);
 }
 
-/// Initializes the memmap on every CPU (`parallel`); returns how many CPUs took part.
-pub fn parallel_init() -> u32 {
-    let cpus = cpu_count();
-    if cpus > 1 {
-        start_aps(JOB_PARALLEL_INIT, cpus);
-    }
-    let n = u64::from(cpus);
-    if let Err(e) = MM.parallel_init_share(0, n) {
-        panic!("parallel memmap init: {e}");
-    }
-    while DONE.load(Ordering::Acquire) < cpus - 1 {
-        core::hint::spin_loop();
-    }
-    if let Err(e) = MM.parallel_finish() {
-        panic!("parallel memmap init: {e}");
-    }
-    cpus
-}
+/// This VM's CPUs, as the memory manager's strategies use them.
+pub struct Aps;
 
-/// Starts background memmap initialization on CPU 1 (`deferred`); false if
-/// there is no second CPU (the boot CPU then works between commands).
-pub fn start_background_init() -> bool {
-    let cpus = cpu_count();
-    if cpus < 2 {
-        return false;
+impl Cpus for Aps {
+    fn count(&self) -> u32 {
+        cpu_count()
     }
-    start_aps(JOB_BACKGROUND_INIT, 2);
-    true
-}
 
-/// Runs background initialization steps until none remain, publishing stats.
-pub fn background_until_done() {
-    while MM.background_step() {
-        crate::kernel::publish_memory_stats();
+    fn start(&self, job: ApJob, cpus: u32) {
+        start_aps(job.to_raw(), cpus);
     }
-    crate::kernel::publish_memory_stats();
+
+    fn wait(&self) {
+        while !aps_idle() {
+            core::hint::spin_loop();
+        }
+    }
+
+    fn progress(&self) {
+        stats::publish_memory_stats();
+    }
 }
 
 /// An application processor, in ring 3 after `arch::entry`.
@@ -117,17 +98,10 @@ extern "C" fn ap_ring0(cpu: u64) -> ! {
 
 fn ap_run(cpu: u64) -> ! {
     loop {
-        match JOB.load(Ordering::Acquire) {
-            JOB_PARALLEL_INIT => {
-                let n = JOB_CPUS.load(Ordering::Relaxed);
-                if cpu < n {
-                    if let Err(e) = MM.parallel_init_share(cpu, n) {
-                        panic!("parallel memmap init on CPU {cpu}: {e}");
-                    }
-                }
+        if let Some(job) = ApJob::from_raw(JOB.load(Ordering::Acquire)) {
+            if let Err(e) = MM.run_ap_job(job, cpu, &Aps) {
+                panic!("memmap init on CPU {cpu} ({job:?}): {e}");
             }
-            JOB_BACKGROUND_INIT if cpu == 1 => background_until_done(),
-            _ => {}
         }
         DONE.fetch_add(1, Ordering::Release);
         // Park until the boot CPU posts another job (none today).

@@ -150,7 +150,7 @@ ap_start:                           // RDI = CPU index, RSP = its stack
     mov rsi, r15                    // boot_params (0 on APs)
     mov rdx, r14                    // TSC at entry
     and rsp, -16
-    call {kernel_entry}
+    call kernel_entry               // by name: crate::kernel's #[no_mangle] fn
     ud2
 
     // Static identity map of the first GiB with 2 MiB pages, user-accessible
@@ -215,5 +215,4 @@ IDT_PTR:
     max_cpus = const MAX_CPUS,
     bitmap_bytes = const guest_abi::IO_BITMAP_PORTS as usize / 8,
     tss_pad = const TSS_STRIDE - TSS_LIMIT - 1,
-    kernel_entry = sym crate::kernel_entry,
 );

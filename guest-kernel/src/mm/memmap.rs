@@ -9,7 +9,7 @@
 //! its last RAM chunk. Sections without RAM get none. Gaps inside a span (e.g.
 //! the legacy hole below 1 MiB) get struct pages in the [Hole] state.
 //!
-//! [Hole]: super::page::PG_HOLE
+//! [Hole]: super::page::PageState::Hole
 //!
 //! Placement (`memmap_on_memory`):
 //! - `false`: every section's memmap is a slice of one array, in section
@@ -36,8 +36,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use guest_abi::{MIN_CHUNK_SIZE, PAGE_SIZE, STRUCT_PAGE_SIZE};
 
 use super::addr::{Pfn, PfnRange, PhysAddr, PhysRange, PAGE_SHIFT};
-use super::page::{Page, PagePtr};
-use super::{MmConfig, MmInitError};
+use super::config::{MmConfig, MmInitError};
+use super::page::{Page, PagePtr, PageState};
 
 /// Most RAM (and most reserved) ranges the caller may pass.
 pub const MAX_RANGES: usize = 64;
@@ -59,6 +59,18 @@ pub(crate) enum PageKind {
     Reserved,
     /// RAM the allocator manages.
     Free,
+}
+
+impl PageKind {
+    /// The state chunk initialization writes: allocatable frames start as
+    /// tails, which the buddy then frees into blocks.
+    pub(crate) const fn initial_state(self) -> PageState {
+        match self {
+            PageKind::Hole => PageState::Hole,
+            PageKind::Reserved => PageState::Reserved,
+            PageKind::Free => PageState::Tail,
+        }
+    }
 }
 
 /// A sorted list of disjoint, non-adjacent frame ranges.
@@ -171,6 +183,14 @@ pub(crate) struct Memmap {
     totals: LayoutTotals,
     bitmap: [AtomicU64; BITMAP_WORDS],
 }
+
+// SAFETY: the layout is written only by `build` (through `&mut self`) and
+// read-only afterwards; the bitmap is atomic; the direct-map pointer is only
+// dereferenced by `init_chunk` and `pfn_to_page`, whose callers promise
+// exclusive ownership of the chunk or the zone lock.
+unsafe impl Sync for Memmap {}
+// SAFETY: as above; nothing in the layout is tied to the creating thread.
+unsafe impl Send for Memmap {}
 
 impl Memmap {
     /// An empty layout (no memory).
@@ -441,15 +461,34 @@ impl Memmap {
         }
     }
 
-    /// Marks chunk `c` initialized (its struct pages must all be written).
-    pub(crate) fn set_initialized(&self, c: u64) {
+    /// Writes every struct page of chunk `c` in its initial state, then sets
+    /// the chunk's bit; returns how many of its frames are RAM.
+    ///
+    /// # Safety
+    /// The caller must own chunk `c` exclusively (claimed at the frontier or
+    /// in its parallel share): its bit is clear, so nobody else may access its
+    /// struct pages, and no other caller initializes it.
+    pub(crate) unsafe fn init_chunk(&self, c: u64) -> u64 {
+        let range = self.chunk_range(c);
+        let base = self.memmap_slot(range.start);
+        let mut ram_pages = 0;
+        for (kind, run) in self.runs(c) {
+            if kind != PageKind::Hole {
+                ram_pages += run.pages();
+            }
+            let state = kind.initial_state();
+            for pfn in run.start.0..run.end.0 {
+                // SAFETY: the chunk's memmap is contiguous from `base` and
+                // lies in RAM that `init` reserved for it; the caller owns
+                // the chunk, so nobody else accesses these struct pages.
+                unsafe {
+                    base.add((pfn - range.start.0) as usize)
+                        .write(Page::initial(state, Pfn(pfn)))
+                };
+            }
+        }
         self.bitmap[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Release);
-    }
-
-    /// Whether chunk `c` is initialized.
-    #[cfg(test)]
-    pub(crate) fn chunk_initialized(&self, c: u64) -> bool {
-        self.is_initialized(self.chunk_range(c).start)
+        ram_pages
     }
 
     /// Where `pfn`'s struct page lives: the one place that maps a frame to
@@ -481,7 +520,13 @@ impl Memmap {
         );
         // SAFETY: initialized chunks lie in the memmap, which the caller of
         // `MemoryManager::init` keeps valid; the caller keeps the lock protocol.
-        unsafe { PagePtr::new(self.memmap_slot(pfn)) }
+        let page = unsafe { PagePtr::new(self.memmap_slot(pfn)) };
+        debug_assert_eq!(
+            page.get().pfn(),
+            pfn,
+            "memmap slot of {pfn:?} describes another frame"
+        );
+        page
     }
 
     /// The struct page of `pfn` if its chunk is initialized.
@@ -553,12 +598,62 @@ impl Iterator for Runs<'_> {
     }
 }
 
+/// Checks for the tests.
+#[cfg(test)]
+impl Memmap {
+    /// Whether chunk `c` is initialized.
+    pub(crate) fn chunk_initialized(&self, c: u64) -> bool {
+        self.is_initialized(self.chunk_range(c).start)
+    }
+
+    /// Asserts that every frame of `r` is one the allocator manages.
+    pub(crate) fn assert_allocatable(&self, r: PfnRange) {
+        for c in self.chunk_of(r.start)..=self.chunk_of(Pfn(r.end.0 - 1)) {
+            for (kind, run) in self.runs(c) {
+                if run.start < r.end && run.end > r.start {
+                    assert_eq!(
+                        kind,
+                        PageKind::Free,
+                        "block {r:?} covers {kind:?} frames {run:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Asserts that the memmap of every uninitialized chunk was never
+    /// written (is still all zero); returns how many chunks are initialized.
+    pub(crate) fn assert_uninitialized_untouched(&self) -> u64 {
+        let mut initialized = 0;
+        let mut c = self.next_chunk(0);
+        while let Some(chunk) = c {
+            if self.chunk_initialized(chunk) {
+                initialized += 1;
+            } else {
+                let r = self.chunk_memmap(chunk);
+                // SAFETY: the memmap lies in the RAM behind the direct map.
+                let bytes = unsafe {
+                    core::slice::from_raw_parts(
+                        self.direct_map.add(r.start.0 as usize),
+                        r.len() as usize,
+                    )
+                };
+                assert!(
+                    bytes.iter().all(|&b| b == 0),
+                    "uninitialized chunk {chunk} memmap was written"
+                );
+            }
+            c = self.next_chunk(chunk + 1);
+        }
+        initialized
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mm::testing::{pc_layout, Ram, MIB};
     use guest_abi::Strategy;
-
-    const MIB: u64 = 1 << 20;
 
     fn cfg(chunk: u64, section: u64, on_memory: bool) -> MmConfig {
         MmConfig {
@@ -664,6 +759,43 @@ mod tests {
         assert_eq!(m.totals().chunks_total, 32);
         assert_eq!(m.memmap_ranges().count(), 1);
         assert_eq!(m.totals().memmap_bytes, 32 * MIB / 64);
+    }
+
+    #[test]
+    fn chunk_init_writes_each_frame_in_its_initial_state() {
+        let (ram, res) = pc_layout();
+        let r = Ram::new(&ram);
+        let mut m = Box::new(Memmap::empty());
+        m.build(&cfg(2 * MIB, 64 * MIB, false), &ram, &res, r.ptr())
+            .unwrap();
+        // SAFETY: this test is the memmap's only user.
+        let ram_pages = unsafe { m.init_chunk(0) };
+        assert_eq!(ram_pages, 0x9f + 256);
+        assert_eq!(m.assert_uninitialized_untouched(), 1);
+        for (pfn, state) in [
+            (0, PageState::Reserved),
+            (1, PageState::Tail),
+            (0xa0, PageState::Hole),
+            (0x100, PageState::Reserved),
+        ] {
+            // SAFETY: chunk 0 is initialized; no other thread exists.
+            let p = unsafe { m.pfn_to_page(Pfn(pfn)) }.get();
+            assert_eq!((p.state(), p.pfn()), (state, Pfn(pfn)));
+        }
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "uninitialized struct page")]
+    fn reading_an_uninitialized_struct_page_is_caught() {
+        let (ram, res) = pc_layout();
+        let r = Ram::new(&ram);
+        let mut m = Box::new(Memmap::empty());
+        m.build(&cfg(2 * MIB, 64 * MIB, false), &ram, &res, r.ptr())
+            .unwrap();
+        // SAFETY: deliberately violated to check the debug assertion fires
+        // before any read.
+        let _ = unsafe { m.pfn_to_page(Pfn(150 << 8)) };
     }
 
     #[test]

@@ -1,92 +1,295 @@
-//! `struct page`: the 64-byte metadata the memmap keeps for every 4 KiB page.
+//! `struct page`: the 64-byte metadata the memmap keeps for every 4 KiB page,
+//! its states, and the only transitions between them.
 //!
 //! The memmap is reserved out of guest RAM but never written in bulk: a
 //! struct page is first written when its chunk is initialized, and whether a
 //! chunk is initialized is recorded outside the memmap (the init bitmap in
-//! [`super::memmap`]). Nothing reads a struct page of an uninitialized chunk.
+//! [`super::memmap`]). Nothing reads a struct page of an uninitialized chunk,
+//! so a struct page that exists is always in one of the states below (the
+//! never-written slot of an uninitialized chunk has no state at all: it is
+//! whatever the memory held, zero in practice).
 //!
 //! # States
 //!
-//! Every initialized struct page has [`PG_INIT`] set (an uninitialized one is
-//! whatever the memory held, zero in practice). On top of it, exactly one of:
+//! | State | Meaning | `refcount` | `next` / `prev` |
+//! |-------|---------|------------|-----------------|
+//! | [`Hole`](PageState::Hole) | no RAM behind the frame (a gap inside a section's memmap span); never changes | 0 | none |
+//! | [`Reserved`](PageState::Reserved) | RAM the allocator does not manage: reserved by the caller (kernel image, boot data) or the memmap itself; never changes | 1 | none |
+//! | [`Tail`](PageState::Tail) | any frame of a free or allocated block but its first; which block is known from the block's head only. Allocatable RAM is initialized in this state, then freed into the buddy | 0 | none |
+//! | [`Free { order }`](PageState::Free) | first frame of a free block of `2^order` frames, on free list `order` | 0 | the free list |
+//! | [`Allocated { order }`](PageState::Allocated) | first frame of an allocated block of `2^order` frames | 1 | the owner's list ([`super::BlockList`]), or none |
 //!
-//! | State | `flags` | Meaning |
-//! |-------|---------|---------|
-//! | Hole | `INIT \| HOLE` | no RAM behind the frame (a gap inside a section's memmap span); never allocated |
-//! | Reserved | `INIT \| RESERVED` | RAM the allocator does not manage: reserved by the caller (kernel image, boot data) or the memmap itself |
-//! | Free head | `INIT \| BUDDY` | first frame of a free block of `2^order` frames, linked on free list `order` through `next`/`prev` |
-//! | Allocated head | `INIT \| HEAD` | first frame of an allocated block of `2^order` frames; `refcount` is 1; `next`/`prev` belong to the owner list ([`super::BlockList`]) |
-//! | Tail | `INIT` only | any other frame of a free or allocated block; which one is known from the block's head only |
+//! # Transitions
+//!
+//! ```text
+//!   chunk init ──► Hole, Reserved               (final)
+//!   chunk init ──► Tail ◄──► Free { k }          (push on / unlink from free list k)
+//!                   ▲ │
+//!                   │ ▼
+//!              Allocated { k }                   (handed out / freed)
+//! ```
+//!
+//! Every other change is illegal. [`Page::try_transition`] checks the
+//! current state and the edge and refuses with a [`PageTransitionError`]
+//! (used where the caller's word is all there is: freeing a block);
+//! [`Page::transition`] checks the same with a debug assertion (used where
+//! the allocator's own invariants guarantee it: the free lists).
 //!
 //! Tails are never written by the allocator: splitting a block writes the
-//! head of the upper half, merging clears the head of the buddy, so an
+//! head of the upper half, merging turns the buddy's head into a tail, so an
 //! order-10 allocation writes one struct page, not 1024 (as Linux's buddy).
 //!
 //! # Fields
 //!
-//! - `flags`: the state bits above.
-//! - `refcount`: 1 for an allocated head and for a reserved frame, else 0.
-//! - `order`: for a free or allocated head, log2 of the block's frame count; else 0.
+//! - `state`: the [`PageState`] (a one-byte tag and the block order).
+//! - `refcount`: references, as in the table above (derived from the state
+//!   by every transition; kept for future users such as the page cache).
 //! - `next`, `prev`: list links as raw frame numbers ([`NO_PFN`] = none):
-//!   the free list for a free head, the owner list for an allocated head.
+//!   the free list for a free head, the owner list (`next` only) for an
+//!   allocated head.
 //! - `mapping`: owner tag for future users (page cache, slab); always 0 today.
 //! - `pfn`: the frame this struct page describes, written at initialization
-//!   so debug builds can check `pfn_to_page` round trips.
-//! - `_reserved`: padding to 64 bytes; 0.
+//!   so debug builds check that `pfn_to_page` round trips.
+//! - `_pad`, `_reserved`: padding to 64 bytes; 0.
 
-/// The struct page is initialized (set on every initialized struct page).
-pub const PG_INIT: u64 = 1 << 0;
-/// Reserved frame: not managed by the allocator.
-pub const PG_RESERVED: u64 = 1 << 1;
-/// Head of a free block, on a free list.
-pub const PG_BUDDY: u64 = 1 << 2;
-/// Head of an allocated block.
-pub const PG_HEAD: u64 = 1 << 3;
-/// No RAM behind this frame.
-pub const PG_HOLE: u64 = 1 << 4;
+use core::fmt;
+
+use super::addr::Pfn;
 
 /// "No frame" in a list link.
 pub const NO_PFN: u64 = u64::MAX;
 
-/// The metadata of one 4 KiB page. See the module documentation for states.
+/// The state of an initialized struct page (see the module documentation).
+///
+/// Stored in the struct page as a one-byte tag and a one-byte order. Tag 0
+/// is no state, so a zeroed, never-written slot is never mistaken for one.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// No RAM behind the frame.
+    Hole = 1,
+    /// RAM the allocator does not manage.
+    Reserved = 2,
+    /// A frame of a block other than its head.
+    Tail = 3,
+    /// Head of a free block of `2^order` frames, on free list `order`.
+    Free {
+        /// Block order.
+        order: u8,
+    } = 4,
+    /// Head of an allocated block of `2^order` frames.
+    Allocated {
+        /// Block order.
+        order: u8,
+    } = 5,
+}
+
+const _: () = assert!(core::mem::size_of::<PageState>() == 2);
+
+impl PageState {
+    /// Whether chunk initialization may write this state (Hole, Reserved or
+    /// Tail: no block exists before the buddy frees one).
+    pub const fn is_initial(self) -> bool {
+        matches!(
+            self,
+            PageState::Hole | PageState::Reserved | PageState::Tail
+        )
+    }
+
+    /// Whether `self → to` is one of the transitions in the module docs.
+    pub const fn can_become(self, to: PageState) -> bool {
+        matches!(
+            (self, to),
+            (PageState::Tail, PageState::Free { .. })
+                | (PageState::Tail, PageState::Allocated { .. })
+                | (PageState::Free { .. }, PageState::Tail)
+                | (PageState::Allocated { .. }, PageState::Tail)
+        )
+    }
+
+    /// The block order of a free or allocated head.
+    pub const fn order(self) -> Option<u32> {
+        match self {
+            PageState::Free { order } | PageState::Allocated { order } => Some(order as u32),
+            _ => None,
+        }
+    }
+
+    /// The reference count a struct page in this state carries.
+    pub const fn refcount(self) -> u32 {
+        match self {
+            PageState::Reserved | PageState::Allocated { .. } => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// Why [`Page::try_transition`] refused a state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageTransitionError {
+    /// The struct page is not in the state the transition starts from.
+    WrongState {
+        /// The state the transition starts from.
+        expected: PageState,
+        /// The state the struct page is in.
+        found: PageState,
+    },
+    /// No transition leads from `from` to `to`.
+    Illegal {
+        /// Where it would start.
+        from: PageState,
+        /// Where it would end.
+        to: PageState,
+    },
+}
+
+impl fmt::Display for PageTransitionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PageTransitionError::WrongState { expected, found } => {
+                write!(f, "struct page is {found:?}, not {expected:?}")
+            }
+            PageTransitionError::Illegal { from, to } => {
+                write!(f, "a struct page cannot go from {from:?} to {to:?}")
+            }
+        }
+    }
+}
+
+/// The metadata of one 4 KiB page. See the module documentation for its
+/// states and fields.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Page {
-    /// State bits (`PG_*`).
-    pub flags: u64,
-    /// References: 1 for allocated heads and reserved frames, else 0.
-    pub refcount: u32,
-    /// Block order for a free or allocated head, else 0.
-    pub order: u32,
-    /// Next frame on the free list or owner list, or [`NO_PFN`].
-    pub next: u64,
-    /// Previous frame on the free list, or [`NO_PFN`].
-    pub prev: u64,
-    /// Owner tag for future users; 0.
-    pub mapping: u64,
-    /// The frame this struct page describes.
-    pub pfn: u64,
-    /// Padding; 0.
-    pub _reserved: [u64; 2],
+    state: PageState,
+    _pad: u16,
+    refcount: u32,
+    next: u64,
+    prev: u64,
+    mapping: u64,
+    pfn: u64,
+    _reserved: [u64; 3],
 }
 
 const _: () = assert!(core::mem::size_of::<Page>() as u64 == guest_abi::STRUCT_PAGE_SIZE);
 const _: () = assert!(core::mem::align_of::<Page>() == 8);
 
+fn link(p: Option<Pfn>) -> u64 {
+    p.map_or(NO_PFN, |p| p.0)
+}
+
+fn unlink(raw: u64) -> Option<Pfn> {
+    (raw != NO_PFN).then_some(Pfn(raw))
+}
+
 impl Page {
-    /// The initial contents of a struct page of the given kind.
-    pub const fn initial(flags: u64, pfn: u64) -> Page {
-        let refcount = if flags & PG_RESERVED != 0 { 1 } else { 0 };
+    /// The struct page chunk initialization writes for `pfn`. `state` must
+    /// be an initial one ([`PageState::is_initial`]; asserted in debug
+    /// builds).
+    pub const fn initial(state: PageState, pfn: Pfn) -> Page {
+        debug_assert!(state.is_initial(), "not an initial struct page state");
         Page {
-            flags: PG_INIT | flags,
-            refcount,
-            order: 0,
+            state,
+            _pad: 0,
+            refcount: state.refcount(),
             next: NO_PFN,
             prev: NO_PFN,
             mapping: 0,
-            pfn,
-            _reserved: [0; 2],
+            pfn: pfn.0,
+            _reserved: [0; 3],
         }
+    }
+
+    /// The current state.
+    #[inline]
+    pub fn state(&self) -> PageState {
+        self.state
+    }
+
+    /// The frame this struct page describes.
+    pub fn pfn(&self) -> Pfn {
+        Pfn(self.pfn)
+    }
+
+    /// References held (see the module documentation).
+    pub fn refcount(&self) -> u32 {
+        self.refcount
+    }
+
+    /// The next frame on this page's list.
+    #[inline]
+    pub fn next(&self) -> Option<Pfn> {
+        unlink(self.next)
+    }
+
+    /// The previous frame on this page's free list.
+    #[inline]
+    pub fn prev(&self) -> Option<Pfn> {
+        unlink(self.prev)
+    }
+
+    /// Sets the next link (a free or allocated head's list).
+    #[inline]
+    pub fn set_next(&mut self, next: Option<Pfn>) {
+        debug_assert!(
+            self.state.order().is_some(),
+            "list link on a {:?}",
+            self.state
+        );
+        self.next = link(next);
+    }
+
+    /// Sets the previous link (a free head's list).
+    #[inline]
+    pub fn set_prev(&mut self, prev: Option<Pfn>) {
+        debug_assert!(
+            matches!(self.state, PageState::Free { .. }),
+            "free-list link on a {:?}",
+            self.state
+        );
+        self.prev = link(prev);
+    }
+
+    /// Moves from `from` to `to` if the struct page is in `from` and the
+    /// edge is legal; otherwise changes nothing. The links are cleared and
+    /// the reference count follows the new state.
+    pub fn try_transition(
+        &mut self,
+        from: PageState,
+        to: PageState,
+    ) -> Result<(), PageTransitionError> {
+        if !from.can_become(to) {
+            return Err(PageTransitionError::Illegal { from, to });
+        }
+        if self.state != from {
+            return Err(PageTransitionError::WrongState {
+                expected: from,
+                found: self.state,
+            });
+        }
+        self.set_state(to);
+        Ok(())
+    }
+
+    /// [`Page::try_transition`] for a change the caller's invariants
+    /// guarantee: checked by a debug assertion only.
+    #[inline]
+    pub fn transition(&mut self, from: PageState, to: PageState) {
+        debug_assert!(
+            from.can_become(to) && self.state == from,
+            "illegal struct page transition of {:#x}: {:?} (expected {from:?}) -> {to:?}",
+            self.pfn,
+            self.state
+        );
+        self.set_state(to);
+    }
+
+    #[inline]
+    fn set_state(&mut self, to: PageState) {
+        self.state = to;
+        self.refcount = to.refcount();
+        self.next = NO_PFN;
+        self.prev = NO_PFN;
     }
 }
 
@@ -94,9 +297,10 @@ impl Page {
 ///
 /// Only [`super::memmap::Memmap::pfn_to_page`] creates one, which makes two
 /// promises the accessors rely on: the pointer is valid and aligned for the
-/// manager's lifetime, and the chunk holding it is initialized. Data races are
-/// excluded by the locking protocol of [`super::MemoryManager`]: every access
-/// to an initialized struct page happens under the zone lock.
+/// manager's lifetime, and the chunk holding it is initialized (so the bytes
+/// are a valid [`Page`]). Data races are excluded by the locking protocol of
+/// [`super::MemoryManager`]: every access to an initialized struct page
+/// happens under the zone lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PagePtr(*mut Page);
 
@@ -112,15 +316,25 @@ impl PagePtr {
     }
 
     /// Reads the whole struct page.
+    #[inline]
     pub(crate) fn get(self) -> Page {
-        // SAFETY: valid, aligned and race-free by the constructor's contract.
+        // SAFETY: valid, aligned, initialized and race-free by the
+        // constructor's contract.
         unsafe { self.0.read() }
     }
 
+    /// The struct page's state.
+    #[inline]
+    pub(crate) fn state(self) -> PageState {
+        // SAFETY: as in `get`; reads only the state field.
+        unsafe { (*self.0).state }
+    }
+
     /// Applies `f` to the struct page in place.
-    pub(crate) fn update(self, f: impl FnOnce(&mut Page)) {
-        // SAFETY: valid, aligned and race-free by the constructor's contract;
-        // the reference does not outlive this call.
+    #[inline]
+    pub(crate) fn update<R>(self, f: impl FnOnce(&mut Page) -> R) -> R {
+        // SAFETY: valid, aligned, initialized and race-free by the
+        // constructor's contract; the reference does not outlive this call.
         unsafe { f(&mut *self.0) }
     }
 }
@@ -129,13 +343,145 @@ impl PagePtr {
 mod tests {
     use super::*;
 
+    const ALL: [PageState; 7] = [
+        PageState::Hole,
+        PageState::Reserved,
+        PageState::Tail,
+        PageState::Free { order: 0 },
+        PageState::Free { order: 3 },
+        PageState::Allocated { order: 0 },
+        PageState::Allocated { order: 3 },
+    ];
+
     #[test]
     fn page_is_64_bytes_and_initial_states_are_distinct() {
         assert_eq!(core::mem::size_of::<Page>(), 64);
-        let r = Page::initial(PG_RESERVED, 7);
-        assert_eq!((r.flags, r.refcount, r.pfn), (PG_INIT | PG_RESERVED, 1, 7));
-        let t = Page::initial(0, 8);
-        assert_eq!((t.flags, t.refcount, t.next), (PG_INIT, 0, NO_PFN));
-        assert_ne!(Page::initial(PG_HOLE, 0).flags, t.flags);
+        let r = Page::initial(PageState::Reserved, Pfn(7));
+        assert_eq!(
+            (r.state(), r.refcount(), r.pfn()),
+            (PageState::Reserved, 1, Pfn(7))
+        );
+        let t = Page::initial(PageState::Tail, Pfn(8));
+        assert_eq!(
+            (t.state(), t.refcount(), t.next()),
+            (PageState::Tail, 0, None)
+        );
+        assert_ne!(Page::initial(PageState::Hole, Pfn(0)).state(), t.state());
+        assert!(ALL.iter().filter(|s| s.is_initial()).count() == 3);
+    }
+
+    #[test]
+    fn a_zeroed_slot_is_no_state() {
+        // Tag 0 is not a discriminant: a never-written (zero) struct page
+        // cannot pass for an initialized one, whatever the debug checks.
+        for s in ALL {
+            // SAFETY: PageState is two plain bytes, tag first.
+            let tag = unsafe { *(&raw const s).cast::<u8>() };
+            assert_ne!(tag, 0, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_documented_transitions_are_legal() {
+        let legal = |a: PageState, b: PageState| {
+            matches!(
+                (a, b),
+                (
+                    PageState::Tail,
+                    PageState::Free { .. } | PageState::Allocated { .. }
+                ) | (
+                    PageState::Free { .. } | PageState::Allocated { .. },
+                    PageState::Tail
+                )
+            )
+        };
+        for from in ALL {
+            for to in ALL {
+                assert_eq!(from.can_become(to), legal(from, to), "{from:?} -> {to:?}");
+            }
+        }
+        // Hole and Reserved are final; heads never turn into other heads
+        // without going through Tail.
+        for to in ALL {
+            assert!(!PageState::Hole.can_become(to) && !PageState::Reserved.can_become(to));
+        }
+        assert!(!PageState::Free { order: 2 }.can_become(PageState::Allocated { order: 2 }));
+    }
+
+    #[test]
+    fn a_block_goes_round_and_its_fields_follow_the_state() {
+        let mut p = Page::initial(PageState::Tail, Pfn(16));
+        p.try_transition(PageState::Tail, PageState::Free { order: 4 })
+            .unwrap();
+        p.set_next(Some(Pfn(32)));
+        p.set_prev(Some(Pfn(48)));
+        assert_eq!(
+            (p.next(), p.prev(), p.refcount()),
+            (Some(Pfn(32)), Some(Pfn(48)), 0)
+        );
+        p.try_transition(PageState::Free { order: 4 }, PageState::Tail)
+            .unwrap();
+        assert_eq!(
+            (p.next(), p.prev()),
+            (None, None),
+            "links do not survive a transition"
+        );
+        p.try_transition(PageState::Tail, PageState::Allocated { order: 4 })
+            .unwrap();
+        assert_eq!((p.state().order(), p.refcount()), (Some(4), 1));
+        p.try_transition(PageState::Allocated { order: 4 }, PageState::Tail)
+            .unwrap();
+        assert_eq!((p.state(), p.refcount()), (PageState::Tail, 0));
+    }
+
+    #[test]
+    fn illegal_or_mismatched_transitions_are_refused_and_change_nothing() {
+        let mut p = Page::initial(PageState::Tail, Pfn(1));
+        p.transition(PageState::Tail, PageState::Allocated { order: 1 });
+        let before = p;
+        // Freeing with another order: the state does not match.
+        assert_eq!(
+            p.try_transition(PageState::Allocated { order: 0 }, PageState::Tail),
+            Err(PageTransitionError::WrongState {
+                expected: PageState::Allocated { order: 0 },
+                found: PageState::Allocated { order: 1 },
+            })
+        );
+        // Freeing twice: a tail is not allocated.
+        let mut t = Page::initial(PageState::Tail, Pfn(2));
+        assert!(matches!(
+            t.try_transition(PageState::Allocated { order: 0 }, PageState::Tail),
+            Err(PageTransitionError::WrongState {
+                found: PageState::Tail,
+                ..
+            })
+        ));
+        // An edge that does not exist, even from the right state.
+        let mut r = Page::initial(PageState::Reserved, Pfn(3));
+        assert_eq!(
+            r.try_transition(PageState::Reserved, PageState::Free { order: 0 }),
+            Err(PageTransitionError::Illegal {
+                from: PageState::Reserved,
+                to: PageState::Free { order: 0 },
+            })
+        );
+        assert_eq!(p, before);
+        assert_eq!(r.state(), PageState::Reserved);
+        let e = PageTransitionError::Illegal {
+            from: PageState::Hole,
+            to: PageState::Tail,
+        };
+        assert_eq!(
+            std::format!("{e}"),
+            "a struct page cannot go from Hole to Tail"
+        );
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "illegal struct page transition")]
+    fn an_unchecked_illegal_transition_is_caught_in_debug_builds() {
+        let mut p = Page::initial(PageState::Tail, Pfn(5));
+        p.transition(PageState::Free { order: 0 }, PageState::Tail);
     }
 }

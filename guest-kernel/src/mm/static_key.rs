@@ -1,26 +1,47 @@
-//! A `StaticKey`: a boolean the fast path tests and that is switched off for
-//! good (Linux `static_branch_likely` + `static_branch_disable`).
+//! Static keys: a boolean a hot path tests and that is switched off for good
+//! (Linux `static_branch_likely` + `static_branch_disable`), and the jump
+//! table that records, for every place testing a key, which key it tests.
 //!
-//! The truth is an `AtomicBool`. In the guest kernel (`target_os = "none"`)
-//! every inlined [`StaticKey::is_enabled`] is also a *jump site*: a 5-byte
-//! `jmp rel32` to the code that reads the atomic, recorded in the
-//! `.jump_table` section. While the key is on the site costs a jump and the
-//! load; once the key is off and the kernel has patched the sites into 5-byte
-//! NOPs (`patch_jump_sites` in the kernel, called at a point where no other
-//! CPU runs allocator code), the site falls straight through to `false`: the
-//! fast path pays nothing. On the host (tests), text is not writable, so it
-//! stays the atomic load.
+//! # The key
 //!
-//! The table does not say which key a site belongs to: the kernel has exactly
-//! one key (the memory manager's grow check), and it patches only once that
-//! key is off.
+//! A [`StaticKey`]'s truth is an atomic. [`StaticKey::is_enabled`] reads it;
+//! [`StaticKey::disable`] switches it off for good.
+//!
+//! # Jump sites
+//!
+//! In the guest kernel (`target_os = "none"`), every
+//! `static_branch_likely!` is also a *jump site*: a 5-byte `jmp rel32` to
+//! the code that reads the key, and a [`JumpEntry`] (site address, key
+//! address) in the `.jump_table` section, which `linker.ld` collects between
+//! `__jump_table_start` and `__jump_table_end`. The linker fills in the key's
+//! address, so a key with jump sites is a `static` (as Linux's
+//! `DEFINE_STATIC_KEY_TRUE`), named by path at the site.
+//!
+//! While the key is on, a site costs a jump and the load. Once the key is
+//! off, [`patch_sites`] rewrites the sites *of that key* — entries naming
+//! another key are left alone — into 5-byte NOPs, so the site falls straight
+//! through to `false` and the path pays nothing. It refuses while the key is
+//! on. The kernel calls it with the linker's table (`arch::jump_label`) at a
+//! point where no other CPU runs code with a site of the key.
+//!
+//! On the host (tests), a site is the atomic load: text is not writable
+//! there. The table logic ([`sites_to_patch`], [`patch_sites`]) is plain code
+//! over a slice of entries and is tested with a fake table.
 
+use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
+
+/// First byte of a jump site as compiled: `jmp rel32`.
+pub const JMP_REL32: u8 = 0xe9;
+/// What a patched site holds: the 5-byte NOP `nopl 0(%rax,%rax,1)`.
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 
 /// A one-way switch tested on hot paths.
 pub struct StaticKey {
     /// Stored inverted so that an enabled key is all zero bytes.
     disabled: AtomicBool,
+    /// Its jump sites have been patched into NOPs.
+    patched: AtomicBool,
 }
 
 impl StaticKey {
@@ -28,45 +49,156 @@ impl StaticKey {
     pub const fn new(enabled: bool) -> StaticKey {
         StaticKey {
             disabled: AtomicBool::new(!enabled),
+            patched: AtomicBool::new(false),
         }
     }
 
-    /// Whether the key is still on. A caller may see a stale `true` for a
+    /// Whether the key is still on (the atomic; a jump site is
+    /// `static_branch_likely!`). A caller may see a stale `true` for a
     /// moment after [`StaticKey::disable`]; it must treat the key as a hint
     /// whose guarded path is correct (only slower) either way.
     #[inline(always)]
     pub fn is_enabled(&self) -> bool {
-        #[cfg(all(target_os = "none", target_arch = "x86_64"))]
-        {
-            // SAFETY: the asm is a jump to `on`, whose address is recorded in
-            // `.jump_table`; it touches no register or memory. The kernel
-            // turns it into a NOP of the same length only after the key is
-            // off, when `false` is the right answer.
-            unsafe {
-                core::arch::asm!(
-                    "2:",
-                    ".byte 0xe9",
-                    ".long {on} - (2b + 5)",
-                    ".pushsection .jump_table, \"aw\"",
-                    ".balign 8",
-                    ".quad 2b",
-                    ".popsection",
-                    on = label { return !self.disabled.load(Ordering::Relaxed); },
-                    options(nostack, preserves_flags),
-                );
-            }
-            false
-        }
-        #[cfg(not(all(target_os = "none", target_arch = "x86_64")))]
-        {
-            !self.disabled.load(Ordering::Relaxed)
-        }
+        !self.disabled.load(Ordering::Relaxed)
     }
 
     /// Switches the key off for good.
     pub fn disable(&self) {
         self.disabled.store(true, Ordering::Release);
     }
+
+    /// Whether [`patch_sites`] has patched this key's jump sites.
+    pub fn sites_patched(&self) -> bool {
+        self.patched.load(Ordering::Acquire)
+    }
+}
+
+/// Whether the `static` [`StaticKey`] at `$key` (a path) is on. In the guest
+/// kernel this is a jump site recorded with `$key`'s address (see the module
+/// documentation); elsewhere it is [`StaticKey::is_enabled`].
+macro_rules! static_branch_likely {
+    ($key:path) => {{
+        #[cfg(all(target_os = "none", target_arch = "x86_64"))]
+        let on = {
+            #[inline(always)]
+            fn site() -> bool {
+                // SAFETY: the asm is a jump to `on`, recorded with the key's
+                // address in `.jump_table`; it touches no register or
+                // memory. The kernel turns it into a NOP of the same length
+                // only after this key is off, when `false` is the answer.
+                unsafe {
+                    ::core::arch::asm!(
+                        "2:",
+                        ".byte 0xe9",
+                        ".long {on} - (2b + 5)",
+                        ".pushsection .jump_table, \"aw\"",
+                        ".balign 8",
+                        ".quad 2b",
+                        ".quad {key}",
+                        ".popsection",
+                        key = sym $key,
+                        on = label { return $key.is_enabled(); },
+                        options(nostack, preserves_flags),
+                    );
+                }
+                false
+            }
+            site()
+        };
+        #[cfg(not(all(target_os = "none", target_arch = "x86_64")))]
+        let on = $key.is_enabled();
+        on
+    }};
+}
+pub(crate) use static_branch_likely;
+
+/// One `.jump_table` entry, as `static_branch_likely!` emits it: two
+/// 8-byte addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JumpEntry {
+    /// The site: a 5-byte `jmp rel32` in kernel text.
+    pub site: *mut u8,
+    /// The key the site tests.
+    pub key: *const StaticKey,
+}
+
+const _: () = assert!(core::mem::size_of::<JumpEntry>() == 16);
+const _: () = assert!(core::mem::align_of::<JumpEntry>() == 8);
+
+/// The sites in `table` that belong to `key`, or none while `key` is on: a
+/// site may be patched only once its key can no longer be true.
+pub fn sites_to_patch<'a>(
+    table: &'a [JumpEntry],
+    key: &'a StaticKey,
+) -> impl Iterator<Item = *mut u8> + 'a {
+    let off = !key.is_enabled();
+    table
+        .iter()
+        .filter(move |e| off && core::ptr::eq(e.key, key))
+        .map(|e| e.site)
+}
+
+/// Why [`patch_sites`] patched nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JumpPatchError {
+    /// The key is still on.
+    KeyEnabled,
+    /// The key's sites were already patched.
+    AlreadyPatched,
+    /// A site of the key does not start with `jmp rel32`.
+    NotAJump {
+        /// The site's address.
+        site: usize,
+    },
+}
+
+impl fmt::Display for JumpPatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JumpPatchError::KeyEnabled => f.write_str("the static key is still on"),
+            JumpPatchError::AlreadyPatched => {
+                f.write_str("the key's jump sites are already patched")
+            }
+            JumpPatchError::NotAJump { site } => write!(f, "jump site {site:#x} holds no jmp"),
+        }
+    }
+}
+
+/// Rewrites every jump site of `key` in `table` into [`NOP5`] and returns
+/// how many there were. Only when `key` is off, once per key; the sites are
+/// all checked before the first is written, so an error changes nothing.
+///
+/// # Safety
+/// Every site of `key` in `table` must be 5 readable and writable bytes of
+/// code that no CPU executes meanwhile, and the caller must serialize (e.g.
+/// with CPUID) before any of them runs again.
+pub unsafe fn patch_sites(table: &[JumpEntry], key: &StaticKey) -> Result<usize, JumpPatchError> {
+    if key.is_enabled() {
+        return Err(JumpPatchError::KeyEnabled);
+    }
+    if key.patched.swap(true, Ordering::AcqRel) {
+        return Err(JumpPatchError::AlreadyPatched);
+    }
+    for site in sites_to_patch(table, key) {
+        // SAFETY: the caller promises every site of `key` is readable.
+        if unsafe { site.read_volatile() } != JMP_REL32 {
+            key.patched.store(false, Ordering::Release);
+            return Err(JumpPatchError::NotAJump {
+                site: site as usize,
+            });
+        }
+    }
+    let mut n = 0;
+    for site in sites_to_patch(table, key) {
+        for (i, b) in NOP5.iter().enumerate() {
+            // SAFETY: the caller promises 5 writable bytes that no CPU
+            // executes meanwhile.
+            unsafe { site.add(i).write_volatile(*b) };
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -80,5 +212,103 @@ mod tests {
         k.disable();
         k.disable();
         assert!(!k.is_enabled());
+        assert!(!StaticKey::new(false).is_enabled());
+    }
+
+    #[test]
+    fn a_branch_on_the_host_reads_the_key() {
+        static KEY: StaticKey = StaticKey::new(true);
+        assert!(static_branch_likely!(KEY));
+        KEY.disable();
+        assert!(!static_branch_likely!(KEY));
+    }
+
+    /// Four sites of 5 bytes (`jmp rel32` each): 0 and 2 test `a`, 1 and 3
+    /// test `b`.
+    fn fake_text_and_table(text: &mut [u8; 20], a: &StaticKey, b: &StaticKey) -> [JumpEntry; 4] {
+        for site in text.chunks_mut(5) {
+            site.copy_from_slice(&[JMP_REL32, 0x10, 0, 0, 0]);
+        }
+        let base = text.as_mut_ptr();
+        core::array::from_fn(|i| JumpEntry {
+            site: base.wrapping_add(5 * i),
+            key: if i % 2 == 0 { a } else { b },
+        })
+    }
+
+    #[test]
+    fn only_the_sites_of_a_key_that_is_off_are_listed() {
+        let (a, b) = (StaticKey::new(true), StaticKey::new(true));
+        let mut text = [0u8; 20];
+        let table = fake_text_and_table(&mut text, &a, &b);
+        assert_eq!(sites_to_patch(&table, &a).count(), 0, "a is still on");
+        a.disable();
+        let sites: Vec<_> = sites_to_patch(&table, &a).collect();
+        assert_eq!(sites, vec![table[0].site, table[2].site]);
+        assert_eq!(sites_to_patch(&table, &b).count(), 0, "b is still on");
+        let other = StaticKey::new(false);
+        assert_eq!(
+            sites_to_patch(&table, &other).count(),
+            0,
+            "a key with no sites"
+        );
+    }
+
+    /// [`patch_sites`] over a fake table.
+    fn patch(table: &[JumpEntry], key: &StaticKey) -> Result<usize, JumpPatchError> {
+        // SAFETY: the tests' sites point into a byte array that nothing
+        // executes.
+        unsafe { patch_sites(table, key) }
+    }
+
+    #[test]
+    fn patching_a_key_rewrites_its_sites_and_no_other() {
+        let (a, b) = (StaticKey::new(true), StaticKey::new(true));
+        let mut text = [0u8; 20];
+        let table = fake_text_and_table(&mut text, &a, &b);
+        assert_eq!(patch(&table, &a), Err(JumpPatchError::KeyEnabled));
+        assert!(
+            text.chunks(5).all(|s| s[0] == JMP_REL32),
+            "nothing patched while on"
+        );
+        a.disable();
+        assert_eq!(patch(&table, &a), Ok(2));
+        assert!(a.sites_patched() && !b.sites_patched());
+        assert_eq!(&text[0..5], &NOP5);
+        assert_eq!(&text[10..15], &NOP5);
+        assert_eq!(
+            &text[5..10],
+            &[JMP_REL32, 0x10, 0, 0, 0],
+            "b's site untouched"
+        );
+        assert_eq!(
+            &text[15..20],
+            &[JMP_REL32, 0x10, 0, 0, 0],
+            "b's site untouched"
+        );
+        assert_eq!(patch(&table, &a), Err(JumpPatchError::AlreadyPatched));
+        assert_eq!(patch(&table, &b), Err(JumpPatchError::KeyEnabled));
+    }
+
+    #[test]
+    fn a_site_that_holds_no_jump_stops_the_patch_before_any_write() {
+        let (a, b) = (StaticKey::new(true), StaticKey::new(false));
+        let mut text = [0u8; 20];
+        let table = fake_text_and_table(&mut text, &a, &b);
+        let bad = table[3].site;
+        // SAFETY: the sites point into `text`, which nothing executes.
+        unsafe { bad.write(0x90) };
+        let r = patch(&table, &b);
+        let bad = bad as usize;
+        assert_eq!(r, Err(JumpPatchError::NotAJump { site: bad }));
+        assert_eq!(
+            text[5], JMP_REL32,
+            "the good site of b was not written either"
+        );
+        assert!(!b.sites_patched());
+        assert_eq!(
+            std::format!("{}", JumpPatchError::NotAJump { site: 0x1000 }),
+            "jump site 0x1000 holds no jmp"
+        );
     }
 }
