@@ -44,6 +44,7 @@ pub mod controller;
 pub mod devices;
 pub mod events;
 pub mod host;
+pub mod host_output;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
