@@ -10,6 +10,7 @@ mod args;
 mod ctl;
 mod render;
 mod run;
+mod runtime_dir;
 
 use clap::Parser;
 use std::process::ExitCode;
