@@ -51,6 +51,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Talk to a running VMM's control API.
     Ctl(crate::ctl::CtlArgs),
+    /// List the running VMs (those in the runtime directory, or --dir).
+    Ps(crate::ps::PsArgs),
     /// The four memmap strategies side by side: boot time and memmap cost.
     Compare(lab::compare::CompareArgs),
     /// Density experiment: many microVMs per strategy, measured and plotted.

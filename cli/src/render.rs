@@ -11,9 +11,10 @@ use api::{
     MemoryReport, Metrics, VmExitCounts,
 };
 use serde_json::Value;
-use table::{fields, long_fields, side_by_side, Field};
+use crate::fleet::{Reach, Row, Totals};
+use table::{columns, fields, long_fields, side_by_side, Field};
 use guest_abi::PAGE_SIZE;
-use units::{bytes, kib, mib, micros, pages, share, spelled, text, text_or_dash, yes_no};
+use units::{bytes, kib, mib, micros, pages, seconds, share, spelled, text, text_or_dash, yes_no};
 
 /// The fields of `$value`, a `$Type`, each named as in the JSON (the field's
 /// name) and shown by the unit function after it (which gets the field's
@@ -253,6 +254,56 @@ pub fn metrics(metrics: &Metrics) -> String {
         ("COUNTERS", counters),
         (&exits_title, fields(&exit_counts(vm_exits))),
     ])
+}
+
+/// The header of [`ps_table`].
+pub const PS_HEADER: [&str; 12] = [
+    "ID", "STATE", "VCPUS", "MEMORY", "STRATEGY", "UPTIME", "MEMMAP INIT", "MEMMAP RES", "RAM RES", "KVM REG",
+    "VMM PSS", "NOTE",
+];
+
+/// `vmm ps` for a human: one line per VM, then the totals.
+pub fn ps_table(rows: &[Row], totals: &Totals) -> String {
+    let mut lines: Vec<Vec<String>> = rows.iter().map(ps_line).collect();
+    lines.push(vec![
+        format!("TOTAL ({} VMs)", totals.vms),
+        format!("{} answered", totals.answered),
+        text(totals.vcpus),
+        mib(totals.mem_size_mib),
+        String::new(),
+        String::new(),
+        bytes(totals.memmap_initialized_bytes),
+        bytes(totals.memmap_resident_bytes),
+        bytes(totals.guest_ram_resident_bytes),
+        bytes(totals.kvm_registered_bytes),
+        bytes(totals.vmm_pss_bytes),
+        String::new(),
+    ]);
+    columns(&PS_HEADER, &lines)
+}
+
+/// One VM of [`ps_table`].
+fn ps_line(row: &Row) -> Vec<String> {
+    let note = match row.reach {
+        Reach::Answered => String::new(),
+        Reach::NoAnswer => "no answer".to_string(),
+        Reach::Dead => "dead socket".to_string(),
+        Reach::Failed => row.error.clone().unwrap_or_default(),
+    };
+    vec![
+        row.id.clone(),
+        text_or_dash(row.state.as_deref()),
+        text_or_dash(row.vcpus),
+        row.mem_size_mib.map_or_else(|| "-".to_string(), mib),
+        row.strategy.map_or_else(|| "-".to_string(), spelled),
+        row.uptime_s.map_or_else(|| "-".to_string(), seconds),
+        bytes(row.memmap_initialized_bytes),
+        bytes(row.memmap_resident_bytes),
+        bytes(row.guest_ram_resident_bytes),
+        bytes(row.kvm_registered_bytes),
+        bytes(row.vmm_pss_bytes),
+        note,
+    ]
 }
 
 /// The guest's stats block: page counts with the memory they make, sizes,
@@ -568,6 +619,49 @@ guest and host agree  yes (memmap initialized 2 MiB, resident 2 MiB)
             "{out}"
         );
         assert!(!out.contains("0.0 MiB"), "{out}");
+    }
+
+    #[test]
+    fn ps_lists_each_vm_then_the_totals() {
+        let row = |id: &str, reach: Reach| Row {
+            id: id.into(),
+            socket: id.into(),
+            reach,
+            state: Some("Running".into()),
+            vcpus: Some(1),
+            mem_size_mib: Some(256),
+            strategy: Some(Strategy::OnDemand),
+            uptime_s: Some(3725),
+            memmap_initialized_bytes: Some(32 << 10),
+            memmap_resident_bytes: Some(32 << 10),
+            guest_ram_resident_bytes: Some(200 << 10),
+            kvm_registered_bytes: Some(128 << 20),
+            vmm_pss_bytes: Some(1536 << 10),
+            error: None,
+        };
+        let dead = Row {
+            state: None,
+            vcpus: None,
+            mem_size_mib: None,
+            strategy: None,
+            uptime_s: None,
+            memmap_initialized_bytes: None,
+            memmap_resident_bytes: None,
+            guest_ram_resident_bytes: None,
+            kvm_registered_bytes: None,
+            vmm_pss_bytes: None,
+            ..row("gone", Reach::Dead)
+        };
+        let rows = vec![row("a", Reach::Answered), row("b", Reach::Answered), dead];
+        let out = ps_table(&rows, &Totals::of(&rows));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5, "{out}");
+        assert!(lines[0].starts_with("ID "), "{out}");
+        assert!(lines[1].contains(" 256 MiB ") && lines[1].contains(" ondemand ") && lines[1].contains(" 1h02m "), "{out}");
+        assert!(lines[1].contains(" 32 KiB "), "{out}");
+        assert!(lines[3].starts_with("gone ") && lines[3].ends_with("dead socket"), "{out}");
+        assert!(lines[4].starts_with("TOTAL (3 VMs)  2 answered"), "{out}");
+        assert!(lines[4].contains(" 64 KiB ") && lines[4].contains(" 3 MiB"), "{out}");
     }
 
     #[test]

@@ -34,6 +34,14 @@ pub fn long_fields(list: &[Field]) -> String {
     finish(table, FIELD_GAP)
 }
 
+/// A header line, then one line per row, each value in its column.
+pub fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut table = borderless();
+    table.set_header(header.iter().copied());
+    table.add_rows(rows.iter().map(|row| row.iter().map(String::as_str)));
+    finish(table, FIELD_GAP)
+}
+
 /// Each `(title, text)` block under its title, the blocks side by side.
 pub fn side_by_side(blocks: &[(&str, String)]) -> String {
     let mut table = borderless();

@@ -60,6 +60,16 @@ pub fn share(part: u64, whole: u64) -> String {
     format!("{p:.decimals$}%")
 }
 
+/// A duration in whole seconds: "45s", "12m05s", "3h07m", "2d04h".
+pub fn seconds(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
 /// "yes" or "no".
 pub fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_string()
@@ -154,6 +164,16 @@ mod tests {
         // An idle 2 GiB VM's 32 KiB of memmap.
         assert_eq!(share(32 << 10, 2 << 30), "0.0015%");
         assert_eq!(share(u64::MAX, u64::MAX), "100.0%");
+    }
+
+    #[test]
+    fn uptimes_in_two_units() {
+        assert_eq!(seconds(0), "0s");
+        assert_eq!(seconds(59), "59s");
+        assert_eq!(seconds(725), "12m05s");
+        assert_eq!(seconds(3725), "1h02m");
+        assert_eq!(seconds(86400 * 2 + 3600 * 4), "2d04h");
+        assert!(seconds(u64::MAX).ends_with('h'));
     }
 
     #[test]
