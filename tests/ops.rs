@@ -108,6 +108,41 @@ fn the_runtime_directory_comes_from_the_environment_and_ids_are_checked() {
 }
 
 #[test]
+fn ps_lists_every_vm_with_totals_that_are_the_sums_and_reports_dead_sockets() {
+    let tmp = TempDir::new("ops-ps");
+    let _a = IdleVm::start(tmp.path(), "a", &["--mem-mib", "256"]);
+    let _b = IdleVm::start(tmp.path(), "b", &["--mem-mib", "512", "--vcpus", "2"]);
+    drop(std::os::unix::net::UnixListener::bind(tmp.path().join("gone")).unwrap());
+
+    let o = vmm(&["ps", "--dir", tmp.path().to_str().unwrap(), "--json"]);
+    o.assert_code(0);
+    let v: Value = serde_json::from_str(&o.stdout).unwrap();
+    let vms = v["vms"].as_array().unwrap();
+    let ids: Vec<&str> = vms.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a", "b", "gone"], "{v}");
+    assert_eq!(vms[0]["state"], "Running");
+    assert_eq!(vms[1]["vcpus"], 2);
+    assert_eq!(vms[1]["mem_size_mib"], 512);
+    assert_eq!(vms[2]["reach"], "dead", "{v}");
+    assert_eq!(v["total"]["vms"], 3);
+    assert_eq!(v["total"]["answered"], 2);
+    for key in ["vcpus", "mem_size_mib", "memmap_initialized_bytes", "memmap_resident_bytes", "guest_ram_resident_bytes", "kvm_registered_bytes", "vmm_pss_bytes"] {
+        let sum: u64 = vms.iter().filter_map(|r| r[key].as_u64()).sum();
+        assert_eq!(v["total"][key].as_u64(), Some(sum), "{key}: {v}");
+    }
+    assert_eq!(vms[0]["memmap_initialized_bytes"], 32 << 10, "{v}");
+
+    let o = vmm(&["ps", "--dir", tmp.path().to_str().unwrap(), "--sort", "memory"]);
+    o.assert_code(0);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert!(lines[0].starts_with("ID "), "{}", o.stdout);
+    assert!(lines[1].starts_with("b ") && lines[2].starts_with("a "), "{}", o.stdout);
+    assert!(lines[3].starts_with("gone ") && lines[3].ends_with("dead socket"), "{}", o.stdout);
+    let total: Vec<&str> = lines[4].split_whitespace().collect();
+    assert_eq!(total[..8], ["TOTAL", "(3", "VMs)", "2", "answered", "3", "768", "MiB"], "{}", o.stdout);
+}
+
+#[test]
 fn an_idle_2_gib_vm_leads_its_memory_table_with_32_kib_of_metadata() {
     let tmp = TempDir::new("ops-mem");
     let vm = IdleVm::start(tmp.path(), "idle", &["--mem-mib", "2048", "--memmap-init", "ondemand"]);
