@@ -209,21 +209,29 @@ pub fn row(sock: &Path, status: &InstanceStatus, config: &MachineConfig, report:
 
 /// The row of a VM that did not answer.
 fn failed(sock: &Path, reach: Reach, error: String) -> Row {
-    Row {
-        id: sock.file_name().map_or_else(|| sock.display().to_string(), |n| n.to_string_lossy().into_owned()),
-        socket: sock.to_path_buf(),
-        reach,
-        state: None,
-        vcpus: None,
-        mem_size_mib: None,
-        strategy: None,
-        uptime_s: None,
-        memmap_initialized_bytes: None,
-        memmap_resident_bytes: None,
-        guest_ram_resident_bytes: None,
-        kvm_registered_bytes: None,
-        vmm_pss_bytes: None,
-        error: Some(error),
+    let id = sock.file_name().map_or_else(|| sock.display().to_string(), |n| n.to_string_lossy().into_owned());
+    Row { error: Some(error), ..Row::without_figures(id, sock, reach) }
+}
+
+impl Row {
+    /// A row with its id, socket and reach, and no figures.
+    pub fn without_figures(id: String, socket: &Path, reach: Reach) -> Row {
+        Row {
+            id,
+            socket: socket.to_path_buf(),
+            reach,
+            state: None,
+            vcpus: None,
+            mem_size_mib: None,
+            strategy: None,
+            uptime_s: None,
+            memmap_initialized_bytes: None,
+            memmap_resident_bytes: None,
+            guest_ram_resident_bytes: None,
+            kvm_registered_bytes: None,
+            vmm_pss_bytes: None,
+            error: None,
+        }
     }
 }
 

@@ -146,22 +146,7 @@ mod tests {
     use crate::fleet::Reach;
 
     fn row(id: &str, pss: Option<u64>) -> Row {
-        Row {
-            id: id.into(),
-            socket: id.into(),
-            reach: Reach::Answered,
-            state: None,
-            vcpus: None,
-            mem_size_mib: None,
-            strategy: None,
-            uptime_s: None,
-            memmap_initialized_bytes: None,
-            memmap_resident_bytes: None,
-            guest_ram_resident_bytes: None,
-            kvm_registered_bytes: None,
-            vmm_pss_bytes: pss,
-            error: None,
-        }
+        Row { vmm_pss_bytes: pss, ..Row::without_figures(id.into(), id.as_ref(), Reach::Answered) }
     }
 
     #[test]

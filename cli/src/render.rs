@@ -639,19 +639,7 @@ guest and host agree  yes (memmap initialized 2 MiB, resident 2 MiB)
             vmm_pss_bytes: Some(1536 << 10),
             error: None,
         };
-        let dead = Row {
-            state: None,
-            vcpus: None,
-            mem_size_mib: None,
-            strategy: None,
-            uptime_s: None,
-            memmap_initialized_bytes: None,
-            memmap_resident_bytes: None,
-            guest_ram_resident_bytes: None,
-            kvm_registered_bytes: None,
-            vmm_pss_bytes: None,
-            ..row("gone", Reach::Dead)
-        };
+        let dead = Row::without_figures("gone".into(), "gone".as_ref(), Reach::Dead);
         let rows = vec![row("a", Reach::Answered), row("b", Reach::Answered), dead];
         let out = ps_table(&rows, &Totals::of(&rows));
         let lines: Vec<&str> = out.lines().collect();
