@@ -143,6 +143,33 @@ fn ps_lists_every_vm_with_totals_that_are_the_sums_and_reports_dead_sockets() {
 }
 
 #[test]
+fn ps_prometheus_parses_and_matches_get_memory() {
+    let tmp = TempDir::new("ops-prom");
+    let vm = IdleVm::start(tmp.path(), "p1", &["--mem-mib", "256"]);
+    let report = memory_json(&vm.sock).unwrap();
+    let o = vmm(&["ps", "--dir", tmp.path().to_str().unwrap(), "--prometheus"]);
+    o.assert_code(0);
+    let scrape = prometheus_parse::Scrape::parse(o.stdout.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |metric: &str| {
+        let s = scrape.samples.iter().find(|s| s.metric == metric).unwrap_or_else(|| panic!("{metric}: {}", o.stdout));
+        assert_eq!(s.labels.get("id"), Some("p1"));
+        match s.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v as u64,
+            ref other => panic!("{metric}: {other:?}"),
+        }
+    };
+    assert_eq!(value("vmm_up"), 1);
+    assert_eq!(value("vmm_memory_configured_bytes"), 256 << 20);
+    let u = |p: &str| report.pointer(p).and_then(Value::as_u64).unwrap();
+    // An idle guest's memmap and KVM registration do not move.
+    assert_eq!(value("vmm_memmap_initialized_bytes"), u("/guest/memmap_bytes_initialized"));
+    assert_eq!(value("vmm_memmap_resident_bytes"), u("/host/memmap_resident_bytes"));
+    assert_eq!(value("vmm_kvm_registered_bytes"), u("/host/kvm_registered_bytes"));
+    assert_eq!(value("vmm_guest_ram_resident_bytes"), u("/host/guest_ram_resident_bytes"));
+    assert!(value("vmm_process_pss_bytes") > 0);
+}
+
+#[test]
 fn an_idle_2_gib_vm_leads_its_memory_table_with_32_kib_of_metadata() {
     let tmp = TempDir::new("ops-mem");
     let vm = IdleVm::start(tmp.path(), "idle", &["--mem-mib", "2048", "--memmap-init", "ondemand"]);

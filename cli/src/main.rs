@@ -10,6 +10,7 @@
 mod args;
 mod ctl;
 mod fleet;
+mod prometheus;
 mod ps;
 mod render;
 mod run;

@@ -14,6 +14,7 @@ Examples:
   vmm ps                          the VMs in the runtime directory
   vmm ps --sort pss               the largest VMM processes first
   vmm ps --dir /tmp/lab --json    the VMs in /tmp/lab, as JSON
+  vmm ps --prometheus             every VM's figures for Prometheus, an `id` label each
 
 A VM that does not answer within 500 ms is listed as such; a socket nobody
 listens on is listed as dead.";
@@ -31,8 +32,12 @@ pub struct PsArgs {
     #[arg(long, value_enum, default_value = "id", value_name = "COLUMN")]
     pub sort: SortColumn,
     /// Print the rows and the totals as one JSON object.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prometheus")]
     pub json: bool,
+    /// Print every VM's figures in Prometheus' text format, one `id` label
+    /// per VM (one scrape target per host).
+    #[arg(long)]
+    pub prometheus: bool,
 }
 
 /// What `--sort` orders by.
@@ -125,7 +130,9 @@ pub fn run(args: PsArgs) -> u8 {
         }
     };
     let total = Totals::of(&rows);
-    if args.json {
+    if args.prometheus {
+        print!("{}", crate::prometheus::exposition(&rows));
+    } else if args.json {
         let listing = Listing { vms: &rows, total };
         match serde_json::to_string_pretty(&listing) {
             Ok(s) => println!("{s}"),
