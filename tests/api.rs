@@ -130,7 +130,7 @@ fn full_lifecycle_serve_configure_start_memory_pause_resume_shutdown() {
     // The extension data GET / leaves out.
     let (code, status) = s.curl("GET", "/vm/status", None);
     assert_eq!(code, 200);
-    assert_eq!(status, json!({"id": info["id"], "state": "Not started", "started": false, "exit_code": null, "failure_reason": null}));
+    assert_eq!(status, json!({"id": info["id"], "state": "Not started", "started": false, "exit_code": null, "failure_reason": null, "started_at_unix_ms": null}));
 
     // Configure before start: PUT replaces (vcpu_count and mem_size_mib
     // required), PATCH changes some fields.

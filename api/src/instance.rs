@@ -125,6 +125,10 @@ pub struct InstanceStatus {
     pub exit_code: Option<i32>,
     /// What went wrong once `state` is `Failed`, else `null`.
     pub failure_reason: Option<String>,
+    /// When the VM started (`InstanceStart`, or `vmm run`'s boot), in
+    /// milliseconds since the Unix epoch; `null` before. `vmm ps` shows the
+    /// uptime from it.
+    pub started_at_unix_ms: Option<u64>,
 }
 
 impl InstanceStatus {
@@ -136,6 +140,7 @@ impl InstanceStatus {
             started: state.started(),
             exit_code: None,
             failure_reason: None,
+            started_at_unix_ms: None,
         }
     }
 }
@@ -250,7 +255,7 @@ mod tests {
             serde_json::to_value(&status).unwrap(),
             json!({
                 "id": "vm0", "state": "Failed", "started": true, "exit_code": null,
-                "failure_reason": "KVM_RUN: Bad address"
+                "failure_reason": "KVM_RUN: Bad address", "started_at_unix_ms": null
             })
         );
         assert!(!InstanceStatus::new("vm0", VmState::NotStarted).started);

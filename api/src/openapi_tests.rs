@@ -79,6 +79,7 @@ fn samples() -> Vec<Sample> {
     let mut status_full = InstanceStatus::new("vm0", VmState::Halted);
     status_full.exit_code = Some(-3);
     status_full.failure_reason = Some("reason".into());
+    status_full.started_at_unix_ms = Some(1_796_000_000_000);
     let config_full = MachineConfig {
         vcpu_count: 4,
         mem_size_mib: 513,

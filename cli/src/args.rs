@@ -5,6 +5,7 @@ use api::GuestCpl;
 use clap::{Parser, Subcommand, ValueEnum};
 use guest_abi::Strategy;
 use lab::args::{cpl_parser, strategy_parser};
+use crate::runtime_dir::{self, VmId};
 use std::path::PathBuf;
 use vmm::config::{KernelImage, SerialTarget, VmConfig};
 use vmm::script::ReportFormat;
@@ -17,14 +18,19 @@ Examples:
                                              boot, allocate 256 MiB in the guest, print the
                                              page-metadata report as JSON, shut down
   vmm run --memmap-init eager --report table compare: every struct page initialized at boot
-  vmm run --api-sock /tmp/vm.sock            boot and serve the control API (see `vmm ctl`)
+  vmm run --id web-1                         boot and serve the control API on web-1 in the
+                                             runtime directory (/run/vmm/web-1 for root)
+  vmm run --api-sock /tmp/vm.sock            serve the control API here instead (see `vmm ctl`)
+  vmm run --no-api --cmdline workload=exit   serve no control API
   vmm run --mem-mib 512 --guest-cpl 0 --cmdline workload=exit
   vmm run --serial file:/tmp/console.log --cmdline workload=exit
   vmm run --kernel ./my-vmlinux --cmdline \"console=ttyS0\"
 
 The guest runs until it shuts down (exit code 0), reports an exit code (passed
 through), or fails (exit code 1, with what happened and the guest RIP). Bad
-input exits with code 2.";
+input exits with code 2. Unless --no-api, the control API is served while the
+VM runs (on --api-sock, else on the VM's id in the runtime directory); the
+socket file is removed at exit.";
 
 /// A lightweight KVM VMM for container-style microVMs.
 #[derive(Debug, Parser)]
@@ -45,6 +51,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Talk to a running VMM's control API.
     Ctl(crate::ctl::CtlArgs),
+    /// List the running VMs (those in the runtime directory, or --dir).
+    Ps(crate::ps::PsArgs),
     /// The four memmap strategies side by side: boot time and memmap cost.
     Compare(lab::compare::CompareArgs),
     /// Density experiment: many microVMs per strategy, measured and plotted.
@@ -55,6 +63,7 @@ pub enum Command {
 
 const SERVE_EXAMPLES: &str = "\
 Examples:
+  vmm serve --id vm0 &                       serve on vm0 in the runtime directory
   vmm serve --api-sock /tmp/vm.sock &
   curl --unix-socket /tmp/vm.sock -X PUT http://localhost/machine-config -d '{\"mem_size_mib\": 512}'
   curl --unix-socket /tmp/vm.sock -X PUT http://localhost/actions -d '{\"action_type\": \"InstanceStart\"}'
@@ -63,12 +72,42 @@ Examples:
 The process ends when the guest stops, on a Shutdown action, or on SIGINT/SIGTERM;
 the socket file is removed. See docs/api.md.";
 
+/// Where a VM's control socket goes when `--api-sock` does not say, and
+/// the VM's name (`vmm run`, `vmm serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmPlace {
+    /// The VM's name (1 to 64 of A-Z a-z 0-9 _ . -): its API id, and its
+    /// socket's name in the runtime directory [default: vmm-PID].
+    #[arg(long, value_name = "NAME")]
+    pub id: Option<VmId>,
+    /// Directory of the VMs' sockets, created with mode 0700 [default:
+    /// $VMM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/vmm, else /run/vmm for root,
+    /// else $TMPDIR/vmm-UID].
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl VmPlace {
+    /// The VM's id, given or `vmm-<pid>`.
+    pub fn id(&self) -> VmId {
+        self.id.clone().unwrap_or_else(VmId::of_this_process)
+    }
+
+    /// The runtime directory, from the flag, the environment and the user.
+    pub fn runtime_dir(&self) -> PathBuf {
+        runtime_dir::resolve(&runtime_dir::Sources::of_this_process(self.runtime_dir.clone()))
+    }
+}
+
 /// Arguments of `vmm serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Path of the control socket (created with mode 0600; a stale socket is replaced).
+    /// Path of the control socket (created with mode 0600; a stale socket is
+    /// replaced) [default: the VM's id in the runtime directory].
     #[arg(long, value_name = "PATH")]
-    pub api_sock: PathBuf,
+    pub api_sock: Option<PathBuf>,
+    #[command(flatten)]
+    pub place: VmPlace,
     /// Where the guest's serial console goes: stdout, stderr, file:PATH, or none.
     #[arg(long, default_value = "stdout", value_parser = parse_serial, value_name = "TARGET")]
     pub serial: SerialTarget,
@@ -134,9 +173,15 @@ pub struct RunArgs {
     /// on stdout, then shut down. Used by `make bench`.
     #[arg(long, value_name = "PAIRS", hide = true)]
     pub bench_alloc_free: Option<u64>,
-    /// Also serve the control API on this Unix socket while the VM runs.
-    #[arg(long, value_name = "PATH")]
+    /// Serve the control API on this Unix socket while the VM runs
+    /// [default: the VM's id in the runtime directory].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
     pub api_sock: Option<PathBuf>,
+    /// Serve no control API (the VM cannot be found by `vmm ctl`).
+    #[arg(long)]
+    pub no_api: bool,
+    #[command(flatten)]
+    pub place: VmPlace,
     /// Register all guest RAM with KVM at boot, instead of 128 MiB block by
     /// block as the guest first uses it (to compare KVM's cost).
     #[arg(long)]
@@ -189,6 +234,7 @@ impl RunArgs {
     /// The VM configuration these flags describe (not yet validated).
     pub fn vm_config(&self) -> VmConfig {
         VmConfig {
+            id: self.place.id().to_string(),
             machine: api::MachineConfig {
                 vcpu_count: self.vcpus,
                 mem_size_mib: self.mem_mib,
@@ -264,6 +310,22 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_is_named_and_placed() {
+        let a = run_args(&["--id", "web-1", "--runtime-dir", "/r"]).unwrap();
+        assert_eq!(a.vm_config().id, "web-1");
+        assert_eq!(a.place.runtime_dir(), PathBuf::from("/r"));
+        assert!(!a.no_api && a.api_sock.is_none());
+        let a = run_args(&[]).unwrap();
+        assert_eq!(a.vm_config().id, format!("vmm-{}", std::process::id()));
+        assert!(run_args(&["--no-api"]).unwrap().no_api);
+        let serve = match Cli::try_parse_from(["vmm", "serve", "--id", "s1"]).unwrap().command {
+            Command::Serve(a) => a,
+            _ => unreachable!("parsed `serve`"),
+        };
+        assert_eq!((serve.place.id().as_str(), serve.api_sock), ("s1", None));
+    }
+
+    #[test]
     fn bad_flags_are_usage_errors() {
         for bad in [
             &["--serial", "tty"][..],
@@ -272,6 +334,9 @@ mod tests {
             &["--memmap-init", "lazy"],
             &["--mem-mib", "-1"],
             &["--vcpus", "300"],
+            &["--id", "a/b"],
+            &["--id", ""],
+            &["--no-api", "--api-sock", "/s"],
         ] {
             let e = run_args(bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad:?}");

@@ -3,13 +3,18 @@
 //! metadata costs.
 //!
 //! Subcommands: `run` boots a VM now, `serve` waits for the control API to
-//! configure and start one, `ctl` talks to that API, and `compare`,
+//! configure and start one, `ctl` talks to that API, `ps` lists the running
+//! VMs, and `compare`,
 //! `density` and `bench` run the lab's experiments. See `vmm --help`.
 
 mod args;
 mod ctl;
+mod fleet;
+mod prometheus;
+mod ps;
 mod render;
 mod run;
+mod runtime_dir;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -26,6 +31,7 @@ fn main() -> ExitCode {
         args::Command::Run(a) => run::run(a, timings),
         args::Command::Serve(a) => run::serve(a, timings),
         args::Command::Ctl(a) => ctl::run(a),
+        args::Command::Ps(a) => ps::run(a),
         args::Command::Compare(a) => lab::compare::run(a),
         args::Command::Density(a) => lab::density::run(a),
         args::Command::Bench(a) => lab::bench::run(a),

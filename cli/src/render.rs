@@ -11,8 +11,10 @@ use api::{
     MemoryReport, Metrics, VmExitCounts,
 };
 use serde_json::Value;
-use table::{fields, side_by_side, Field};
-use units::{bytes, kib, mib, micros, pages, spelled, text, text_or_dash, yes_no};
+use crate::fleet::{Reach, Row, Totals};
+use table::{columns, fields, long_fields, side_by_side, Field};
+use guest_abi::PAGE_SIZE;
+use units::{bytes, kib, mib, micros, pages, seconds, share, spelled, text, text_or_dash, yes_no};
 
 /// The fields of `$value`, a `$Type`, each named as in the JSON (the field's
 /// name) and shown by the unit function after it (which gets the field's
@@ -62,6 +64,7 @@ pub fn instance_status(status: &InstanceStatus) -> String {
         started: yes_no,
         exit_code: text_or_dash,
         failure_reason: text_or_dash,
+        started_at_unix_ms: text_or_dash,
     }))
 }
 
@@ -81,9 +84,100 @@ pub fn machine_config(config: &MachineConfig) -> String {
     }))
 }
 
-/// `GET /memory` for a human: the memmap strategy, the guest's view beside
-/// the host's, then the boot timings.
+/// `GET /memory` for a human: first the answer in a few lines
+/// ([`memory_summary`]), then the memmap strategy, the guest's view beside
+/// the host's, and the boot timings.
 pub fn memory_table(report: &MemoryReport) -> String {
+    let mut out = memory_summary(report);
+    out.push('\n');
+    out += &memory_details(report);
+    out
+}
+
+/// The few figures an operator asks of a report first: how much memory the
+/// memmap takes (initialized by the guest, resident on the host), as a share
+/// of the configured memory and of the memory the guest uses (allocated and
+/// reserved pages); guest RAM
+/// resident; the VMM's own PSS; KVM's share; and whether the guest's and the
+/// host's figures for the memmap agree ([`memmap_agreement`]).
+pub fn memory_summary(report: &MemoryReport) -> String {
+    let host = &report.host;
+    let guest = report.guest.as_ref().filter(|_| report.valid);
+    let configured = host.guest_ram_bytes;
+    // In use: what the guest allocated and what it reserved (kernel image,
+    // the memmap itself, boot structures).
+    let used = guest
+        .map(|g| g.pages_allocated.saturating_add(g.pages_reserved).saturating_mul(PAGE_SIZE))
+        .filter(|&used| used > 0);
+    let of = |n: u64| {
+        let mut s = format!("{} of configured", share(n, configured));
+        if let Some(used) = used {
+            s += &format!(", {} of {} in use", share(n, used), bytes(used));
+        }
+        s
+    };
+    let initialized = match guest {
+        Some(g) => format!(
+            "{}  ({})",
+            bytes(g.memmap_bytes_initialized),
+            of(g.memmap_bytes_initialized)
+        ),
+        None => "-".to_string(),
+    };
+    let list = [
+        ("metadata initialized", initialized),
+        (
+            "metadata resident",
+            format!(
+                "{}  ({})",
+                bytes(host.memmap_resident_bytes),
+                of(host.memmap_resident_bytes)
+            ),
+        ),
+        (
+            "guest RAM resident",
+            format!(
+                "{}  ({} of {} configured)",
+                bytes(host.guest_ram_resident_bytes),
+                share(host.guest_ram_resident_bytes, configured),
+                bytes(configured)
+            ),
+        ),
+        ("VMM process (PSS)", bytes(host.vmm_pss_bytes)),
+        (
+            "KVM",
+            format!(
+                "{} registered, memslots ~{}",
+                bytes(host.kvm_registered_bytes),
+                bytes(host.kvm_memslot_bytes_estimate)
+            ),
+        ),
+        ("guest and host agree", memmap_agreement(report)),
+    ];
+    format!("SUMMARY\n{}", long_fields(&list))
+}
+
+/// Whether the memmap the guest says it initialized is what the host finds
+/// resident: they agree when the initialized bytes, rounded up to whole
+/// pages, are the resident bytes.
+pub fn memmap_agreement(report: &MemoryReport) -> String {
+    let Some(guest) = report.guest.as_ref().filter(|_| report.valid) else {
+        return "unknown (no valid guest report)".to_string();
+    };
+    let initialized = guest.memmap_bytes_initialized;
+    let resident = report.host.memmap_resident_bytes;
+    let pages = initialized.div_ceil(PAGE_SIZE).saturating_mul(PAGE_SIZE);
+    let verdict = if pages == resident { "yes" } else { "no" };
+    format!(
+        "{verdict} (memmap initialized {}, resident {})",
+        bytes(initialized),
+        bytes(resident)
+    )
+}
+
+/// The memmap strategy, the guest's view beside the host's, then the boot
+/// timings.
+fn memory_details(report: &MemoryReport) -> String {
     let MemoryReport {
         valid,
         invalid_reason,
@@ -160,6 +254,56 @@ pub fn metrics(metrics: &Metrics) -> String {
         ("COUNTERS", counters),
         (&exits_title, fields(&exit_counts(vm_exits))),
     ])
+}
+
+/// The header of [`ps_table`].
+pub const PS_HEADER: [&str; 12] = [
+    "ID", "STATE", "VCPUS", "MEMORY", "STRATEGY", "UPTIME", "MEMMAP INIT", "MEMMAP RES", "RAM RES", "KVM REG",
+    "VMM PSS", "NOTE",
+];
+
+/// `vmm ps` for a human: one line per VM, then the totals.
+pub fn ps_table(rows: &[Row], totals: &Totals) -> String {
+    let mut lines: Vec<Vec<String>> = rows.iter().map(ps_line).collect();
+    lines.push(vec![
+        format!("TOTAL ({} VMs)", totals.vms),
+        format!("{} answered", totals.answered),
+        text(totals.vcpus),
+        mib(totals.mem_size_mib),
+        String::new(),
+        String::new(),
+        bytes(totals.memmap_initialized_bytes),
+        bytes(totals.memmap_resident_bytes),
+        bytes(totals.guest_ram_resident_bytes),
+        bytes(totals.kvm_registered_bytes),
+        bytes(totals.vmm_pss_bytes),
+        String::new(),
+    ]);
+    columns(&PS_HEADER, &lines)
+}
+
+/// One VM of [`ps_table`].
+fn ps_line(row: &Row) -> Vec<String> {
+    let note = match row.reach {
+        Reach::Answered => String::new(),
+        Reach::NoAnswer => "no answer".to_string(),
+        Reach::Dead => "dead socket".to_string(),
+        Reach::Failed => row.error.clone().unwrap_or_default(),
+    };
+    vec![
+        row.id.clone(),
+        text_or_dash(row.state.as_deref()),
+        text_or_dash(row.vcpus),
+        row.mem_size_mib.map_or_else(|| "-".to_string(), mib),
+        row.strategy.map_or_else(|| "-".to_string(), spelled),
+        row.uptime_s.map_or_else(|| "-".to_string(), seconds),
+        bytes(row.memmap_initialized_bytes),
+        bytes(row.memmap_resident_bytes),
+        bytes(row.guest_ram_resident_bytes),
+        bytes(row.kvm_registered_bytes),
+        bytes(row.vmm_pss_bytes),
+        note,
+    ]
 }
 
 /// The guest's stats block: page counts with the memory they make, sizes,
@@ -321,9 +465,10 @@ vmm_version  0.1.0
         let mut status = InstanceStatus::new("vm1", VmState::Failed);
         status.failure_reason = Some("KVM_RUN: Bad address".into());
         let out = instance_status(&status);
-        assert!(out.contains("started         yes\n"), "{out}");
-        assert!(out.contains("exit_code       -\n"), "{out}");
-        assert!(out.contains("failure_reason  KVM_RUN: Bad address\n"), "{out}");
+        assert!(out.contains("started             yes\n"), "{out}");
+        assert!(out.contains("exit_code           -\n"), "{out}");
+        assert!(out.contains("failure_reason      KVM_RUN: Bad address\n"), "{out}");
+        assert!(out.contains("started_at_unix_ms  -\n"), "{out}");
     }
 
     #[test]
@@ -358,10 +503,59 @@ memmap_on_memory   yes
         assert!(out.contains("guest_cpl          auto\n"), "{out}");
     }
 
+    /// The summary that opens `EXAMPLE_MEMORY`'s table.
+    const EXAMPLE_SUMMARY: &str = "\
+SUMMARY
+metadata initialized  2 MiB  (0.098% of configured, 18.5% of 10.8 MiB in use)
+metadata resident     2 MiB  (0.098% of configured, 18.5% of 10.8 MiB in use)
+guest RAM resident    40 MiB  (2.0% of 2 GiB configured)
+VMM process (PSS)     5 MiB
+KVM                   128 MiB registered, memslots ~4 MiB
+guest and host agree  yes (memmap initialized 2 MiB, resident 2 MiB)
+";
+
     #[test]
     fn human_memory_puts_guest_beside_host_then_timings() {
-        let out = memory_table(&MemoryReport::example());
-        assert_eq!(out, EXAMPLE_MEMORY, "\n{out}");
+        let report = MemoryReport::example();
+        assert_eq!(memory_details(&report), EXAMPLE_MEMORY, "\n{}", memory_details(&report));
+        assert_eq!(memory_summary(&report), EXAMPLE_SUMMARY, "\n{}", memory_summary(&report));
+        assert_eq!(
+            memory_table(&report),
+            format!("{EXAMPLE_SUMMARY}\n{EXAMPLE_MEMORY}")
+        );
+    }
+
+    #[test]
+    fn the_summary_leads_with_an_idle_vms_metadata_in_kib() {
+        let mut report = MemoryReport::example();
+        let guest = report.guest.as_mut().unwrap();
+        guest.memmap_bytes_initialized = 32 << 10;
+        report.host.memmap_resident_bytes = 32 << 10;
+        let out = memory_table(&report);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "SUMMARY");
+        assert!(lines[1].starts_with("metadata initialized  32 KiB  (0.0015% of configured"), "{out}");
+        assert!(lines[2].starts_with("metadata resident     32 KiB  (0.0015% of configured"), "{out}");
+
+        // Host pages that the guest never said it initialized.
+        report.host.memmap_resident_bytes = 64 << 10;
+        assert!(memmap_agreement(&report).starts_with("no (memmap initialized 32 KiB, resident 64 KiB)"));
+        // A part page is resident as a whole page.
+        report.host.memmap_resident_bytes = 4096;
+        report.guest.as_mut().unwrap().memmap_bytes_initialized = 100;
+        assert!(memmap_agreement(&report).starts_with("yes"));
+    }
+
+    #[test]
+    fn the_summary_of_an_invalid_report_gives_the_host_figures() {
+        let mut report = MemoryReport::example();
+        report.valid = false;
+        report.host.vmm_pss_bytes = None;
+        let out = memory_summary(&report);
+        assert!(out.contains("metadata initialized  -\n"), "{out}");
+        assert!(out.contains("metadata resident     2 MiB  (0.098% of configured)\n"), "{out}");
+        assert!(out.contains("VMM process (PSS)     -\n"), "{out}");
+        assert!(out.contains("guest and host agree  unknown (no valid guest report)\n"), "{out}");
     }
 
     #[test]
@@ -374,7 +568,7 @@ memmap_on_memory   yes
         report.host.vmm_pss_bytes = None;
         report.timings = BootTimings::default();
         report.timings.process_start = Some(0.0);
-        let out = memory_table(&report);
+        let out = memory_details(&report);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "memmap strategy: -");
         assert!(
@@ -402,7 +596,7 @@ memmap_on_memory   yes
         let mut report = MemoryReport::example();
         report.valid = false;
         report.invalid_reason = None;
-        let out = memory_table(&report);
+        let out = memory_details(&report);
         assert!(out.contains("not available: no valid report"), "{out}");
         assert!(!out.contains("pages_total"), "{out}");
     }
@@ -428,6 +622,37 @@ memmap_on_memory   yes
     }
 
     #[test]
+    fn ps_lists_each_vm_then_the_totals() {
+        let row = |id: &str, reach: Reach| Row {
+            id: id.into(),
+            socket: id.into(),
+            reach,
+            state: Some("Running".into()),
+            vcpus: Some(1),
+            mem_size_mib: Some(256),
+            strategy: Some(Strategy::OnDemand),
+            uptime_s: Some(3725),
+            memmap_initialized_bytes: Some(32 << 10),
+            memmap_resident_bytes: Some(32 << 10),
+            guest_ram_resident_bytes: Some(200 << 10),
+            kvm_registered_bytes: Some(128 << 20),
+            vmm_pss_bytes: Some(1536 << 10),
+            error: None,
+        };
+        let dead = Row::without_figures("gone".into(), "gone".as_ref(), Reach::Dead);
+        let rows = vec![row("a", Reach::Answered), row("b", Reach::Answered), dead];
+        let out = ps_table(&rows, &Totals::of(&rows));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5, "{out}");
+        assert!(lines[0].starts_with("ID "), "{out}");
+        assert!(lines[1].contains(" 256 MiB ") && lines[1].contains(" ondemand ") && lines[1].contains(" 1h02m "), "{out}");
+        assert!(lines[1].contains(" 32 KiB "), "{out}");
+        assert!(lines[3].starts_with("gone ") && lines[3].ends_with("dead socket"), "{out}");
+        assert!(lines[4].starts_with("TOTAL (3 VMs)  2 answered"), "{out}");
+        assert!(lines[4].contains(" 64 KiB ") && lines[4].contains(" 3 MiB"), "{out}");
+    }
+
+    #[test]
     fn human_workload_shows_its_state_then_the_report() {
         let status = GuestMemoryStatus {
             target_mib: 512,
@@ -437,7 +662,7 @@ memmap_on_memory   yes
         };
         let out = guest_memory_status(&status);
         let head = "target_mib  512 MiB\nheld_bytes  512 MiB\nstatus      Ok\n\n";
-        assert_eq!(out, format!("{head}{EXAMPLE_MEMORY}"));
+        assert_eq!(out, format!("{head}{EXAMPLE_SUMMARY}\n{EXAMPLE_MEMORY}"));
 
         let idle = GuestMemoryStatus {
             target_mib: 0,

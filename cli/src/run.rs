@@ -7,9 +7,9 @@
 //! exception, KVM error, unhandled exit) or the VMM hit a host error, and 2
 //! for bad input (flags, kernel file, `/dev/kvm` access).
 
-use crate::args::{RunArgs, ServeArgs};
+use crate::args::{RunArgs, ServeArgs, VmPlace};
 use api::ErrorChain;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vmm::api_server::ApiServer;
 use vmm::builder::BuildError;
@@ -27,6 +27,21 @@ fn start_api(path: &Path, ctl: &Controller) -> Result<ApiServer, u8> {
     })?;
     eprintln!("vmm: serving the control API on {}", server.path().display());
     Ok(server)
+}
+
+/// The socket to serve on: `--api-sock`, else the VM's id in the runtime
+/// directory (made if missing).
+fn socket_path(api_sock: Option<&Path>, place: &VmPlace) -> Result<PathBuf, u8> {
+    if let Some(path) = api_sock {
+        return Ok(path.to_path_buf());
+    }
+    let dir = place.runtime_dir();
+    crate::runtime_dir::create(&dir).map_err(|e| {
+        eprintln!("vmm: error: {}", ErrorChain(&e));
+        eprintln!("vmm: hint: pass --runtime-dir DIR, --api-sock PATH or --no-api");
+        2
+    })?;
+    Ok(crate::runtime_dir::socket_path(&dir, &place.id()))
 }
 
 /// What to tell a user who got `e`, beyond the error itself.
@@ -55,9 +70,13 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
         then_target_mib: args.then_target_mib,
         bench_alloc_free: args.bench_alloc_free,
     });
-    let server = match args.api_sock.as_deref().map(|p| start_api(p, &ctl)).transpose() {
-        Ok(s) => s,
-        Err(code) => return code,
+    let server = if args.no_api {
+        None
+    } else {
+        match socket_path(args.api_sock.as_deref(), &args.place).and_then(|p| start_api(&p, &ctl)) {
+            Ok(s) => Some(s),
+            Err(code) => return code,
+        }
     };
     if let Err(e) = ctl.start() {
         eprintln!("vmm: error: {}", ErrorChain(&e));
@@ -85,9 +104,13 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
 
 /// `vmm serve`: serves the API with no VM until it is configured and started.
 pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
-    let config = VmConfig { serial: args.serial.clone(), ..VmConfig::default() };
+    let config = VmConfig {
+        id: args.place.id().to_string(),
+        serial: args.serial.clone(),
+        ..VmConfig::default()
+    };
     let mut ctl = Controller::new(config, timings);
-    let server = match start_api(&args.api_sock, &ctl) {
+    let server = match socket_path(args.api_sock.as_deref(), &args.place).and_then(|p| start_api(&p, &ctl)) {
         Ok(s) => s,
         Err(code) => return code,
     };

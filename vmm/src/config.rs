@@ -29,6 +29,9 @@ pub enum SerialTarget {
 /// Everything needed to build a VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmConfig {
+    /// The VM's id, as `GET /` and `GET /vm/status` answer it and the log
+    /// names it (`vmm-<pid>` unless the caller names the VM).
+    pub id: String,
     /// vCPUs, memory, memmap strategy and chunk, CPL, huge pages.
     pub machine: api::MachineConfig,
     pub kernel: KernelImage,
@@ -49,6 +52,7 @@ pub struct VmConfig {
 impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
+            id: format!("vmm-{}", std::process::id()),
             machine: api::MachineConfig::default(),
             kernel: KernelImage::Embedded,
             cmdline: String::new(),

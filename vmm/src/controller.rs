@@ -81,6 +81,8 @@ struct Pending {
 /// The VMM thread's state.
 pub struct Controller {
     id: String,
+    /// When `start` succeeded, in ms since the Unix epoch.
+    started_at_unix_ms: Option<u64>,
     config: VmConfig,
     vm: Option<Vm>,
     state: VmState,
@@ -118,7 +120,8 @@ impl Controller {
     pub fn new(config: VmConfig, timings: Arc<Timings>) -> Controller {
         let (tx, rx) = std::sync::mpsc::channel();
         Controller {
-            id: format!("vmm-{}", std::process::id()),
+            id: config.id.clone(),
+            started_at_unix_ms: None,
             config,
             vm: None,
             state: VmState::NotStarted,
@@ -173,6 +176,10 @@ impl Controller {
         vm.start().map_err(StartError::Thread)?;
         self.vm = Some(vm);
         self.state = VmState::Running;
+        self.started_at_unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_millis()).ok());
         let m = &self.config.machine;
         let (vcpus, mib) = (m.vcpu_count, m.mem_size_mib);
         log!(self, LogLevel::Info, "VM started: {vcpus} vCPUs, {mib} MiB");
@@ -404,6 +411,7 @@ impl Controller {
             ApiRequest::GetVmStatus => Ok(ApiResponse::InstanceStatus(api::InstanceStatus {
                 exit_code: self.exit_code,
                 failure_reason: self.failure.clone(),
+                started_at_unix_ms: self.started_at_unix_ms,
                 ..api::InstanceStatus::new(self.id.clone(), self.state)
             })),
             ApiRequest::GetVersion => {

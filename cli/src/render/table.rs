@@ -26,6 +26,22 @@ pub fn fields(list: &[Field]) -> String {
     finish(table, FIELD_GAP)
 }
 
+/// `name  value` lines like [`fields`], each value on one line however long
+/// (for a few lines read first, such as a summary).
+pub fn long_fields(list: &[Field]) -> String {
+    let mut table = borderless();
+    table.add_rows(list.iter().map(|(name, value)| [*name, value.as_str()]));
+    finish(table, FIELD_GAP)
+}
+
+/// A header line, then one line per row, each value in its column.
+pub fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut table = borderless();
+    table.set_header(header.iter().copied());
+    table.add_rows(rows.iter().map(|row| row.iter().map(String::as_str)));
+    finish(table, FIELD_GAP)
+}
+
 /// Each `(title, text)` block under its title, the blocks side by side.
 pub fn side_by_side(blocks: &[(&str, String)]) -> String {
     let mut table = borderless();

@@ -44,6 +44,32 @@ pub fn micros(us: impl Into<Option<f64>>) -> String {
     })
 }
 
+/// `part` as a share of `whole`: "1.6%", "0.05%", "0.0015%"; `-` when
+/// `whole` is 0. Small shares keep two significant digits, so that an idle
+/// VM's metadata does not read as "0.0%".
+pub fn share(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "-".to_string();
+    }
+    let p = part as f64 * 100.0 / whole as f64;
+    if p == 0.0 || p >= 1.0 {
+        return format!("{p:.1}%");
+    }
+    // Decimals enough for two significant digits.
+    let decimals = (1.0 - p.log10().floor()).clamp(1.0, 12.0) as usize;
+    format!("{p:.decimals$}%")
+}
+
+/// A duration in whole seconds: "45s", "12m05s", "3h07m", "2d04h".
+pub fn seconds(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
 /// "yes" or "no".
 pub fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_string()
@@ -126,6 +152,28 @@ mod tests {
         assert_eq!(mib(u64::MAX), "16.0 EiB");
         assert_eq!(pages(524_288), "524288 (2 GiB)");
         assert_eq!(pages(8), "8 (32 KiB)");
+    }
+
+    #[test]
+    fn shares_keep_two_significant_digits() {
+        assert_eq!(share(1, 2), "50.0%");
+        assert_eq!(share(3, 3), "100.0%");
+        assert_eq!(share(0, 3), "0.0%");
+        assert_eq!(share(1, 0), "-");
+        assert_eq!(share(5, 1000), "0.50%");
+        // An idle 2 GiB VM's 32 KiB of memmap.
+        assert_eq!(share(32 << 10, 2 << 30), "0.0015%");
+        assert_eq!(share(u64::MAX, u64::MAX), "100.0%");
+    }
+
+    #[test]
+    fn uptimes_in_two_units() {
+        assert_eq!(seconds(0), "0s");
+        assert_eq!(seconds(59), "59s");
+        assert_eq!(seconds(725), "12m05s");
+        assert_eq!(seconds(3725), "1h02m");
+        assert_eq!(seconds(86400 * 2 + 3600 * 4), "2d04h");
+        assert!(seconds(u64::MAX).ends_with('h'));
     }
 
     #[test]
