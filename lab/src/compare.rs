@@ -79,7 +79,7 @@ fn boot(args: &CompareArgs, strategy: &str, alloc: Option<u64>) -> Result<Value,
     let exe = std::env::current_exe().map_err(CompareError::Exe)?;
     let vcpus = if matches!(strategy, "parallel" | "deferred") { args.smp_vcpus } else { 1 };
     let mut cmd = Command::new(exe);
-    cmd.args(["run", "--serial", "none", "--report", "json", "--memmap-init", strategy]);
+    cmd.args(["run", "--serial", "none", "--no-api", "--report", "json", "--memmap-init", strategy]);
     cmd.args(["--mem-mib", &args.mem_mib.to_string(), "--vcpus", &vcpus.to_string()]);
     if let Some(a) = alloc {
         cmd.args(["--alloc-mib", &a.to_string()]);

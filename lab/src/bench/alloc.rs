@@ -85,7 +85,7 @@ pub struct NamedRatio {
 
 /// `vmm run` arguments of one measurement.
 fn run_args(strategy: &str, mem: u64, alloc: Option<u64>, pairs: u64) -> Vec<String> {
-    let mut a = strings(&["run", "--mem-mib", &mem.to_string(), "--serial", "none", "--memmap-init", strategy]);
+    let mut a = strings(&["run", "--mem-mib", &mem.to_string(), "--serial", "none", "--no-api", "--memmap-init", strategy]);
     if let Some(m) = alloc {
         // --report json keeps the (otherwise printed) table off stdout.
         a.extend(strings(&["--alloc-mib", &m.to_string(), "--report", "json"]));
@@ -232,7 +232,7 @@ mod tests {
     fn measurements_report_as_json_after_the_allocation() {
         assert_eq!(
             run_args("ondemand", 256, Some(240), 5),
-            strings(&["run", "--mem-mib", "256", "--serial", "none", "--memmap-init", "ondemand", "--alloc-mib", "240",
+            strings(&["run", "--mem-mib", "256", "--serial", "none", "--no-api", "--memmap-init", "ondemand", "--alloc-mib", "240",
                       "--report", "json", "--bench-alloc-free", "5"])
         );
         assert_eq!(run_args("eager", 2048, None, 1).last().map(String::as_str), Some("1"));

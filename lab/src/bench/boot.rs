@@ -106,14 +106,14 @@ pub fn measure(b: &Bench) -> BootResults {
     let mut variants: Vec<(BootVariant, Vec<String>)> = Vec::new();
     for (strategy, vcpus) in [("eager", 1u8), ("parallel", 2), ("deferred", 1), ("ondemand", 1)] {
         let args = strings(&[
-            "run", "--mem-mib", &mem, "--vcpus", &vcpus.to_string(), "--serial", "none",
+            "run", "--mem-mib", &mem, "--vcpus", &vcpus.to_string(), "--serial", "none", "--no-api",
             "--memmap-init", strategy, "--cmdline", "workload=exit", "--report", "json",
         ]);
         variants.push((BootVariant::new(strategy, strategy, vcpus, cmdline(&args)), args));
     }
     // The figure the project tracks (target < 10 ms exec → exit).
     let args = strings(&[
-        "run", "--mem-mib", "2048", "--guest-cpl", "3", "--serial", "none", "--cmdline", "workload=exit",
+        "run", "--mem-mib", "2048", "--guest-cpl", "3", "--serial", "none", "--no-api", "--cmdline", "workload=exit",
         "--report", "json",
     ]);
     variants.push((BootVariant::new("tracked-cpl3-exit", "ondemand", 1, cmdline(&args)), args));

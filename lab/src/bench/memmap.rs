@@ -142,13 +142,13 @@ pub fn measure(b: &Bench) -> MemmapResults {
         strings(&["run", "--mem-mib", &mem, "--vcpus", vcpus, "--serial", "none", "--memmap-init", strategy])
     };
     let mut eager = base("eager", "1");
-    eager.extend(strings(&["--report", "json"]));
+    eager.extend(strings(&["--no-api", "--report", "json"]));
     let mut parallel = base("parallel", "2");
-    parallel.extend(strings(&["--report", "json"]));
+    parallel.extend(strings(&["--no-api", "--report", "json"]));
     let mut deferred = base("deferred", "1");
     deferred.extend(strings(&["--api-sock", &sock.display().to_string()]));
     let mut ondemand = base("ondemand", "1");
-    ondemand.extend(strings(&["--alloc-mib", "512", "--report", "json"]));
+    ondemand.extend(strings(&["--no-api", "--alloc-mib", "512", "--report", "json"]));
     let mut variants: Vec<(MemmapVariant, Vec<String>)> = [
         ("eager", "all struct pages before ready, 1 vCPU", eager),
         ("parallel", "all struct pages before ready, 2 vCPUs (cycles summed over both)", parallel),
