@@ -4,41 +4,29 @@
 
 mod common;
 
-use common::{vmm, vmm_path, TempDir};
+use common::{vmm, vmm_path, wait_for, Served, TempDir};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 const MIB: u64 = 1 << 20;
 
-/// A VMM process serving the API; killed (and checked) on drop.
-struct Server {
-    child: Child,
-    sock: PathBuf,
-    _dir: TempDir,
+/// A VMM process serving the API ([`common::Served`]).
+struct Server(Served);
+
+impl std::ops::Deref for Server {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.0
+    }
 }
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        let dir = TempDir::new("api");
-        let sock = dir.path().join("vmm.sock");
-        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        a.push("--api-sock".into());
-        a.push(sock.display().to_string());
-        let child = Command::new(vmm_path())
-            .args(&a)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let s = Server { child, sock, _dir: dir };
-        wait_for(|| UnixStream::connect(&s.sock).is_ok(), "the API socket");
-        s
+        Server(Served::start("api", "vmm.sock", args))
     }
 
     fn serve() -> Server {
@@ -49,31 +37,8 @@ impl Server {
         curl(&self.sock, method, path, body)
     }
 
-    /// Waits for the process to exit; returns its exit code.
     fn wait(mut self) -> i32 {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "vmm did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
+        self.0.wait()
     }
 }
 

@@ -10,61 +10,37 @@
 
 mod common;
 
-use common::{embedded_kernel_path, vmm_path, TempDir};
+use common::{embedded_kernel_path, wait_for, Served};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-/// A `vmm serve` process; killed on drop.
-struct Vmm {
-    child: Child,
-    sock: PathBuf,
-    dir: TempDir,
+/// A `vmm serve` process ([`common::Served`]).
+struct Vmm(Served);
+
+impl std::ops::Deref for Vmm {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.0
+    }
 }
 
 impl Vmm {
     fn serve() -> Vmm {
-        let dir = TempDir::new("fc");
-        let sock = dir.path().join("firecracker.socket");
-        let child = Command::new(vmm_path())
-            .args(["serve", "--serial", "none", "--api-sock"])
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let v = Vmm { child, sock, dir };
-        wait_for(|| UnixStream::connect(&v.sock).is_ok(), "the API socket");
-        v
+        Vmm(Served::start("fc", "firecracker.socket", &["serve", "--serial", "none"]))
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
         request(&self.sock, method, path, body.map(|b| b.to_string()).as_deref())
     }
 
-    /// Waits for the process to exit; returns its exit code.
     fn wait(&mut self) -> i32 {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "vmm did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.wait()
     }
 }
 
@@ -130,13 +106,6 @@ fn keys(v: &Value) -> Vec<&str> {
     k
 }
 
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 fn mkfifo(path: &Path) {
     let st = Command::new("mkfifo").arg(path).status().expect("mkfifo is needed for these tests");

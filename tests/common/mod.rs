@@ -4,8 +4,8 @@
 
 use std::fmt;
 use std::io::Read;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// No test VM should live longer than this; a hang fails the test instead of CI.
@@ -98,5 +98,61 @@ impl TempDir {
 
     pub fn path(&self) -> &Path {
         self.0.path()
+    }
+}
+
+/// A `vmm` process serving the API on a socket in its own scratch directory
+/// (`--api-sock DIR/SOCK_NAME` is added to its arguments); killed on drop.
+pub struct Served {
+    pub child: Child,
+    pub sock: PathBuf,
+    pub dir: TempDir,
+}
+
+impl Served {
+    /// Starts `vmm ARGS --api-sock ...` and waits until the socket answers.
+    pub fn start(tag: &str, sock_name: &str, args: &[&str]) -> Served {
+        let dir = TempDir::new(tag);
+        let sock = dir.path().join(sock_name);
+        let child = Command::new(vmm_path())
+            .args(args)
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start vmm");
+        let s = Served { child, sock, dir };
+        wait_for(|| std::os::unix::net::UnixStream::connect(&s.sock).is_ok(), "the API socket");
+        s
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait(&mut self) -> i32 {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "vmm did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` until it holds; fails the test after 30 s.
+pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }

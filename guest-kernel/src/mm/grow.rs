@@ -445,42 +445,6 @@ mod tests {
     }
 
     #[test]
-    fn every_page_handed_out_and_every_memmap_write_was_onlined_first() {
-        use std::sync::Mutex;
-        static ONLINED: Mutex<Vec<PhysRange>> = Mutex::new(Vec::new());
-        fn hook(r: PhysRange) {
-            ONLINED.lock().unwrap().push(r);
-        }
-        let covered = |a: u64, len: u64| {
-            ONLINED
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|r| r.start.0 <= a && a + len <= r.end.0)
-        };
-        let ram = [PhysRange::from_len(0, 256 * MIB)];
-        let res = [PhysRange::from_len(0, 2 * MIB)];
-        let rig = GrowRig::new(cfg(Strategy::OnDemand), &ram, &res);
-        rig.state.set_online_hook(hook);
-        rig.grower().open(false);
-        for _ in 0..300 {
-            let pfn = rig.grower().alloc_slow(3).unwrap();
-            assert!(
-                covered(pfn.0 * 4096, 8 * 4096),
-                "{pfn:?} handed out before it was onlined"
-            );
-        }
-        let m = &rig.mm;
-        for c in 0..m.totals().chunks_total {
-            if m.chunk_initialized(c) {
-                let r = m.chunk_memmap(c);
-                assert!(covered(r.start.0, r.len()), "chunk {c} memmap");
-            }
-        }
-        assert!(rig.state.counters().chunks_initialized > 1);
-    }
-
-    #[test]
     fn ondemand_initializes_about_what_it_hands_out() {
         // Chunks are wholly allocatable or wholly reserved here, so the bound
         // is exact: X/64 + one chunk of memmap after allocating X bytes.
