@@ -17,9 +17,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest line written, newline included: `PIPE_BUF`, the most a FIFO
 /// takes atomically. Longer messages are cut.
-pub(super) const MAX_LINE_BYTES: usize = 4096;
+pub const MAX_LINE_BYTES: usize = 4096;
 /// Most bytes written to one file; later lines are dropped.
-pub(super) const MAX_OUTPUT_BYTES: u64 = 16 << 20;
+pub const MAX_OUTPUT_BYTES: u64 = 16 << 20;
 
 /// Why a log or metrics path cannot be used.
 #[derive(Debug, thiserror::Error)]
