@@ -386,14 +386,17 @@ impl Controller {
     /// The memory report of the VM, if it was started.
     pub fn report(&self) -> Option<api::MemoryReport> {
         let vm = self.vm.as_ref()?;
+        // Timings first, then the stats address (see `ReportContext::timings`).
+        let timings = self.timings.report();
+        let stats_gpa = vm.devices.stats_gpa();
         Some(report::memory_report(&ReportContext {
             mem: &vm.mem,
-            stats_gpa: vm.devices.stats_gpa(),
+            stats_gpa,
             vcpus: vm.config.machine.vcpu_count,
             tsc_khz: vm.tsc_khz,
             workload_bytes: self.workload_bytes,
             registered_bytes: vm.devices.registered_bytes(),
-            timings: &self.timings,
+            timings,
         }))
     }
 

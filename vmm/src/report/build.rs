@@ -17,7 +17,10 @@ pub struct ReportContext<'a> {
     pub workload_bytes: u64,
     /// Guest RAM registered with KVM so far.
     pub registered_bytes: u64,
-    pub timings: &'a crate::timings::Timings,
+    /// The boot timings, taken *before* `stats_gpa`: the guest announces
+    /// its stats block before its first phase, so a report whose timings
+    /// show a phase always finds the block too.
+    pub timings: api::BootTimings,
 }
 
 fn cycles_to_us(cycles: u64, khz: Option<u32>) -> Option<f64> {
@@ -41,7 +44,7 @@ pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
         kvm_memslot_bytes_estimate: kvm_memslot_estimate(registered),
         kvm_estimate_note: KVM_ESTIMATE_NOTE.to_string(),
     };
-    let mut timings = ctx.timings.report();
+    let mut timings = ctx.timings.clone();
     let snapshot = ctx
         .stats_gpa
         .ok_or(GuestReportError::NotAnnounced)
