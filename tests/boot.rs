@@ -211,6 +211,6 @@ fn a_kernel_linked_above_the_first_memory_block_boots() {
     let path = dir.path().join("high.elf");
     std::fs::write(&path, elf_at(200 << 20, &code)).unwrap();
     let o = vmm(&["run", "--mem-mib", "512", "--guest-cpl", "0", "--serial", "none", "--kernel", path.to_str().unwrap()]);
-    o.assert_code(7);
+    o.assert_code(71);
     assert!(o.stderr.contains("guest exited with code 7"), "{o}");
 }

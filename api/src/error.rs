@@ -104,6 +104,14 @@ pub enum ApiError {
     /// stopping): 409.
     #[error("the guest cannot take the command")]
     GuestBusy(#[source] BoxError),
+    /// The guest did not finish the command in time: 504. The command is
+    /// cancelled, so the next one can be sent.
+    #[error("the guest did not finish the command within {} s", .0.as_secs_f64())]
+    GuestTimeout(std::time::Duration),
+    /// The vCPUs could not be stopped for a pause in time; the VM keeps
+    /// running: 500.
+    #[error("cannot pause the VM")]
+    PauseFailed(#[source] BoxError),
     /// The body is larger than [`MAX_BODY_BYTES`].
     #[error("request body is {0} bytes; at most {MAX_BODY_BYTES} are accepted")]
     PayloadTooLarge(usize),
@@ -135,7 +143,8 @@ impl ApiError {
             ApiError::Route(e) => e.status(),
             ApiError::InvalidState { .. } | ApiError::GuestBusy(_) => 409,
             ApiError::PayloadTooLarge(_) => 413,
-            ApiError::StartFailed(_) | ApiError::NoAnswer | ApiError::Encode(_) => 500,
+            ApiError::StartFailed(_) | ApiError::PauseFailed(_) | ApiError::NoAnswer | ApiError::Encode(_) => 500,
+            ApiError::GuestTimeout(_) => 504,
         }
     }
 

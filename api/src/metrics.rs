@@ -17,6 +17,13 @@ pub struct Metrics {
     pub guest_commands: u64,
     /// Bytes the guest wrote to its serial port.
     pub serial_bytes: u64,
+    /// Console bytes dropped: the VMM's console buffer was full (the host
+    /// did not take them fast enough), the console file reached its cap
+    /// (`--serial-max-bytes`), or writing failed.
+    pub serial_bytes_dropped: u64,
+    /// Lines the VMM could not write to its stdout or stderr (closed,
+    /// failing, or full for too long).
+    pub stdio_lines_dropped: u64,
     /// Log lines not written to the `PUT /logger` file (it was full, or
     /// the VMM's cap on log bytes was reached).
     pub log_lines_dropped: u64,

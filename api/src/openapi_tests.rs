@@ -157,6 +157,8 @@ fn samples() -> Vec<Sample> {
         api_errors: 11,
         guest_commands: 12,
         serial_bytes: 13,
+        serial_bytes_dropped: 16,
+        stdio_lines_dropped: 17,
         log_lines_dropped: 14,
         metrics_lines_dropped: 15,
     };

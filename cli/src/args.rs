@@ -26,9 +26,15 @@ Examples:
   vmm run --serial file:/tmp/console.log --cmdline workload=exit
   vmm run --kernel ./my-vmlinux --cmdline \"console=ttyS0\"
 
-The guest runs until it shuts down (exit code 0), reports an exit code (passed
-through), or fails (exit code 1, with what happened and the guest RIP). Bad
-input exits with code 2. Unless --no-api, the control API is served while the
+Exit codes (the VMM's own are reserved; see docs/security.md):
+  0       the VM shut down cleanly (guest exit 0, reset, Shutdown, SIGTERM)
+  1       the VM failed (triple fault, guest exception, KVM error) or a host error
+  2       bad input (flags, kernel file, /dev/kvm access)
+  3       the guest did not get ready or answer within --guest-timeout
+  64-127  the guest exited with code C != 0: 64 + (C & 63); the full code is
+          printed on stdout as `vmm: guest exit code C` and is GET /vm/status's exit_code
+
+Unless --no-api, the control API is served while the
 VM runs (on --api-sock, else on the VM's id in the runtime directory); the
 socket file is removed at exit.";
 
@@ -111,6 +117,35 @@ pub struct ServeArgs {
     /// Where the guest's serial console goes: stdout, stderr, file:PATH, or none.
     #[arg(long, default_value = "stdout", value_parser = parse_serial, value_name = "TARGET")]
     pub serial: SerialTarget,
+    #[command(flatten)]
+    pub guest: GuestLimits,
+}
+
+/// Limits on what the guest can make the VMM do (`vmm run`, `vmm serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GuestLimits {
+    /// Most bytes of console output written to a --serial file:PATH; the
+    /// rest is dropped and counted (serial_bytes_dropped in GET /metrics).
+    #[arg(long, default_value_t = vmm::config::DEFAULT_SERIAL_MAX_BYTES, value_name = "BYTES")]
+    pub serial_max_bytes: u64,
+    /// Seconds the VMM waits for the guest to get ready (when something
+    /// waits for it) and to finish each command; then a command is
+    /// cancelled (504 to the API) and `run`'s script stops the VM (exit code 3).
+    #[arg(long, default_value = "60", value_parser = parse_timeout, value_name = "SECS")]
+    pub guest_timeout: std::time::Duration,
+}
+
+/// A `--guest-timeout` that is not a number of seconds in 0.001 ..= 86400.
+#[derive(Debug, thiserror::Error)]
+#[error("expected seconds between 0.001 and 86400, not {0:?}")]
+pub struct TimeoutArgError(String);
+
+/// Parses `--guest-timeout` (seconds, fractions allowed).
+pub fn parse_timeout(s: &str) -> Result<std::time::Duration, TimeoutArgError> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.001..=86_400.0).contains(&secs) => Ok(std::time::Duration::from_secs_f64(secs)),
+        _ => Err(TimeoutArgError(s.to_string())),
+    }
 }
 
 /// `--report` formats.
@@ -144,6 +179,8 @@ pub struct RunArgs {
     /// none [default: stdout; stderr with --report json].
     #[arg(long, value_parser = parse_serial, value_name = "TARGET")]
     pub serial: Option<SerialTarget>,
+    #[command(flatten)]
+    pub guest: GuestLimits,
     /// How the guest initializes its page metadata.
     #[arg(long, value_parser = strategy_parser(), default_value = "ondemand")]
     pub memmap_init: Strategy,
@@ -248,6 +285,8 @@ impl RunArgs {
             kernel: self.kernel.clone().map_or(KernelImage::Embedded, KernelImage::File),
             cmdline: self.cmdline.clone(),
             serial: self.serial_target(),
+            serial_max_bytes: self.guest.serial_max_bytes,
+            guest_timeout: self.guest.guest_timeout,
             kvm_path: vmm::host::kvm_device_path(),
             legacy_only: self.legacy_only,
             register_all_memory: self.register_all_memory,
@@ -307,6 +346,9 @@ mod tests {
         assert!(m.memmap_on_memory && m.huge_pages.is_enabled());
         assert_eq!(run_args(&["--guest-cpl", "0"]).unwrap().vm_config().machine.guest_cpl, GuestCpl::Ring0);
         assert_eq!(c.boot_source().boot_args.as_deref(), Some("workload=exit"));
+        assert_eq!((c.serial_max_bytes, c.guest_timeout), (16 << 20, std::time::Duration::from_secs(60)));
+        let c = run_args(&["--serial-max-bytes", "4096", "--guest-timeout", "1.5"]).unwrap().vm_config();
+        assert_eq!((c.serial_max_bytes, c.guest_timeout), (4096, std::time::Duration::from_millis(1500)));
     }
 
     #[test]
@@ -337,6 +379,9 @@ mod tests {
             &["--id", "a/b"],
             &["--id", ""],
             &["--no-api", "--api-sock", "/s"],
+            &["--guest-timeout", "0"],
+            &["--guest-timeout", "soon"],
+            &["--serial-max-bytes", "-1"],
         ] {
             let e = run_args(bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad:?}");

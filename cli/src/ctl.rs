@@ -201,12 +201,12 @@ pub fn run(args: CtlArgs) -> u8 {
     let sock = &args.api_sock;
     match Client::new().and_then(|client| answer(&client, sock, args.cmd, args.human)) {
         Ok(out) => {
-            print!("{out}");
+            crate::stdio::print(&out);
             0
         }
         Err(e) => {
             let (code, message) = failure(&e, sock);
-            eprintln!("vmm ctl: {message}");
+            crate::stdio::eprint_line(format_args!("vmm ctl: {message}"));
             code
         }
     }

@@ -15,6 +15,7 @@ mod ps;
 mod render;
 mod run;
 mod runtime_dir;
+mod stdio;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -125,24 +125,24 @@ pub fn run(args: PsArgs) -> u8 {
     let rows = match gather(&dirs(&args.dir), args.sort) {
         Ok(rows) => rows,
         Err(e) => {
-            eprintln!("vmm: error: {}", ErrorChain(&e));
+            crate::stdio::eprint_line(format_args!("vmm: error: {}", ErrorChain(&e)));
             return 1;
         }
     };
     let total = Totals::of(&rows);
     if args.prometheus {
-        print!("{}", crate::prometheus::exposition(&rows));
+        crate::stdio::print(&crate::prometheus::exposition(&rows));
     } else if args.json {
         let listing = Listing { vms: &rows, total };
         match serde_json::to_string_pretty(&listing) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => crate::stdio::print(&format!("{s}\n")),
             Err(e) => {
-                eprintln!("vmm: error: {e}");
+                crate::stdio::eprint_line(format_args!("vmm: error: {e}"));
                 return 1;
             }
         }
     } else {
-        print!("{}", crate::render::ps_table(&rows, &total));
+        crate::stdio::print(&crate::render::ps_table(&rows, &total));
     }
     0
 }

@@ -238,6 +238,8 @@ pub fn metrics(metrics: &Metrics) -> String {
         api_errors,
         guest_commands,
         serial_bytes,
+        serial_bytes_dropped,
+        stdio_lines_dropped,
         log_lines_dropped,
         metrics_lines_dropped,
     } = metrics;
@@ -246,8 +248,10 @@ pub fn metrics(metrics: &Metrics) -> String {
         ("api_errors", text(api_errors)),
         ("guest_commands", text(guest_commands)),
         ("serial_bytes", bytes(*serial_bytes)),
+        ("serial_bytes_dropped", bytes(*serial_bytes_dropped)),
         ("log_lines_dropped", text(log_lines_dropped)),
         ("metrics_lines_dropped", text(metrics_lines_dropped)),
+        ("stdio_lines_dropped", text(stdio_lines_dropped)),
     ]);
     let exits_title = format!("VM EXITS ({} in all)", vm_exits.total());
     side_by_side(&[
@@ -709,10 +713,10 @@ api_requests           12         io_in         2
 api_errors             1          io_out        40
 guest_commands         3          mmio_read     0
 serial_bytes           1.5 KiB    mmio_write    0
-log_lines_dropped      0          hlt           1
-metrics_lines_dropped  0          shutdown      0
-                                  system_event  0
-                                  failed        0
+serial_bytes_dropped   0 B        hlt           1
+log_lines_dropped      0          shutdown      0
+metrics_lines_dropped  0          system_event  0
+stdio_lines_dropped    0          failed        0
                                   other         0
 "
         );

@@ -2,10 +2,16 @@
 //! API server when asked for, and what is printed at the end (report, boot
 //! timings, why the VM stopped). The exit code follows from how it ended.
 //!
-//! Exit codes: 0 when the guest shut down cleanly, the guest's own exit code
-//! when it reported one (1..=255), 1 when the VM failed (triple fault, guest
-//! exception, KVM error, unhandled exit) or the VMM hit a host error, and 2
-//! for bad input (flags, kernel file, `/dev/kvm` access).
+//! Exit codes ([`vmm::vstate::stop::exit_codes`], docs/security.md): 0 when
+//! the VM shut down cleanly, 1 when it failed (triple fault, guest
+//! exception, KVM error, unhandled exit) or the VMM hit a host error, 2 for
+//! bad input (flags, kernel file, `/dev/kvm` access), 3 when the guest did
+//! not answer in time, and 64..=127 for a guest's nonzero exit code C
+//! (64 + (C & 63)); C itself is printed on stdout. A guest cannot make the
+//! VMM exit with any of the VMM's own codes.
+//!
+//! Everything is printed through [`vmm::out`]: a closed or stuck stdout or
+//! stderr loses lines (counted), never the process.
 
 use crate::args::{RunArgs, ServeArgs, VmPlace};
 use api::ErrorChain;
@@ -22,10 +28,10 @@ use vmm::vstate::stop::StopReason;
 
 fn start_api(path: &Path, ctl: &Controller) -> Result<ApiServer, u8> {
     let server = vmm::api_server::start(path, ctl.sender(), ctl.metrics()).map_err(|e| {
-        eprintln!("vmm: error: {}", ErrorChain(&e));
+        vmm::errln!("vmm: error: {}", ErrorChain(&e));
         2
     })?;
-    eprintln!("vmm: serving the control API on {}", server.path().display());
+    vmm::errln!("vmm: serving the control API on {}", server.path().display());
     Ok(server)
 }
 
@@ -37,8 +43,8 @@ fn socket_path(api_sock: Option<&Path>, place: &VmPlace) -> Result<PathBuf, u8> 
     }
     let dir = place.runtime_dir();
     crate::runtime_dir::create(&dir).map_err(|e| {
-        eprintln!("vmm: error: {}", ErrorChain(&e));
-        eprintln!("vmm: hint: pass --runtime-dir DIR, --api-sock PATH or --no-api");
+        vmm::errln!("vmm: error: {}", ErrorChain(&e));
+        vmm::errln!("vmm: hint: pass --runtime-dir DIR, --api-sock PATH or --no-api");
         2
     })?;
     Ok(crate::runtime_dir::socket_path(&dir, &place.id()))
@@ -59,7 +65,7 @@ fn hint(e: &StartError) -> Option<&'static str> {
 pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
     let config = args.vm_config();
     if let Err(e) = config.validate() {
-        eprintln!("vmm: error: {}", ErrorChain(&e));
+        vmm::errln!("vmm: error: {}", ErrorChain(&e));
         return 2;
     }
     let mut ctl = Controller::new(config, timings.clone());
@@ -79,9 +85,9 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
         }
     };
     if let Err(e) = ctl.start() {
-        eprintln!("vmm: error: {}", ErrorChain(&e));
+        vmm::errln!("vmm: error: {}", ErrorChain(&e));
         if let Some(h) = hint(&e) {
-            eprintln!("vmm: hint: {h}");
+            vmm::errln!("vmm: hint: {h}");
         }
         return if e.is_usage() { 2 } else { 1 };
     }
@@ -90,13 +96,14 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
         s.shutdown();
     }
     if let Some(report) = ctl.printed_report.take() {
-        match format {
-            Some(ReportFormat::Json) => println!("{}", serde_json::to_value(&report).unwrap_or_default()),
-            _ => println!("{}", crate::render::memory_table(&report)),
-        }
+        let text = match format {
+            Some(ReportFormat::Json) => serde_json::to_value(&report).unwrap_or_default().to_string(),
+            _ => crate::render::memory_table(&report).to_string(),
+        };
+        vmm::outln!("{text}");
     }
     if let Some(b) = ctl.bench_result.take() {
-        println!("{}", serde_json::json!({ "bench_alloc_free": b }));
+        vmm::outln!("{}", serde_json::json!({ "bench_alloc_free": b }));
     }
     print_timings(&timings);
     exit_code(reason)
@@ -107,6 +114,8 @@ pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
     let config = VmConfig {
         id: args.place.id().to_string(),
         serial: args.serial.clone(),
+        serial_max_bytes: args.guest.serial_max_bytes,
+        guest_timeout: args.guest.guest_timeout,
         ..VmConfig::default()
     };
     let mut ctl = Controller::new(config, timings);
@@ -119,15 +128,20 @@ pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
     exit_code(reason)
 }
 
-/// Prints why the VM stopped and returns the process exit code for it.
+/// Prints why the VM stopped (and a guest's nonzero exit code on stdout)
+/// and returns the process exit code for it.
 fn exit_code(reason: Option<StopReason>) -> u8 {
     let Some(reason) = reason else { return 0 };
-    if reason.is_failure() {
-        eprintln!("vmm: error: {reason}");
-    } else {
-        eprintln!("vmm: {reason}");
+    if let StopReason::GuestExit(c @ 1..) = reason {
+        vmm::outln!("vmm: guest exit code {c}");
     }
-    reason.exit_code().clamp(0, 255) as u8
+    let code = reason.exit_code().clamp(0, 255) as u8;
+    if reason.is_failure() {
+        vmm::errln!("vmm: error: {reason} (exit code {code})");
+    } else {
+        vmm::errln!("vmm: {reason}");
+    }
+    code
 }
 
 fn print_timings(t: &Timings) {
@@ -147,7 +161,7 @@ fn print_timings(t: &Timings) {
         }
     }
     line.pop();
-    eprintln!("{line}");
+    vmm::errln!("{line}");
 }
 
 #[cfg(test)]
@@ -164,7 +178,9 @@ mod tests {
     #[test]
     fn exit_codes_follow_the_stop_reason() {
         assert_eq!(exit_code(None), 0);
-        assert_eq!(exit_code(Some(StopReason::GuestExit(7))), 7);
+        assert_eq!(exit_code(Some(StopReason::GuestExit(7))), 71);
+        assert_eq!(exit_code(Some(StopReason::GuestExit(2))), 66, "never the VMM's own 2");
+        assert_eq!(exit_code(Some(StopReason::GuestExit(134))), 70, "never what looks like SIGABRT");
         assert_eq!(exit_code(Some(StopReason::TripleFault { rip: None })), 1);
     }
 }

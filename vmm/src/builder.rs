@@ -85,7 +85,7 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     // 1. Everything the user gave is checked before any resource is taken.
     config.validate()?;
     let image = Image::read(&config.kernel)?;
-    let console = open_console(&config.serial)?;
+    let console = open_console(&config.serial, config.serial_max_bytes)?;
 
     // 2. The KVM VM, its RAM, and what the guest finds at its first
     //    instruction: its ELF segments, page tables, GDT, command line and

@@ -26,6 +26,14 @@ pub enum SerialTarget {
     None,
 }
 
+/// The default cap of a serial console file (`--serial-max-bytes`).
+pub const DEFAULT_SERIAL_MAX_BYTES: u64 = 16 << 20;
+
+/// The default time the VMM waits for the guest (`--guest-timeout`): well
+/// under the API server's wait for the VMM thread, so the controller
+/// answers a command that timed out itself.
+pub const DEFAULT_GUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Everything needed to build a VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmConfig {
@@ -38,6 +46,12 @@ pub struct VmConfig {
     /// Extra words for the guest command line (after the VMM's own).
     pub cmdline: String,
     pub serial: SerialTarget,
+    /// Most bytes of guest console written to a `--serial file:PATH`;
+    /// later output is dropped and counted (`serial_bytes_dropped`).
+    pub serial_max_bytes: u64,
+    /// How long the VMM waits for the guest at each step: to be ready
+    /// (when something waits for it) and to finish each command.
+    pub guest_timeout: std::time::Duration,
     /// Path of `/dev/kvm` (tests point it elsewhere).
     pub kvm_path: PathBuf,
     /// Behave like a VMM without this project's extensions (as Firecracker
@@ -57,6 +71,8 @@ impl Default for VmConfig {
             kernel: KernelImage::Embedded,
             cmdline: String::new(),
             serial: SerialTarget::Stdout,
+            serial_max_bytes: DEFAULT_SERIAL_MAX_BYTES,
+            guest_timeout: DEFAULT_GUEST_TIMEOUT,
             kvm_path: crate::host::kvm_device_path(),
             legacy_only: false,
             register_all_memory: false,

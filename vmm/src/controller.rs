@@ -25,7 +25,23 @@
 //! events, warnings) are written to the log file, and the counters of
 //! `GET /metrics` to the metrics file on `FlushMetrics`, every
 //! [`METRICS_FLUSH_PERIOD`] and when the VM stops. Without a log file its
-//! warnings go to standard error, as they always did.
+//! warnings go to standard error, as they always did, without waiting for
+//! it ([`crate::out::diag`]).
+//!
+//! Nothing the guest does can stall this thread:
+//! - every wait on the guest has a deadline ([`VmConfig::guest_timeout`]):
+//!   a command that times out is cancelled in the device (so later commands
+//!   and a graceful shutdown work), answered 504 if the API sent it, and ends
+//!   `vmm run`'s script with [`StopReason::GuestUnresponsive`]; a guest that
+//!   is never ready while a script or a `SendCtrlAltDel` waits for it is
+//!   stopped the same way;
+//! - the guest's results are checked against the machine (`held_bytes` no
+//!   larger than its RAM) before they are reported;
+//! - the device rate-limits protocol errors; each logged one says how many
+//!   were suppressed before it;
+//! - the console is drained here without waiting for the host
+//!   ([`crate::devices::serial`]), retried every [`CONSOLE_RETRY`] while a
+//!   full pipe holds it up.
 
 use crate::builder::{build_microvm, BuildContext, BuildError};
 use crate::config::{check_kernel_image, VmConfig};
@@ -53,6 +69,9 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Firecracker flushes its metrics every minute).
 pub const METRICS_FLUSH_PERIOD: Duration = Duration::from_secs(60);
 
+/// How soon a console that a full host pipe held up is drained again.
+pub const CONSOLE_RETRY: Duration = Duration::from_millis(20);
+
 /// Writes one line to the VMM's log (see [`Controller::log_line`]):
 /// `log!(self, LogLevel::Info, "format", args...)`.
 macro_rules! log {
@@ -76,6 +95,8 @@ struct Pending {
     seq: u64,
     target_mib: u64,
     waiter: Waiter,
+    /// When the guest has had long enough.
+    deadline: Instant,
 }
 
 /// The VMM thread's state.
@@ -102,6 +123,13 @@ pub struct Controller {
     finished: Option<StopReason>,
     /// `SendCtrlAltDel` came before the guest was ready: shut down once it is.
     shutdown_when_ready: bool,
+    /// Something waits for the guest to be ready (the script, a early
+    /// `SendCtrlAltDel`): stop it if it is not by then.
+    ready_deadline: Option<Instant>,
+    /// The console has bytes a full pipe did not take: drain again then.
+    console_retry: Option<Instant>,
+    /// Guest protocol errors logged (the rest were suppressed by the device).
+    protocol_errors_logged: u64,
     /// The log of `PUT /logger`.
     log: HostLog,
     /// `PUT /metrics` as given, and its file.
@@ -139,6 +167,9 @@ impl Controller {
             script: Script::default(),
             finished: None,
             shutdown_when_ready: false,
+            ready_deadline: None,
+            console_retry: None,
+            protocol_errors_logged: 0,
             log: HostLog::default(),
             metrics_config: None,
             metrics_out: None,
@@ -169,7 +200,8 @@ impl Controller {
         &self.config
     }
 
-    /// Builds and starts the VM.
+    /// Builds and starts the VM; a script that needs the guest must see
+    /// it ready within [`VmConfig::guest_timeout`].
     pub fn start(&mut self) -> Result<(), StartError> {
         let ctx = BuildContext { timings: self.timings.clone(), metrics: self.metrics.clone(), events: self.tx.clone() };
         let mut vm = build_microvm(self.config.clone(), &ctx)?;
@@ -183,6 +215,9 @@ impl Controller {
         let m = &self.config.machine;
         let (vcpus, mib) = (m.vcpu_count, m.mem_size_mib);
         log!(self, LogLevel::Info, "VM started: {vcpus} vCPUs, {mib} MiB");
+        if self.script.needs_guest() {
+            self.ready_deadline = Some(Instant::now() + self.config.guest_timeout);
+        }
         Ok(())
     }
 
@@ -192,17 +227,74 @@ impl Controller {
         crate::signals::forward_to(self.tx.clone());
         log!(self, LogLevel::Info, "{} {VERSION} running", api::APP_NAME);
         while self.finished.is_none() {
-            let wait = self
-                .next_metrics_flush
-                .map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+            let next = [self.next_metrics_flush, self.pending.as_ref().map(|p| p.deadline), self.ready_deadline, self.console_retry]
+                .into_iter()
+                .flatten()
+                .min();
+            let wait = next.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
             if let Ok(ev) = self.rx.recv_timeout(wait) {
                 self.handle(ev);
             }
-            if self.next_metrics_flush.is_some_and(|t| t <= Instant::now()) {
-                self.flush_metrics();
-            }
+            self.timers(Instant::now());
         }
         self.finished.clone()
+    }
+
+    /// Whatever is due at `now`: the metrics line, a console retry, a guest
+    /// that did not answer or did not get ready in time.
+    fn timers(&mut self, now: Instant) {
+        if self.next_metrics_flush.is_some_and(|t| t <= now) {
+            self.flush_metrics();
+        }
+        if self.console_retry.is_some_and(|t| t <= now) {
+            self.drain_console();
+        }
+        if self.finished.is_none() && self.pending.as_ref().is_some_and(|p| p.deadline <= now) {
+            self.command_timed_out();
+        }
+        if self.finished.is_none() && !self.guest_ready && self.ready_deadline.is_some_and(|t| t <= now) {
+            self.ready_deadline = None;
+            let secs = self.config.guest_timeout.as_secs_f64();
+            self.force_stop(StopReason::GuestUnresponsive { what: format!("the guest was not ready within {secs} s") });
+        }
+    }
+
+    /// Drains the console without waiting; retries soon if a full pipe held it up.
+    fn drain_console(&mut self) {
+        let done = self.vm.as_ref().is_none_or(|vm| vm.devices.drain_console(Duration::ZERO));
+        self.console_retry = (!done).then(|| Instant::now() + CONSOLE_RETRY);
+    }
+
+    /// Stops the VM now (the guest did not cooperate in time).
+    fn force_stop(&mut self, reason: StopReason) {
+        log!(self, LogLevel::Error, "{reason}; stopping the VM");
+        if let Some(vm) = self.vm.as_mut() {
+            self.timings.mark_once(&self.timings.vm_stopped);
+            vm.resume();
+            vm.stop();
+        }
+        self.stopped(reason);
+    }
+
+    /// The pending command passed its deadline: cancel it in the device,
+    /// answer whoever waits, and go on without it.
+    fn command_timed_out(&mut self) {
+        let Some(p) = self.pending.take() else { return };
+        if let Some(pv) = self.vm.as_ref().and_then(|vm| vm.devices.paravirt()) {
+            pv.cancel(p.seq);
+        }
+        let timeout = self.config.guest_timeout;
+        let what = format!("the guest did not finish command {} within {} s", p.seq, timeout.as_secs_f64());
+        match p.waiter {
+            Waiter::Api(reply) => {
+                log!(self, LogLevel::Warning, "{what}; answering 504");
+                self.last.status = GuestMemoryOutcome::Invalid;
+                let _ = reply.send(Err(ApiError::GuestTimeout(timeout)));
+            }
+            Waiter::Script | Waiter::Bench(_) | Waiter::Shutdown => {
+                self.force_stop(StopReason::GuestUnresponsive { what });
+            }
+        }
     }
 
     /// Writes one line to the log of `PUT /logger`, if its level and module
@@ -234,6 +326,7 @@ impl Controller {
             VmEvent::Api(call) => self.handle_api(call),
             VmEvent::Phase(Phase::Ready) => {
                 self.guest_ready = true;
+                self.ready_deadline = None;
                 log!(self, LogLevel::Info, "guest ready");
                 if std::mem::take(&mut self.shutdown_when_ready) {
                     self.graceful_shutdown();
@@ -259,7 +352,14 @@ impl Controller {
                     self.stopped(reason);
                 }
             }
-            VmEvent::GuestProtocolError(msg) => log!(self, LogLevel::Warning, "guest protocol error: {msg}"),
+            VmEvent::GuestProtocolError { msg, suppressed } => {
+                self.protocol_errors_logged += 1;
+                match suppressed {
+                    0 => log!(self, LogLevel::Warning, "guest protocol error: {msg}"),
+                    n => log!(self, LogLevel::Warning, "guest protocol error: {msg} ({n} more suppressed)"),
+                }
+            }
+            VmEvent::ConsoleOutput => self.drain_console(),
             VmEvent::Signal(sig) => {
                 log!(self, LogLevel::Warning, "received signal {sig}; stopping the VM");
                 if let Some(vm) = self.vm.as_mut() {
@@ -277,9 +377,14 @@ impl Controller {
         } else {
             self.state = VmState::Halted;
         }
-        self.exit_code = Some(reason.exit_code());
+        self.exit_code = reason.guest_exit_code();
         let state = self.state;
         log!(self, LogLevel::Info, "VM {state}: {reason}");
+        let total = self.metrics.guest_protocol_errors.load(std::sync::atomic::Ordering::Relaxed);
+        if total > self.protocol_errors_logged {
+            let n = total - self.protocol_errors_logged;
+            log!(self, LogLevel::Warning, "{total} guest protocol errors in all; {n} were not logged (rate limit)");
+        }
         self.flush_metrics();
         if let Some(p) = self.pending.take() {
             if let Waiter::Api(reply) = p.waiter {
@@ -296,14 +401,14 @@ impl Controller {
     fn run_script(&mut self) {
         if let Some(mib) = self.script.alloc_mib.take().or_else(|| self.script.then_target_mib.take()) {
             match self.submit(Command::SetTarget, mib << 20, 0) {
-                Ok(seq) => self.pending = Some(Pending { seq, target_mib: mib, waiter: Waiter::Script }),
+                Ok(seq) => self.wait_for(seq, mib, Waiter::Script),
                 Err(e) => log!(self, LogLevel::Warning, "cannot start the workload: {e}"),
             }
             return;
         }
         if let Some(n) = self.script.bench_alloc_free.take() {
             match self.submit(Command::BenchAllocFree, n, 0) {
-                Ok(seq) => self.pending = Some(Pending { seq, target_mib: 0, waiter: Waiter::Bench(n) }),
+                Ok(seq) => self.wait_for(seq, 0, Waiter::Bench(n)),
                 Err(e) => log!(self, LogLevel::Warning, "cannot start the benchmark: {e}"),
             }
             return;
@@ -318,7 +423,7 @@ impl Controller {
 
     fn graceful_shutdown(&mut self) {
         match self.submit(Command::Shutdown, 0, 0) {
-            Ok(seq) => self.pending = Some(Pending { seq, target_mib: 0, waiter: Waiter::Shutdown }),
+            Ok(seq) => self.wait_for(seq, 0, Waiter::Shutdown),
             Err(_) => {
                 if let Some(vm) = self.vm.as_mut() {
                     vm.stop();
@@ -326,6 +431,12 @@ impl Controller {
                 self.stopped(StopReason::Requested);
             }
         }
+    }
+
+    /// Waits for command `seq`, at most [`VmConfig::guest_timeout`].
+    fn wait_for(&mut self, seq: u64, target_mib: u64, waiter: Waiter) {
+        let deadline = Instant::now() + self.config.guest_timeout;
+        self.pending = Some(Pending { seq, target_mib, waiter, deadline });
     }
 
     fn submit(&mut self, cmd: Command, arg0: u64, arg1: u64) -> Result<u64, SubmitError> {
@@ -353,10 +464,18 @@ impl Controller {
             return;
         }
         let held = result0;
-        if status.is_some() {
+        let ram = self.config.mem_bytes();
+        let sane = held <= ram;
+        if !sane {
+            Metrics::inc(&self.metrics.guest_protocol_errors);
+            self.protocol_errors_logged += 1;
+            log!(self, LogLevel::Warning, "guest protocol error: command {seq} says it holds {held} bytes, more than the {ram} bytes of RAM; result refused");
+        }
+        if status.is_some() && sane {
             self.workload_bytes = held;
         }
         let outcome = match status {
+            _ if !sane => GuestMemoryOutcome::Invalid,
             Some(CommandStatus::Ok) => GuestMemoryOutcome::Ok,
             Some(CommandStatus::OutOfMemory) => GuestMemoryOutcome::OutOfMemory,
             _ => GuestMemoryOutcome::Invalid,
@@ -474,7 +593,7 @@ impl Controller {
                         Ok(seq) => {
                             self.last.status = GuestMemoryOutcome::Pending;
                             self.last.target_mib = target.target_mib;
-                            self.pending = Some(Pending { seq, target_mib: target.target_mib, waiter: Waiter::Api(reply) });
+                            self.wait_for(seq, target.target_mib, Waiter::Api(reply));
                             log!(self, LogLevel::Info, "API {endpoint}: sent to the guest, answered when it is done");
                             return;
                         }
@@ -546,8 +665,10 @@ impl Controller {
                     self.graceful_shutdown();
                 } else {
                     // As a key press waits for the guest's driver: the guest
-                    // is asked as soon as it can be.
+                    // is asked as soon as it can be (and stopped if it never is).
                     self.shutdown_when_ready = true;
+                    let deadline = Instant::now() + self.config.guest_timeout;
+                    self.ready_deadline = Some(self.ready_deadline.map_or(deadline, |t| t.min(deadline)));
                 }
                 Ok(ApiResponse::NoContent)
             }
@@ -571,12 +692,17 @@ impl Controller {
         match (target, self.state, self.vm.as_mut()) {
             (api::VmStateTarget::Paused, VmState::Paused, Some(_))
             | (api::VmStateTarget::Resumed, VmState::Running, Some(_)) => Ok(ApiResponse::NoContent),
-            (api::VmStateTarget::Paused, VmState::Running, Some(vm)) => {
-                vm.pause();
-                self.state = VmState::Paused;
-                log!(self, LogLevel::Info, "VM paused");
-                Ok(ApiResponse::NoContent)
-            }
+            (api::VmStateTarget::Paused, VmState::Running, Some(vm)) => match vm.pause() {
+                Ok(()) => {
+                    self.state = VmState::Paused;
+                    log!(self, LogLevel::Info, "VM paused");
+                    Ok(ApiResponse::NoContent)
+                }
+                Err(e) => {
+                    log!(self, LogLevel::Warning, "pause failed: {}", ErrorChain(&e));
+                    Err(ApiError::PauseFailed(e.into()))
+                }
+            },
             (api::VmStateTarget::Resumed, VmState::Paused, Some(vm)) => {
                 vm.resume();
                 self.state = VmState::Running;

@@ -57,8 +57,12 @@ pub enum VmEvent {
     StartAps(ApBoot),
     /// vCPU `cpu` stopped.
     VcpuStopped { cpu: u8, reason: StopReason },
-    /// The guest wrote something the VMM refused (bad address, bad record).
-    GuestProtocolError(String),
+    /// The guest wrote something the VMM refused (bad address, bad record);
+    /// `suppressed` more were counted but not sent since the last one
+    /// (the device rate-limits them).
+    GuestProtocolError { msg: String, suppressed: u64 },
+    /// The console buffer has bytes for the host (sent once until drained).
+    ConsoleOutput,
     /// The process received this signal (SIGINT, SIGTERM, SIGHUP).
     Signal(i32),
 }

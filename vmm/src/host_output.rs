@@ -112,7 +112,9 @@ impl HostLog {
 
     /// Writes one line, Firecracker's way:
     /// `TIMESTAMP [ID:THREAD(:LEVEL)(:FILE:LINE)] message`. Without a
-    /// file, warnings and errors go to standard error as `vmm: message`.
+    /// file, warnings and errors go to standard error as `vmm: message`,
+    /// without waiting ([`crate::out::diag`]); a line stderr does not take
+    /// is dropped and counted.
     pub(super) fn line(
         &mut self,
         id: &str,
@@ -124,8 +126,13 @@ impl HostLog {
     ) {
         let config = self.config.clone().unwrap_or_default();
         let Some(out) = self.out.as_mut() else {
-            if level.enabled_at(LogLevel::Warning) && level.enabled_at(config.level()) {
-                eprintln!("vmm: {msg}");
+            // Not waiting: a guest can trigger warnings, and a stderr that
+            // nobody reads must not stall the controller.
+            if level.enabled_at(LogLevel::Warning)
+                && level.enabled_at(config.level())
+                && !crate::out::diag(format_args!("vmm: {msg}"))
+            {
+                self.dropped += 1;
             }
             return;
         };

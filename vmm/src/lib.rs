@@ -48,6 +48,7 @@ pub mod host_output;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
+pub mod out;
 pub mod report;
 pub mod script;
 pub mod signals;

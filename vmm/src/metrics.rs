@@ -13,6 +13,9 @@ pub struct Metrics {
     pub exits_system_event: AtomicU64,
     pub exits_failed: AtomicU64,
     pub serial_bytes: AtomicU64,
+    /// Console bytes dropped: the buffer was full, the console file at its
+    /// cap, or the host sink failed.
+    pub serial_bytes_dropped: AtomicU64,
     pub exits_hlt: AtomicU64,
     pub exits_shutdown: AtomicU64,
     pub exits_other: AtomicU64,
@@ -48,6 +51,8 @@ impl Metrics {
             api_errors: l(&self.api_errors),
             guest_commands,
             serial_bytes: l(&self.serial_bytes),
+            serial_bytes_dropped: l(&self.serial_bytes_dropped),
+            stdio_lines_dropped: crate::out::dropped_stdout() + crate::out::dropped_stderr(),
             log_lines_dropped,
             metrics_lines_dropped,
         }

@@ -23,6 +23,13 @@ pub struct Script {
     pub bench_alloc_free: Option<u64>,
 }
 
+impl Script {
+    /// Whether the script waits for the guest (to be ready, then to answer).
+    pub fn needs_guest(&self) -> bool {
+        self.alloc_mib.is_some() || self.report.is_some() || self.bench_alloc_free.is_some()
+    }
+}
+
 /// Result of the guest's allocator benchmark.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct BenchResult {

@@ -43,7 +43,7 @@ pub fn forward_to(tx: Sender<VmEvent>) {
             }
         });
         if let Err(e) = spawned {
-            eprintln!("vmm: cannot start the signal thread ({e}); Ctrl-C will not stop the VM cleanly");
+            crate::errln!("vmm: cannot start the signal thread ({e}); Ctrl-C will not stop the VM cleanly");
         }
     });
 }

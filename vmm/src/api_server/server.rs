@@ -167,7 +167,7 @@ fn serve(
         let listener = match tokio::net::UnixListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("vmm: API server: cannot register the socket: {e}");
+                crate::out::diag(format_args!("vmm: API server: cannot register the socket: {e}"));
                 return;
             }
         };
@@ -212,7 +212,7 @@ fn serve(
                 }
                 Err(e) => {
                     // Out of file descriptors or similar: wait instead of spinning.
-                    eprintln!("vmm: API server: accept failed: {e}");
+                    crate::out::diag(format_args!("vmm: API server: accept failed: {e}"));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

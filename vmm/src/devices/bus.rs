@@ -40,7 +40,7 @@ impl Devices {
         metrics: Arc<Metrics>,
     ) -> Devices {
         Devices {
-            serial: console.map(SerialPort::new),
+            serial: console.map(|c| SerialPort::new(c, Some(events.clone()), metrics.clone())),
             i8042: I8042::default(),
             pv: paravirt.then(|| Paravirt::new(mem.clone(), events, timings.clone(), metrics.clone())),
             mem,
@@ -72,11 +72,16 @@ impl Devices {
         self.mem.address_in_range(GuestAddress(gpa))
     }
 
-    /// Flushes console output (at exit).
+    /// Writes buffered console output to the host, waiting at most `wait`
+    /// for a slow sink; true when nothing is left buffered.
+    pub fn drain_console(&self, wait: std::time::Duration) -> bool {
+        self.serial.as_ref().is_none_or(|s| s.drain(wait))
+    }
+
+    /// The last drain of console output (at stop), with a deadline of
+    /// [`CONSOLE_FINAL_FLUSH`](super::serial::CONSOLE_FINAL_FLUSH).
     pub fn flush_console(&self) {
-        if let Some(serial) = &self.serial {
-            serial.flush();
-        }
+        self.drain_console(super::serial::CONSOLE_FINAL_FLUSH);
     }
 
     /// Wakes every vCPU blocked in a port read and makes it stop.
@@ -167,7 +172,7 @@ pub(crate) fn test_bus() -> (Devices, std::sync::mpsc::Receiver<VmEvent>, tests:
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let buf = tests::SharedBuf::default();
-    let d = Devices::new(mem, Some(Box::new(buf.clone())), true, tx, Arc::new(Timings::new()), Arc::default());
+    let d = Devices::new(mem, Some(ConsoleOut::writer(Box::new(buf.clone()))), true, tx, Arc::new(Timings::new()), Arc::default());
     (d, rx, buf)
 }
 
@@ -219,6 +224,7 @@ pub(crate) mod tests {
         for b in b"hi\n" {
             assert_eq!(d.port_out(0, 0x3f8, &[*b]), PortOutcome::Continue);
         }
+        assert!(d.drain_console(std::time::Duration::ZERO));
         assert_eq!(&*buf.0.lock().unwrap(), b"hi\n");
         let mut lsr = [0u8];
         d.port_in(0, 0x3fd, &mut lsr);

@@ -2,6 +2,13 @@
 //! stats block and mailbox addresses, the command mailbox, AP start-up and
 //! parking, and memory onlining (`port::MEM_ONLINE`).
 //!
+//! Everything the guest writes is untrusted, and nothing it writes makes
+//! the VMM do unbounded work: each boot phase and the AP start-up request
+//! reach the controller once, and protocol errors (a bad address, a
+//! record that does not check) at most [`PROTOCOL_ERRORS_PER_SECOND`] a
+//! second; the rest are counted (`guest_protocol_errors` in `GET /metrics`)
+//! and summarized in the next one sent (`suppressed`).
+//!
 //! A vCPU blocks here while the guest idles: a read of `port::WAIT` sleeps on
 //! a condition variable until the controller submits a command (or asks the
 //! VM to stop), so an idle VM costs no host CPU.
@@ -15,6 +22,7 @@ use guest_abi::{port, ApBoot, CommandStatus, Mailbox, Phase, MAILBOX_MAGIC};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// A command waiting for the guest.
@@ -26,8 +34,41 @@ struct PendingCommand {
     arg1: u64,
 }
 
+/// Protocol errors sent to the controller (and so to the log) per second;
+/// more are counted and summarized.
+pub const PROTOCOL_ERRORS_PER_SECOND: u32 = 10;
+
+/// The rate limit of protocol errors: a window of one second.
+#[derive(Default)]
+struct ErrorLimit {
+    window_start: Option<Instant>,
+    sent: u32,
+    suppressed: u64,
+}
+
+impl ErrorLimit {
+    /// Whether one more error may be sent now; if so, how many were
+    /// suppressed since the last one sent.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self.window_start.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            self.window_start = Some(now);
+            self.sent = 0;
+        }
+        if self.sent >= PROTOCOL_ERRORS_PER_SECOND {
+            self.suppressed += 1;
+            return None;
+        }
+        self.sent += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 #[derive(Default)]
 struct PvState {
+    /// Boot phases already reported (bit per phase).
+    phases_seen: u8,
+    /// The guest asked for its application processors.
+    aps_requested: bool,
     stats_gpa: Option<GuestAddress>,
     mailbox_gpa: Option<GuestAddress>,
     next_seq: u64,
@@ -61,6 +102,7 @@ pub struct Paravirt {
     vcpu_count: AtomicU32,
     /// Registers guest RAM with KVM when the guest onlines it.
     registrar: OnceLock<Arc<Registrar>>,
+    errors: Mutex<ErrorLimit>,
 }
 
 impl Paravirt {
@@ -75,6 +117,7 @@ impl Paravirt {
             metrics,
             vcpu_count: AtomicU32::new(1),
             registrar: OnceLock::new(),
+            errors: Mutex::default(),
         }
     }
 
@@ -111,10 +154,19 @@ impl Paravirt {
             port::PHASE => {
                 match Phase::decode(value) {
                     Some(ph) => {
-                        self.timings.mark_phase(ph);
-                        self.send(VmEvent::Phase(ph));
+                        let mut st = self.state();
+                        let bit = 1u8 << (ph as u32 % 8);
+                        let first = st.phases_seen & bit == 0;
+                        st.phases_seen |= bit;
+                        drop(st);
+                        if first {
+                            self.timings.mark_phase(ph);
+                            self.send(VmEvent::Phase(ph));
+                        } else {
+                            self.protocol_error(format_args!("boot phase {ph:?} announced again"));
+                        }
                     }
-                    None => self.protocol_error(format!("unknown boot phase {value}")),
+                    None => self.protocol_error(format_args!("unknown boot phase {value}")),
                 }
                 PortOutcome::Continue
             }
@@ -133,9 +185,13 @@ impl Paravirt {
             port::EXCEPTION => PortOutcome::GuestException,
             port::MEM_ONLINE => self.online(u64::from(value) << 20),
             port::AP_BOOT if cpu == 0 => {
+                if std::mem::replace(&mut self.state().aps_requested, true) {
+                    self.protocol_error(format_args!("application processors requested again"));
+                    return PortOutcome::Continue;
+                }
                 match self.mem.read_obj::<ApBoot>(GuestAddress(u64::from(value))) {
                     Ok(rec) => self.send(VmEvent::StartAps(rec)),
-                    Err(_) => self.protocol_error(format!("AP boot record at {value:#x} is outside guest RAM")),
+                    Err(_) => self.protocol_error(format_args!("AP boot record at {value:#x} is outside guest RAM")),
                 }
                 PortOutcome::Continue
             }
@@ -155,7 +211,7 @@ impl Paravirt {
         match registrar.register_range(gpa, gpa + 1) {
             Ok(()) => PortOutcome::Continue,
             Err(e @ RegisterError::NotRam { .. }) => {
-                self.protocol_error(format!("guest asked to online memory that does not exist: {e}"));
+                self.protocol_error(format_args!("guest asked to online memory that does not exist: {e}"));
                 PortOutcome::Continue
             }
             Err(e) => PortOutcome::RegistrationFailed(e),
@@ -228,7 +284,7 @@ impl Paravirt {
         match self.mem.write_obj(mb, gpa) {
             Ok(()) => true,
             Err(_) => {
-                self.protocol_error(format!("mailbox at {:#x} is outside guest RAM", gpa.0));
+                self.protocol_error(format_args!("mailbox at {:#x} is outside guest RAM", gpa.0));
                 false
             }
         }
@@ -238,7 +294,7 @@ impl Paravirt {
         let mut st = self.state();
         let Some(seq) = st.in_flight else {
             drop(st);
-            self.protocol_error(format!("guest finished command {seq_low} but none was running"));
+            self.protocol_error(format_args!("guest finished command {seq_low} but none was running"));
             return;
         };
         st.in_flight = None;
@@ -257,9 +313,30 @@ impl Paravirt {
         self.send(VmEvent::CommandDone(done));
     }
 
-    fn protocol_error(&self, msg: String) {
+    /// Counts a protocol error and, within the rate limit, sends it to the
+    /// controller (formatted only then).
+    fn protocol_error(&self, msg: std::fmt::Arguments<'_>) {
         self.metrics.guest_protocol_errors.fetch_add(1, Ordering::Relaxed);
-        self.send(VmEvent::GuestProtocolError(msg));
+        let admitted = self.errors.lock().unwrap_or_else(|e| e.into_inner()).admit(Instant::now());
+        if let Some(suppressed) = admitted {
+            self.send(VmEvent::GuestProtocolError { msg: msg.to_string(), suppressed });
+        }
+    }
+
+    /// Forgets command `seq` (it timed out): the next one can be submitted,
+    /// and a late answer to it is a protocol error. False if `seq` was
+    /// neither waiting nor running.
+    pub fn cancel(&self, seq: u64) -> bool {
+        let mut st = self.state();
+        if st.pending.is_some_and(|c| c.seq == seq) {
+            st.pending = None;
+            true
+        } else if st.in_flight == Some(seq) {
+            st.in_flight = None;
+            true
+        } else {
+            false
+        }
     }
 
     /// Queues a command for the guest; returns its sequence number. The
@@ -326,7 +403,7 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), VmEvent::Phase(Phase::Ready));
         assert!(d.timings.guest_ready.get().is_some());
         d.write(0, port::PHASE, 99);
-        assert!(matches!(rx.try_recv().unwrap(), VmEvent::GuestProtocolError(_)));
+        assert!(matches!(rx.try_recv().unwrap(), VmEvent::GuestProtocolError { .. }));
     }
 
     #[test]
@@ -351,7 +428,7 @@ mod tests {
         );
         // A DONE with nothing running is the guest's error, not a panic.
         d.write(0, port::DONE, 5);
-        assert!(matches!(rx.try_recv().unwrap(), VmEvent::GuestProtocolError(_)));
+        assert!(matches!(rx.try_recv().unwrap(), VmEvent::GuestProtocolError { .. }));
     }
 
     #[test]
@@ -361,8 +438,48 @@ mod tests {
         let seq = d.submit(guest_abi::Command::Report, 0, 0).unwrap();
         assert_eq!(d.read(0, port::POLL), (0, PortOutcome::Continue));
         let events: Vec<_> = rx.try_iter().collect();
-        assert!(matches!(events[0], VmEvent::GuestProtocolError(_)));
+        assert!(matches!(events[0], VmEvent::GuestProtocolError { .. }));
         assert_eq!(events[1], VmEvent::CommandDone(CommandDone::failed(seq)));
+    }
+
+    #[test]
+    fn a_flood_of_bad_writes_sends_a_bounded_number_of_events_and_counts_all() {
+        let (d, rx) = device();
+        for _ in 0..10_000 {
+            d.write(0, port::PHASE, 99);
+            d.write(0, port::DONE, 5);
+            d.write(0, port::PHASE, Phase::Entered as u32);
+        }
+        let events: Vec<_> = rx.try_iter().collect();
+        let errors = events.iter().filter(|e| matches!(e, VmEvent::GuestProtocolError { .. })).count();
+        // One window, maybe two if the loop straddles a second.
+        assert!((1..=2 * PROTOCOL_ERRORS_PER_SECOND as usize).contains(&errors), "{errors} errors sent");
+        assert_eq!(events.iter().filter(|e| **e == VmEvent::Phase(Phase::Entered)).count(), 1, "a phase is sent once");
+        assert_eq!(d.metrics.guest_protocol_errors.load(Ordering::Relaxed), 30_000 - 1);
+        // The next window's first error carries the count of those suppressed.
+        let mut limit = ErrorLimit::default();
+        let t0 = Instant::now();
+        for _ in 0..PROTOCOL_ERRORS_PER_SECOND {
+            assert_eq!(limit.admit(t0), Some(0));
+        }
+        assert_eq!(limit.admit(t0), None);
+        assert_eq!(limit.admit(t0), None);
+        assert_eq!(limit.admit(t0 + Duration::from_secs(1)), Some(2));
+    }
+
+    #[test]
+    fn a_cancelled_command_frees_the_mailbox_and_its_late_answer_is_an_error() {
+        let (d, rx) = device();
+        d.write(0, port::MAILBOX, 0x5000);
+        let seq = d.submit(guest_abi::Command::Report, 0, 0).unwrap();
+        assert_eq!(d.read(0, port::POLL).0, seq as u32);
+        assert_eq!(d.submit(guest_abi::Command::Report, 0, 0), Err(SubmitError::Busy));
+        assert!(d.cancel(seq));
+        assert!(!d.cancel(seq));
+        let next = d.submit(guest_abi::Command::Report, 0, 0).unwrap();
+        assert!(d.cancel(next), "a command not yet delivered is cancelled too");
+        d.write(0, port::DONE, seq as u32);
+        assert!(matches!(rx.try_recv().unwrap(), VmEvent::GuestProtocolError { .. }));
     }
 
     #[test]

@@ -108,6 +108,7 @@ mod tests {
     fn port_writes_are_routed_and_counted() {
         let (d, _rx, buf) = test_bus();
         assert_eq!(handle_exit(VcpuExit::IoOut(0x3f8, b"x"), 0, &d), VcpuAction::Continue);
+        d.drain_console(std::time::Duration::ZERO);
         assert_eq!(&*buf.0.lock().unwrap(), b"x");
         assert_eq!(d.metrics.exits_io_out.load(Ordering::Relaxed), 1);
     }

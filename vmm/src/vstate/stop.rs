@@ -1,7 +1,42 @@
 //! Why a vCPU stopped, and the process exit code each reason maps to.
+//!
+//! The VMM's own exit codes are reserved ([`exit_codes`]); a guest's nonzero
+//! exit code is mapped into [`exit_codes::GUEST_FIRST`]..=[`exit_codes::GUEST_LAST`],
+//! so a supervisor can tell a VMM failure from a guest failure whatever code
+//! the guest writes. The guest's own code is reported in full elsewhere
+//! (`vmm run` prints it on stdout; `GET /vm/status` answers it as `exit_code`).
 
 use crate::memory::RegisterError;
 use std::fmt;
+
+/// The process exit codes of `vmm run` and `vmm serve` (see docs/security.md,
+/// "Exit codes").
+pub mod exit_codes {
+    /// The VM shut down cleanly: the guest exited with 0, reset the machine,
+    /// or was stopped (Shutdown, SIGTERM).
+    pub const OK: u8 = 0;
+    /// The VM failed (triple fault, guest exception, KVM error, unhandled
+    /// exit) or the VMM hit a host error.
+    pub const FAILED: u8 = 1;
+    /// Bad input: flags, kernel file, `/dev/kvm` access.
+    pub const USAGE: u8 = 2;
+    /// The guest did not answer or get ready within `--guest-timeout`.
+    pub const GUEST_UNRESPONSIVE: u8 = 3;
+    /// First code of the guest range: a guest exit code `c != 0` maps to
+    /// `GUEST_FIRST + (c & 63)`.
+    pub const GUEST_FIRST: u8 = 64;
+    /// Last code of the guest range.
+    pub const GUEST_LAST: u8 = 127;
+
+    /// The process exit code for a guest that wrote `code`.
+    pub const fn for_guest(code: u32) -> u8 {
+        if code == 0 {
+            OK
+        } else {
+            GUEST_FIRST + (code & 63) as u8
+        }
+    }
+}
 
 /// Why a vCPU stopped running.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,17 +61,32 @@ pub enum StopReason {
     RunFailed(kvm_ioctls::Error),
     /// The registers of a guest that reported an exception could not be read.
     ExceptionRegisters(kvm_ioctls::Error),
+    /// The guest did not answer (or get ready) in time; the VMM stopped it.
+    GuestUnresponsive { what: String },
 }
 
 impl StopReason {
-    /// The process exit code this stop maps to: the guest's own code for a
-    /// guest exit (1 if it does not fit in 1..=255), 0 for a reset or a
-    /// requested stop, 1 for every failure.
+    /// The process exit code this stop maps to ([`exit_codes`]): 0 for a
+    /// clean shutdown, a reset or a requested stop, the guest range for a
+    /// guest's nonzero exit code, 3 for an unresponsive guest, 1 for every
+    /// other failure.
     pub fn exit_code(&self) -> i32 {
+        i32::from(match self {
+            StopReason::Reset | StopReason::Requested => exit_codes::OK,
+            StopReason::GuestExit(c) => exit_codes::for_guest(*c),
+            StopReason::GuestUnresponsive { .. } => exit_codes::GUEST_UNRESPONSIVE,
+            _ => exit_codes::FAILED,
+        })
+    }
+
+    /// The exit code the guest chose, as `GET /vm/status` reports it: the
+    /// code it wrote (saturated to `i32::MAX`), 0 for a reset or a
+    /// requested stop, none when the VM failed.
+    pub fn guest_exit_code(&self) -> Option<i32> {
         match self {
-            StopReason::GuestExit(0) | StopReason::Reset | StopReason::Requested => 0,
-            StopReason::GuestExit(c) if *c <= 255 => *c as i32,
-            _ => 1,
+            StopReason::GuestExit(c) => Some(i32::try_from(*c).unwrap_or(i32::MAX)),
+            StopReason::Reset | StopReason::Requested => Some(0),
+            _ => None,
         }
     }
 
@@ -96,6 +146,7 @@ impl fmt::Display for StopReason {
             }
             StopReason::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
             StopReason::ExceptionRegisters(e) => write!(f, "cannot read the registers after a guest exception: {e}"),
+            StopReason::GuestUnresponsive { what } => write!(f, "guest unresponsive: {what}"),
         }
     }
 }
@@ -105,12 +156,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exit_codes_pass_the_guests_through_and_map_failures_to_1() {
-        assert_eq!(StopReason::GuestExit(3).exit_code(), 3);
+    fn guest_exit_codes_land_in_their_range_and_never_on_the_vmms_own() {
         assert_eq!(StopReason::GuestExit(0).exit_code(), 0);
-        assert_eq!(StopReason::GuestExit(1000).exit_code(), 1);
+        assert_eq!(StopReason::GuestExit(3).exit_code(), 67);
+        assert_eq!(StopReason::GuestExit(101).exit_code(), 101);
+        for c in [1, 2, 3, 63, 64, 127, 128, 134, 139, 255, 1000, u32::MAX] {
+            let code = StopReason::GuestExit(c).exit_code();
+            assert!((64..=127).contains(&code), "guest code {c} gave {code}");
+            assert_eq!(StopReason::GuestExit(c).guest_exit_code(), Some(i32::try_from(c).unwrap_or(i32::MAX)));
+        }
         assert_eq!(StopReason::Reset.exit_code(), 0);
-        assert!(StopReason::RunFailed(kvm_ioctls::Error::new(libc::EFAULT)).is_failure());
+        let failed = StopReason::RunFailed(kvm_ioctls::Error::new(libc::EFAULT));
+        assert!(failed.is_failure());
+        assert_eq!((failed.exit_code(), failed.guest_exit_code()), (1, None));
+        let r = StopReason::GuestUnresponsive { what: "x".into() };
+        assert_eq!((r.exit_code(), r.guest_exit_code()), (3, None));
     }
 
     #[test]

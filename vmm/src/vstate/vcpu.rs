@@ -1,14 +1,44 @@
 //! One vCPU thread's run loop ([`run`]), the pause protocol it shares with
 //! the controller ([`RunControl`]), and the signal that kicks a vCPU out of
 //! `KVM_RUN`.
+//!
+//! A kick is [`kick_signal`], whose handler also sets the thread's
+//! `kvm_run.immediate_exit` (as Firecracker does): a kick that lands between
+//! the loop's check of the stop and pause flags and the `KVM_RUN` ioctl makes
+//! that `KVM_RUN` return `EINTR` at once instead of being lost, so a stop or
+//! a pause never waits for the guest to exit by itself.
 
 use super::exit::{handle_exit, VcpuAction};
 use super::stop::StopReason;
 use crate::devices::Devices;
 use crate::metrics::Metrics;
 use kvm_ioctls::VcpuFd;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+
+thread_local! {
+    /// The `immediate_exit` byte of the `kvm_run` of the vCPU this thread
+    /// runs (null when it runs none); set by the kick handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Sets this thread's [`IMMEDIATE_EXIT`] for the life of a run loop.
+struct ImmediateExitGuard;
+
+impl ImmediateExitGuard {
+    fn set(vcpu: &mut VcpuFd) -> ImmediateExitGuard {
+        let ptr = &raw mut vcpu.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(ptr));
+        ImmediateExitGuard
+    }
+}
+
+impl Drop for ImmediateExitGuard {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
 
 /// Pause control shared by the VMM thread and the vCPU threads.
 ///
@@ -74,6 +104,12 @@ impl RunControl {
         }
     }
 
+    /// [`Self::enter_guest`] for other modules' tests.
+    #[cfg(test)]
+    pub(crate) fn enter_guest_for_test(&self, cpu: usize, stop: &AtomicBool) {
+        self.enter_guest(cpu, stop);
+    }
+
     fn leave_guest(&self, cpu: usize) {
         if let Some(f) = self.in_guest.get(cpu) {
             f.store(false, Ordering::SeqCst);
@@ -92,14 +128,25 @@ pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-/// Installs a no-op handler for [`kick_signal`] (once per process), so the
-/// signal interrupts `KVM_RUN` with `EINTR` instead of killing the process.
+/// Installs the handler of [`kick_signal`] (once per process): it sets the
+/// thread's `immediate_exit`, so the signal interrupts `KVM_RUN` with
+/// `EINTR`, or makes the next one return at once, instead of killing the
+/// process.
 pub fn install_kick_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+            // Async-signal-safe: a read of a const-initialized thread-local
+            // with no destructor, and one byte store.
+            let ptr = IMMEDIATE_EXIT.try_with(Cell::get).unwrap_or(std::ptr::null_mut());
+            if !ptr.is_null() {
+                // SAFETY: a non-null pointer is this thread's kvm_run mapping,
+                // valid while its run loop (which clears it on exit) runs.
+                unsafe { ptr.write_volatile(1) };
+            }
+        }
         // Registration only fails for an invalid signal number; SIGRTMIN is valid.
-        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop);
+        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick);
     });
 }
 
@@ -108,6 +155,7 @@ pub fn run(vcpu: &mut VcpuFd, cpu: u8, devices: &Arc<Devices>, control: &RunCont
     if cpu == 0 {
         devices.timings.mark_once(&devices.timings.vcpu_first_entry);
     }
+    let _immediate_exit = ImmediateExitGuard::set(vcpu);
     loop {
         control.enter_guest(cpu as usize, stop);
         if stop.load(Ordering::Acquire) {
@@ -151,6 +199,19 @@ pub fn run(vcpu: &mut VcpuFd, cpu: u8, devices: &Arc<Devices>, control: &RunCont
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kick_handler_sets_immediate_exit_only_on_a_vcpu_thread() {
+        install_kick_handler();
+        let mut byte = 0u8;
+        IMMEDIATE_EXIT.with(|c| c.set(&raw mut byte));
+        // SAFETY: signals this thread; the handler is installed.
+        unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+        assert_eq!(byte, 1);
+        // SAFETY: as above; with no vCPU the handler does nothing.
+        unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+    }
 
     #[test]
     fn a_paused_vcpu_stays_out_of_the_guest_until_resumed_or_stopped() {

@@ -24,8 +24,41 @@ use vm_memory::GuestMemoryMmap;
 /// density run pays for what its threads touch.
 const VCPU_STACK: usize = 256 << 10;
 
-/// How long pause and stop wait for vCPUs to leave the guest.
-const KICK_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a pause waits for vCPUs to leave the guest before it gives up.
+pub const PAUSE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// How long a stop waits for vCPU threads to finish. A thread still busy
+/// then (it cannot be in the guest: kicks end `KVM_RUN`) is left to the
+/// process exit, so stopping a VM never takes longer than this plus the
+/// console's last flush.
+pub const STOP_DEADLINE: Duration = Duration::from_millis(500);
+
+/// Between two rounds of kicks.
+const KICK_INTERVAL: Duration = Duration::from_micros(200);
+
+/// Why a pause did not happen; the VM runs on.
+#[derive(Debug, thiserror::Error)]
+#[error("vCPUs {cpus:?} did not leave the guest within {} ms; the VM keeps running", deadline.as_millis())]
+pub struct PauseError {
+    pub cpus: Vec<u8>,
+    pub deadline: Duration,
+}
+
+/// Kicks (`kick(cpu)`) every vCPU of `cpus` that `control` shows in the
+/// guest until none is, or `deadline` passes; returns those still in then.
+fn wait_out_of_guest(control: &RunControl, cpus: &[u8], deadline: Instant, kick: impl Fn(u8)) -> Result<(), Vec<u8>> {
+    loop {
+        let running: Vec<u8> = cpus.iter().copied().filter(|c| control.in_guest(*c as usize)).collect();
+        if running.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(running);
+        }
+        running.iter().for_each(|c| kick(*c));
+        std::thread::sleep(KICK_INTERVAL);
+    }
+}
 
 /// Why the guest's application processors could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -165,25 +198,26 @@ impl Vm {
     }
 
     /// Pauses the VM: holds commands, and keeps every vCPU out of the guest
-    /// (kicking those in `KVM_RUN`). Returns once no vCPU runs guest code.
-    pub fn pause(&mut self) {
+    /// (kicking those in `KVM_RUN`). Returns once no vCPU runs guest code;
+    /// if one still does after [`PAUSE_DEADLINE`], undoes the pause and
+    /// says which.
+    pub fn pause(&mut self) -> Result<(), PauseError> {
         self.control.set_paused(true);
         self.devices.set_paused(true);
-        let deadline = Instant::now() + KICK_DEADLINE;
-        loop {
-            let running: Vec<_> =
-                self.threads.iter().filter(|t| !t.stopped && self.control.in_guest(t.cpu as usize)).collect();
-            if running.is_empty() || Instant::now() > deadline {
-                break;
-            }
-            for t in running {
-                if !t.handle.is_finished() {
-                    // SAFETY: the thread is alive, so its pthread_t is valid;
-                    // the kick signal has a no-op handler.
-                    unsafe { libc::pthread_kill(t.handle.as_pthread_t(), vcpu::kick_signal()) };
-                }
-            }
-            std::thread::sleep(Duration::from_micros(200));
+        let cpus: Vec<u8> = self.threads.iter().filter(|t| !t.stopped).map(|t| t.cpu).collect();
+        let result = wait_out_of_guest(&self.control, &cpus, Instant::now() + PAUSE_DEADLINE, |cpu| self.kick(cpu));
+        result.map_err(|cpus| {
+            self.resume();
+            PauseError { cpus, deadline: PAUSE_DEADLINE }
+        })
+    }
+
+    /// Sends the kick signal to vCPU `cpu`'s thread, if it is alive.
+    fn kick(&self, cpu: u8) {
+        if let Some(t) = self.threads.iter().find(|t| t.cpu == cpu && !t.handle.is_finished()) {
+            // SAFETY: the thread is alive (not finished, not joined), so its
+            // pthread_t is valid; the kick signal has a handler.
+            unsafe { libc::pthread_kill(t.handle.as_pthread_t(), vcpu::kick_signal()) };
         }
     }
 
@@ -194,25 +228,21 @@ impl Vm {
     }
 
     /// Stops every vCPU (waking blocked ones, kicking running ones out of
-    /// `KVM_RUN`) and joins their threads.
+    /// `KVM_RUN`) and joins their threads, waiting at most
+    /// [`STOP_DEADLINE`]; then flushes the console (with its own deadline).
     pub fn stop(&mut self) {
         self.devices.request_stop();
         for t in &self.threads {
             t.stop.store(true, Ordering::Release);
         }
         self.control.wake();
-        let deadline = Instant::now() + KICK_DEADLINE;
+        let deadline = Instant::now() + STOP_DEADLINE;
         for t in self.threads.drain(..) {
-            if t.stopped {
-                // It sent its last event and is returning: just join.
-                let _ = t.handle.join();
-                continue;
-            }
             while !t.handle.is_finished() && Instant::now() < deadline {
                 // SAFETY: the thread is alive (not finished, not joined), so
-                // its pthread_t is valid; the signal has a no-op handler.
+                // its pthread_t is valid; the signal has a handler.
                 unsafe { libc::pthread_kill(t.handle.as_pthread_t(), vcpu::kick_signal()) };
-                std::thread::sleep(Duration::from_micros(200));
+                std::thread::sleep(KICK_INTERVAL);
             }
             if t.handle.is_finished() {
                 let _ = t.handle.join();
@@ -234,5 +264,26 @@ impl Drop for Vm {
         if !self.threads.is_empty() {
             self.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vcpu_that_never_leaves_the_guest_fails_the_wait_instead_of_hanging() {
+        let control = RunControl::new(2);
+        let stop = AtomicBool::new(false);
+        control.enter_guest_for_test(1, &stop);
+        let kicks = std::sync::atomic::AtomicU32::new(0);
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let r = wait_out_of_guest(&control, &[0, 1], deadline, |cpu| {
+            assert_eq!(cpu, 1);
+            kicks.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(r, Err(vec![1]));
+        assert!(kicks.load(Ordering::Relaxed) > 0, "it was kicked");
+        assert_eq!(wait_out_of_guest(&control, &[0], Instant::now(), |_| {}), Ok(()));
     }
 }
