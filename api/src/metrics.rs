@@ -24,6 +24,9 @@ pub struct Metrics {
     /// Lines the VMM could not write to its stdout or stderr (closed,
     /// failing, or full for too long).
     pub stdio_lines_dropped: u64,
+    /// Things the guest wrote that the VMM refused (bad addresses, records,
+    /// results); all are counted, at most 10 a second are logged.
+    pub guest_protocol_errors: u64,
     /// Log lines not written to the `PUT /logger` file (it was full, or
     /// the VMM's cap on log bytes was reached).
     pub log_lines_dropped: u64,

@@ -159,6 +159,7 @@ fn samples() -> Vec<Sample> {
         serial_bytes: 13,
         serial_bytes_dropped: 16,
         stdio_lines_dropped: 17,
+        guest_protocol_errors: 18,
         log_lines_dropped: 14,
         metrics_lines_dropped: 15,
     };

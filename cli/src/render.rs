@@ -240,6 +240,7 @@ pub fn metrics(metrics: &Metrics) -> String {
         serial_bytes,
         serial_bytes_dropped,
         stdio_lines_dropped,
+        guest_protocol_errors,
         log_lines_dropped,
         metrics_lines_dropped,
     } = metrics;
@@ -252,6 +253,7 @@ pub fn metrics(metrics: &Metrics) -> String {
         ("log_lines_dropped", text(log_lines_dropped)),
         ("metrics_lines_dropped", text(metrics_lines_dropped)),
         ("stdio_lines_dropped", text(stdio_lines_dropped)),
+        ("guest_protocol_errors", text(guest_protocol_errors)),
     ]);
     let exits_title = format!("VM EXITS ({} in all)", vm_exits.total());
     side_by_side(&[
@@ -717,7 +719,7 @@ serial_bytes_dropped   0 B        hlt           1
 log_lines_dropped      0          shutdown      0
 metrics_lines_dropped  0          system_event  0
 stdio_lines_dropped    0          failed        0
-                                  other         0
+guest_protocol_errors  0          other         0
 "
         );
         let out = metrics(&Metrics::default());

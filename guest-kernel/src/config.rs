@@ -3,7 +3,7 @@
 //! | word | meaning | default |
 //! | --- | --- | --- |
 //! | `cpl=0\|3` | run the kernel in ring 0, or deprivileged in ring 3 | `3` |
-//! | `workload=...` | `wait`, `exit`, `panic`, `fault`, `exception`, `alloc:SIZE`, `corrupt-stats`, `corrupt-stats-addr` | `wait` |
+//! | `workload=...` | `wait`, `exit`, `panic`, `fault`, `exception`, `alloc:SIZE`, `corrupt-stats`, `corrupt-stats-addr`, or an [`Attack`] (`attack-...`) | `wait` |
 //! | `memmap_init=...` | `eager`, `parallel`, `deferred`, `ondemand` | `ondemand` |
 //! | `memmap_chunk=SIZE` | memory per memmap chunk, 128K .. one section, power of two | `2M` |
 //! | `memmap_on_memory=on\|off` | each section's memmap at its start | `off` |
@@ -34,6 +34,43 @@ pub enum Workload {
     /// Write to the last page of RAM without onlining its block (tests the
     /// VMM's refusal of RAM the guest never asked for).
     TouchOffline,
+    /// Behave like a hostile guest (the VMM's hostile-guest tests).
+    Attack(Attack),
+}
+
+/// What a hostile guest does once it is ready (`workload=attack-...`); the
+/// VMM must stay responsive, bounded and stoppable whatever it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attack {
+    /// `attack-ports`: write bad values to every paravirtual port but the
+    /// exit and exception ports, forever.
+    Ports,
+    /// `attack-serial-flood`: write to COM1 forever, never waiting for the
+    /// transmitter.
+    SerialFlood,
+    /// `attack-mailbox-silent`: take every command, answer none.
+    MailboxSilent,
+    /// `attack-held-max`: answer every command with `held_bytes` = u64::MAX
+    /// (a shutdown still shuts down).
+    HeldMax,
+    /// `attack-spin`: loop forever in the kernel, never exiting to the VMM.
+    Spin,
+    /// `attack-exit:N`: exit with code N at once.
+    Exit(u32),
+}
+
+impl Attack {
+    /// The attack named `v` (the value of `workload=`).
+    fn parse(v: &str) -> Option<Attack> {
+        Some(match v {
+            "attack-ports" => Attack::Ports,
+            "attack-serial-flood" => Attack::SerialFlood,
+            "attack-mailbox-silent" => Attack::MailboxSilent,
+            "attack-held-max" => Attack::HeldMax,
+            "attack-spin" => Attack::Spin,
+            _ => Attack::Exit(v.strip_prefix("attack-exit:")?.parse().ok()?),
+        })
+    }
 }
 
 /// Boot configuration.
@@ -88,9 +125,10 @@ impl Config {
                 "corrupt-stats" => Workload::CorruptStats,
                 "corrupt-stats-addr" => Workload::CorruptStatsAddr,
                 "touch-offline" => Workload::TouchOffline,
-                _ => match v.strip_prefix("alloc:").and_then(parse_size) {
-                    Some(n) => Workload::Alloc(n),
-                    None => return Err(ConfigError { key: "workload" }),
+                _ => match (v.strip_prefix("alloc:").and_then(parse_size), Attack::parse(v)) {
+                    (Some(n), _) => Workload::Alloc(n),
+                    (None, Some(a)) => Workload::Attack(a),
+                    (None, None) => return Err(ConfigError { key: "workload" }),
                 },
             };
         }
@@ -142,6 +180,23 @@ mod tests {
         assert_eq!(c.chunk_bytes, 128 << 10);
         assert!(c.memmap_on_memory);
         assert!(c.quiet);
+    }
+
+    #[test]
+    fn attacks_are_named_workloads() {
+        for (v, a) in [
+            ("attack-ports", Attack::Ports),
+            ("attack-serial-flood", Attack::SerialFlood),
+            ("attack-mailbox-silent", Attack::MailboxSilent),
+            ("attack-held-max", Attack::HeldMax),
+            ("attack-spin", Attack::Spin),
+            ("attack-exit:134", Attack::Exit(134)),
+        ] {
+            assert_eq!(Config::parse(&format!("workload={v}")).unwrap().workload, Workload::Attack(a), "{v}");
+        }
+        for bad in ["attack-exit:", "attack-exit:x", "attack-everything"] {
+            assert_eq!(Config::parse(&format!("workload={bad}")), Err(ConfigError { key: "workload" }), "{bad}");
+        }
     }
 
     #[test]

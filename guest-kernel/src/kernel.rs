@@ -188,6 +188,7 @@ fn run_workload(config: &Config, booted: &Booted) -> ! {
             command_loop(booted)
         }
         BootWorkload::Wait => command_loop(booted),
+        BootWorkload::Attack(a) => crate::workload::attack(a),
     }
 }
 

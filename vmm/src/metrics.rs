@@ -53,6 +53,7 @@ impl Metrics {
             serial_bytes: l(&self.serial_bytes),
             serial_bytes_dropped: l(&self.serial_bytes_dropped),
             stdio_lines_dropped: crate::out::dropped_stdout() + crate::out::dropped_stderr(),
+            guest_protocol_errors: l(&self.guest_protocol_errors),
             log_lines_dropped,
             metrics_lines_dropped,
         }

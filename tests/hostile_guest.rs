@@ -1,0 +1,273 @@
+//! Hostile-guest tests: the built-in guest kernel booted with an attack
+//! workload (`workload=attack-...`, guest-kernel/src/workload.rs), and what
+//! the VMM must do whatever the guest does: not abort on a broken stdout or
+//! stderr, bound its logging, stay stoppable with a stalled console, refuse
+//! impossible results, give up on a silent guest, and keep its own exit
+//! codes to itself (docs/security.md).
+
+mod common;
+
+use common::{vmm, vmm_path, wait_for, TempDir};
+use serde_json::Value;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a stop may take in these tests: the VMM's own bound is well
+/// under a second; this is generous for a loaded 2-core machine.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A small guest: the attacks need no memory.
+const MEM: &str = "256";
+
+/// A `vmm run` serving the API, with stdout and stderr as the test says;
+/// killed on drop if still running.
+struct Vm {
+    child: Child,
+    sock: PathBuf,
+    _dir: TempDir,
+}
+
+impl Vm {
+    fn start(tag: &str, args: &[&str], stdout: Stdio, stderr: Stdio) -> Vm {
+        let dir = TempDir::new(tag);
+        let sock = dir.path().join("vmm.sock");
+        let child = Command::new(vmm_path())
+            .args(["run", "--mem-mib", MEM])
+            .args(args)
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("cannot start vmm");
+        let vm = Vm { child, sock, _dir: dir };
+        wait_for(|| std::os::unix::net::UnixStream::connect(&vm.sock).is_ok(), "the API socket");
+        vm
+    }
+
+    fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        curl(&self.sock, method, path, body)
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let (code, m) = self.curl("GET", "/metrics", None);
+        assert_eq!(code, 200, "{m}");
+        m[name].as_u64().unwrap_or_else(|| panic!("no {name} in {m}"))
+    }
+
+    fn sigterm(&self) {
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
+    }
+
+    /// Waits for the process to exit within `limit`; its exit code and how long it took.
+    fn exit_within(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st.code(), start.elapsed());
+            }
+            assert!(start.elapsed() < limit, "vmm did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request with curl (at most 10 s); the status and the JSON body.
+fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"]).arg(sock);
+    c.args(["-X", method, &format!("http://localhost{path}")]);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    let out = c.output().expect("curl is needed for these tests");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let v = serde_json::from_str(body).unwrap_or(Value::Null);
+    (code.trim().parse().unwrap_or(0), v)
+}
+
+fn guest_ready(vm: &Vm) -> bool {
+    let (code, report) = vm.curl("GET", "/memory", None);
+    code == 200 && report["timings"]["guest_ready"].is_number()
+}
+
+/// A pipe whose read end is closed: every write to it fails with EPIPE.
+fn broken_pipe() -> std::io::PipeWriter {
+    let (r, w) = std::io::pipe().unwrap();
+    drop(r);
+    w
+}
+
+#[test]
+fn a_closed_stdout_and_stderr_do_not_abort_the_vmm() {
+    let w = broken_pipe();
+    let mut vm = Vm::start(
+        "closed-stdio",
+        &["--cmdline", "workload=attack-ports"],
+        Stdio::from(w.try_clone().unwrap()),
+        Stdio::from(w),
+    );
+    // The guest floods the log with protocol errors, all written to a closed stderr.
+    wait_for(|| vm.metric("guest_protocol_errors") > 1000, "the guest's bad port writes");
+    assert!(vm.metric("stdio_lines_dropped") > 0, "the failed writes are counted");
+    vm.sigterm();
+    let (code, took) = vm.exit_within(STOP_DEADLINE);
+    assert_eq!(code, Some(0), "a requested stop, not an abort (134)");
+    assert!(!vm.sock.exists(), "the socket is removed");
+    eprintln!("closed stdio: stopped {took:?} after SIGTERM");
+}
+
+#[test]
+fn guest_protocol_errors_are_rate_limited_and_a_stderr_nobody_reads_stalls_nothing() {
+    // stderr: a pipe held open and never read, so the VMM's writes would block.
+    let (_unread, w) = std::io::pipe().unwrap();
+    let mut vm = Vm::start("unread-stderr", &["--serial", "none", "--cmdline", "workload=attack-ports"], Stdio::null(), Stdio::from(w));
+    wait_for(|| vm.metric("guest_protocol_errors") > 10_000, "the guest's bad port writes");
+    // The API still answers: the controller is not stuck in a write.
+    let (code, _) = vm.curl("GET", "/", None);
+    assert_eq!(code, 200);
+    let (code, _) = vm.curl("PUT", "/actions", Some(r#"{"action_type": "Shutdown"}"#));
+    assert_eq!(code, 204);
+    let (code, took) = vm.exit_within(STOP_DEADLINE);
+    assert_eq!(code, Some(0));
+    eprintln!("unread stderr: stopped {took:?} after Shutdown");
+
+    // With stderr read: a bounded number of lines, each summarizing the rest.
+    let (mut r, w) = std::io::pipe().unwrap();
+    let mut vm = Vm::start("rate-limit", &["--serial", "none", "--cmdline", "workload=attack-ports"], Stdio::null(), Stdio::from(w));
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    wait_for(|| vm.metric("guest_protocol_errors") > 10_000, "the guest's bad port writes");
+    let errors = vm.metric("guest_protocol_errors");
+    vm.sigterm();
+    vm.exit_within(STOP_DEADLINE);
+    let elapsed = start.elapsed().as_secs() + 2;
+    let stderr = reader.join().unwrap();
+    let lines = stderr.lines().filter(|l| l.contains("guest protocol error")).count() as u64;
+    assert!(lines > 0 && lines <= 10 * elapsed, "{lines} lines for {errors} errors in about {elapsed} s");
+    assert!(stderr.contains("more suppressed"), "{stderr}");
+    assert!(stderr.contains("were not logged (rate limit)"), "the total is summarized at stop:\n{stderr}");
+}
+
+#[test]
+fn a_serial_flood_into_a_pipe_nobody_reads_leaves_the_vm_stoppable() {
+    for how in ["Shutdown", "SIGTERM"] {
+        let (_unread, w) = std::io::pipe().unwrap();
+        let mut vm = Vm::start("serial-flood", &["--cmdline", "workload=attack-serial-flood"], Stdio::from(w), Stdio::null());
+        wait_for(|| vm.metric("serial_bytes_dropped") > 0, "the console buffer to overflow");
+        let (code, _) = vm.curl("GET", "/", None);
+        assert_eq!(code, 200, "the API answers while the console is stuck");
+        match how {
+            "Shutdown" => assert_eq!(vm.curl("PUT", "/actions", Some(r#"{"action_type": "Shutdown"}"#)).0, 204),
+            _ => vm.sigterm(),
+        }
+        let (code, took) = vm.exit_within(STOP_DEADLINE);
+        assert_eq!(code, Some(0), "{how}");
+        assert!(!vm.sock.exists());
+        eprintln!("serial flood: stopped {took:?} after {how}");
+    }
+}
+
+#[test]
+fn a_guest_that_never_exits_to_the_vmm_is_stopped_and_paused_on_demand() {
+    let mut vm = Vm::start("spin", &["--serial", "none", "--cmdline", "workload=attack-spin"], Stdio::null(), Stdio::null());
+    wait_for(|| guest_ready(&vm), "the guest to be ready");
+    let (code, v) = vm.curl("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(code, 204, "{v}");
+    assert_eq!(vm.curl("GET", "/vm/status", None).1["state"], "Paused");
+    assert_eq!(vm.curl("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
+    vm.sigterm();
+    let (code, took) = vm.exit_within(STOP_DEADLINE);
+    assert_eq!(code, Some(0));
+    eprintln!("spinning guest: stopped {took:?} after SIGTERM");
+}
+
+#[test]
+fn a_console_file_is_capped() {
+    let dir = TempDir::new("serial-cap");
+    let path = dir.path().join("console");
+    let target = format!("file:{}", path.display());
+    let mut vm = Vm::start(
+        "serial-cap",
+        &["--serial", &target, "--serial-max-bytes", "65536", "--cmdline", "workload=attack-serial-flood"],
+        Stdio::null(),
+        Stdio::null(),
+    );
+    wait_for(|| vm.metric("serial_bytes_dropped") > 65536, "output past the cap");
+    vm.sigterm();
+    assert_eq!(vm.exit_within(STOP_DEADLINE).0, Some(0));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 65536);
+}
+
+#[test]
+fn a_held_bytes_larger_than_ram_is_refused() {
+    let o = vmm(&[
+        "run", "--no-api", "--mem-mib", MEM, "--serial", "none", "--alloc-mib", "16", "--report", "json",
+        "--cmdline", "workload=attack-held-max",
+    ]);
+    o.assert_code(0);
+    let report: Value = serde_json::from_str(o.stdout.lines().next().unwrap_or("")).unwrap_or_else(|_| panic!("{o}"));
+    let held = report["guest"]["workload_bytes"].as_u64().unwrap();
+    assert!(held <= 256 << 20, "the guest's claim reached the report: {held}");
+    assert!(o.stderr.contains("result refused"), "{o}");
+}
+
+#[test]
+fn a_guest_that_never_answers_is_given_up_on() {
+    // The run script: a deadline, then the VMM's own exit code 3.
+    let start = Instant::now();
+    let o = vmm(&[
+        "run", "--no-api", "--mem-mib", MEM, "--serial", "none", "--alloc-mib", "16", "--report", "json",
+        "--guest-timeout", "1", "--cmdline", "workload=attack-mailbox-silent",
+    ]);
+    o.assert_code(3);
+    assert!(o.stderr.contains("did not finish command"), "{o}");
+    eprintln!("silent guest: vmm run --alloc-mib gave up after {:?}", start.elapsed());
+
+    // The API: a command that timed out does not wedge the next ones.
+    let mut vm = Vm::start(
+        "silent",
+        &["--serial", "none", "--guest-timeout", "1", "--cmdline", "workload=attack-mailbox-silent"],
+        Stdio::null(),
+        Stdio::null(),
+    );
+    wait_for(|| guest_ready(&vm), "the guest to be ready");
+    for _ in 0..2 {
+        let (code, v) = vm.curl("PUT", "/guest/memory", Some(r#"{"target_mib": 8}"#));
+        assert_eq!(code, 504, "a timeout, not 409: {v}");
+    }
+    let (code, v) = vm.curl("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
+    assert_eq!(code, 204, "{v}");
+    // The guest ignores the shutdown too: stopped once that times out.
+    let (code, took) = vm.exit_within(Duration::from_secs(30));
+    assert_eq!(code, Some(3));
+    assert!(!vm.sock.exists());
+    eprintln!("silent guest: SendCtrlAltDel ended the VM after {took:?}");
+}
+
+#[test]
+fn a_guest_cannot_choose_the_vmms_exit_code() {
+    for (guest, process) in [(0, 0), (1, 65), (2, 66), (3, 67), (134, 70), (139, 75), (255, 127), (4_000_000_000u32, 64)] {
+        let o = vmm(&["run", "--no-api", "--mem-mib", MEM, "--serial", "none", "--cmdline", &format!("workload=attack-exit:{guest}")]);
+        o.assert_code(process);
+        if guest != 0 {
+            assert!(o.stdout.contains(&format!("vmm: guest exit code {guest}\n")), "{o}");
+        }
+    }
+}
