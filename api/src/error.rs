@@ -49,6 +49,10 @@ pub enum ApiError {
     /// missing field).
     #[error("invalid body for {0}")]
     InvalidBody(Endpoint, #[source] serde_json::Error),
+    /// The body is JSON but not an object (serde would read an array as
+    /// the struct's fields in order, so arrays are refused before parsing).
+    #[error("invalid body for {0}: the body must be a JSON object")]
+    NotAnObject(Endpoint),
     /// The endpoint needs a body and none was sent.
     #[error("{0} needs a JSON body")]
     MissingBody(Endpoint),
@@ -123,6 +127,7 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::InvalidBody(..)
+            | ApiError::NotAnObject(_)
             | ApiError::MissingBody(_)
             | ApiError::UnexpectedBody(_)
             | ApiError::MachineConfig(_)
