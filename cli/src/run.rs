@@ -47,7 +47,7 @@ fn socket_path(api_sock: Option<&Path>, place: &VmPlace) -> Result<PathBuf, u8> 
 /// What to tell a user who got `e`, beyond the error itself.
 fn hint(e: &StartError) -> Option<&'static str> {
     match e {
-        StartError::Build(BuildError::Kernel(LoadError::Read { .. } | LoadError::NotElf { .. })) => {
+        StartError::Build(BuildError::Kernel(LoadError::File(_) | LoadError::Read { .. } | LoadError::NotElf { .. })) => {
             Some("pass an existing ELF kernel to --kernel, or omit it to boot the built-in guest")
         }
         _ => None,
