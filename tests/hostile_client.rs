@@ -169,3 +169,59 @@ fn kernel_paths_that_would_block_or_never_end_are_refused() {
         assert!(o.stderr.contains(why), "{path}: {o}");
     }
 }
+
+/// `vmm serve --keep-serving`: after the guest stops, the API answers with
+/// state Halted (or Failed) and the stop's exit code, until Shutdown.
+fn stops_and_stays(workload: &str) -> (serde_json::Value, i32) {
+    let mut s = Served::start("hostile-stay", "vmm.sock", &["serve", "--serial", "none", "--keep-serving"]);
+    let client = Client::new().unwrap();
+    let put = |path: &str, body: serde_json::Value| {
+        let (code, v) = client.request(&s.sock, "PUT", path, Some(&body)).unwrap();
+        assert_eq!(code, 204, "PUT {path}: {v}");
+    };
+    put("/machine-config", json!({"vcpu_count": 1, "mem_size_mib": 64}));
+    put("/boot-source", json!({"boot_args": format!("workload={workload}")}));
+    put("/actions", json!({"action_type": "InstanceStart"}));
+    let mut status = serde_json::Value::Null;
+    common::wait_for(
+        || {
+            status = client.request(&s.sock, "GET", "/vm/status", None).unwrap().1;
+            matches!(status["state"].as_str(), Some("Halted" | "Failed"))
+        },
+        "the guest to stop",
+    );
+    // Still serving: the stopped VM refuses what needs a running one.
+    let (code, v) = client.request(&s.sock, "PATCH", "/vm", Some(&json!({"state": "Paused"}))).unwrap();
+    assert_eq!(code, 409, "{v}");
+    put("/actions", json!({"action_type": "Shutdown"}));
+    (status, s.wait())
+}
+
+#[test]
+fn a_served_vm_that_stops_is_observable_until_shutdown() {
+    let (status, code) = stops_and_stays("exit");
+    assert_eq!(status["state"], "Halted", "{status}");
+    assert_eq!(status["exit_code"], 0, "{status}");
+    assert!(status["failure_reason"].is_null(), "{status}");
+    assert_eq!(code, 0);
+    let (status, code) = stops_and_stays("panic");
+    assert_eq!(status["state"], "Failed", "{status}");
+    assert!(status["failure_reason"].as_str().is_some_and(|r| !r.is_empty()), "{status}");
+    assert_eq!(status["exit_code"], code, "{status}: the process exits with the code it reported");
+    assert_ne!(code, 0);
+}
+
+#[test]
+fn a_machine_too_small_to_boot_is_refused_before_start() {
+    let s = serve();
+    let client = Client::new().unwrap();
+    for mib in [2, 4] {
+        let body = json!({"vcpu_count": 1, "mem_size_mib": mib});
+        let (code, v) = client.request(&s.sock, "PUT", "/machine-config", Some(&body)).unwrap();
+        assert_eq!(code, 400, "{v}");
+        assert!(fault_message(&v).contains("at least 5 MiB"), "{v}");
+    }
+    // The smallest accepted size boots.
+    let o = vmm(&["run", "--no-api", "--serial", "none", "--mem-mib", "5", "--cmdline", "workload=exit"]);
+    o.assert_code(0);
+}

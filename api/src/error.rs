@@ -164,11 +164,11 @@ mod tests {
 
     #[test]
     fn body_joins_the_source_chain() {
-        let err = ApiError::from(MachineConfigError::MemSizeZero);
+        let err = ApiError::from(MachineConfigError::MemSizeTooSmall(0));
         assert_eq!(err.status(), 400);
         assert_eq!(
             err.body().fault_message,
-            "invalid machine configuration: memory size (mem_size_mib) must be more than 0 MiB; the default is 2048"
+            "invalid machine configuration: memory size (mem_size_mib) must be at least 5 MiB, the least the guest boots in (got 0); the default is 2048"
         );
         let err = ApiError::HostPath {
             field: "log_path",

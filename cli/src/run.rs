@@ -110,6 +110,7 @@ pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
         ..VmConfig::default()
     };
     let mut ctl = Controller::new(config, timings);
+    ctl.set_exit_on_stop(!args.keep_serving);
     let server = match socket_path(args.api_sock.as_deref(), &args.place).and_then(|p| start_api(&p, &ctl)) {
         Ok(s) => s,
         Err(code) => return code,
