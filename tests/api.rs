@@ -107,9 +107,10 @@ fn full_lifecycle_serve_configure_start_memory_pause_resume_shutdown() {
     assert_eq!(code, 204);
     let (_, cfg) = s.curl("GET", "/machine-config", None);
     assert_eq!((&cfg["vcpu_count"], &cfg["mem_size_mib"], &cfg["memmap_init"]), (&json!(1), &json!(512), &json!("ondemand")));
-    // No memory report before start: a state conflict.
+    // Before start the report says it is not valid (as the spec promises).
     let (code, e) = s.curl("GET", "/memory", None);
-    assert_eq!(code, 409, "{e}");
+    assert_eq!((code, &e["valid"], &e["guest"]), (200, &json!(false), &Value::Null), "{e}");
+    assert!(e["invalid_reason"].as_str().unwrap().contains("not started"), "{e}");
 
     let (code, _) = s.curl("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
     assert_eq!(code, 204);

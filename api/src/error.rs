@@ -49,6 +49,10 @@ pub enum ApiError {
     /// missing field).
     #[error("invalid body for {0}")]
     InvalidBody(Endpoint, #[source] serde_json::Error),
+    /// The body is JSON but not an object (serde would read an array as
+    /// the struct's fields in order, so arrays are refused before parsing).
+    #[error("invalid body for {0}: the body must be a JSON object")]
+    NotAnObject(Endpoint),
     /// The endpoint needs a body and none was sent.
     #[error("{0} needs a JSON body")]
     MissingBody(Endpoint),
@@ -131,6 +135,7 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::InvalidBody(..)
+            | ApiError::NotAnObject(_)
             | ApiError::MissingBody(_)
             | ApiError::UnexpectedBody(_)
             | ApiError::MachineConfig(_)
@@ -168,11 +173,11 @@ mod tests {
 
     #[test]
     fn body_joins_the_source_chain() {
-        let err = ApiError::from(MachineConfigError::MemSizeZero);
+        let err = ApiError::from(MachineConfigError::MemSizeTooSmall(0));
         assert_eq!(err.status(), 400);
         assert_eq!(
             err.body().fault_message,
-            "invalid machine configuration: memory size (mem_size_mib) must be more than 0 MiB; the default is 2048"
+            "invalid machine configuration: memory size (mem_size_mib) must be at least 5 MiB, the least the guest boots in (got 0); the default is 2048"
         );
         let err = ApiError::HostPath {
             field: "log_path",

@@ -99,7 +99,7 @@ pub use logger::{LogLevel, Logger, LoggerError, MetricsConfig, MetricsConfigErro
 pub use machine::{
     CpuTemplate, GuestCpl, HugePages, MachineConfig, MachineConfigError, MachineConfigPut,
     MachineConfigUpdate, Strategy, DEFAULT_CHUNK_KIB, DEFAULT_MEM_SIZE_MIB, DEFAULT_VCPU_COUNT,
-    MAX_CHUNK_KIB, MAX_MEM_SIZE_MIB, MAX_VCPUS, MIN_CHUNK_KIB,
+    MAX_CHUNK_KIB, MAX_MEM_SIZE_MIB, MAX_VCPUS, MIN_CHUNK_KIB, MIN_MEM_SIZE_MIB,
 };
 pub use memory::{
     BootTimings, GuestMemoryOutcome, GuestMemoryStatus, GuestMemoryTarget, GuestMemoryTargetError,

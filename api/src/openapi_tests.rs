@@ -623,6 +623,11 @@ fn machine_config_defaults_and_limits_match() {
     }
     assert_eq!(props["vcpu_count"]["maximum"], json!(MAX_VCPUS));
     assert_eq!(props["mem_size_mib"]["maximum"], json!(MAX_MEM_SIZE_MIB));
+    assert_eq!(props["mem_size_mib"]["minimum"], json!(MIN_MEM_SIZE_MIB));
+    for schema in ["MachineConfigPut", "MachineConfigUpdate"] {
+        let p = &spec["components"]["schemas"][schema]["properties"]["mem_size_mib"];
+        assert_eq!((&p["minimum"], &p["maximum"]), (&json!(MIN_MEM_SIZE_MIB), &json!(MAX_MEM_SIZE_MIB)), "{schema}");
+    }
     assert_eq!(props["memmap_chunk_kib"]["minimum"], json!(MIN_CHUNK_KIB));
     assert_eq!(props["memmap_chunk_kib"]["maximum"], json!(MAX_CHUNK_KIB));
     let boot = &spec["components"]["schemas"]["BootSource"]["properties"];

@@ -128,7 +128,14 @@ impl ApiRequest {
     }
 }
 
+/// Parses a body that must be a JSON object. serde reads a JSON array into
+/// a struct field by field (`["Shutdown"]` would be an `InstanceActionInfo`),
+/// so anything but an object is refused first: a JSON text whose first byte
+/// (after the blanks that `parse` trimmed) is `{` is an object or invalid.
 fn json<T: DeserializeOwned>(endpoint: Endpoint, body: &[u8]) -> Result<T, ApiError> {
+    if body.first() != Some(&b'{') {
+        return Err(ApiError::NotAnObject(endpoint));
+    }
     serde_json::from_slice(body).map_err(|e| ApiError::InvalidBody(endpoint, e))
 }
 
@@ -302,6 +309,22 @@ mod tests {
         );
         assert_eq!(status("PUT", "/nope", b""), 404);
         assert_eq!(status("POST", "/actions", b""), 405);
+        // Arrays (read positionally by serde), strings, numbers, null.
+        for (path, body) in [
+            ("/actions", &br#"["Shutdown"]"#[..]),
+            ("/machine-config", b"[4,512]"),
+            ("/machine-config", b"null"),
+            ("/guest/memory", b"[64]"),
+            ("/boot-source", br#""x""#),
+            ("/actions", b"7"),
+        ] {
+            let e = ApiRequest::parse("PUT", path, body).unwrap_err();
+            assert!(matches!(e, ApiError::NotAnObject(_)), "{path} {e}");
+            assert_eq!(e.status(), 400);
+            assert!(e.body().fault_message.ends_with("the body must be a JSON object"), "{e}");
+        }
+        let e = ApiRequest::parse("PATCH", "/vm", br#"["Paused"]"#).unwrap_err();
+        assert!(matches!(e, ApiError::NotAnObject(_)), "{e}");
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         assert_eq!(status("PUT", "/machine-config", &big), 413);
 

@@ -117,6 +117,13 @@ pub struct ServeArgs {
     /// Where the guest's serial console goes: stdout, stderr, file:PATH, or none.
     #[arg(long, default_value = "stdout", value_parser = parse_serial, value_name = "TARGET")]
     pub serial: SerialTarget,
+    /// Keep serving the API after the guest stops: `GET /vm/status` then
+    /// shows Halted or Failed with its exit_code or failure_reason, until
+    /// a Shutdown action or SIGTERM ends the process (with the code the
+    /// guest's stop maps to). Without it the process exits when the guest
+    /// stops, as Firecracker does.
+    #[arg(long)]
+    pub keep_serving: bool,
     #[command(flatten)]
     pub guest: GuestLimits,
 }

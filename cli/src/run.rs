@@ -53,7 +53,7 @@ fn socket_path(api_sock: Option<&Path>, place: &VmPlace) -> Result<PathBuf, u8> 
 /// What to tell a user who got `e`, beyond the error itself.
 fn hint(e: &StartError) -> Option<&'static str> {
     match e {
-        StartError::Build(BuildError::Kernel(LoadError::Read { .. } | LoadError::NotElf { .. })) => {
+        StartError::Build(BuildError::Kernel(LoadError::File(_) | LoadError::Read { .. } | LoadError::NotElf { .. })) => {
             Some("pass an existing ELF kernel to --kernel, or omit it to boot the built-in guest")
         }
         _ => None,
@@ -119,6 +119,7 @@ pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
         ..VmConfig::default()
     };
     let mut ctl = Controller::new(config, timings);
+    ctl.set_exit_on_stop(!args.keep_serving);
     let server = match socket_path(args.api_sock.as_deref(), &args.place).and_then(|p| start_api(&p, &ctl)) {
         Ok(s) => s,
         Err(code) => return code,

@@ -99,6 +99,9 @@ pub enum KernelImageError {
     /// A directory, FIFO, device or socket.
     #[error("{} is not a regular file", path.display())]
     NotAFile { path: PathBuf },
+    /// Larger than [`MAX_KERNEL_IMAGE_BYTES`] (or it grew past it while read).
+    #[error("{} is {bytes} bytes; a kernel image may have at most {MAX_KERNEL_IMAGE_BYTES}", path.display())]
+    TooLarge { path: PathBuf, bytes: u64 },
     /// It exists and cannot be read.
     #[error("{} cannot be opened for reading", path.display())]
     Unreadable {
@@ -108,15 +111,43 @@ pub enum KernelImageError {
     },
 }
 
-/// Checks that `path` is a regular file (after symlinks) this process can
-/// open for reading. The file is read again at `InstanceStart`.
-pub fn check_kernel_image(path: &Path) -> Result<(), KernelImageError> {
-    let meta = std::fs::metadata(path).map_err(|source| KernelImageError::Missing { path: path.into(), source })?;
+/// Largest kernel image the VMM reads (64 MiB; the built-in guest is about
+/// 110 KiB). A bigger file is refused at `PUT /boot-source` and `--kernel`.
+pub const MAX_KERNEL_IMAGE_BYTES: u64 = 64 << 20;
+
+/// Opens a kernel image without ever blocking: `O_NONBLOCK` so that a FIFO
+/// (or a device) does not wait for a writer, `O_CLOEXEC`, then `fstat` on
+/// the descriptor itself, which must be a regular file of at most
+/// [`MAX_KERNEL_IMAGE_BYTES`]. Returns the file and its size; the caller
+/// reads from this descriptor (never the path again), so the file checked
+/// is the file read.
+pub fn open_kernel_image(path: &Path) -> Result<(std::fs::File, u64), KernelImageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => {
+                KernelImageError::Missing { path: path.into(), source }
+            }
+            _ => KernelImageError::Unreadable { path: path.into(), source },
+        })?;
+    let meta = file.metadata().map_err(|source| KernelImageError::Unreadable { path: path.into(), source })?;
     if !meta.is_file() {
         return Err(KernelImageError::NotAFile { path: path.into() });
     }
-    std::fs::File::open(path).map_err(|source| KernelImageError::Unreadable { path: path.into(), source })?;
-    Ok(())
+    if meta.len() > MAX_KERNEL_IMAGE_BYTES {
+        return Err(KernelImageError::TooLarge { path: path.into(), bytes: meta.len() });
+    }
+    Ok((file, meta.len()))
+}
+
+/// Checks that `path` is a regular file (after symlinks) of at most
+/// [`MAX_KERNEL_IMAGE_BYTES`] that this process can open for reading, with
+/// [`open_kernel_image`]. The file is read again at `InstanceStart`.
+pub fn check_kernel_image(path: &Path) -> Result<(), KernelImageError> {
+    open_kernel_image(path).map(drop)
 }
 
 /// Why a configuration was refused.
@@ -240,5 +271,23 @@ mod tests {
         std::fs::write(&missing, b"\x7fELF").unwrap();
         check_kernel_image(&missing).unwrap();
         check_kernel_image(Path::new(crate::loader::EMBEDDED_KERNEL_PATH)).unwrap();
+        // A FIFO with no writer: refused at once instead of blocking in open.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = check_kernel_image(&fifo).unwrap_err();
+        assert!(matches!(e, KernelImageError::NotAFile { .. }), "{e}");
+        let e = check_kernel_image(Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(e, KernelImageError::NotAFile { .. }), "{e}");
+        assert!(e.to_string().ends_with("/dev/zero is not a regular file"), "{e}");
+        // Sparse: 64 MiB + 1 byte costs no disk.
+        let big = dir.path().join("big");
+        std::fs::File::create(&big).unwrap().set_len(MAX_KERNEL_IMAGE_BYTES + 1).unwrap();
+        let e = check_kernel_image(&big).unwrap_err();
+        assert!(matches!(e, KernelImageError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("at most 67108864"), "{e}");
+        std::fs::File::create(&big).unwrap().set_len(MAX_KERNEL_IMAGE_BYTES).unwrap();
+        check_kernel_image(&big).unwrap();
     }
 }

@@ -121,6 +121,10 @@ pub struct Controller {
     script: Script,
     /// Set when the loop should end (the VM stopped, or was shut down).
     finished: Option<StopReason>,
+    /// Why the VM stopped, once it has (state Halted or Failed).
+    stop_reason: Option<StopReason>,
+    /// End the loop as soon as the VM stops (else serve on until Shutdown).
+    exit_on_stop: bool,
     /// `SendCtrlAltDel` came before the guest was ready: shut down once it is.
     shutdown_when_ready: bool,
     /// Something waits for the guest to be ready (the script, a early
@@ -166,6 +170,8 @@ impl Controller {
             guest_commands: 0,
             script: Script::default(),
             finished: None,
+            stop_reason: None,
+            exit_on_stop: true,
             shutdown_when_ready: false,
             ready_deadline: None,
             console_retry: None,
@@ -193,6 +199,13 @@ impl Controller {
     /// Sets what `vmm run` does once the guest is ready.
     pub fn set_script(&mut self, script: Script) {
         self.script = script;
+    }
+
+    /// Whether the loop ends when the VM stops (the default), or goes on
+    /// answering the API (state Halted or Failed) until a Shutdown action
+    /// or a signal, as `vmm serve --keep-serving` does.
+    pub fn set_exit_on_stop(&mut self, exit: bool) {
+        self.exit_on_stop = exit;
     }
 
     /// The configuration the VM is (or will be) built from.
@@ -360,6 +373,7 @@ impl Controller {
                 }
             }
             VmEvent::ConsoleOutput => self.drain_console(),
+            VmEvent::Signal(_) if self.stop_reason.is_some() => self.finished = self.stop_reason.clone(),
             VmEvent::Signal(sig) => {
                 log!(self, LogLevel::Warning, "received signal {sig}; stopping the VM");
                 if let Some(vm) = self.vm.as_mut() {
@@ -371,6 +385,10 @@ impl Controller {
     }
 
     fn stopped(&mut self, reason: StopReason) {
+        if self.stop_reason.is_some() {
+            // Already stopped (a late vCPU report while serving on).
+            return;
+        }
         if reason.is_failure() {
             self.state = VmState::Failed;
             self.failure = Some(reason.to_string());
@@ -394,7 +412,10 @@ impl Controller {
                 }));
             }
         }
-        self.finished = Some(reason);
+        if self.exit_on_stop {
+            self.finished = Some(reason.clone());
+        }
+        self.stop_reason = Some(reason);
     }
 
     /// The `vmm run` script: allocate, then report and shut down.
@@ -574,10 +595,10 @@ impl Controller {
             ApiRequest::PutMetrics(metrics) => self.set_metrics(metrics),
             ApiRequest::PutActions(a) => self.action(a.action_type),
             ApiRequest::PatchVm(u) => self.pause_resume(u.state),
-            ApiRequest::GetMemory => match self.report() {
-                None => Err(self.invalid_state("report memory")),
-                Some(r) => Ok(ApiResponse::MemoryReport(Box::new(r))),
-            },
+            // Before start: 200 with `valid: false`, as the spec promises.
+            ApiRequest::GetMemory => Ok(ApiResponse::MemoryReport(Box::new(
+                self.report().unwrap_or_else(|| report::not_started_report(self.timings.report())),
+            ))),
             ApiRequest::GetGuestMemory => Ok(ApiResponse::GuestMemoryStatus(Box::new(self.last.clone()))),
             ApiRequest::PutGuestMemory(target) => {
                 if let Err(e) = target.validate(self.config.machine.mem_size_mib) {
@@ -674,6 +695,8 @@ impl Controller {
             }
             api::ActionType::Shutdown => {
                 match self.vm.as_mut() {
+                    // Stopped already and serving on: exit as it stopped.
+                    Some(_) if self.stop_reason.is_some() => self.finished = self.stop_reason.clone(),
                     Some(vm) => {
                         vm.resume();
                         vm.stop();

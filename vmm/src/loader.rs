@@ -3,10 +3,10 @@
 //! `linux-loader`.
 
 use crate::arch::layout::HIMEM_START;
-use crate::config::KernelImage;
+use crate::config::{open_kernel_image, KernelImage, KernelImageError, MAX_KERNEL_IMAGE_BYTES};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::borrow::Cow;
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 use std::path::PathBuf;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -19,6 +19,9 @@ pub const EMBEDDED_KERNEL_PATH: &str = env!("GUEST_KERNEL_PATH");
 /// Why the kernel image could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// Not a regular file, too large, or cannot be opened.
+    #[error("cannot use kernel image")]
+    File(#[from] KernelImageError),
     #[error("cannot read kernel image {path}")]
     Read {
         path: PathBuf,
@@ -38,7 +41,7 @@ pub enum LoadError {
 impl LoadError {
     /// Whether the image the user named is at fault (rather than the host).
     pub fn is_usage(&self) -> bool {
-        matches!(self, LoadError::Read { .. } | LoadError::NotElf { .. })
+        matches!(self, LoadError::File(_) | LoadError::Read { .. } | LoadError::NotElf { .. })
     }
 }
 
@@ -53,10 +56,7 @@ impl Image {
     pub fn read(kernel: &KernelImage) -> Result<Image, LoadError> {
         let image = match kernel {
             KernelImage::Embedded => Image { bytes: EMBEDDED_KERNEL.into(), name: "(built-in guest)".into() },
-            KernelImage::File(p) => Image {
-                bytes: std::fs::read(p).map_err(|source| LoadError::Read { path: p.clone(), source })?.into(),
-                name: p.display().to_string(),
-            },
+            KernelImage::File(p) => Image { bytes: read_file(p)?.into(), name: p.display().to_string() },
         };
         check_elf(&image.bytes).map_err(|why| LoadError::NotElf { name: image.name.clone(), why })?;
         Ok(image)
@@ -75,6 +75,21 @@ impl Image {
             .map_err(|source| LoadError::Load { name: self.name.clone(), source })?;
         Ok(loaded.kernel_load)
     }
+}
+
+/// Reads a kernel file opened by [`open_kernel_image`] (regular, at most
+/// [`MAX_KERNEL_IMAGE_BYTES`], never blocking), reading at most one byte past
+/// the cap so a file that grows meanwhile is refused, not read forever.
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>, LoadError> {
+    let (file, len) = open_kernel_image(path)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(MAX_KERNEL_IMAGE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+    if bytes.len() as u64 > MAX_KERNEL_IMAGE_BYTES {
+        return Err(KernelImageError::TooLarge { path: path.to_path_buf(), bytes: bytes.len() as u64 }.into());
+    }
+    Ok(bytes)
 }
 
 /// The `[p_paddr, p_paddr + p_memsz)` of every `PT_LOAD` header of a 64-bit
@@ -158,6 +173,32 @@ mod tests {
     fn a_missing_file_names_its_path_once() {
         let e = Image::read(&KernelImage::File("/nonexistent/vmlinux".into())).err().unwrap();
         assert!(e.is_usage());
-        assert_eq!(e.to_string(), "cannot read kernel image /nonexistent/vmlinux");
+        assert_eq!(
+            api::ErrorChain(&e).to_string(),
+            "cannot use kernel image: /nonexistent/vmlinux does not exist or cannot be reached: \
+             No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn devices_directories_and_oversized_files_are_refused_without_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        for p in [std::path::PathBuf::from("/dev/zero"), dir.path().to_path_buf()] {
+            let e = Image::read(&KernelImage::File(p.clone())).err().unwrap();
+            assert!(e.is_usage(), "{e}");
+            assert!(matches!(e, LoadError::File(KernelImageError::NotAFile { .. })), "{p:?}: {e}");
+        }
+        let big = dir.path().join("big");
+        std::fs::File::create(&big).unwrap().set_len(MAX_KERNEL_IMAGE_BYTES + 1).unwrap();
+        let e = Image::read(&KernelImage::File(big)).err().unwrap();
+        assert!(matches!(e, LoadError::File(KernelImageError::TooLarge { .. })), "{e}");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = Image::read(&KernelImage::File(fifo)).err().unwrap();
+        assert!(matches!(e, LoadError::File(KernelImageError::NotAFile { .. })), "{e}");
+        let ok = Image::read(&KernelImage::File(EMBEDDED_KERNEL_PATH.into())).unwrap();
+        assert_eq!(&ok.bytes[..], EMBEDDED_KERNEL);
     }
 }

@@ -13,26 +13,30 @@ use hyper::{Request, Response, StatusCode};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
+use super::connections::Connections;
+use tokio::sync::{oneshot, watch};
 
 
 /// The timeouts and limits of the server (shorter in tests).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
-    /// To receive a request's line and headers (also the idle keep-alive
-    /// time: hyper starts this clock when it waits for the next request).
+    /// To receive a request's line and headers. It is also the idle
+    /// timeout: hyper starts this clock whenever it waits for a request
+    /// head, so a keep-alive connection with no next request is closed
+    /// after it too.
     pub(crate) header_read: Duration,
     /// To receive a request's body.
     pub(crate) body_read: Duration,
     /// For the VMM thread to answer (`PUT /guest/memory` waits on the guest).
     pub(crate) vmm_reply: Duration,
-    /// Connections served at once.
+    /// Connections open at once; at the cap the longest-idle one is closed
+    /// for a new one ([`super::connections`]).
     pub(crate) max_connections: usize,
 }
 
 impl Limits {
     pub(crate) const DEFAULT: Limits = Limits {
-        header_read: Duration::from_secs(10),
+        header_read: Duration::from_secs(5),
         body_read: Duration::from_secs(5),
         vmm_reply: Duration::from_secs(120),
         max_connections: 128,
@@ -45,6 +49,10 @@ pub(crate) struct Context {
     pub(crate) to_vmm: Sender<VmEvent>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: Limits,
+    /// Which connections are open, and which are busy.
+    pub(crate) connections: Arc<Connections>,
+    /// Set when the server stops: waiting requests are answered 503.
+    pub(crate) stopping: watch::Sender<bool>,
 }
 
 /// Answers one request and counts it.
@@ -64,6 +72,9 @@ async fn answer(req: Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> 
     if let Err(e) = Endpoint::find(method, path) {
         return error_response(&e.into());
     }
+    if *ctx.stopping.borrow() {
+        return shutting_down();
+    }
     let body = match read_body(body, ctx.limits.body_read).await {
         Ok(body) => body,
         Err(response) => return response,
@@ -78,12 +89,16 @@ async fn answer(req: Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> 
         .send(VmEvent::Api(ApiCall { request, reply }))
         .is_err()
     {
-        return fault(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the VMM is shutting down and takes no more requests".into(),
-        );
+        return shutting_down();
     }
-    match tokio::time::timeout(ctx.limits.vmm_reply, answer).await {
+    let mut stopping = ctx.stopping.subscribe();
+    let waited = tokio::select! {
+        // An answer already there wins over the server stopping.
+        biased;
+        waited = tokio::time::timeout(ctx.limits.vmm_reply, answer) => waited,
+        _ = stopping.wait_for(|&stop| stop) => return shutting_down(),
+    };
+    match waited {
         Ok(Ok(Ok(response))) => success_response(&response),
         Ok(Ok(Err(e))) => error_response(&e),
         Ok(Err(_)) => error_response(&ApiError::NoAnswer),
@@ -95,6 +110,14 @@ async fn answer(req: Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> 
             ),
         ),
     }
+}
+
+/// 503: the VMM thread takes no more requests, or the server is stopping.
+fn shutting_down() -> Response<Full<Bytes>> {
+    fault(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the VMM is shutting down and takes no more requests".into(),
+    )
 }
 
 /// Reads a body of at most [`MAX_BODY_BYTES`] within `deadline`, or the

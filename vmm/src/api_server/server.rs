@@ -17,10 +17,20 @@
 //! 5. The answer is written as JSON (`Content-Type: application/json`; 204
 //!    has no body; errors are `{"fault_message": ...}`, 405 with `Allow`).
 //!
-//! Steps 2 to 5 are [`super::http`]. Every connection is its own task, at
-//! most `max_connections` at once (more wait in the listen backlog), each
-//! with a small read buffer.
+//! Steps 2 to 5 are [`super::http`]. Every connection is its own task with
+//! a small read buffer. At most `max_connections` are open at once; at the
+//! cap the longest-idle connection is closed to make room for a new one
+//! ([`super::connections`]), so no number of idle or keep-alive clients
+//! locks a new client out. hyper's `header_read_timeout` closes a
+//! connection that sends no complete request head within `header_read`,
+//! and it also runs while a keep-alive connection waits for its next
+//! request: that is the idle timeout.
+//!
+//! When the server stops, requests still waiting for the VMM thread and
+//! requests arriving on open connections are answered 503, then the
+//! connections close (at most [`DRAIN_TIMEOUT`] later).
 
+use super::connections::{ConnectionStats, Connections};
 use super::http::{handle, Context, Limits};
 use super::socket::{bind, remove_if_ours, SocketError, SocketIdentity};
 use crate::events::VmEvent;
@@ -34,7 +44,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch};
 
 /// Stack of the API thread; the work it does is small and shallow.
 const THREAD_STACK_BYTES: usize = 512 * 1024;
@@ -72,6 +82,7 @@ pub struct ApiServer {
     identity: SocketIdentity,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    connections: Arc<Connections>,
 }
 
 /// Starts the API server on `path`. Returns once the socket is listening: a
@@ -97,10 +108,13 @@ pub(crate) fn start_with(
         .map_err(ApiServerError::Runtime)?;
     let (listener, identity) = bind(path)?;
     let (stop_tx, stop_rx) = oneshot::channel();
+    let connections = Connections::new(limits.max_connections);
     let ctx = Arc::new(Context {
         to_vmm,
         metrics,
         limits,
+        connections: connections.clone(),
+        stopping: watch::Sender::new(false),
     });
     let thread = std::thread::Builder::new()
         .name("api".into())
@@ -112,6 +126,7 @@ pub(crate) fn start_with(
             identity,
             stop: Some(stop_tx),
             thread: Some(thread),
+            connections,
         }),
         Err(e) => {
             let _ = std::fs::remove_file(path);
@@ -124,6 +139,11 @@ impl ApiServer {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many connections are open, and how many were evicted or refused.
+    pub fn connection_stats(&self) -> ConnectionStats {
+        self.connections.stats()
     }
 
     /// Stops the server and removes the socket file (as dropping it does).
@@ -172,42 +192,49 @@ fn serve(
             }
         };
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+        let table = ctx.connections.clone();
         // An error means the ApiServer was dropped: stop as well.
         let mut stop = stop;
         loop {
-            let slot = tokio::select! {
-                _ = &mut stop => break,
-                slot = slots.clone().acquire_owned() => match slot {
-                    Ok(s) => s,
-                    Err(_) => break, // The semaphore is never closed.
-                },
-            };
             let accepted = tokio::select! {
                 _ = &mut stop => break,
                 a = listener.accept() => a,
             };
             match accepted {
                 Ok((stream, _)) => {
-                    let header_read = ctx.limits.header_read;
+                    // At the cap, the longest-idle connection makes room;
+                    // if every one is busy, this one is closed at once.
+                    let Some(admitted) = table.admit() else {
+                        drop(stream);
+                        continue;
+                    };
                     let conn_ctx = ctx.clone();
+                    let id = admitted.id;
                     let service = hyper::service::service_fn(move |req| {
                         let ctx = conn_ctx.clone();
-                        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+                        async move {
+                            let _busy = ctx.connections.busy(id);
+                            Ok::<_, Infallible>(handle(req, &ctx).await)
+                        }
                     });
                     let mut builder = hyper::server::conn::http1::Builder::new();
                     builder
                         .timer(TokioTimer::new())
-                        .header_read_timeout(header_read)
+                        .header_read_timeout(ctx.limits.header_read)
                         .max_buf_size(CONNECTION_BUFFER_BYTES)
                         .max_headers(MAX_HEADERS);
                     let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                     tokio::spawn(async move {
+                        let mut admitted = admitted;
                         // Errors here are the client's (malformed request,
                         // timeout, hang-up); hyper has already answered 400
-                        // or closed, and nothing else is hurt.
-                        let _ = conn.await;
-                        drop(slot);
+                        // or closed, and nothing else is hurt. Eviction
+                        // drops the connection, which closes it.
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = &mut admitted.evicted => {}
+                        }
+                        drop(admitted);
                     });
                 }
                 Err(e) => {
@@ -217,6 +244,9 @@ fn serve(
                 }
             }
         }
+        // From now on every request still waiting, or arriving on an open
+        // connection, is answered 503 instead of being cut off.
+        let _ = ctx.stopping.send(true);
         drop(listener);
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
     });
@@ -660,8 +690,37 @@ pub(crate) mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         f.server.shutdown();
-        // The client sees the connection close without an answer.
-        assert_eq!(client.join().unwrap().status, 0);
+        // The waiting client gets the documented 503, not a cut connection.
+        let r = client.join().unwrap();
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(r.fault().contains("shutting down"), "{r:?}");
+    }
+
+    #[test]
+    fn idle_connections_at_the_cap_make_room_for_a_new_client() {
+        let f = Fixture::with_limits(Limits {
+            header_read: Duration::from_secs(60),
+            max_connections: 4,
+            ..Limits::DEFAULT
+        });
+        // Keep-alive clients between requests, then silent ones: twice the cap.
+        let mut idle: Vec<StdUnixStream> = (0..2).map(|_| connect(f.sock())).collect();
+        for s in idle.iter_mut() {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut buf = [0u8; 512];
+            assert!(s.read(&mut buf).unwrap() > 0);
+        }
+        idle.extend((0..6).map(|_| connect(f.sock())));
+        // Without eviction this would wait for the 60 s header timeout.
+        let r = call(f.sock(), "GET", "/", "");
+        assert_eq!(r.status, 200, "{r:?}");
+        // The oldest were closed to make room: they read EOF (or a reset).
+        let mut buf = [0u8; 16];
+        let closed = idle[0].read(&mut buf);
+        assert!(matches!(closed, Ok(0)) || closed.is_err(), "{closed:?}");
+        let stats = f.server.connection_stats();
+        assert!(stats.open <= 4, "{stats:?}");
+        assert!(stats.evicted >= 5, "{stats:?}");
     }
 
     #[test]

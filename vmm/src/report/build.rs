@@ -27,6 +27,35 @@ fn cycles_to_us(cycles: u64, khz: Option<u32>) -> Option<f64> {
     khz.filter(|k| *k > 0).map(|k| cycles as f64 * 1000.0 / f64::from(k))
 }
 
+/// The report before the VM is built (`GET /memory` before
+/// `InstanceStart`): `valid: false`, no guest view, no guest RAM yet; the
+/// VMM's own memory is measured all the same.
+pub fn not_started_report(timings: api::BootTimings) -> api::MemoryReport {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok();
+    let (rss, pss) = smaps.map_or((0, None), |s| {
+        let (r, p) = super::host::sum_smaps(&s, &[]);
+        (r, Some(p))
+    });
+    api::MemoryReport {
+        valid: false,
+        invalid_reason: Some("the VM is not started: no guest memory yet".into()),
+        strategy: None,
+        guest: None,
+        host: api::HostMemoryView {
+            guest_ram_bytes: 0,
+            kvm_registered_bytes: 0,
+            guest_ram_resident_bytes: 0,
+            memmap_resident_bytes: 0,
+            memmap_range_bytes: 0,
+            vmm_rss_bytes: rss,
+            vmm_pss_bytes: pss,
+            kvm_memslot_bytes_estimate: 0,
+            kvm_estimate_note: KVM_ESTIMATE_NOTE.to_string(),
+        },
+        timings,
+    }
+}
+
 /// Builds the full report: guest view (if valid), host view, timings.
 pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
     let mem = ctx.mem;

@@ -6,4 +6,4 @@ pub mod build;
 pub mod guest;
 pub mod host;
 
-pub use build::{memory_report, ReportContext};
+pub use build::{memory_report, not_started_report, ReportContext};
