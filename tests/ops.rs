@@ -1,7 +1,7 @@
 //! Operator integration tests: VMs found in a runtime directory by their id
 //! (`vmm run --runtime-dir D --id X`), `--no-api`, `vmm ps` and its
-//! Prometheus exposition, a VM's own `GET /metrics` in Prometheus' text
-//! format, and the summary that opens `vmm ctl memory --human`, on real
+//! Prometheus exposition, `vmm top` driven in tmux, a VM's own
+//! `GET /metrics` in Prometheus' text format, and the summary that opens `vmm ctl memory --human`, on real
 //! booted guests.
 
 mod common;
@@ -235,6 +235,88 @@ fn get_metrics_answers_prometheus_text_that_parses_and_matches_get_memory() {
     let (err, status) = curl_metrics(&vm.sock, "?format=xml", &[]);
     assert_eq!(status, "400 application/json", "{err}");
     assert!(err.contains("format=prometheus"), "{err}");
+}
+
+/// A tmux server of this test's own (`tmux -S` on a socket in the test's
+/// scratch directory, no configuration file), killed on drop; nothing
+/// else's tmux is touched.
+struct Tmux {
+    socket: PathBuf,
+}
+
+impl Tmux {
+    /// Starts a detached 160x40 session running `command` in `sh`, which
+    /// then waits (at most 2 minutes, or until the server is killed) so that
+    /// its screen can still be read.
+    fn start(dir: &Path, command: &str) -> Tmux {
+        let tmux = Tmux { socket: dir.join("tmux.sock") };
+        let command = format!("{command}; exec sleep 120");
+        let started = tmux.cmd(&["new-session", "-d", "-x", "160", "-y", "40", "sh", "-c", &command]);
+        assert!(started.status.success(), "tmux (needed by this test) did not start: {}", String::from_utf8_lossy(&started.stderr));
+        tmux
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux").arg("-S").arg(&self.socket).args(["-f", "/dev/null"]).args(args).output().expect("tmux is needed by this test")
+    }
+
+    /// What the pane shows now.
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p"]).stdout).into_owned()
+    }
+
+    /// Waits until the screen satisfies `cond`; returns it.
+    fn wait_for(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.screen();
+            if cond(&screen) {
+                return screen;
+            }
+            assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}; the screen:\n{screen}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]);
+    }
+}
+
+#[test]
+fn top_draws_the_vms_and_their_totals_live_and_q_restores_the_terminal() {
+    let tmp = TempDir::new("ops-top");
+    let _a = IdleVm::start(tmp.path(), "top-a", &["--mem-mib", "256"]);
+    let _b = IdleVm::start(tmp.path(), "top-b", &["--mem-mib", "512"]);
+    let command = format!(
+        "'{}' top --dir '{}' --interval 0.5; echo \"top exited with $?\"; stty -a",
+        vmm_path(),
+        tmp.path().display()
+    );
+    // Not in the VMs' directory, where vmm top would list its socket.
+    let tmux_dir = TempDir::new("ops-tmux");
+    let tmux = Tmux::start(tmux_dir.path(), &command);
+    let screen = tmux.wait_for("vmm top to draw both VMs", |s| s.contains("2 VMs, 2 answered") && s.contains("\ntop-b "));
+    let lines: Vec<&str> = screen.lines().collect();
+    assert!(lines[0].starts_with("vmm top ") && lines[0].contains("host MemAvailable "), "{screen}");
+    assert!(lines[1].starts_with("ID ") && lines[1].contains("VMM PSS"), "{screen}");
+    assert!(lines[2].starts_with("top-a ") && lines[2].contains(" Running ") && lines[2].contains(" 256 MiB "), "{screen}");
+    assert!(lines[3].starts_with("top-b ") && lines[3].contains(" 512 MiB "), "{screen}");
+    // The totals hold the last line of the 40-line screen.
+    let last = screen.lines().nth(39).unwrap_or_default();
+    assert!(last.starts_with("TOTAL (2 VMs)") && last.contains("2 answered") && last.contains(" 768 MiB "), "{screen}");
+
+    assert!(tmux.cmd(&["send-keys", "q"]).status.success());
+    let screen = tmux.wait_for("vmm top to exit and stty to answer", |s| s.contains("top exited with ") && s.contains("icanon"));
+    assert!(screen.contains("top exited with 0\n"), "{screen}");
+    // Back on the main screen, and the terminal is out of raw mode again.
+    assert!(!screen.contains("TOTAL ("), "{screen}");
+    let modes: Vec<&str> = screen.split_whitespace().collect();
+    for mode in ["icanon", "echo", "isig"] {
+        assert!(modes.contains(&mode) && !modes.contains(&format!("-{mode}").as_str()), "{mode}: {screen}");
+    }
 }
 
 #[test]

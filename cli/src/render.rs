@@ -264,7 +264,14 @@ pub const PS_HEADER: [&str; 12] = [
 /// `vmm ps` for a human: one line per VM, then the totals.
 pub fn ps_table(rows: &[Row], totals: &Totals) -> String {
     let mut lines: Vec<Vec<String>> = rows.iter().map(ps_line).collect();
-    lines.push(vec![
+    lines.push(ps_totals(totals));
+    columns(&PS_HEADER, &lines)
+}
+
+/// The last line of [`ps_table`] (and of `vmm top`): the sums, under the
+/// columns of [`PS_HEADER`].
+pub fn ps_totals(totals: &Totals) -> Vec<String> {
+    vec![
         format!("TOTAL ({} VMs)", totals.vms),
         format!("{} answered", totals.answered),
         text(totals.vcpus),
@@ -277,12 +284,12 @@ pub fn ps_table(rows: &[Row], totals: &Totals) -> String {
         bytes(totals.kvm_registered_bytes),
         bytes(totals.vmm_pss_bytes),
         String::new(),
-    ]);
-    columns(&PS_HEADER, &lines)
+    ]
 }
 
-/// One VM of [`ps_table`].
-fn ps_line(row: &Row) -> Vec<String> {
+/// One VM of [`ps_table`] (and of `vmm top`), under the columns of
+/// [`PS_HEADER`].
+pub fn ps_line(row: &Row) -> Vec<String> {
     let note = match row.reach {
         Reach::Answered => String::new(),
         Reach::NoAnswer => "no answer".to_string(),
