@@ -15,6 +15,7 @@ use crate::ps::{self, FleetArgs, SortColumn};
 use crate::render::{self, PS_HEADER};
 use api::units::bytes;
 use api::ErrorChain;
+use clap::ValueEnum;
 use lab::host::Meminfo;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -190,7 +191,8 @@ impl View {
     /// The line above the table.
     fn title(&self) -> String {
         let dirs: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
-        let mut title = format!("vmm top  {}  every {:.1} s, sorted by {:?}", dirs.join(", "), self.interval.as_secs_f64(), self.sort);
+        let sort = self.sort.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string());
+        let mut title = format!("vmm top  {}  every {:.1} s, sorted by {sort}", dirs.join(", "), self.interval.as_secs_f64());
         match &self.snapshot {
             None => title += "  gathering...",
             Some(s) => {
@@ -279,7 +281,7 @@ mod tests {
     fn the_screen_shows_the_host_the_vms_and_the_totals_last() {
         let mut v = view(&["alpha", "beta"]);
         let lines = screen(&mut v, 160, 10);
-        assert!(lines[0].contains("2 VMs, 2 answered  host MemAvailable 20 GiB of 24 GiB"), "{lines:#?}");
+        assert!(lines[0].contains("sorted by id  2 VMs, 2 answered  host MemAvailable 20 GiB of 24 GiB"), "{lines:#?}");
         assert!(lines[1].starts_with("ID ") && lines[1].contains("VMM PSS"), "{lines:#?}");
         assert!(lines[2].starts_with("alpha ") && lines[2].contains("256 MiB"), "{lines:#?}");
         assert!(lines[3].starts_with("beta "), "{lines:#?}");
