@@ -1,6 +1,8 @@
 //! Operator integration tests: VMs found in a runtime directory by their id
-//! (`vmm run --runtime-dir D --id X`), `--no-api`, and the summary that
-//! opens `vmm ctl memory --human`, on real booted guests.
+//! (`vmm run --runtime-dir D --id X`), `--no-api`, `vmm ps` and its
+//! Prometheus exposition, `vmm top` driven in tmux, a VM's own
+//! `GET /metrics` in Prometheus' text format, and the summary that opens `vmm ctl memory --human`, on real
+//! booted guests.
 
 mod common;
 
@@ -167,6 +169,154 @@ fn ps_prometheus_parses_and_matches_get_memory() {
     assert_eq!(value("vmm_kvm_registered_bytes"), u("/host/kvm_registered_bytes"));
     assert_eq!(value("vmm_guest_ram_resident_bytes"), u("/host/guest_ram_resident_bytes"));
     assert!(value("vmm_process_pss_bytes") > 0);
+}
+
+/// `GET /metrics` on `sock` through curl with the extra `args`: the body
+/// and the content type of the answer.
+fn curl_metrics(sock: &Path, query: &str, args: &[&str]) -> (String, String) {
+    let o = Command::new("curl")
+        .args(["-s", "--max-time", "30", "--unix-socket"])
+        .arg(sock)
+        .args(args)
+        .args(["-w", "\n%{http_code} %{content_type}"])
+        .arg(format!("http://localhost/metrics{query}"))
+        .output()
+        .expect("curl is needed by this test");
+    let out = String::from_utf8(o.stdout).unwrap();
+    let (body, status) = out.rsplit_once('\n').unwrap();
+    (body.to_string(), status.to_string())
+}
+
+#[test]
+fn get_metrics_answers_prometheus_text_that_parses_and_matches_get_memory() {
+    let tmp = TempDir::new("ops-metrics");
+    let vm = IdleVm::start(tmp.path(), "m1", &["--mem-mib", "256"]);
+    let report = memory_json(&vm.sock).unwrap();
+    let (text, status) = curl_metrics(&vm.sock, "", &["-H", "Accept: text/plain"]);
+    assert_eq!(status, "200 text/plain; version=0.0.4; charset=utf-8", "{text}");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |metric: &str| {
+        let s = scrape.samples.iter().find(|s| s.metric == metric).unwrap_or_else(|| panic!("{metric}: {text}"));
+        assert!(s.labels.is_empty(), "{metric}: {text}");
+        match s.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => v as u64,
+            ref other => panic!("{metric}: {other:?}"),
+        }
+    };
+    let u = |p: &str| report.pointer(p).and_then(Value::as_u64).unwrap();
+    // An idle guest's memmap, size and KVM registration do not move.
+    assert_eq!(value("vmm_guest_report_valid"), 1);
+    assert_eq!(value("vmm_guest_ram_bytes"), u("/host/guest_ram_bytes"));
+    assert_eq!(value("vmm_guest_ram_bytes"), 256 << 20);
+    assert_eq!(value("vmm_memmap_initialized_bytes"), u("/guest/memmap_bytes_initialized"));
+    assert_eq!(value("vmm_memmap_resident_bytes"), u("/host/memmap_resident_bytes"));
+    assert_eq!(value("vmm_memmap_range_bytes"), u("/host/memmap_range_bytes"));
+    assert_eq!(value("vmm_kvm_registered_bytes"), u("/host/kvm_registered_bytes"));
+    assert_eq!(value("vmm_guest_managed_bytes"), u("/guest/pages_total") * 4096);
+    assert!(value("vmm_process_pss_bytes") > 0);
+    // Counters are typed as such; this VM has answered requests already.
+    let requests = scrape.samples.iter().find(|s| s.metric == "vmm_api_requests_total").unwrap();
+    assert!(matches!(requests.value, prometheus_parse::Value::Counter(v) if v >= 1.0), "{text}");
+    let exits = scrape.samples.iter().filter(|s| s.metric == "vmm_vm_exits_total").count();
+    assert_eq!(exits, 9, "one sample per exit reason: {text}");
+
+    // The query asks for text too; JSON stays the default, `*/*` included.
+    let (again, status) = curl_metrics(&vm.sock, "?format=prometheus", &[]);
+    assert!(status.starts_with("200 text/plain; version=0.0.4"), "{status}");
+    assert!(again.contains("\nvmm_guest_ram_bytes 268435456\n"), "{again}");
+    for args in [&[][..], &["-H", "Accept: */*"], &["-H", "Accept: application/json"]] {
+        let (json, status) = curl_metrics(&vm.sock, "", args);
+        assert_eq!(status, "200 application/json", "{args:?}");
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert!(v["api_requests"].as_u64().unwrap() >= 1, "{v}");
+    }
+    let (json, status) = curl_metrics(&vm.sock, "?format=json", &["-H", "Accept: text/plain"]);
+    assert_eq!(status, "200 application/json", "{json}");
+    let (err, status) = curl_metrics(&vm.sock, "?format=xml", &[]);
+    assert_eq!(status, "400 application/json", "{err}");
+    assert!(err.contains("format=prometheus"), "{err}");
+}
+
+/// A tmux server of this test's own (`tmux -S` on a socket in the test's
+/// scratch directory, no configuration file), killed on drop; nothing
+/// else's tmux is touched.
+struct Tmux {
+    socket: PathBuf,
+}
+
+impl Tmux {
+    /// Starts a detached 160x40 session running `command` in `sh`, which
+    /// then waits (at most 2 minutes, or until the server is killed) so that
+    /// its screen can still be read.
+    fn start(dir: &Path, command: &str) -> Tmux {
+        let tmux = Tmux { socket: dir.join("tmux.sock") };
+        let command = format!("{command}; exec sleep 120");
+        let started = tmux.cmd(&["new-session", "-d", "-x", "160", "-y", "40", "sh", "-c", &command]);
+        assert!(started.status.success(), "tmux (needed by this test) did not start: {}", String::from_utf8_lossy(&started.stderr));
+        tmux
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux").arg("-S").arg(&self.socket).args(["-f", "/dev/null"]).args(args).output().expect("tmux is needed by this test")
+    }
+
+    /// What the pane shows now.
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p"]).stdout).into_owned()
+    }
+
+    /// Waits until the screen satisfies `cond`; returns it.
+    fn wait_for(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.screen();
+            if cond(&screen) {
+                return screen;
+            }
+            assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}; the screen:\n{screen}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]);
+    }
+}
+
+#[test]
+fn top_draws_the_vms_and_their_totals_live_and_q_restores_the_terminal() {
+    let tmp = TempDir::new("ops-top");
+    let _a = IdleVm::start(tmp.path(), "top-a", &["--mem-mib", "256"]);
+    let _b = IdleVm::start(tmp.path(), "top-b", &["--mem-mib", "512"]);
+    let command = format!(
+        "'{}' top --dir '{}' --interval 0.5; echo \"top exited with $?\"; stty -a",
+        vmm_path(),
+        tmp.path().display()
+    );
+    // Not in the VMs' directory, where vmm top would list its socket.
+    let tmux_dir = TempDir::new("ops-tmux");
+    let tmux = Tmux::start(tmux_dir.path(), &command);
+    let screen = tmux.wait_for("vmm top to draw both VMs", |s| s.contains("2 VMs, 2 answered") && s.contains("\ntop-b "));
+    let lines: Vec<&str> = screen.lines().collect();
+    assert!(lines[0].starts_with("vmm top ") && lines[0].contains("host MemAvailable "), "{screen}");
+    assert!(lines[1].starts_with("ID ") && lines[1].contains("VMM PSS"), "{screen}");
+    assert!(lines[2].starts_with("top-a ") && lines[2].contains(" Running ") && lines[2].contains(" 256 MiB "), "{screen}");
+    assert!(lines[3].starts_with("top-b ") && lines[3].contains(" 512 MiB "), "{screen}");
+    // The totals hold the last line of the 40-line screen.
+    let last = screen.lines().nth(39).unwrap_or_default();
+    assert!(last.starts_with("TOTAL (2 VMs)") && last.contains("2 answered") && last.contains(" 768 MiB "), "{screen}");
+
+    assert!(tmux.cmd(&["send-keys", "q"]).status.success());
+    let screen = tmux.wait_for("vmm top to exit and stty to answer", |s| s.contains("top exited with ") && s.contains("icanon"));
+    assert!(screen.contains("top exited with 0\n"), "{screen}");
+    // Back on the main screen, and the terminal is out of raw mode again.
+    assert!(!screen.contains("TOTAL ("), "{screen}");
+    let modes: Vec<&str> = screen.split_whitespace().collect();
+    for mode in ["icanon", "echo", "isig"] {
+        assert!(modes.contains(&mode) && !modes.contains(&format!("-{mode}").as_str()), "{mode}: {screen}");
+    }
 }
 
 #[test]

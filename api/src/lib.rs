@@ -82,7 +82,9 @@ mod logger;
 mod machine;
 mod memory;
 mod metrics;
+pub mod prometheus;
 mod request;
+pub mod units;
 mod vm_config;
 
 #[cfg(test)]

@@ -59,6 +59,8 @@ pub enum Command {
     Ctl(crate::ctl::CtlArgs),
     /// List the running VMs (those in the runtime directory, or --dir).
     Ps(crate::ps::PsArgs),
+    /// The same list, refreshed live in the terminal, with the host's MemAvailable.
+    Top(crate::top::TopArgs),
     /// The four memmap strategies side by side: boot time and memmap cost.
     Compare(lab::compare::CompareArgs),
     /// Density experiment: many microVMs per strategy, measured and plotted.

@@ -4,7 +4,7 @@
 //! and becomes one [`Row`]. A VM that does not answer in time, or whose
 //! socket nobody listens on any more, is still a row, saying so.
 
-use api::{Endpoint, InstanceStatus, MachineConfig, MemoryReport, Strategy};
+use api::{Endpoint, InstanceStatus, MachineConfig, MemoryReport, Metrics, Strategy};
 use serde::Serialize;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
@@ -65,6 +65,19 @@ pub struct Row {
     pub vmm_pss_bytes: Option<u64>,
     /// What went wrong, if it did not answer.
     pub error: Option<String>,
+    /// The answers the row was made from, for the Prometheus exposition
+    /// (not in `--json`, whose rows are the table's).
+    #[serde(skip)]
+    pub answers: Option<Box<Answers>>,
+}
+
+/// What a VM answered to `GET /metrics` and `GET /memory`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answers {
+    /// Its counters.
+    pub metrics: Metrics,
+    /// Its memory report.
+    pub report: MemoryReport,
 }
 
 /// The sums over the rows that answered.
@@ -170,10 +183,11 @@ pub fn query(client: &Client, sock: &Path) -> Row {
         let status: InstanceStatus = client.get(sock, Endpoint::GetVmStatus)?;
         let config: MachineConfig = client.get(sock, Endpoint::GetMachineConfig)?;
         let report: MemoryReport = client.get(sock, Endpoint::GetMemory)?;
-        Ok::<_, ClientError>((status, config, report))
+        let metrics: Metrics = client.get(sock, Endpoint::GetMetrics)?;
+        Ok::<_, ClientError>((status, config, Answers { metrics, report }))
     })();
     match answer {
-        Ok((status, config, report)) => row(sock, &status, &config, &report, SystemTime::now()),
+        Ok((status, config, answers)) => row(sock, &status, &config, answers, SystemTime::now()),
         Err(ClientError::Connect(_, e)) if e.kind() == ErrorKind::ConnectionRefused => {
             failed(sock, Reach::Dead, "connection refused: nobody listens on the socket".into())
         }
@@ -183,8 +197,9 @@ pub fn query(client: &Client, sock: &Path) -> Row {
 }
 
 /// The row of a VM that answered, its uptime as of `now`.
-pub fn row(sock: &Path, status: &InstanceStatus, config: &MachineConfig, report: &MemoryReport, now: SystemTime) -> Row {
+pub fn row(sock: &Path, status: &InstanceStatus, config: &MachineConfig, answers: Answers, now: SystemTime) -> Row {
     let now_ms = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let report = &answers.report;
     let guest = report.guest.as_ref().filter(|_| report.valid);
     let host = &report.host;
     Row {
@@ -204,6 +219,7 @@ pub fn row(sock: &Path, status: &InstanceStatus, config: &MachineConfig, report:
         kvm_registered_bytes: Some(host.kvm_registered_bytes),
         vmm_pss_bytes: host.vmm_pss_bytes,
         error: None,
+        answers: Some(Box::new(answers)),
     }
 }
 
@@ -231,6 +247,7 @@ impl Row {
             kvm_registered_bytes: None,
             vmm_pss_bytes: None,
             error: None,
+            answers: None,
         }
     }
 }
@@ -248,7 +265,8 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_millis(1_061_500);
         let mut report = MemoryReport::example();
         report.host.vmm_pss_bytes = Some(pss);
-        row(Path::new("/r").join(id).as_path(), &status, &MachineConfig::default(), &report, now)
+        let answers = Answers { metrics: Metrics::default(), report };
+        row(Path::new("/r").join(id).as_path(), &status, &MachineConfig::default(), answers, now)
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! Subcommands: `run` boots a VM now, `serve` waits for the control API to
 //! configure and start one, `ctl` talks to that API, `ps` lists the running
-//! VMs, and `compare`,
+//! VMs, `top` shows them live, and `compare`,
 //! `density` and `bench` run the lab's experiments. See `vmm --help`.
 
 mod args;
@@ -16,6 +16,7 @@ mod render;
 mod run;
 mod runtime_dir;
 mod stdio;
+mod top;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         args::Command::Serve(a) => run::serve(a, timings),
         args::Command::Ctl(a) => ctl::run(a),
         args::Command::Ps(a) => ps::run(a),
+        args::Command::Top(a) => top::run(a),
         args::Command::Compare(a) => lab::compare::run(a),
         args::Command::Density(a) => lab::density::run(a),
         args::Command::Bench(a) => lab::bench::run(a),

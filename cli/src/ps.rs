@@ -19,10 +19,10 @@ Examples:
 A VM that does not answer within 500 ms is listed as such; a socket nobody
 listens on is listed as dead.";
 
-/// Arguments of `vmm ps`.
+/// Which VMs to list and in what order: the arguments `vmm ps` and
+/// `vmm top` share.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = PS_EXAMPLES)]
-pub struct PsArgs {
+pub struct FleetArgs {
     /// Look for VM sockets in this directory (repeat for more) [default: the
     /// runtime directory, as for `vmm run`].
     #[arg(long, value_name = "DIR")]
@@ -31,6 +31,14 @@ pub struct PsArgs {
     /// largest first.
     #[arg(long, value_enum, default_value = "id", value_name = "COLUMN")]
     pub sort: SortColumn,
+}
+
+/// Arguments of `vmm ps`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = PS_EXAMPLES)]
+pub struct PsArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Print the rows and the totals as one JSON object.
     #[arg(long, conflicts_with = "prometheus")]
     pub json: bool,
@@ -122,7 +130,7 @@ pub fn dirs(given: &[PathBuf]) -> Vec<PathBuf> {
 
 /// Runs `vmm ps`; the exit code.
 pub fn run(args: PsArgs) -> u8 {
-    let rows = match gather(&dirs(&args.dir), args.sort) {
+    let rows = match gather(&dirs(&args.fleet.dir), args.fleet.sort) {
         Ok(rows) => rows,
         Err(e) => {
             crate::stdio::eprint_line(format_args!("vmm: error: {}", ErrorChain(&e)));

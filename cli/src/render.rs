@@ -1,10 +1,9 @@
 //! What `vmm ctl` and `vmm run --report table` print: an API answer as pretty
 //! JSON, or, for a human, its fields in tables. Each table is built from the
 //! answer's API type, field by field, every figure in the unit that fits it
-//! ([`units`]); [`table`] draws them.
+//! ([`api::units`]); [`table`] draws them.
 
 mod table;
-mod units;
 
 use api::{
     BootTimings, GuestMemoryStatus, GuestMemoryView, HostMemoryView, InstanceInfo, InstanceStatus, MachineConfig,
@@ -14,7 +13,7 @@ use serde_json::Value;
 use crate::fleet::{Reach, Row, Totals};
 use table::{columns, fields, long_fields, side_by_side, Field};
 use guest_abi::PAGE_SIZE;
-use units::{bytes, kib, mib, micros, pages, seconds, share, spelled, text, text_or_dash, yes_no};
+use api::units::{bytes, kib, mib, micros, pages, seconds, share, spelled, text, text_or_dash, yes_no};
 
 /// The fields of `$value`, a `$Type`, each named as in the JSON (the field's
 /// name) and shown by the unit function after it (which gets the field's
@@ -271,7 +270,14 @@ pub const PS_HEADER: [&str; 12] = [
 /// `vmm ps` for a human: one line per VM, then the totals.
 pub fn ps_table(rows: &[Row], totals: &Totals) -> String {
     let mut lines: Vec<Vec<String>> = rows.iter().map(ps_line).collect();
-    lines.push(vec![
+    lines.push(ps_totals(totals));
+    columns(&PS_HEADER, &lines)
+}
+
+/// The last line of [`ps_table`] (and of `vmm top`): the sums, under the
+/// columns of [`PS_HEADER`].
+pub fn ps_totals(totals: &Totals) -> Vec<String> {
+    vec![
         format!("TOTAL ({} VMs)", totals.vms),
         format!("{} answered", totals.answered),
         text(totals.vcpus),
@@ -284,12 +290,12 @@ pub fn ps_table(rows: &[Row], totals: &Totals) -> String {
         bytes(totals.kvm_registered_bytes),
         bytes(totals.vmm_pss_bytes),
         String::new(),
-    ]);
-    columns(&PS_HEADER, &lines)
+    ]
 }
 
-/// One VM of [`ps_table`].
-fn ps_line(row: &Row) -> Vec<String> {
+/// One VM of [`ps_table`] (and of `vmm top`), under the columns of
+/// [`PS_HEADER`].
+pub fn ps_line(row: &Row) -> Vec<String> {
     let note = match row.reach {
         Reach::Answered => String::new(),
         Reach::NoAnswer => "no answer".to_string(),
@@ -644,6 +650,7 @@ guest and host agree  yes (memmap initialized 2 MiB, resident 2 MiB)
             kvm_registered_bytes: Some(128 << 20),
             vmm_pss_bytes: Some(1536 << 10),
             error: None,
+            answers: None,
         };
         let dead = Row::without_figures("gone".into(), "gone".as_ref(), Reach::Dead);
         let rows = vec![row("a", Reach::Answered), row("b", Reach::Answered), dead];

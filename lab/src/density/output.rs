@@ -8,6 +8,7 @@ use super::footprint::{Breakdown, StepSums};
 use super::workload::AllocSpec;
 use crate::host::HostInfo;
 use crate::stats::Distribution;
+use api::units::{bytes, micros, yes_no};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -301,44 +302,80 @@ pub fn write_report(dir: &Path, report: &Report) -> Result<(), OutputError> {
     writeln!(w).and_then(|()| w.flush()).map_err(|e| OutputError::Write(path, e))
 }
 
-fn mib(bytes: f64) -> f64 {
-    bytes / f64::from(1u32 << 20)
+/// A byte figure that may come out below zero (a footprint part is a
+/// difference of host-wide sums, and so carries their noise), in the unit of
+/// [`api::units::bytes`]: "1.2 MiB", "-40 KiB".
+fn signed_bytes(v: f64) -> String {
+    // Sub-byte precision means nothing here.
+    let n = v.abs().round() as u64;
+    if v < 0.0 && n > 0 {
+        format!("-{}", bytes(n))
+    } else {
+        bytes(n)
+    }
 }
 
-/// The summary table: per strategy, VMs that fit, per-VM footprint and its
-/// parts (MiB), time to ready and launch throughput.
+/// A time given in milliseconds, in the unit of [`api::units::micros`].
+fn millis(ms: f64) -> String {
+    micros(ms * 1000.0)
+}
+
+/// What `vmm density` prints when it is done: first the answer, one line
+/// per strategy (VMs that fit, per-VM footprint, time to ready), then the
+/// details table (the footprint's parts, ready p50/p99, launch rate). Every
+/// figure is in the unit that shows it, as in `vmm ctl --human`.
 pub fn summary(report: &Report) -> String {
-    let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "{:<10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7}",
-        "strategy", "fit", "floor", "host fit", "per VM", "KVM+kern", "VMM", "g.kern", "memmap", "workload", "ready p50", "ready p99", "VMs/s"
-    );
-    let _ = writeln!(
-        t,
-        "{:<10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7}",
-        "", "VMs", "hit", "(extrap)", "MiB", "MiB", "MiB", "MiB", "MiB", "MiB", "ms", "ms", ""
-    );
-    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
-    for s in &report.strategies {
-        let f = s.footprint.as_ref();
-        let _ = writeln!(
-            t,
-            "{:<10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>7}",
-            s.strategy,
-            s.fit.measured,
-            if s.floor_reached { "yes" } else { "no" },
-            s.fit.extrapolated.map_or("-".to_string(), |v| v.to_string()),
-            opt(f.map(|b| mib(b.total)), 2),
-            opt(f.map(|b| mib(b.kvm_kernel)), 2),
-            opt(f.map(|b| mib(b.vmm)), 2),
-            opt(f.map(|b| mib(b.guest_kernel)), 2),
-            opt(f.map(|b| mib(b.memmap)), 2),
-            opt(f.map(|b| mib(b.workload)), 2),
-            opt(s.time_to_ready_ms.map(|d| d.p50), 1),
-            opt(s.time_to_ready_ms.map(|d| d.p99), 1),
-            opt(s.launch_throughput_vms_per_s, 1),
+    summary_of(&report.strategies)
+}
+
+fn summary_of(strategies: &[StrategyRun]) -> String {
+    let mut t = String::from("SUMMARY\n");
+    let name_width = strategies.iter().map(|s| s.strategy.len()).max().unwrap_or(0);
+    for s in strategies {
+        let mut line = format!("{:<name_width$}  {} VMs fit", s.strategy, s.fit.measured);
+        line += if s.floor_reached { " (stopped at the floor)" } else { " (all asked for; the floor was not reached)" };
+        if let Some(n) = s.fit.extrapolated {
+            line += &format!(", about {n} on the whole host");
+        }
+        if let Some(f) = &s.footprint {
+            line += &format!("; {} per VM", signed_bytes(f.total));
+        }
+        if let Some(d) = &s.time_to_ready_ms {
+            line += &format!("; ready in {} (p50)", millis(d.p50));
+        }
+        let _ = writeln!(t, "{line}");
+    }
+    t.push('\n');
+    let row = |cells: [&str; 13]| {
+        let line = format!(
+            "{:<10} {:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}",
+            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7], cells[8], cells[9], cells[10], cells[11], cells[12]
         );
+        line.trim_end().to_string() + "\n"
+    };
+    t += &row(["strategy", "fit", "floor", "host fit", "per VM", "KVM+kern", "VMM", "g.kern", "memmap", "workload", "ready p50", "ready p99", "VMs/s"]);
+    t += &row(["", "VMs", "hit", "(extrap)", "", "", "", "", "", "", "", "", ""]);
+    let dash = || "-".to_string();
+    for s in strategies {
+        let f = s.footprint.as_ref();
+        let part = |get: fn(&Breakdown) -> f64| f.map_or_else(dash, |b| signed_bytes(get(b)));
+        let ready = |get: fn(&Distribution) -> f64| s.time_to_ready_ms.as_ref().map_or_else(dash, |d| millis(get(d)));
+        let cells = [
+            s.strategy.clone(),
+            s.fit.measured.to_string(),
+            yes_no(s.floor_reached),
+            s.fit.extrapolated.map_or_else(dash, |v| v.to_string()),
+            part(|b| b.total),
+            part(|b| b.kvm_kernel),
+            part(|b| b.vmm),
+            part(|b| b.guest_kernel),
+            part(|b| b.memmap),
+            part(|b| b.workload),
+            ready(|d| d.p50),
+            ready(|d| d.p99),
+            s.launch_throughput_vms_per_s.map_or_else(dash, |v| format!("{v:.1}")),
+        ];
+        t += &row(cells.each_ref().map(String::as_str));
     }
     t
 }
@@ -404,6 +441,66 @@ mod tests {
         let mut none = CsvSink::create(None).unwrap();
         none.row(&CsvRow::new("eager", 0, 1, &record(), &sample())).unwrap();
         none.finish().unwrap();
+    }
+
+    fn run(strategy: &str, footprint: Option<Breakdown>) -> StrategyRun {
+        StrategyRun {
+            strategy: strategy.into(),
+            baseline: Baseline { mem_available_bytes: 20 << 30, settled: true, waited_s: 0.0, target_bytes: 20 << 30 },
+            floor_reached: true,
+            stop_reason: "floor".into(),
+            asked: 1000,
+            launched: 812,
+            ready: 812,
+            steps: Vec::new(),
+            vms: Vec::new(),
+            time_to_ready_ms: Distribution::of([3.5, 4.1, 4.1, 90.0]),
+            vmm_guest_ready_ms: None,
+            workload_ms: None,
+            launch_seconds: 10.0,
+            launch_throughput_vms_per_s: Some(81.2),
+            footprint,
+            fit: Fit { measured: 812, extrapolated: Some(18000) },
+            shutdown: ShutdownStats::default(),
+        }
+    }
+
+    #[test]
+    fn the_summary_leads_with_the_answer_in_the_units_of_ctl_human() {
+        let f = Breakdown {
+            kvm_kernel: 430_000.0,
+            vmm: 420.0 * 1024.0,
+            guest_kernel: 300.0 * 1024.0,
+            memmap: 32.0 * 1024.0,
+            workload: 0.0,
+            total: 1.25 * 1048576.0,
+        };
+        let mut eager = run("eager", Some(Breakdown { kvm_kernel: -40.0 * 1024.0, ..f }));
+        eager.floor_reached = false;
+        eager.fit.extrapolated = None;
+        eager.time_to_ready_ms = None;
+        let out = summary_of(&[run("ondemand", Some(f)), eager, run("deferred", None)]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "SUMMARY", "{out}");
+        let p50 = Distribution::of([3.5, 4.1, 4.1, 90.0]).unwrap().p50;
+        assert_eq!(
+            lines[1],
+            format!("ondemand  812 VMs fit (stopped at the floor), about 18000 on the whole host; 1.2 MiB per VM; ready in {} (p50)", millis(p50)),
+            "{out}"
+        );
+        assert_eq!(lines[2], "eager     812 VMs fit (all asked for; the floor was not reached); 1.2 MiB per VM", "{out}");
+        assert!(lines[3].starts_with("deferred  812 VMs fit (stopped at the floor), about 18000") && !lines[3].contains("per VM"), "{out}");
+        assert_eq!(lines[4], "", "{out}");
+        assert!(lines[5].starts_with("strategy ") && lines[5].ends_with("VMs/s"), "{out}");
+        // An idle memmap is 32 KiB, not "0.03" MiB; a part below zero keeps its sign.
+        let ondemand: Vec<&str> = lines[7].split_whitespace().collect();
+        assert_eq!(ondemand[..6], ["ondemand", "812", "yes", "18000", "1.2", "MiB"], "{out}");
+        assert!(lines[7].contains(" 420 KiB ") && lines[7].contains(" 32 KiB ") && lines[7].contains(" 0 B "), "{out}");
+        assert!(lines[7].ends_with(" 81.2"), "{out}");
+        assert!(lines[8].contains(" -40 KiB ") && lines[8].contains(" no "), "{out}");
+        assert!(lines[9].starts_with("deferred ") && lines[9].contains(" - "), "{out}");
+        assert!(!out.contains("0.0 MiB"), "{out}");
+        assert!(out.lines().all(|l| l == l.trim_end()), "{out}");
     }
 
     #[test]

@@ -16,6 +16,8 @@ use std::time::Duration;
 use super::connections::Connections;
 use tokio::sync::{oneshot, watch};
 
+mod prometheus;
+
 
 /// The timeouts and limits of the server (shorter in tests).
 #[derive(Clone, Copy, Debug)]
@@ -83,6 +85,9 @@ async fn answer(req: Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> 
         Ok(request) => request,
         Err(e) => return error_response(&e),
     };
+    if let Some(response) = prometheus::answer(&request, &parts, ctx).await {
+        return response;
+    }
     let (reply, answer) = oneshot::channel();
     if ctx
         .to_vmm

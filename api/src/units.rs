@@ -1,7 +1,8 @@
 //! Figures for a human: bytes in B, KiB, MiB or GiB, times in µs or ms,
-//! flags as yes/no. Each field of an API answer is shown through the one of
-//! these that fits it; those that take an `Option` show `-` for a value that
-//! is not known (yet).
+//! flags as yes/no. Every human table (`vmm ctl --human`, `vmm ps`, `vmm top`,
+//! the density summary) shows each figure through the one of these that
+//! fits it; those that take an `Option` show `-` for a value that is not
+//! known (yet). Pure text, no I/O.
 
 use guest_abi::PAGE_SIZE;
 use std::fmt::Display;
