@@ -47,7 +47,10 @@ mod byte_valued {
 
 /// Version of this contract; bumped on any incompatible change. The guest
 /// writes it into every structure it shares; the VMM rejects other versions.
-pub const ABI_VERSION: u32 = 1;
+///
+/// Version 2: [`MEMORY_BLOCK_SIZE`] is 2 MiB (it was 128 MiB), so a version-1
+/// guest would use memory the VMM never registered.
+pub const ABI_VERSION: u32 = 2;
 
 /// Returned by a read of [`port::IDENT`] when the VMM implements this contract.
 pub const PV_MAGIC: u32 = 0x4D4D_5650; // "PVMM", little-endian.
@@ -121,9 +124,13 @@ pub mod port {
     pub const PV_END: u16 = PV_BASE + 56;
 }
 
-/// Guest RAM is registered with KVM in blocks of this size (one memslot
-/// each), when the guest first needs them ([`port::MEM_ONLINE`]).
-pub const MEMORY_BLOCK_SIZE: u64 = 128 << 20;
+/// The guest onlines RAM ([`port::MEM_ONLINE`]) in aligned blocks of this
+/// size: one default memmap chunk, so an idle guest has the VMM register
+/// about what it uses. The VMM registers at least the block, and may
+/// register a larger aligned power-of-two block holding it (it does when
+/// the host's memslots could not hold every 2 MiB block of a large VM);
+/// the guest cannot tell and need not know.
+pub const MEMORY_BLOCK_SIZE: u64 = DEFAULT_CHUNK_SIZE;
 
 /// Ports below this number are granted to a ring-3 kernel through the TSS I/O
 /// permission bitmap; every port this contract uses is below it.
@@ -492,5 +499,7 @@ mod tests {
     fn default_chunk_is_32_kib_of_memmap() {
         assert_eq!(DEFAULT_CHUNK_SIZE / PAGE_SIZE * STRUCT_PAGE_SIZE, 32 << 10);
         assert_eq!(SECTION_SIZE % DEFAULT_CHUNK_SIZE, 0);
+        // `port::MEM_ONLINE` carries `gpa >> 20`: a block is whole MiBs.
+        assert!(MEMORY_BLOCK_SIZE.is_power_of_two() && MEMORY_BLOCK_SIZE >= 1 << 20);
     }
 }
