@@ -143,7 +143,7 @@ fn kvm_registers_guest_ram_block_by_block_as_the_guest_uses_it() {
     let idle = u(&r, "/host/kvm_registered_bytes");
     // The boot data, the kernel image (about 4.6 MiB with its .bss), the
     // first chunk and its memmap: a few MiB of the 2 GiB, in whole blocks.
-    assert!(idle % BLOCK == 0 && (4 * MIB..=16 * MIB).contains(&idle), "an idle guest registers what it uses: {r}");
+    assert!(idle.is_multiple_of(BLOCK) && (4 * MIB..=16 * MIB).contains(&idle), "an idle guest registers what it uses: {r}");
     assert_eq!(u(&r, "/host/guest_ram_bytes"), 2048 * MIB);
     let r = report(&["--memmap-init", "ondemand", "--alloc-mib", "256"]);
     let reg = u(&r, "/host/kvm_registered_bytes");
