@@ -147,7 +147,9 @@ fn kvm_registers_guest_ram_block_by_block_as_the_guest_uses_it() {
     assert_eq!(u(&r, "/host/guest_ram_bytes"), 2048 * MIB);
     let r = report(&["--memmap-init", "ondemand", "--alloc-mib", "256"]);
     let reg = u(&r, "/host/kvm_registered_bytes");
-    assert!((256 * MIB..=256 * MIB + 2 * idle).contains(&reg), "256 MiB allocated: {reg} registered (idle: {idle})");
+    // Runs grow with what is registered (a quarter of it, up to 128 MiB),
+    // so a growing guest registers at most about a third more than it uses.
+    assert!((256 * MIB..=256 * MIB + 256 * MIB / 3 + 2 * idle).contains(&reg), "256 MiB allocated: {reg} registered (idle: {idle})");
     for args in [&["--memmap-init", "eager"][..], &["--memmap-init", "ondemand", "--register-all-memory"]] {
         let r = report(args);
         assert_eq!(u(&r, "/host/kvm_registered_bytes"), 2048 * MIB, "{args:?}: {r}");
