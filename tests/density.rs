@@ -1,6 +1,7 @@
 //! `vmm density` end to end: a small real run (10 VMs of 256 MiB under
 //! `eager` and `ondemand`) whose report must be complete and consistent and
-//! leave no process or socket behind, and a run whose floor stops the ramp.
+//! leave no process or socket behind, a run whose floor stops the ramp, and
+//! one whose task budget (`--max-tasks`) does.
 
 mod common;
 
@@ -153,6 +154,36 @@ fn the_floor_stops_a_ramp_before_any_vm() {
     assert!(s["stop_reason"].as_str().unwrap().contains("floor"), "{s}");
     assert_eq!(u(&r, "/settings/floor_bytes"), 100000000u64 << 20);
     assert!(r["settings"]["floor_from_flag"].as_bool().unwrap());
+    assert_clean(&r);
+}
+
+#[test]
+fn a_task_budget_stops_the_ramp_cleanly_and_the_tasks_per_vm_are_reported() {
+    let out = TempDir::new("density-tasks");
+    let dir = out.path().to_str().unwrap();
+    // Before the first step a 1-vCPU VM is budgeted at 5 tasks: 12 tasks
+    // take two VMs and not a third.
+    let o = vmm(&["density", "--vms", "6", "--mem-mib", "256", "--strategies", "ondemand", "--max-tasks", "12", "--out", dir]);
+    o.assert_code(0);
+    let r = report(out.path());
+    assert_eq!(r["outcome"], "completed", "{r}");
+    assert_eq!(u(&r, "/limits/max_tasks"), 12);
+    assert!(u(&r, "/limits/pid_max") > 300, "{}", r["limits"]);
+    let s = &r["strategies"][0];
+    assert_eq!(s["limit_reached"], true, "{s}");
+    assert_eq!(s["floor_reached"], false, "{s}");
+    let reason = s["stop_reason"].as_str().unwrap();
+    assert!(reason.contains("--max-tasks 12") && reason.contains("raise --max-tasks"), "{reason}");
+    assert_eq!((u(s, "/launched"), u(s, "/ready")), (2, 2), "{s}");
+    // Measured from /proc: the VMM's threads, KVM's worker among them.
+    let threads = f(s, "/tasks_per_vm/vmm_threads");
+    let kvm = f(s, "/tasks_per_vm/kvm_tasks");
+    assert!((2.0..=8.0).contains(&threads) && kvm <= threads, "{}", s["tasks_per_vm"]);
+    // The kernel's own counters per VM are measured next to the userspace figures.
+    let k = &s["kernel_per_vm"];
+    for key in ["vmalloc_used", "slab", "slab_unreclaimable", "kernel_stack", "page_tables", "sec_page_tables", "total"] {
+        assert!(k[key].is_number(), "{key}: {k}");
+    }
     assert_clean(&r);
 }
 

@@ -137,13 +137,19 @@ fn a_corrupt_stats_block_is_reported_invalid_not_trusted() {
 
 #[test]
 fn kvm_registers_guest_ram_block_by_block_as_the_guest_uses_it() {
-    const BLOCK: u64 = 128 * MIB;
+    const BLOCK: u64 = guest_abi::MEMORY_BLOCK_SIZE;
+    assert_eq!(BLOCK, CHUNK, "the guest onlines memory chunk by chunk");
     let r = report(&["--memmap-init", "ondemand"]);
-    assert_eq!(u(&r, "/host/kvm_registered_bytes"), BLOCK, "an idle guest uses its first block only: {r}");
+    let idle = u(&r, "/host/kvm_registered_bytes");
+    // The boot data, the kernel image (about 4.6 MiB with its .bss), the
+    // first chunk and its memmap: a few MiB of the 2 GiB, in whole blocks.
+    assert!(idle.is_multiple_of(BLOCK) && (4 * MIB..=16 * MIB).contains(&idle), "an idle guest registers what it uses: {r}");
     assert_eq!(u(&r, "/host/guest_ram_bytes"), 2048 * MIB);
     let r = report(&["--memmap-init", "ondemand", "--alloc-mib", "256"]);
     let reg = u(&r, "/host/kvm_registered_bytes");
-    assert!((3 * BLOCK..=4 * BLOCK).contains(&reg), "256 MiB allocated: {reg} registered");
+    // Runs grow with what is registered (a quarter of it, up to 128 MiB),
+    // so a growing guest registers at most about a third more than it uses.
+    assert!((256 * MIB..=256 * MIB + 256 * MIB / 3 + 2 * idle).contains(&reg), "256 MiB allocated: {reg} registered (idle: {idle})");
     for args in [&["--memmap-init", "eager"][..], &["--memmap-init", "ondemand", "--register-all-memory"]] {
         let r = report(args);
         assert_eq!(u(&r, "/host/kvm_registered_bytes"), 2048 * MIB, "{args:?}: {r}");

@@ -104,7 +104,7 @@ pub struct HostMemoryView {
     /// does not provide it.
     pub vmm_pss_bytes: Option<u64>,
     /// Guest RAM registered with KVM so far (memslots are registered in
-    /// 128 MiB blocks as the guest first uses them).
+    /// 2 MiB blocks as the guest first uses them).
     pub kvm_registered_bytes: u64,
     /// Estimated kernel memory KVM spends on the registered memslots (rmap,
     /// large-page tracking); see `kvm_estimate_note`.

@@ -228,7 +228,7 @@ pub struct RunArgs {
     pub no_api: bool,
     #[command(flatten)]
     pub place: VmPlace,
-    /// Register all guest RAM with KVM at boot, instead of 128 MiB block by
+    /// Register all guest RAM with KVM at boot, instead of 2 MiB block by
     /// block as the guest first uses it (to compare KVM's cost).
     #[arg(long)]
     pub register_all_memory: bool,

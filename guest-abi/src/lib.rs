@@ -47,7 +47,11 @@ mod byte_valued {
 
 /// Version of this contract; bumped on any incompatible change. The guest
 /// writes it into every structure it shares; the VMM rejects other versions.
-pub const ABI_VERSION: u32 = 1;
+///
+/// Version 2: [`MEMORY_BLOCK_SIZE`] is 2 MiB (it was 128 MiB) and a
+/// [`port::MEM_ONLINE`] write registers the [`online_run`] holding the
+/// address, so a version-1 guest would use memory the VMM never registered.
+pub const ABI_VERSION: u32 = 2;
 
 /// Returned by a read of [`port::IDENT`] when the VMM implements this contract.
 pub const PV_MAGIC: u32 = 0x4D4D_5650; // "PVMM", little-endian.
@@ -112,8 +116,8 @@ pub mod port {
     /// in: number of vCPUs the VM has (the BSP included).
     pub const CPU_COUNT: u16 = PV_BASE + 48;
     /// out: `gpa >> 20`: the guest is about to use memory in the
-    /// [`crate::MEMORY_BLOCK_SIZE`] block holding `gpa`; the VMM registers
-    /// that block with KVM before the write returns (memory hotplug, driven
+    /// [`crate::online_run`] run holding `gpa`; the VMM registers that run
+    /// (or more) with KVM before the write returns (memory hotplug, driven
     /// by the guest's allocator). Blocks holding the kernel are registered
     /// at boot; using another block before onlining it stops the VM.
     pub const MEM_ONLINE: u16 = PV_BASE + 52;
@@ -121,9 +125,37 @@ pub mod port {
     pub const PV_END: u16 = PV_BASE + 56;
 }
 
-/// Guest RAM is registered with KVM in blocks of this size (one memslot
-/// each), when the guest first needs them ([`port::MEM_ONLINE`]).
-pub const MEMORY_BLOCK_SIZE: u64 = 128 << 20;
+/// The guest onlines RAM ([`port::MEM_ONLINE`]) in aligned blocks of this
+/// size: one default memmap chunk, so an idle guest has the VMM register
+/// about what it uses. The VMM registers at least the block, and may
+/// register a larger aligned power-of-two block holding it (it does when
+/// the host's memslots could not hold every 2 MiB block of a large VM);
+/// the guest cannot tell and need not know.
+pub const MEMORY_BLOCK_SIZE: u64 = DEFAULT_CHUNK_SIZE;
+
+/// Largest run one [`port::MEM_ONLINE`] write registers: 128 MiB.
+pub const MAX_ONLINE_RUN: u64 = 128 << 20;
+
+/// What one [`port::MEM_ONLINE`] write for `gpa` registers: the aligned
+/// run of this many bytes holding `gpa`. It is an eighth of the
+/// power-of-two range `[2^k, 2^(k+1))` that holds `gpa`, between
+/// [`MEMORY_BLOCK_SIZE`] and [`MAX_ONLINE_RUN`], so it is the same for
+/// every address of the run, and runs never cross the 128 MiB-aligned hole
+/// below 4 GiB. Low memory goes block by block (an idle guest registers
+/// about what it uses); a guest that grows into all its RAM needs a few
+/// dozen writes and memslots, not one per block. The guest may treat the
+/// whole run as online once the write returns.
+pub const fn online_run(gpa: u64) -> u64 {
+    let octave = if gpa == 0 { 0 } else { 1u64 << (63 - gpa.leading_zeros()) };
+    let run = octave / 8;
+    if run < MEMORY_BLOCK_SIZE {
+        MEMORY_BLOCK_SIZE
+    } else if run > MAX_ONLINE_RUN {
+        MAX_ONLINE_RUN
+    } else {
+        run
+    }
+}
 
 /// Ports below this number are granted to a ring-3 kernel through the TSS I/O
 /// permission bitmap; every port this contract uses is below it.
@@ -492,5 +524,32 @@ mod tests {
     fn default_chunk_is_32_kib_of_memmap() {
         assert_eq!(DEFAULT_CHUNK_SIZE / PAGE_SIZE * STRUCT_PAGE_SIZE, 32 << 10);
         assert_eq!(SECTION_SIZE % DEFAULT_CHUNK_SIZE, 0);
+        // `port::MEM_ONLINE` carries `gpa >> 20`: a block is whole MiBs.
+        assert!(MEMORY_BLOCK_SIZE.is_power_of_two() && MEMORY_BLOCK_SIZE >= 1 << 20);
+    }
+
+    #[test]
+    fn online_runs_grow_with_the_address_and_are_constant_within_a_run() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(online_run(0), MEMORY_BLOCK_SIZE);
+        assert_eq!(online_run(15 * MIB), MEMORY_BLOCK_SIZE);
+        assert_eq!(online_run(32 * MIB), 4 * MIB);
+        assert_eq!(online_run(63 * MIB), 4 * MIB);
+        assert_eq!(online_run(1 << 30), MAX_ONLINE_RUN);
+        assert_eq!(online_run(u64::MAX), MAX_ONLINE_RUN);
+        let mut gpa = 0;
+        let mut runs = 0;
+        while gpa < 64 << 30 {
+            let run = online_run(gpa);
+            assert!(run.is_power_of_two() && gpa % run == 0, "{gpa:#x}");
+            assert_eq!(online_run(gpa + run - 1), run, "{gpa:#x}");
+            // No run crosses the hole below 4 GiB.
+            assert!(gpa + run <= 3 << 30 || gpa >= 3 << 30);
+            if gpa < 2 << 30 {
+                runs += 1;
+            }
+            gpa += run;
+        }
+        assert_eq!(runs, 64, "2 GiB: 8 blocks below 16 MiB, 8 runs per octave, 8 of 128 MiB");
     }
 }

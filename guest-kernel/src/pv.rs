@@ -20,25 +20,27 @@ pub fn present() -> bool {
     PRESENT.load(Ordering::Relaxed)
 }
 
-/// Per-block state of guest RAM registration: 0 not online, 1 being
+/// Per-run state of guest RAM registration, indexed by the block number of
+/// the run's start (`guest_abi::online_run`): 0 not online, 1 being
 /// onlined by some CPU, 2 online.
 static BLOCKS: [core::sync::atomic::AtomicU8; MAX_BLOCKS] = [const { core::sync::atomic::AtomicU8::new(0) }; MAX_BLOCKS];
 const MAX_BLOCKS: usize = (crate::arch::paging::MAX_PHYS / guest_abi::MEMORY_BLOCK_SIZE) as usize;
 
-/// Makes sure the VMM has registered the memory blocks of `[start, end)`
-/// with KVM before this CPU (or any other) uses them. Called by the memory
-/// manager before it initializes a chunk; any CPU may call it.
+/// Makes sure the VMM has registered the memory of `[start, end)` with KVM
+/// before this CPU (or any other) uses it: one `MEM_ONLINE` write per
+/// `guest_abi::online_run` not yet online. Called by the memory manager
+/// before it initializes a chunk; any CPU may call it.
 pub fn online_memory(start: u64, end: u64) {
     if !present() || end <= start {
         return;
     }
-    let first = start / guest_abi::MEMORY_BLOCK_SIZE;
-    let last = (end - 1) / guest_abi::MEMORY_BLOCK_SIZE;
-    for b in first..=last.min(MAX_BLOCKS as u64 - 1) {
-        let state = &BLOCKS[b as usize];
+    let mut run_start = start - start % guest_abi::online_run(start);
+    while run_start < end {
+        let b = run_start / guest_abi::MEMORY_BLOCK_SIZE;
+        let Some(state) = BLOCKS.get(b as usize) else { return };
         match state.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
-                outl(port::MEM_ONLINE, ((b * guest_abi::MEMORY_BLOCK_SIZE) >> 20) as u32);
+                outl(port::MEM_ONLINE, (run_start >> 20) as u32);
                 state.store(2, Ordering::Release);
             }
             Err(_) => {
@@ -48,6 +50,7 @@ pub fn online_memory(start: u64, end: u64) {
                 }
             }
         }
+        run_start += guest_abi::online_run(run_start);
     }
 }
 

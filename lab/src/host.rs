@@ -37,6 +37,42 @@ impl TryFrom<&procfs::Meminfo> for Meminfo {
     }
 }
 
+/// The host kernel's own memory counters from `/proc/meminfo`, in bytes:
+/// where KVM's and the processes' kernel-side cost lands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KernelMemory {
+    /// `VmallocUsed` (KVM's memslot reverse maps and per-VM structures).
+    pub vmalloc_used: u64,
+    /// `Slab` (`kvm_vcpu`, debugfs inodes, `task_struct`, dentries, ...).
+    pub slab: u64,
+    /// `SUnreclaim`, the part of `Slab` that cannot be reclaimed.
+    pub slab_unreclaimable: u64,
+    /// `KernelStack` (16 KiB per task here).
+    pub kernel_stack: u64,
+    /// `PageTables` (the processes' page tables).
+    pub page_tables: u64,
+    /// `SecPageTables` (KVM's shadow or EPT/NPT page tables; Linux 6.0+).
+    pub sec_page_tables: u64,
+}
+
+impl From<&procfs::Meminfo> for KernelMemory {
+    fn from(m: &procfs::Meminfo) -> KernelMemory {
+        KernelMemory {
+            vmalloc_used: m.vmalloc_used,
+            slab: m.slab,
+            slab_unreclaimable: m.s_unreclaim.unwrap_or(0),
+            kernel_stack: m.kernel_stack.unwrap_or(0),
+            page_tables: m.page_tables.unwrap_or(0),
+            sec_page_tables: m.secondary_page_tables.unwrap_or(0),
+        }
+    }
+}
+
+/// Reads the kernel's counters from `/proc/meminfo` now.
+pub fn kernel_memory() -> Result<KernelMemory, MeminfoError> {
+    Ok(KernelMemory::from(&procfs::Meminfo::current().map_err(MeminfoError::Read)?))
+}
+
 /// Reads `/proc/meminfo` now.
 pub fn meminfo() -> Result<Meminfo, MeminfoError> {
     Meminfo::try_from(&procfs::Meminfo::current().map_err(MeminfoError::Read)?)
@@ -160,6 +196,14 @@ mod tests {
         assert!(m.total >= m.available && m.available > 0, "{m:?}");
         // Whole KiB: procfs converts the kB figures to bytes.
         assert_eq!(m.total % 1024, 0);
+    }
+
+    #[test]
+    fn the_kernel_counters_are_read_in_bytes() {
+        let k = kernel_memory().unwrap();
+        assert!(k.slab > 0 && k.kernel_stack > 0 && k.page_tables > 0, "{k:?}");
+        assert!(k.slab_unreclaimable <= k.slab, "{k:?}");
+        assert_eq!(k.kernel_stack % 1024, 0);
     }
 
     #[test]

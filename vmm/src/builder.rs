@@ -100,14 +100,14 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     //    first) and the kernel's segments, wherever it is linked. The guest
     //    onlines the others as its allocator first needs them (without the
     //    paravirtual device it cannot, so a legacy VM gets all of its RAM).
-    let registrar = Arc::new(Registrar::new(vm_fd.clone(), mem.clone()));
+    //    Blocks are 2 MiB unless the host's memslot limit needs them larger.
+    let registrar = Arc::new(Registrar::new(vm_fd.clone(), mem.clone(), kvm.get_nr_memslots()));
     if config.register_all_memory || config.legacy_only {
         registrar.register_all()?;
     } else {
-        registrar.register_range(0, 1)?;
-        for (start, end) in image.segments() {
-            registrar.register_range(start, end)?;
-        }
+        let mut boot = image.segments();
+        boot.push((0, 1));
+        registrar.register_ranges(&boot)?;
     }
     ctx.timings.mark_once(&ctx.timings.vm_created);
 
@@ -234,8 +234,18 @@ mod tests {
         let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
         let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..Default::default() };
         c.machine.mem_size_mib = 256;
-        let vm = build_microvm(c, &ctx).unwrap();
-        assert_eq!(vm.devices.registered_bytes(), guest_abi::MEMORY_BLOCK_SIZE);
+        let vm = build_microvm(c.clone(), &ctx).unwrap();
+        // The first block (boot data) and the blocks under the kernel's
+        // segments, nothing else.
+        let block = guest_abi::MEMORY_BLOCK_SIZE;
+        let mut blocks: Vec<u64> = vec![0];
+        for (start, end) in Image::read(&c.kernel).unwrap().segments() {
+            blocks.extend(start / block..end.div_ceil(block));
+        }
+        blocks.sort_unstable();
+        blocks.dedup();
+        assert_eq!(vm.devices.registered_bytes(), blocks.len() as u64 * block);
+        assert!(vm.devices.registered_bytes() <= 8 << 20, "{}", vm.devices.registered_bytes());
         assert!(ctx.timings.vm_created.get().is_some());
     }
 }

@@ -2,7 +2,60 @@
 //! unit-tested: the host-wide sums of one ramp step, the per-VM breakdown
 //! derived from them, and the extrapolation to the whole host.
 
+use crate::host::KernelMemory;
 use serde::Serialize;
+
+/// The host kernel's counters ([`KernelMemory`]) per VM at a step: their
+/// rise from the strategy's baseline divided by the VMs, in bytes (negative
+/// if something else on the host gave memory back). Next to the userspace
+/// figures, this is "KVM + kernel" measured rather than a remainder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct KernelPerVm {
+    pub vmalloc_used: f64,
+    pub slab: f64,
+    pub slab_unreclaimable: f64,
+    pub kernel_stack: f64,
+    pub page_tables: f64,
+    pub sec_page_tables: f64,
+    /// `vmalloc_used + slab + kernel_stack + page_tables + sec_page_tables`.
+    pub total: f64,
+}
+
+impl KernelPerVm {
+    /// `(now − base) / vms` for each counter; `None` with no VMs.
+    pub fn from_delta(base: &KernelMemory, now: &KernelMemory, vms: u64) -> Option<KernelPerVm> {
+        if vms == 0 {
+            return None;
+        }
+        let d = |a: u64, b: u64| (b as f64 - a as f64) / vms as f64;
+        let mut k = KernelPerVm {
+            vmalloc_used: d(base.vmalloc_used, now.vmalloc_used),
+            slab: d(base.slab, now.slab),
+            slab_unreclaimable: d(base.slab_unreclaimable, now.slab_unreclaimable),
+            kernel_stack: d(base.kernel_stack, now.kernel_stack),
+            page_tables: d(base.page_tables, now.page_tables),
+            sec_page_tables: d(base.sec_page_tables, now.sec_page_tables),
+            total: 0.0,
+        };
+        k.total = k.vmalloc_used + k.slab + k.kernel_stack + k.page_tables + k.sec_page_tables;
+        Some(k)
+    }
+}
+
+/// Tasks per VM at a step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TasksPerVm {
+    /// The VMM processes' threads (`/proc/PID/status` `Threads`), KVM's
+    /// `kvm-nx-lpage-re` worker included (it sits in the VMM's thread group).
+    pub vmm_threads: f64,
+    /// Of those, KVM's workers (`/proc/PID/task/*/comm` = `kvm-*`), on up
+    /// to 16 VMs of the step.
+    pub kvm_tasks: Option<f64>,
+    /// The host's task count (`/proc/loadavg`) rise from the strategy's
+    /// baseline per VM: everything the VMs cost in tasks, however named
+    /// (noisy on a shared host).
+    pub host_delta: Option<f64>,
+}
 
 /// Host-wide sums measured at one ramp step, in bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -108,6 +161,17 @@ pub fn default_floor(mem_total: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_counters_per_vm_are_deltas_over_the_vms() {
+        let base = KernelMemory { vmalloc_used: 1000, slab: 500, slab_unreclaimable: 300, kernel_stack: 160, page_tables: 80, sec_page_tables: 0 };
+        let now = KernelMemory { vmalloc_used: 3000, slab: 900, slab_unreclaimable: 500, kernel_stack: 480, page_tables: 60, sec_page_tables: 200 };
+        let k = KernelPerVm::from_delta(&base, &now, 4).unwrap();
+        assert_eq!((k.vmalloc_used, k.slab, k.slab_unreclaimable, k.kernel_stack), (500.0, 100.0, 50.0, 80.0));
+        assert_eq!((k.page_tables, k.sec_page_tables), (-5.0, 50.0), "a counter may fall");
+        assert_eq!(k.total, 500.0 + 100.0 + 80.0 - 5.0 + 50.0, "SUnreclaim is part of Slab, not added twice");
+        assert_eq!(KernelPerVm::from_delta(&base, &now, 0), None);
+    }
 
     #[test]
     fn breakdown_parts_add_up_to_the_drop() {

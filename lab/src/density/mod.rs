@@ -7,7 +7,12 @@
 //! API (`probe`), then measures the step: the host's `MemAvailable` drop from
 //! the strategy's baseline and every VM's `GET /memory` report (`footprint`
 //! turns the sums into a per-VM breakdown). Before each launch it checks
-//! `MemAvailable` against the floor and ends the ramp there. Between
+//! `MemAvailable` against the floor, and the host's task and file limits
+//! (`limits`: `kernel.pid_max`, `kernel.threads-max`, `RLIMIT_NPROC`,
+//! `RLIMIT_NOFILE`, `--max-tasks`) against the tasks per VM measured so far,
+//! and ends the ramp at whichever comes first, with a `stop_reason` naming
+//! it and its remedy; a `fork` or thread start failing with `EAGAIN` ends
+//! the ramp the same way. Between
 //! strategies every VM is stopped and the runner waits for the host to come
 //! back to its initial `MemAvailable`. Results go to `--out` (`output`:
 //! `report.json`, `vms.csv`; `plot`: the SVGs) and a summary to stdout.
@@ -19,6 +24,7 @@
 
 mod fleet;
 mod footprint;
+mod limits;
 mod output;
 mod plot;
 mod probe;
@@ -29,7 +35,7 @@ use crate::host;
 use crate::stats::Distribution;
 use api::ErrorChain;
 use fleet::{Fleet, VmSpec};
-use footprint::{Breakdown, StepSums};
+use footprint::{Breakdown, KernelPerVm, StepSums, TasksPerVm};
 use guest_abi::Strategy;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use output::{Baseline, CsvSink, CsvRow, Fit, Report, Settings, Step, StrategyRun, VmRecord};
@@ -86,6 +92,10 @@ pub struct DensityArgs {
     /// [default: the larger of 2 GiB and 10% of MemTotal].
     #[arg(long, value_name = "MIB")]
     pub floor_mib: Option<u64>,
+    /// Stop a ramp before the run's VMs would hold more than N tasks
+    /// (threads, KVM's included) [default: only the host's limits].
+    #[arg(long, value_name = "N")]
+    pub max_tasks: Option<u64>,
     /// Write report.json, vms.csv and the SVG plots here (created if needed).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -213,6 +223,7 @@ impl Runner {
             outcome: "completed",
             error: None,
             host: host::host_info(mem),
+            limits: limits::HostLimits::read(args.max_tasks),
             settings,
             work_dir: fleet.dir().to_path_buf(),
             initial_mem_available_bytes: mem.available,
@@ -309,7 +320,14 @@ impl Runner {
         }
         Ok(StrategyRun {
             strategy: name.to_string(),
-            baseline: Baseline { mem_available_bytes: avail, settled, waited_s: start.elapsed().as_secs_f64(), target_bytes: target },
+            baseline: Baseline {
+                mem_available_bytes: avail,
+                settled,
+                waited_s: start.elapsed().as_secs_f64(),
+                target_bytes: target,
+                host_tasks: limits::host_tasks(),
+                kernel: host::kernel_memory().ok(),
+            },
             floor_reached: false,
             stop_reason: String::new(),
             asked: self.args.vms,
@@ -323,6 +341,9 @@ impl Runner {
             launch_seconds: 0.0,
             launch_throughput_vms_per_s: None,
             footprint: None,
+            kernel_per_vm: None,
+            tasks_per_vm: None,
+            limit_reached: false,
             fit: Fit { measured: 0, extrapolated: None },
             shutdown: Default::default(),
         })
@@ -339,6 +360,10 @@ impl Runner {
         // What one more VM is expected to cost until a step has measured it:
         // generous, so in-flight launches cannot overshoot the floor.
         let mut per_vm_estimate = (64u64 << 20) + (self.args.alloc_mib.max_mib() << 20);
+        // Tasks one VM holds until a step has measured it: main, api,
+        // signals, one per vCPU and KVM's worker.
+        let mut tasks_per_vm = f64::from(self.args.vcpus) + 4.0;
+        let mut open_fds = limits::open_fds().unwrap_or(0);
         let mut step = 0u64;
         while run.launched < self.args.vms && run.stop_reason.is_empty() {
             let step_start = Instant::now();
@@ -365,9 +390,29 @@ impl Runner {
                     );
                     break;
                 }
+                let usage = limits::Usage {
+                    host_tasks: limits::host_tasks().unwrap_or(0),
+                    launched: run.launched,
+                    in_flight: in_flight as u64,
+                    open_fds,
+                    tasks_per_vm,
+                };
+                if let Some(reason) = limits::check(&self.report.limits, &usage) {
+                    run.limit_reached = true;
+                    run.stop_reason = reason;
+                    break;
+                }
                 let index = run.launched;
                 let alloc_mib = self.args.alloc_mib.mib_for(self.args.seed, index);
-                let vm = self.fleet.spawn(&spec, index)?;
+                let vm = match self.fleet.spawn(&spec, index) {
+                    Ok(vm) => vm,
+                    Err(fleet::FleetError::Spawn(_, e)) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                        run.limit_reached = true;
+                        run.stop_reason = limits::eagain_reason("a VM", &self.report.limits);
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let target = (vm.index, vm.pid, vm.sock.clone(), vm.log.clone(), vm.spawned_at);
                 run.vms.push(VmRecord { index, pid: vm.pid, alloc_mib, ready: None, error: None, last_sample: None, last_memory_report: None });
                 run.launched += 1;
@@ -382,8 +427,13 @@ impl Runner {
                 if let Err(e) = waiter {
                     // Without its waiter this launch never reports: count it as failed.
                     in_flight -= 1;
-                    run.stop_reason = "cannot start a waiter thread".into();
-                    error = Some(fleet::FleetError::Spawn("waiter thread".into(), e).into());
+                    if e.raw_os_error() == Some(libc::EAGAIN) {
+                        run.limit_reached = true;
+                        run.stop_reason = limits::eagain_reason("a waiter thread", &self.report.limits);
+                    } else {
+                        run.stop_reason = "cannot start a waiter thread".into();
+                        error = Some(fleet::FleetError::Spawn("waiter thread".into(), e).into());
+                    }
                 }
             }
             while in_flight > 0 {
@@ -403,6 +453,10 @@ impl Runner {
                 if let Some(b) = measured {
                     per_vm_estimate = ((b.total.max(0.0) as u64) + (self.args.alloc_mib.max_mib() << 20)).max(8 << 20) * 2;
                 }
+                if let Some(t) = run.steps.last().and_then(|s| s.tasks_per_vm) {
+                    tasks_per_vm = t.vmm_threads.max(1.0);
+                }
+                open_fds = limits::open_fds().unwrap_or(open_fds);
                 step += 1;
             }
             bar.set_message(format!("{}: {} VMs, MemAvailable {} MiB", run.strategy, run.ready, host::meminfo()?.available >> 20));
@@ -436,6 +490,16 @@ impl Runner {
                         bar.inc(1);
                     }
                     Err(probe::LaunchError::Interrupted) => vm.error = Some("interrupted".into()),
+                    // The VMM could not start its threads: a task limit.
+                    Err(e @ probe::LaunchError::Exited { .. })
+                        if e.to_string().contains("Resource temporarily unavailable") =>
+                    {
+                        vm.error = Some(e.to_string());
+                        if run.stop_reason.is_empty() {
+                            run.limit_reached = true;
+                            run.stop_reason = limits::eagain_reason(&format!("VM {index}'s threads"), &self.report.limits);
+                        }
+                    }
                     Err(e) => {
                         vm.error = Some(e.to_string());
                         if error.is_none() {
@@ -460,6 +524,8 @@ impl Runner {
     fn measure(&mut self, run: &mut StrategyRun, step: u64, launched: u64, launch_seconds: f64) -> Result<Option<Breakdown>, DensityError> {
         let start = Instant::now();
         let mem = host::meminfo()?;
+        let kernel = host::kernel_memory().ok();
+        let host_tasks = limits::host_tasks();
         // The fleet holds this strategy's VMs only (the previous ones were
         // shut down), and a record's position is its index.
         let targets: Vec<(usize, u64, u32, PathBuf)> = self
@@ -483,6 +549,7 @@ impl Runner {
             ..StepSums::default()
         };
         let step_vms = results.len() as u64;
+        let kvm_sampled: Vec<u64> = targets.iter().take(16).map(|t| limits::kvm_tasks(t.2)).collect();
         for (pos, result) in results {
             let (s, raw) = result?;
             sums.vms += 1;
@@ -499,11 +566,24 @@ impl Runner {
             vm.last_memory_report = Some(output::RawJson(raw.into_boxed_str()));
         }
         let per_vm = Breakdown::from_sums(&sums);
+        let kernel_per_vm = kernel.zip(run.baseline.kernel).and_then(|(now, base)| KernelPerVm::from_delta(&base, &now, sums.vms));
+        let tasks_per_vm = (sums.vms > 0).then(|| {
+            let n = sums.vms as f64;
+            TasksPerVm {
+                vmm_threads: sums.threads as f64 / n,
+                kvm_tasks: (!kvm_sampled.is_empty())
+                    .then(|| kvm_sampled.iter().sum::<u64>() as f64 / kvm_sampled.len() as f64),
+                host_delta: host_tasks.zip(run.baseline.host_tasks).map(|(now, base)| (now as f64 - base as f64) / n),
+            }
+        });
         run.steps.push(Step {
             step,
             mem_available_bytes: mem.available,
             sums,
             per_vm,
+            kernel_per_vm,
+            host_tasks,
+            tasks_per_vm,
             runner_rss_bytes: host::own_status().rss_bytes,
             launched,
             launch_seconds,
@@ -522,6 +602,8 @@ fn finish_strategy(run: &mut StrategyRun, report: &Report) {
     run.launch_throughput_vms_per_s = (run.launch_seconds > 0.0 && run.ready > 0).then(|| run.ready as f64 / run.launch_seconds);
     let last = run.steps.last();
     run.footprint = last.and_then(|s| s.per_vm);
+    run.kernel_per_vm = last.and_then(|s| s.kernel_per_vm);
+    run.tasks_per_vm = last.and_then(|s| s.tasks_per_vm);
     run.fit = Fit {
         measured: last.map_or(0, |s| s.sums.vms),
         extrapolated: run.footprint.and_then(|b| {

@@ -4,7 +4,8 @@
 
 use super::fleet::ShutdownStats;
 use super::probe::{Ready, Sample};
-use super::footprint::{Breakdown, StepSums};
+use super::footprint::{Breakdown, KernelPerVm, StepSums, TasksPerVm};
+use super::limits::HostLimits;
 use super::workload::AllocSpec;
 use crate::host::HostInfo;
 use crate::stats::Distribution;
@@ -42,6 +43,8 @@ pub struct Report {
     pub outcome: &'static str,
     pub error: Option<String>,
     pub host: HostInfo,
+    /// The task and file limits the ramps were budgeted against.
+    pub limits: HostLimits,
     pub settings: Settings,
     /// The private directory that held the sockets (removed at the end).
     pub work_dir: PathBuf,
@@ -99,6 +102,12 @@ pub struct StrategyRun {
     pub launch_throughput_vms_per_s: Option<f64>,
     /// Per-VM footprint at the last step (the most VMs, the least noise).
     pub footprint: Option<Breakdown>,
+    /// The host kernel's counters per VM at the last step.
+    pub kernel_per_vm: Option<KernelPerVm>,
+    /// Tasks per VM at the last step.
+    pub tasks_per_vm: Option<TasksPerVm>,
+    /// Whether a task or file limit ([`HostLimits`]) ended the ramp.
+    pub limit_reached: bool,
     /// VMs that fit before the floor.
     pub fit: Fit,
     pub shutdown: ShutdownStats,
@@ -116,6 +125,10 @@ pub struct Baseline {
     pub waited_s: f64,
     /// The value waited for (initial `MemAvailable` less the tolerance).
     pub target_bytes: u64,
+    /// Tasks on the host (`/proc/loadavg`).
+    pub host_tasks: Option<u64>,
+    /// The kernel's own counters (`/proc/meminfo`).
+    pub kernel: Option<crate::host::KernelMemory>,
 }
 
 /// VMs that fit before the floor.
@@ -135,6 +148,11 @@ pub struct Step {
     pub mem_available_bytes: u64,
     pub sums: StepSums,
     pub per_vm: Option<Breakdown>,
+    /// The host kernel's counters per VM (deltas from the baseline).
+    pub kernel_per_vm: Option<KernelPerVm>,
+    /// Tasks on the host at the measurement.
+    pub host_tasks: Option<u64>,
+    pub tasks_per_vm: Option<TasksPerVm>,
     /// The runner's own resident memory (part of the drop), bytes.
     pub runner_rss_bytes: u64,
     /// VMs started in this step.

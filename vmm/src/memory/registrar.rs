@@ -1,7 +1,20 @@
 //! Registering guest RAM with KVM: the one place that does, in blocks of
-//! [`guest_abi::MEMORY_BLOCK_SIZE`] (one memslot each, slot number = block
-//! number). Blocks are registered when the guest first needs them (its
+//! one *grain* each (one memslot per block, slot number = block number).
+//! Blocks are registered when the guest first needs them (its
 //! `port::MEM_ONLINE`), not at boot. Any vCPU thread may call it.
+//!
+//! The guest onlines memory in [`guest_abi::MEMORY_BLOCK_SIZE`] blocks
+//! (2 MiB, one memmap chunk). The grain is that block, or the smallest
+//! power-of-two multiple of it that keeps every block of guest RAM within
+//! the host's `KVM_CAP_NR_MEMSLOTS`, less [`SLOT_MARGIN`] ([`grain_for`]).
+//! Registering the whole grain block that holds what the guest onlined is
+//! always allowed by the contract (the VMM may register more than asked),
+//! so the guest never needs to know the grain. For the same reason a
+//! request is widened to the contract's aligned runs
+//! ([`guest_abi::online_run`]: single blocks in low memory, up to 128 MiB
+//! higher up), which the guest then treats as online, so a guest that uses
+//! all its RAM costs a few dozen `MEM_ONLINE` exits and memslots, not one
+//! per block.
 
 use super::ram::ram_end;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -10,8 +23,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-/// Size of one registration block.
-const BLOCK: u64 = guest_abi::MEMORY_BLOCK_SIZE;
+/// Memslots left unused by guest RAM, for anything else a VM may one day
+/// register (a device window, a ROM); KVM's own private slots are not
+/// counted in `KVM_CAP_NR_MEMSLOTS`.
+pub const SLOT_MARGIN: usize = 16;
+
+/// The registration grain for guest RAM ending at `ram_end` on a host with
+/// `nr_memslots` slots: [`guest_abi::MEMORY_BLOCK_SIZE`] doubled until the
+/// blocks up to `ram_end` fit the slots less [`SLOT_MARGIN`] (or half the
+/// slots, on a host with very few).
+pub fn grain_for(ram_end: u64, nr_memslots: usize) -> u64 {
+    let usable = if nr_memslots > 2 * SLOT_MARGIN { nr_memslots - SLOT_MARGIN } else { (nr_memslots / 2).max(1) };
+    let mut grain = guest_abi::MEMORY_BLOCK_SIZE;
+    while ram_end.div_ceil(grain) > usable as u64 {
+        grain *= 2;
+    }
+    grain
+}
 
 /// Why a block could not be registered.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -20,11 +48,11 @@ pub enum RegisterError {
     #[error("guest-physical address {gpa:#x} is not guest RAM")]
     NotRam { gpa: u64 },
     /// KVM refused the slot (the host's failure).
-    #[error("KVM refused memory slot {slot} ({mib} MiB at {gpa:#x})")]
+    #[error("KVM refused memory slot {slot} ({kib} KiB at {gpa:#x})")]
     Kvm {
         slot: u32,
         gpa: u64,
-        mib: u64,
+        kib: u64,
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -34,42 +62,79 @@ pub enum RegisterError {
 pub struct Registrar {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
+    grain: u64,
     registered: Mutex<Vec<bool>>,
     registered_bytes: AtomicU64,
+    slots_used: AtomicU64,
 }
 
 impl Registrar {
-    /// A registrar for `mem` in `vm`, with nothing registered yet.
-    pub fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Registrar {
-        let blocks = ram_end(&mem).div_ceil(BLOCK) as usize;
-        Registrar { vm, mem, registered: Mutex::new(vec![false; blocks]), registered_bytes: AtomicU64::new(0) }
+    /// A registrar for `mem` in `vm` on a host with `nr_memslots` memory
+    /// slots (`Kvm::get_nr_memslots`), with nothing registered yet.
+    pub fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap, nr_memslots: usize) -> Registrar {
+        let end = ram_end(&mem);
+        let grain = grain_for(end, nr_memslots);
+        let blocks = end.div_ceil(grain) as usize;
+        Registrar {
+            vm,
+            mem,
+            grain,
+            registered: Mutex::new(vec![false; blocks]),
+            registered_bytes: AtomicU64::new(0),
+            slots_used: AtomicU64::new(0),
+        }
     }
 
     /// Registers every block that overlaps `[start, end)` and is not yet
-    /// registered. Parts outside guest RAM are an error.
+    /// registered. Parts outside guest RAM are an error. Adjacent blocks
+    /// that this call registers within one host mapping share one memslot
+    /// (numbered after its first block), so a boot range of several blocks
+    /// costs one `KVM_SET_USER_MEMORY_REGION`.
     pub fn register_range(&self, start: u64, end: u64) -> Result<(), RegisterError> {
         if end <= start {
             return Ok(());
         }
+        let grain = self.grain;
         let mut done = self.registered.lock().unwrap_or_else(|e| e.into_inner());
-        for block in start / BLOCK..end.div_ceil(BLOCK) {
-            let Some(slot_done) = done.get_mut(block as usize) else {
-                return Err(RegisterError::NotRam { gpa: block * BLOCK });
+        let (mut first, mut last) = (start / grain, end.div_ceil(grain));
+        // Widen to the contract's runs (`guest_abi::online_run`) at both
+        // ends, inside the region holding `start` (never across the gap
+        // below 4 GiB or past RAM).
+        if let Some(region) = self.mem.find_region(GuestAddress(start)) {
+            let (lo, hi) = (region.start_addr().0.div_ceil(grain), (region.start_addr().0 + region.len()).div_ceil(grain));
+            let (run_lo, run_hi) = (guest_abi::online_run(start), guest_abi::online_run(end - 1));
+            first = ((start - start % run_lo) / grain).max(lo);
+            last = (end.div_ceil(run_hi).saturating_mul(run_hi).div_ceil(grain)).min(hi).max(last);
+        }
+        let mut block = first;
+        while block < last {
+            let Some(&already) = done.get(block as usize) else {
+                return Err(RegisterError::NotRam { gpa: block * grain });
             };
-            if *slot_done {
+            if already {
+                block += 1;
                 continue;
             }
-            let gpa = block * BLOCK;
+            let gpa = block * grain;
             let region = self.mem.find_region(GuestAddress(gpa)).ok_or(RegisterError::NotRam { gpa })?;
             let region_end = region.start_addr().0 + region.len();
-            let len = (gpa + BLOCK).min(region_end) - gpa;
+            // The run: this block and the unregistered ones after it, up to
+            // `last` and inside this region.
+            let mut run_end = block + 1;
+            while run_end < last && run_end * grain < region_end && done.get(run_end as usize) == Some(&false) {
+                run_end += 1;
+            }
+            let len = (run_end * grain).min(region_end) - gpa;
             let offset = gpa - region.start_addr().0;
             let r = kvm_userspace_memory_region {
+                // `new` sized the blocks so that every block number is a
+                // slot below the host's limit, and a run's blocks are
+                // never the first block of another slot.
                 slot: block as u32,
                 flags: 0,
                 guest_phys_addr: gpa,
                 memory_size: len,
-                // The block lies inside this one host mapping.
+                // The run lies inside this one host mapping.
                 userspace_addr: region.as_ptr() as u64 + offset,
             };
             // SAFETY: the host range is part of a live mapping owned by
@@ -77,11 +142,37 @@ impl Registrar {
             unsafe { self.vm.set_user_memory_region(r) }.map_err(|source| RegisterError::Kvm {
                 slot: r.slot,
                 gpa,
-                mib: len >> 20,
+                kib: len >> 10,
                 source,
             })?;
-            *slot_done = true;
+            for d in &mut done[block as usize..run_end as usize] {
+                *d = true;
+            }
             self.registered_bytes.fetch_add(len, Ordering::Relaxed);
+            self.slots_used.fetch_add(1, Ordering::Relaxed);
+            block = run_end;
+        }
+        Ok(())
+    }
+
+    /// Registers every range of `ranges` (as [`Registrar::register_range`]),
+    /// merged first where they touch the same or adjacent blocks, so that
+    /// the boot data and the kernel's segments take as few memslots as
+    /// they can.
+    pub fn register_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), RegisterError> {
+        let grain = self.grain;
+        let mut blocks: Vec<(u64, u64)> =
+            ranges.iter().filter(|(s, e)| e > s).map(|(s, e)| (s / grain, e.div_ceil(grain))).collect();
+        blocks.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(blocks.len());
+        for (s, e) in blocks {
+            match merged.last_mut() {
+                Some(m) if s <= m.1 => m.1 = m.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        for (s, e) in merged {
+            self.register_range(s * grain, e * grain)?;
         }
         Ok(())
     }
@@ -98,6 +189,16 @@ impl Registrar {
     pub fn registered_bytes(&self) -> u64 {
         self.registered_bytes.load(Ordering::Relaxed)
     }
+
+    /// Memory slots registered so far.
+    pub fn slots_used(&self) -> u64 {
+        self.slots_used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes per registration block (see [`grain_for`]).
+    pub fn grain(&self) -> u64 {
+        self.grain
+    }
 }
 
 #[cfg(test)]
@@ -105,24 +206,130 @@ mod tests {
     use super::super::ram::create_ram;
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+    const BLOCK: u64 = guest_abi::MEMORY_BLOCK_SIZE;
+    /// `KVM_CAP_NR_MEMSLOTS` on the development hosts (x86 KVM_USER_MEM_SLOTS).
+    const HOST_SLOTS: usize = 32764;
+
+    fn kvm() -> kvm_ioctls::Kvm {
+        kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm")
+    }
+
+    #[test]
+    fn the_grain_is_the_guest_block_unless_the_slots_run_out() {
+        assert_eq!(BLOCK, 2 * MIB, "one memmap chunk");
+        assert_eq!(grain_for(2048 * MIB, HOST_SLOTS), BLOCK);
+        assert_eq!(grain_for(1, HOST_SLOTS), BLOCK);
+        // The largest VM: 63 GiB of RAM ends at 64 GiB (the gap below
+        // 4 GiB), 32768 blocks of 2 MiB: one too many, so 4 MiB.
+        let biggest = crate::arch::ram_ranges(api::MAX_MEM_SIZE_MIB << 20);
+        let end = biggest.iter().map(|(a, l)| a.0 + l).max().unwrap();
+        assert_eq!(grain_for(end, HOST_SLOTS), 2 * BLOCK);
+        for slots in [1, 2, 8, 32, 33, 509, 4096, HOST_SLOTS] {
+            let g = grain_for(end, slots);
+            assert!(g.is_power_of_two() && g >= BLOCK, "{slots}: {g}");
+            let blocks = end.div_ceil(g) as usize;
+            assert!(blocks <= slots.saturating_sub(SLOT_MARGIN).max(slots / 2).max(1), "{slots} slots: {blocks} blocks");
+            assert!(g == BLOCK || end.div_ceil(g / 2) as usize > blocks, "{slots}: not the smallest grain");
+        }
+    }
+
     #[test]
     fn blocks_are_registered_once_and_only_inside_ram() {
-        let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
-        let vm = Arc::new(kvm.create_vm().unwrap());
-        // 3.5 GiB: RAM to 3 GiB, the gap, then 512 MiB at 4 GiB; the last
-        // block below 3 GiB is whole, the one at 4 GiB too.
+        let vm = Arc::new(kvm().create_vm().unwrap());
+        // 3.5 GiB: RAM to 3 GiB, the gap, then 512 MiB at 4 GiB.
         let mem = create_ram(&crate::arch::ram_ranges(3584 << 20), false).unwrap();
-        let r = Registrar::new(vm, mem);
-        assert_eq!(r.registered_bytes(), 0);
+        let r = Registrar::new(vm, mem, HOST_SLOTS);
+        assert_eq!(r.grain(), BLOCK);
+        assert_eq!((r.registered_bytes(), r.slots_used()), (0, 0));
         r.register_range(0, 1).unwrap();
-        assert_eq!(r.registered_bytes(), BLOCK);
+        assert_eq!((r.registered_bytes(), r.slots_used()), (BLOCK, 1));
         r.register_range(4096, 8192).unwrap();
         assert_eq!(r.registered_bytes(), BLOCK, "already registered");
         r.register_range(BLOCK - 1, BLOCK + 1).unwrap();
-        assert_eq!(r.registered_bytes(), 2 * BLOCK, "a range across a boundary takes both blocks");
+        assert_eq!((r.registered_bytes(), r.slots_used()), (2 * BLOCK, 2), "a range across a boundary takes both blocks");
         assert!(matches!(r.register_range(3 << 30, (3 << 30) + 1), Err(RegisterError::NotRam { .. })), "the gap");
         assert!(matches!(r.register_range(64 << 30, (64 << 30) + 1), Err(RegisterError::NotRam { .. })));
         r.register_all().unwrap();
         assert_eq!(r.registered_bytes(), 3584 << 20);
+        // One slot for the rest below 3 GiB, one for the RAM at 4 GiB.
+        assert_eq!(r.slots_used(), 4);
+    }
+
+    #[test]
+    fn adjacent_boot_ranges_share_a_slot_and_later_blocks_get_their_own() {
+        let vm = Arc::new(kvm().create_vm().unwrap());
+        let mem = create_ram(&crate::arch::ram_ranges(2048 * MIB), false).unwrap();
+        let r = Registrar::new(vm, mem, HOST_SLOTS);
+        // Boot data at 0, a kernel from 1 MiB to 4.6 MiB: blocks 0..3, one slot.
+        r.register_ranges(&[(0, 1), (MIB, MIB + 4096), (MIB + 8192, 4 * MIB + (600 << 10)), (5, 5)]).unwrap();
+        assert_eq!((r.registered_bytes(), r.slots_used()), (3 * BLOCK, 1));
+        // What the guest onlines later gets slots of its own: at 100 MiB
+        // the contract's run is 8 MiB (96..104 MiB).
+        r.register_range(100 * MIB, 100 * MIB + 1).unwrap();
+        assert_eq!((r.registered_bytes(), r.slots_used()), (7 * BLOCK, 2));
+        r.register_range(2 * MIB, 8 * MIB).unwrap();
+        assert_eq!((r.registered_bytes(), r.slots_used()), (8 * BLOCK, 3), "6..8 MiB is the only new block");
+        // Apart ranges are not merged across what nobody asked for.
+        r.register_ranges(&[(20 * MIB, 21 * MIB), (30 * MIB, 31 * MIB)]).unwrap();
+        assert_eq!((r.registered_bytes(), r.slots_used()), (10 * BLOCK, 5));
+        r.register_all().unwrap();
+        assert_eq!(r.registered_bytes(), 2048 * MIB);
+    }
+
+    #[test]
+    fn few_slots_make_a_coarser_grain_that_still_covers_what_the_guest_onlines() {
+        let vm = Arc::new(kvm().create_vm().unwrap());
+        let mem = create_ram(&crate::arch::ram_ranges(256 * MIB), false).unwrap();
+        // 64 slots, 48 usable: 256 MiB needs 8 MiB blocks (32 of them).
+        let r = Registrar::new(vm, mem, 64);
+        assert_eq!(r.grain(), 8 * MIB);
+        // The guest onlines one 2 MiB block; the whole 8 MiB block holding it is registered.
+        r.register_range(10 * MIB, 10 * MIB + 1).unwrap();
+        assert_eq!((r.registered_bytes(), r.slots_used()), (8 * MIB, 1));
+        r.register_range(14 * MIB, 14 * MIB + 1).unwrap();
+        assert_eq!(r.slots_used(), 1, "the same grain block");
+        r.register_all().unwrap();
+        assert_eq!(r.registered_bytes(), 256 * MIB);
+        assert_eq!(r.slots_used(), 3, "before, the block, after");
+    }
+
+    #[test]
+    fn the_largest_vm_registers_all_its_ram_within_the_hosts_slots() {
+        let kvm = kvm();
+        let slots = kvm.get_nr_memslots();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let mem = create_ram(&crate::arch::ram_ranges(api::MAX_MEM_SIZE_MIB << 20), false).unwrap();
+        let r = Registrar::new(vm, mem, slots);
+        // KVM accepts only slot numbers below its limit, so registering
+        // every block on its own (as a guest onlining its memory block by
+        // block does) proves the grain fits this host.
+        let mut gpa = 0;
+        while gpa < 64 << 30 {
+            if !(3 << 30..4 << 30).contains(&gpa) {
+                r.register_range(gpa, gpa + 1).unwrap();
+            }
+            gpa += r.grain();
+        }
+        assert_eq!(r.registered_bytes(), api::MAX_MEM_SIZE_MIB << 20);
+        let used = r.slots_used() as usize;
+        assert!(used <= slots - SLOT_MARGIN.min(slots / 2), "{used} of {slots}");
+    }
+
+    #[test]
+    fn a_guest_onlining_all_its_ram_block_by_block_takes_few_slots_and_little_extra() {
+        let vm = Arc::new(kvm().create_vm().unwrap());
+        let mem = create_ram(&crate::arch::ram_ranges(2048 * MIB), false).unwrap();
+        let r = Registrar::new(vm, mem, HOST_SLOTS);
+        let mut gpa = 0;
+        while gpa < 2048 * MIB {
+            r.register_range(gpa, gpa + 1).unwrap();
+            let used = gpa + BLOCK;
+            assert!(r.registered_bytes() >= used);
+            assert!(r.registered_bytes() <= used + used / 3 + BLOCK, "{} registered for {used} used", r.registered_bytes());
+            gpa += BLOCK;
+        }
+        assert_eq!(r.registered_bytes(), 2048 * MIB);
+        assert!(r.slots_used() <= 64, "{} slots", r.slots_used());
     }
 }
