@@ -319,6 +319,39 @@ fn top_draws_the_vms_and_their_totals_live_and_q_restores_the_terminal() {
     }
 }
 
+/// A closed terminal (the tmux server gone, as when an ssh session drops)
+/// ends `vmm top`: crossterm's own poll spun on the dead pty at full CPU
+/// and ignored SIGTERM.
+#[test]
+fn top_ends_when_its_terminal_goes_away() {
+    let tmp = TempDir::new("ops-top-hup");
+    let _a = IdleVm::start(tmp.path(), "hup-a", &["--mem-mib", "256"]);
+    let tmux_dir = TempDir::new("ops-tmux-hup");
+    let pid_file = tmux_dir.path().join("top.pid");
+    let command = format!(
+        "echo $$ > '{}'; exec '{}' top --dir '{}' --interval 0.5",
+        pid_file.display(),
+        vmm_path(),
+        tmp.path().display()
+    );
+    let tmux = Tmux::start(tmux_dir.path(), &command);
+    tmux.wait_for("vmm top to draw the VM", |s| s.contains("1 VMs, 1 answered"));
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "vmm", "the pane runs vmm top as {pid}");
+    drop(tmux);
+    let start = Instant::now();
+    let running = || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| !st.contains(") Z "));
+    while running() {
+        if start.elapsed() > PATIENCE {
+            // SAFETY: kill(2) on the PID this test's own pane started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("vmm top ({pid}) kept running after its terminal closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn an_idle_2_gib_vm_leads_its_memory_table_with_32_kib_of_metadata() {
     let tmp = TempDir::new("ops-mem");

@@ -161,6 +161,9 @@ impl Exposition {
             api_errors,
             guest_commands,
             serial_bytes,
+            serial_bytes_dropped,
+            stdio_lines_dropped,
+            guest_protocol_errors,
             log_lines_dropped,
             metrics_lines_dropped,
         } = metrics;
@@ -180,11 +183,14 @@ impl Exposition {
             let labels = with(labels, ("reason", reason));
             self.add("vmm_vm_exits_total", "vCPU exits, all vCPUs together, by reason.", Kind::Counter, &labels, *n);
         }
-        let counters: [(&'static str, &'static str, u64); 6] = [
+        let counters: [(&'static str, &'static str, u64); 9] = [
             ("vmm_api_requests_total", "API requests received, failed ones included.", *api_requests),
             ("vmm_api_errors_total", "API requests answered with an error.", *api_errors),
             ("vmm_guest_commands_total", "Commands sent to the guest through its mailbox.", *guest_commands),
             ("vmm_serial_bytes_total", "Bytes the guest wrote to its serial port.", *serial_bytes),
+            ("vmm_serial_bytes_dropped_total", "Console bytes dropped (buffer full or file cap reached).", *serial_bytes_dropped),
+            ("vmm_stdio_lines_dropped_total", "Lines the VMM could not write to its stdout or stderr.", *stdio_lines_dropped),
+            ("vmm_guest_protocol_errors_total", "Values the guest sent that broke the paravirtual protocol.", *guest_protocol_errors),
             ("vmm_log_lines_dropped_total", "Log lines not written to the logger file.", *log_lines_dropped),
             ("vmm_metrics_lines_dropped_total", "Metrics lines not written to the metrics file.", *metrics_lines_dropped),
         ];

@@ -124,7 +124,13 @@ pub fn run(args: TopArgs) -> u8 {
                 view.snapshot = Some(s);
                 dirty = true;
             }
-            if event::poll(Duration::from_millis(100))? {
+            match wait_for_terminal(Duration::from_millis(100)) {
+                TerminalWait::HungUp => return Ok(()),
+                TerminalWait::Quiet => continue,
+                TerminalWait::Ready => {}
+            }
+            // Everything crossterm has (it may have read several events at once).
+            while event::poll(Duration::ZERO)? {
                 match event::read()? {
                     Event::Key(key) if key.kind != KeyEventKind::Release => {
                         let ctrl_c = key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c');
@@ -148,6 +154,47 @@ pub fn run(args: TopArgs) -> u8 {
             eprintln!("vmm: error: vmm top: {}", ErrorChain(&e));
             1
         }
+    }
+}
+
+/// What [`wait_for_terminal`] saw.
+#[derive(Debug, PartialEq, Eq)]
+enum TerminalWait {
+    /// Input (or nothing to wait on but crossterm's own poll said so).
+    Ready,
+    /// Nothing within the timeout.
+    Quiet,
+    /// The terminal went away (its pty closed): `vmm top` ends.
+    HungUp,
+}
+
+/// Waits up to `timeout` for input on the terminal. crossterm's own poll
+/// spins forever on a terminal whose pty has gone (a closed tmux pane or ssh
+/// session), ignoring signals; `poll(2)` on standard input says `POLLHUP`.
+fn wait_for_terminal(timeout: Duration) -> TerminalWait {
+    if !std::io::stdin().is_terminal() {
+        // crossterm reads /dev/tty then; its poll is the only wait there is.
+        return match event::poll(timeout) {
+            Ok(true) => TerminalWait::Ready,
+            Ok(false) => TerminalWait::Quiet,
+            Err(_) => TerminalWait::HungUp,
+        };
+    }
+    let mut fd = libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, on the stack for the whole call.
+    let n = unsafe { libc::poll(&raw mut fd, 1, ms) };
+    terminal_wait_of(n, fd.revents)
+}
+
+/// Decodes `poll(2)`'s answer for standard input.
+fn terminal_wait_of(n: libc::c_int, revents: libc::c_short) -> TerminalWait {
+    match n {
+        0 => TerminalWait::Quiet,
+        // EINTR (a signal): the loop looks at the signals next.
+        n if n < 0 => TerminalWait::Quiet,
+        _ if revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 => TerminalWait::HungUp,
+        _ => TerminalWait::Ready,
     }
 }
 
@@ -248,6 +295,16 @@ fn column_widths(lines: &[Vec<String>], totals: &[String]) -> Vec<Constraint> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hung_up_terminal_ends_top_and_a_signal_does_not() {
+        assert_eq!(terminal_wait_of(1, libc::POLLHUP), TerminalWait::HungUp);
+        assert_eq!(terminal_wait_of(1, libc::POLLIN | libc::POLLHUP), TerminalWait::HungUp);
+        assert_eq!(terminal_wait_of(1, libc::POLLERR), TerminalWait::HungUp);
+        assert_eq!(terminal_wait_of(1, libc::POLLIN), TerminalWait::Ready);
+        assert_eq!(terminal_wait_of(0, 0), TerminalWait::Quiet);
+        assert_eq!(terminal_wait_of(-1, 0), TerminalWait::Quiet);
+    }
     use crate::fleet::Reach;
     use ratatui::backend::TestBackend;
     use ratatui::Terminal;
