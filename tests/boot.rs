@@ -120,7 +120,7 @@ fn serial_output_can_go_to_a_file_or_nowhere() {
 #[test]
 fn bad_memory_sizes_are_usage_errors() {
     // An odd size is fine, except with 2 MiB huge pages.
-    for (mem, huge, needle) in [("0", false, "more than 0"), ("3", true, "multiple of 2"), ("100000000", false, "at most")] {
+    for (mem, huge, needle) in [("0", false, "at least 5 MiB"), ("4", false, "at least 5 MiB"), ("7", true, "multiple of 2"), ("100000000", false, "at most")] {
         let mut args = vec!["run", "--mem-mib", mem, "--cmdline", "workload=exit"];
         if huge {
             args.push("--huge-pages");
