@@ -136,7 +136,7 @@ fn bad_memory_sizes_are_usage_errors() {
 fn bad_kernel_files_are_usage_errors() {
     let o = vmm(&["run", "--kernel", "/nonexistent/vmlinux"]);
     o.assert_code(2);
-    assert!(o.stderr.contains("cannot read kernel image /nonexistent/vmlinux"), "{o}");
+    assert!(o.stderr.contains("cannot use kernel image: /nonexistent/vmlinux does not exist"), "{o}");
 
     let dir = common::TempDir::new("kernel");
     let text = dir.path().join("notes.txt");
