@@ -5,7 +5,7 @@
 CARGO ?= cargo
 VMM := target/x86_64-unknown-linux-gnu/release/vmm
 
-.PHONY: all setup build run test test-unit test-guest lint bench clean
+.PHONY: all setup build run test test-unit test-guest test-schemathesis lint bench clean
 
 all: build
 
@@ -28,8 +28,22 @@ run: build
 # Every test: contract, API types, the monitor's unit tests, the client, the
 # lab, the binary, integration tests that boot real VMs (tests/), and the
 # guest memory manager's host tests.
-test: setup test-guest
+test: setup test-guest test-schemathesis
 	$(CARGO) test --release --locked --workspace
+
+# schemathesis (every check) against a `vmm serve` and a `vmm run`, over
+# their Unix sockets (tests/schemathesis/run.sh; about a minute). Installed
+# into .venv (git-ignored) from tests/schemathesis/requirements.txt.
+VENV := .venv
+SCHEMATHESIS_STAMP := $(VENV)/.installed
+SCHEMATHESIS_MAX_EXAMPLES ?= 25
+$(SCHEMATHESIS_STAMP): tests/schemathesis/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/schemathesis/requirements.txt
+	touch $@
+
+test-schemathesis: build $(SCHEMATHESIS_STAMP)
+	MAX_EXAMPLES=$(SCHEMATHESIS_MAX_EXAMPLES) tests/schemathesis/run.sh $(VENV) $(VMM)
 
 # The guest library's host tests twice: release (as the kernel is built) and
 # the dev/test profile (opt-level 1, debug assertions and overflow checks on,

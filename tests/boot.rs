@@ -120,7 +120,7 @@ fn serial_output_can_go_to_a_file_or_nowhere() {
 #[test]
 fn bad_memory_sizes_are_usage_errors() {
     // An odd size is fine, except with 2 MiB huge pages.
-    for (mem, huge, needle) in [("0", false, "more than 0"), ("3", true, "multiple of 2"), ("100000000", false, "at most")] {
+    for (mem, huge, needle) in [("0", false, "at least 5 MiB"), ("4", false, "at least 5 MiB"), ("7", true, "multiple of 2"), ("100000000", false, "at most")] {
         let mut args = vec!["run", "--mem-mib", mem, "--cmdline", "workload=exit"];
         if huge {
             args.push("--huge-pages");
@@ -136,7 +136,7 @@ fn bad_memory_sizes_are_usage_errors() {
 fn bad_kernel_files_are_usage_errors() {
     let o = vmm(&["run", "--kernel", "/nonexistent/vmlinux"]);
     o.assert_code(2);
-    assert!(o.stderr.contains("cannot read kernel image /nonexistent/vmlinux"), "{o}");
+    assert!(o.stderr.contains("cannot use kernel image: /nonexistent/vmlinux does not exist"), "{o}");
 
     let dir = common::TempDir::new("kernel");
     let text = dir.path().join("notes.txt");

@@ -156,10 +156,13 @@ pub enum Endpoint {
 }
 
 /// Error statuses every endpoint may answer: a body where none belongs or an
-/// unparsable one (400), and the path-level ones (404, 405, 413, 500).
-const COMMON_ERRORS: &[u16] = &[400, 404, 405, 413, 500];
+/// unparsable one (400), the path-level ones (404, 405), the HTTP side's
+/// limits (408 body timeout, 413 body size, 414 and 431 from hyper for a
+/// request head too large), 500, 503 while the VMM shuts down, and 504 when
+/// the VMM thread does not answer in time.
+const COMMON_ERRORS: &[u16] = &[400, 404, 405, 408, 413, 414, 431, 500, 503, 504];
 /// The same plus 409, for endpoints that depend on the VM's state.
-const STATEFUL_ERRORS: &[u16] = &[400, 404, 405, 409, 413, 500];
+const STATEFUL_ERRORS: &[u16] = &[400, 404, 405, 408, 409, 413, 414, 431, 500, 503, 504];
 
 impl Endpoint {
     /// Every endpoint.

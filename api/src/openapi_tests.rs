@@ -634,6 +634,45 @@ fn machine_config_defaults_and_limits_match() {
     assert_eq!(boot["boot_args"]["maxLength"], json!(MAX_BOOT_ARGS_LEN));
 }
 
+/// The rules the server enforces are in the schema: the power-of-two
+/// chunk sizes, boot_args' control characters and byte length, the largest
+/// memory target.
+#[test]
+fn enforced_rules_are_in_the_schema() {
+    let spec = spec();
+    let schemas = &spec["components"]["schemas"];
+    let chunks: Vec<Value> = std::iter::successors(Some(MIN_CHUNK_KIB), |k| Some(k * 2))
+        .take_while(|&k| k <= MAX_CHUNK_KIB)
+        .map(|k| json!(k))
+        .collect();
+    for schema in ["MachineConfig", "MachineConfigPut", "MachineConfigUpdate"] {
+        let e = schemas[schema]["properties"]["memmap_chunk_kib"]["enum"].as_array().unwrap_or_else(|| panic!("{schema}"));
+        let ints: Vec<Value> = e.iter().filter(|v| !v.is_null()).cloned().collect();
+        assert_eq!(ints, chunks, "{schema}");
+        for k in e.iter().filter_map(Value::as_u64) {
+            let c = MachineConfig { memmap_chunk_kib: k, ..MachineConfig::default() };
+            assert_eq!(c.validate(), Ok(()), "{k} KiB is listed and accepted");
+        }
+    }
+    let bad = MachineConfig { memmap_chunk_kib: 384, ..MachineConfig::default() };
+    assert!(bad.validate().is_err(), "a listed rule the server enforces");
+    let args = &schemas["BootSource"]["properties"]["boot_args"];
+    assert!(args["description"].as_str().unwrap().contains("bytes of UTF-8"));
+    let pattern = args["pattern"].as_str().unwrap();
+    assert_eq!(pattern, "^[^\\u0000-\\u001F\\u007F-\\u009F]*$");
+    // Every character the pattern excludes, the server refuses, and no other.
+    for c in ['\u{0}', '\u{1f}', '\u{7f}', '\u{9f}', '\n'] {
+        let b = BootSource { boot_args: Some(format!("a{c}b")), ..BootSource::default() };
+        assert!(b.validate().is_err(), "{c:?}");
+    }
+    for c in [' ', '~', '\u{a0}', 'é'] {
+        let b = BootSource { boot_args: Some(format!("a{c}b")), ..BootSource::default() };
+        assert!(b.validate().is_ok(), "{c:?}");
+    }
+    let target = &schemas["GuestMemoryTarget"]["properties"]["target_mib"];
+    assert_eq!(target["maximum"], json!(MAX_MEM_SIZE_MIB));
+}
+
 /// Keys that scripts read from `GET /memory`; renaming one breaks them.
 #[test]
 fn memory_report_has_the_keys_scripts_use() {

@@ -225,9 +225,9 @@ mod tests {
     fn validation_says_what_to_do() {
         assert!(VmConfig::default().validate().is_ok());
         let msg = |c: VmConfig| c.validate().unwrap_err().to_string();
-        assert!(msg(with_machine(|m| m.mem_size_mib = 0)).contains("at least"));
+        assert!(msg(with_machine(|m| m.mem_size_mib = 0)).contains("at least 5 MiB"));
         assert!(msg(with_machine(|m| {
-            m.mem_size_mib = 3;
+            m.mem_size_mib = 7;
             m.huge_pages = api::HugePages::Size2M;
         }))
         .contains("multiple of 2"));

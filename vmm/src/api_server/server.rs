@@ -28,7 +28,7 @@
 //!
 //! When the server stops, requests still waiting for the VMM thread and
 //! requests arriving on open connections are answered 503, then the
-//! connections close (at most [`DRAIN_TIMEOUT`] later).
+//! connections close (at most 2 s later).
 
 use super::connections::{ConnectionStats, Connections};
 use super::http::{handle, Context, Limits};
