@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// Where the guest's serial console goes: stdout, stderr, file:PATH, or none.
     #[arg(long, default_value = "stdout", value_parser = parse_serial, value_name = "TARGET")]
     pub serial: SerialTarget,
+    /// Run without the per-thread seccomp filters (for debugging; see
+    /// docs/security.md). They are on by default.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// `--report` formats.
@@ -191,6 +195,10 @@ pub struct RunArgs {
     /// portability.
     #[arg(long, hide = true)]
     pub legacy_only: bool,
+    /// Run without the per-thread seccomp filters (for debugging; see
+    /// docs/security.md). They are on by default.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// A `--serial` value that is none of the accepted forms.
