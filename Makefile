@@ -5,7 +5,7 @@
 CARGO ?= cargo
 VMM := target/x86_64-unknown-linux-gnu/release/vmm
 
-.PHONY: all setup build run test test-unit test-guest test-schemathesis lint bench clean
+.PHONY: all setup build run test test-unit test-guest test-schemathesis lint bench fuzz clean
 
 all: build
 
@@ -68,6 +68,20 @@ lint: setup
 BENCH_OUT ?= bench-results
 bench: build
 	$(VMM) bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# The cargo-fuzz targets (fuzz/), each for FUZZ_SECONDS. They need nightly
+# (installed here if missing, with the guest target the build script needs)
+# and cargo-fuzz; `make test` does not. Corpora and crashes stay in
+# fuzz/corpus and fuzz/artifacts. See docs/security.md.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := api_request stats_block port_io kernel_image
+fuzz: setup
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@rustup target list --installed --toolchain nightly | grep -qx x86_64-unknown-none || rustup target add x86_64-unknown-none --toolchain nightly
+	@command -v cargo-fuzz >/dev/null || $(CARGO) +nightly install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		$(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+	done
 
 clean:
 	$(CARGO) clean

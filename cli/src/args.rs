@@ -126,6 +126,10 @@ pub struct ServeArgs {
     /// stops, as Firecracker does.
     #[arg(long)]
     pub keep_serving: bool,
+    /// Run without the per-thread seccomp filters (for debugging; see
+    /// docs/security.md). They are on by default.
+    #[arg(long)]
+    pub no_seccomp: bool,
     #[command(flatten)]
     pub guest: GuestLimits,
 }
@@ -237,6 +241,10 @@ pub struct RunArgs {
     /// portability.
     #[arg(long, hide = true)]
     pub legacy_only: bool,
+    /// Run without the per-thread seccomp filters (for debugging; see
+    /// docs/security.md). They are on by default.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// A `--serial` value that is none of the accepted forms.

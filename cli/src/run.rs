@@ -72,6 +72,19 @@ fn one_malloc_arena() {
     }
 }
 
+/// Sets up the seccomp filters unless `off` (`--no-seccomp`); before any
+/// VMM thread starts, since each installs its filter as it starts.
+fn enable_seccomp(off: bool) -> Result<(), u8> {
+    if off {
+        return Ok(());
+    }
+    vmm::seccomp::enable().map_err(|e| {
+        vmm::errln!("vmm: error: {}", ErrorChain(&e));
+        vmm::errln!("vmm: hint: --no-seccomp runs without the filters");
+        1
+    })
+}
+
 /// `vmm run`: boots the VM and runs it until the guest stops (or, with a
 /// script, until the report is printed).
 pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
@@ -80,6 +93,9 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
     if let Err(e) = config.validate() {
         vmm::errln!("vmm: error: {}", ErrorChain(&e));
         return 2;
+    }
+    if let Err(code) = enable_seccomp(args.no_seccomp) {
+        return code;
     }
     let mut ctl = Controller::new(config, timings.clone());
     let format = args.report_format();
@@ -104,6 +120,7 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
         }
         return if e.is_usage() { 2 } else { 1 };
     }
+    vmm::seccomp::apply(vmm::seccomp::ThreadKind::Main);
     let reason = ctl.run();
     if let Some(s) = server {
         s.shutdown();
@@ -125,6 +142,9 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
 /// `vmm serve`: serves the API with no VM until it is configured and started.
 pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
     one_malloc_arena();
+    if let Err(code) = enable_seccomp(args.no_seccomp) {
+        return code;
+    }
     let config = VmConfig {
         id: args.place.id().to_string(),
         serial: args.serial.clone(),
@@ -138,6 +158,7 @@ pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
+    vmm::seccomp::apply(vmm::seccomp::ThreadKind::Main);
     let reason = ctl.run();
     server.shutdown();
     exit_code(reason)

@@ -43,6 +43,8 @@ pub mod config;
 pub mod controller;
 pub mod devices;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod host_output;
 pub mod loader;
@@ -51,6 +53,7 @@ pub mod metrics;
 pub mod out;
 pub mod report;
 pub mod script;
+pub mod seccomp;
 pub mod signals;
 pub mod timings;
 pub mod vstate;

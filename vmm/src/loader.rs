@@ -62,6 +62,12 @@ impl Image {
         Ok(image)
     }
 
+    /// An image from bytes already in memory, unchecked (for the fuzzers).
+    #[doc(hidden)]
+    pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Image {
+        Image { bytes: bytes.into(), name: name.into() }
+    }
+
     /// The guest-physical ranges `[start, end)` its loadable segments occupy
     /// (`PT_LOAD` program headers, by physical address, as they are loaded).
     /// Headers that do not fit in the image are skipped: loading refuses them.

@@ -34,6 +34,7 @@ pub fn forward_to(tx: Sender<VmEvent>) {
     static START: Once = Once::new();
     START.call_once(|| {
         let spawned = std::thread::Builder::new().name("signals".into()).stack_size(64 << 10).spawn(|| {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Signals);
             let set = stop_signals();
             loop {
                 let Ok(sig) = set.wait() else { continue };

@@ -119,7 +119,10 @@ pub(crate) fn start_with(
     let thread = std::thread::Builder::new()
         .name("api".into())
         .stack_size(THREAD_STACK_BYTES)
-        .spawn(move || serve(runtime, listener, ctx, stop_rx));
+        .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Api);
+            serve(runtime, listener, ctx, stop_rx)
+        });
     match thread {
         Ok(thread) => Ok(ApiServer {
             path: path.to_path_buf(),

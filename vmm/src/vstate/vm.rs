@@ -154,6 +154,7 @@ impl Vm {
             .name(format!("vcpu{cpu}"))
             .stack_size(VCPU_STACK)
             .spawn(move || {
+                crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu);
                 let reason = vcpu::run(&mut vcpu, cpu, &devices, &control, &stop2);
                 let _ = tx.send(VmEvent::VcpuStopped { cpu, reason });
             })?;

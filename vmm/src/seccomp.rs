@@ -1,0 +1,637 @@
+//! Seccomp: every thread of a VMM process runs under an allow-list of the
+//! system calls it needs, built with `seccompiler` (rust-vmm), as
+//! Firecracker does. A guest or API client that takes over a thread gets no
+//! `execve`, no `socket`/`connect`, no `ptrace`, and on the vCPU threads no
+//! `open` and no KVM ioctl but the few a vCPU makes.
+//!
+//! 1. [`enable`] runs once on the main thread, before any VMM thread starts
+//!    (`vmm run` and `vmm serve` call it unless `--no-seccomp`). It compiles
+//!    every thread kind's filter, sets `no_new_privs`, caps the resource
+//!    limits ([`limit_resources`]) and installs the `SIGSYS` handler.
+//! 2. Each thread calls [`apply`] with its [`ThreadKind`] first thing: the
+//!    vCPU threads before their first `KVM_RUN`, the API thread before it
+//!    serves, the signal thread before it waits, and the main thread before
+//!    it enters the controller's event loop. Without [`enable`] (tests, the
+//!    lab, `--no-seccomp`) [`apply`] does nothing.
+//! 3. A forbidden system call is trapped (`SECCOMP_RET_TRAP`): the thread
+//!    gets `SIGSYS`, whose handler writes one line to stderr naming the
+//!    thread and the call, then the process dies of `SIGSYS` (no core dump:
+//!    `RLIMIT_CORE` is 0, so guest memory never lands in a core file).
+//!
+//! Filters stack: a thread started after the main thread applied its filter
+//! runs under the main filter too. The vCPU threads of `vmm serve` and every
+//! application processor start that way (the controller spawns them from its
+//! loop), as does the signal thread; so the main list includes theirs
+//! ([`ThreadKind::started_by_main`]). A thread that installs no filter of its
+//! own (say, a new helper spawned by the controller) runs under the main
+//! list. A new thread kind is one [`ThreadKind`] variant with
+//! its list (`ThreadKind::own_syscalls`).
+//!
+//! The lists come from `strace -f` of every workload, every API endpoint,
+//! `vmm run --report` and the lab's children (docs/security.md).
+
+use kvm_bindings::{
+    kvm_cpuid2, kvm_fpu, kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVMIO,
+};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+
+/// The kinds of thread a VMM process runs, each with its own allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ThreadKind {
+    /// The main thread: the controller's event loop, which builds the VM
+    /// (`vmm serve` does at `InstanceStart`), reads the host's view of
+    /// memory, writes the log and metrics files and stops the vCPUs.
+    Main,
+    /// The API server: hyper on a current-thread tokio runtime.
+    Api,
+    /// A vCPU: `KVM_RUN` and device I/O.
+    Vcpu,
+    /// The signal thread: `sigwait`.
+    Signals,
+}
+
+/// A system call by name and number.
+type Syscall = (&'static str, i64);
+
+macro_rules! sys {
+    ($($name:ident),* $(,)?) => { &[$((stringify!($name), libc::$name)),*] };
+}
+
+/// What every thread needs: memory (malloc, thread stacks), locks and
+/// channels (futex), time, writing a line to stderr, signals (the vCPU kick,
+/// `SIGSYS` itself, abort), and ending.
+const COMMON: &[Syscall] = sys![
+    SYS_brk, SYS_mmap, SYS_munmap, SYS_mremap, SYS_mprotect, SYS_madvise,
+    SYS_futex, SYS_sched_yield, SYS_sched_getaffinity, SYS_getrandom,
+    SYS_clock_gettime, SYS_clock_nanosleep, SYS_nanosleep,
+    SYS_write, SYS_writev, SYS_close, SYS_poll, SYS_ppoll,
+    SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_rt_sigaction, SYS_sigaltstack, SYS_restart_syscall,
+    SYS_getpid, SYS_gettid, SYS_tgkill,
+    SYS_exit, SYS_exit_group,
+];
+
+/// The main thread, besides [`COMMON`] and the lists of the threads it starts.
+const MAIN: &[Syscall] = sys![
+    // Files: the kernel image, /dev/kvm, /proc/self/smaps, the log, metrics
+    // and serial files.
+    SYS_openat, SYS_read, SYS_pread64, SYS_lseek, SYS_fstat, SYS_newfstatat, SYS_statx,
+    SYS_fcntl, SYS_ftruncate, SYS_readlink,
+    // The host's view of guest memory.
+    SYS_mincore,
+    // Removing the API socket at exit.
+    SYS_unlink, SYS_unlinkat,
+    // Starting vCPU and helper threads.
+    SYS_clone, SYS_clone3, SYS_set_robust_list, SYS_rseq,
+    // Waking the API runtime (an eventfd) and waiting with a deadline.
+    SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl, SYS_timerfd_create, SYS_timerfd_settime,
+];
+
+/// The API thread, besides [`COMMON`]: accepting and serving connections on
+/// the socket the main thread bound (no `socket`, `bind` or `connect`).
+const API: &[Syscall] = sys![
+    SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_pwait2, SYS_epoll_ctl,
+    SYS_accept4, SYS_recvfrom, SYS_recvmsg, SYS_read, SYS_readv, SYS_sendto, SYS_sendmsg,
+    SYS_shutdown, SYS_getsockopt, SYS_fcntl,
+    SYS_timerfd_create, SYS_timerfd_settime, SYS_timerfd_gettime,
+];
+
+/// A vCPU thread, besides [`COMMON`] and its KVM ioctls.
+const VCPU: &[Syscall] = &[];
+
+/// The signal thread, besides [`COMMON`].
+const SIGNALS: &[Syscall] = sys![SYS_rt_sigtimedwait];
+
+/// What the threads but main may try and must not do, and what fails
+/// quietly with `EACCES` instead of stopping the VMM: glibc's malloc opens
+/// `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread's
+/// heap, on whichever thread that is (and copes when it cannot).
+const DENIED_QUIETLY: &[Syscall] = sys![SYS_openat];
+
+/// An ioctl request by name and number.
+type Ioctl = (&'static str, u32);
+
+const fn io(nr: u32) -> u32 {
+    ioctl_expr(_IOC_NONE, KVMIO, nr, 0) as u32
+}
+const fn ior<T>(nr: u32) -> u32 {
+    ioctl_expr(_IOC_READ, KVMIO, nr, std::mem::size_of::<T>() as u32) as u32
+}
+const fn iow<T>(nr: u32) -> u32 {
+    ioctl_expr(_IOC_WRITE, KVMIO, nr, std::mem::size_of::<T>() as u32) as u32
+}
+const fn iowr<T>(nr: u32) -> u32 {
+    ioctl_expr(_IOC_READ | _IOC_WRITE, KVMIO, nr, std::mem::size_of::<T>() as u32) as u32
+}
+
+/// The ioctls of a vCPU thread: run, read its registers for a failure
+/// report, register a memory block the guest onlines.
+const VCPU_IOCTLS: &[Ioctl] = &[
+    ("KVM_RUN", io(0x80)),
+    ("KVM_GET_REGS", ior::<kvm_regs>(0x81)),
+    ("KVM_SET_REGS", iow::<kvm_regs>(0x82)),
+    ("KVM_GET_SREGS", ior::<kvm_sregs>(0x83)),
+    ("KVM_SET_SREGS", iow::<kvm_sregs>(0x84)),
+    ("KVM_SET_USER_MEMORY_REGION", iow::<kvm_userspace_memory_region>(0x46)),
+];
+
+/// The ioctls of the main thread besides [`VCPU_IOCTLS`]: creating the VM
+/// and its vCPUs, and setting up the application processors.
+const MAIN_IOCTLS: &[Ioctl] = &[
+    ("KVM_GET_API_VERSION", io(0x00)),
+    ("KVM_CREATE_VM", io(0x01)),
+    ("KVM_CHECK_EXTENSION", io(0x03)),
+    ("KVM_GET_VCPU_MMAP_SIZE", io(0x04)),
+    ("KVM_GET_SUPPORTED_CPUID", iowr::<kvm_cpuid2>(0x05)),
+    ("KVM_CREATE_VCPU", io(0x41)),
+    ("KVM_GET_FPU", ior::<kvm_fpu>(0x8c)),
+    ("KVM_SET_FPU", iow::<kvm_fpu>(0x8d)),
+    ("KVM_SET_CPUID2", iow::<kvm_cpuid2>(0x90)),
+    ("KVM_GET_TSC_KHZ", io(0xa3)),
+    ("FIONBIO", libc::FIONBIO as u32),
+    ("FIOCLEX", libc::FIOCLEX as u32),
+];
+
+impl ThreadKind {
+    /// Every kind.
+    pub const ALL: [ThreadKind; 4] = [ThreadKind::Main, ThreadKind::Api, ThreadKind::Vcpu, ThreadKind::Signals];
+
+    /// The name this documentation and the violation message use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Api => "api",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Signals => "signals",
+        }
+    }
+
+    /// Whether threads of this kind can start after the main thread applied
+    /// its filter, and so run under it as well as under their own.
+    pub fn started_by_main(self) -> bool {
+        matches!(self, ThreadKind::Vcpu | ThreadKind::Signals)
+    }
+
+    /// The system calls of this kind besides [`COMMON`] (main: besides the
+    /// threads it starts too).
+    fn own_syscalls(self) -> &'static [Syscall] {
+        match self {
+            ThreadKind::Main => MAIN,
+            ThreadKind::Api => API,
+            ThreadKind::Vcpu => VCPU,
+            ThreadKind::Signals => SIGNALS,
+        }
+    }
+
+    fn own_ioctls(self) -> &'static [Ioctl] {
+        match self {
+            ThreadKind::Main => MAIN_IOCTLS,
+            ThreadKind::Vcpu => VCPU_IOCTLS,
+            ThreadKind::Api | ThreadKind::Signals => &[],
+        }
+    }
+
+    /// The calls that fail with `EACCES` on this kind of thread.
+    pub fn denied_quietly(self) -> &'static [(&'static str, i64)] {
+        match self {
+            ThreadKind::Main => &[],
+            ThreadKind::Api | ThreadKind::Vcpu | ThreadKind::Signals => DENIED_QUIETLY,
+        }
+    }
+
+    /// The kinds whose lists this kind's filter includes: itself, and for
+    /// the main thread every kind it starts.
+    fn covered(self) -> impl Iterator<Item = ThreadKind> {
+        ThreadKind::ALL.into_iter().filter(move |&k| k == self || (self == ThreadKind::Main && k.started_by_main()))
+    }
+
+    /// Every system call this kind may make, by name, sorted (`ioctl` is
+    /// among them when [`ThreadKind::ioctls`] is not empty; the quiet
+    /// denials are not).
+    pub fn syscalls(self) -> Vec<&'static str> {
+        let quiet: Vec<i64> = self.denied_quietly().iter().map(|&(_, nr)| nr).collect();
+        let allowed = self.rules().into_keys().filter(|nr| !quiet.contains(nr));
+        let mut names: Vec<_> = allowed.map(|nr| syscall_name(nr).unwrap_or("?")).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The ioctl requests this kind may make, by name.
+    pub fn ioctls(self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.covered().flat_map(|k| k.own_ioctls()).map(|&(n, _)| n).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// The filter's rules: syscall number to conditions (empty: any arguments).
+    fn rules(self) -> BTreeMap<i64, Vec<SeccompRule>> {
+        let mut rules = BTreeMap::new();
+        let calls = COMMON.iter().chain(self.covered().flat_map(|k| k.own_syscalls()));
+        // A quiet denial is allowed here and refused by the second filter.
+        for &(_, nr) in calls.chain(self.denied_quietly()) {
+            rules.insert(nr, Vec::new());
+        }
+        // Read limits only: setting them could raise them again (the VMM may
+        // run as root).
+        rules.insert(libc::SYS_prlimit64, vec![arg_is(2, 0)]);
+        if self == ThreadKind::Main {
+            // A thread started from here names itself, then installs its own
+            // filter (seccompiler sets no_new_privs again): stacking filters
+            // can only take calls away.
+            let names = [libc::PR_SET_NAME, libc::PR_SET_NO_NEW_PRIVS];
+            rules.insert(libc::SYS_prctl, names.iter().map(|&op| arg_is(0, op as u64)).collect());
+            rules.insert(libc::SYS_seccomp, vec![arg_is(0, libc::SECCOMP_SET_MODE_FILTER.into())]);
+        }
+        let ioctls: Vec<_> = self.covered().flat_map(|k| k.own_ioctls()).map(|&(_, req)| req).collect();
+        if !ioctls.is_empty() {
+            let conds = ioctls.iter().map(|&req| dword_is(1, req)).collect();
+            rules.insert(libc::SYS_ioctl, conds);
+        }
+        rules
+    }
+
+    /// Compiles this kind's filters to BPF, in the order they are installed:
+    /// if it has quiet denials, a filter that makes those fail with `EACCES`,
+    /// then the allow-list (anything else traps). Stacked filters take the
+    /// strictest answer.
+    pub fn compile(self) -> Result<Vec<BpfProgram>, SeccompError> {
+        let err = |e| SeccompError::Compile(self.name(), seccompiler::Error::Backend(e));
+        let arch = seccompiler::TargetArch::x86_64;
+        let allow = SeccompFilter::new(self.rules(), SeccompAction::Trap, SeccompAction::Allow, arch).map_err(err)?;
+        let mut programs = Vec::new();
+        if !self.denied_quietly().is_empty() {
+            let rules = self.denied_quietly().iter().map(|&(_, nr)| (nr, Vec::new())).collect();
+            let deny = SeccompAction::Errno(libc::EACCES as u32);
+            let quiet = SeccompFilter::new(rules, SeccompAction::Allow, deny, arch).map_err(err)?;
+            programs.push(quiet.try_into().map_err(err)?);
+        }
+        // Last: installing a filter takes prctl and seccomp, which the
+        // allow-list refuses.
+        programs.push(allow.try_into().map_err(err)?);
+        Ok(programs)
+    }
+}
+
+fn arg_is(index: u8, value: u64) -> SeccompRule {
+    let cond = SeccompCondition::new(index, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, value);
+    SeccompRule::new(vec![cond.expect("argument index is below 6")]).expect("one condition")
+}
+
+fn dword_is(index: u8, value: u32) -> SeccompRule {
+    let cond = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value.into());
+    SeccompRule::new(vec![cond.expect("argument index is below 6")]).expect("one condition")
+}
+
+/// The name of a system call in any list here, for messages and docs.
+fn syscall_name(nr: i64) -> Option<&'static str> {
+    let extra: &[Syscall] = sys![SYS_ioctl, SYS_prlimit64, SYS_prctl, SYS_seccomp];
+    [COMMON, MAIN, API, VCPU, SIGNALS, extra]
+        .into_iter()
+        .flatten()
+        .find(|&&(_, n)| n == nr)
+        .map(|&(name, _)| name.trim_start_matches("SYS_"))
+}
+
+/// Why the filters could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot compile the seccomp filter of the {0} thread")]
+    Compile(&'static str, #[source] seccompiler::Error),
+    #[error("cannot install the seccomp filter of the {0} thread")]
+    Apply(&'static str, #[source] seccompiler::Error),
+    #[error("cannot set no_new_privs")]
+    NoNewPrivs(#[source] std::io::Error),
+    #[error("cannot lower {0}")]
+    Rlimit(&'static str, #[source] std::io::Error),
+    #[error("cannot install the SIGSYS handler")]
+    Handler(#[source] std::io::Error),
+}
+
+/// Most open files of a VMM process (`RLIMIT_NOFILE`): KVM fds, the API's
+/// connections (capped far below this), the log, metrics and serial files.
+pub const MAX_OPEN_FILES: u64 = 4096;
+
+/// The compiled filters, once [`enable`] ran.
+static FILTERS: OnceLock<BTreeMap<ThreadKind, Vec<BpfProgram>>> = OnceLock::new();
+
+thread_local! {
+    /// This thread's kind, for the violation message (a const-initialized
+    /// `Cell` with no destructor: plain thread-local storage, safe to read
+    /// in a signal handler).
+    static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
+}
+
+/// Compiles every filter, sets `no_new_privs`, lowers the resource limits
+/// and installs the `SIGSYS` handler. Call it on the main thread before the
+/// VMM starts any thread; then each thread's [`apply`] installs its filter.
+pub fn enable() -> Result<(), SeccompError> {
+    let mut filters = BTreeMap::new();
+    for kind in ThreadKind::ALL {
+        filters.insert(kind, kind.compile()?);
+    }
+    limit_resources()?;
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers and changes only this
+    // process's credentials rules.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(SeccompError::NoNewPrivs(std::io::Error::last_os_error()));
+    }
+    install_sigsys_handler()?;
+    let _ = FILTERS.set(filters);
+    Ok(())
+}
+
+/// Whether [`enable`] ran in this process.
+pub fn enabled() -> bool {
+    FILTERS.get().is_some()
+}
+
+/// Installs the filter of `kind` on the calling thread, if [`enable`] ran.
+/// A thread that cannot be confined must not run: this prints why and ends
+/// the process (exit code 1).
+pub fn apply(kind: ThreadKind) {
+    if let Err(e) = try_apply(kind) {
+        eprintln!("vmm: error: {}", api::ErrorChain(&e));
+        std::process::exit(1);
+    }
+}
+
+/// [`apply`], returning the error.
+pub fn try_apply(kind: ThreadKind) -> Result<(), SeccompError> {
+    let Some(programs) = FILTERS.get().and_then(|f| f.get(&kind)) else { return Ok(()) };
+    KIND.with(|k| k.set(Some(kind)));
+    for program in programs {
+        seccompiler::apply_filter(program).map_err(|e| SeccompError::Apply(kind.name(), e))?;
+    }
+    Ok(())
+}
+
+/// `RLIMIT_CORE` 0 (a core file would hold the guest's memory) and
+/// `RLIMIT_NOFILE` at most [`MAX_OPEN_FILES`] (soft and hard, so a taken
+/// over VMM cannot raise it again). Limits already lower stay.
+pub fn limit_resources() -> Result<(), SeccompError> {
+    lower(libc::RLIMIT_CORE, "RLIMIT_CORE", 0)?;
+    lower(libc::RLIMIT_NOFILE, "RLIMIT_NOFILE", MAX_OPEN_FILES)
+}
+
+fn lower(resource: libc::__rlimit_resource_t, name: &'static str, max: u64) -> Result<(), SeccompError> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(resource, &mut lim) } != 0 {
+        return Err(SeccompError::Rlimit(name, std::io::Error::last_os_error()));
+    }
+    lim.rlim_max = lim.rlim_max.min(max);
+    lim.rlim_cur = lim.rlim_cur.min(lim.rlim_max);
+    // SAFETY: `lim` is a valid rlimit; lowering needs no privilege.
+    if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+        return Err(SeccompError::Rlimit(name, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn install_sigsys_handler() -> Result<(), SeccompError> {
+    // SAFETY: a zeroed sigaction is valid; we set the handler, flags and an
+    // empty mask before passing it to sigaction.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_sigsys as *const () as usize;
+    // SA_RESETHAND: the handler runs once, then SIGSYS has its default
+    // action (end the process). SA_NODEFER: the handler may raise it.
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND | libc::SA_NODEFER;
+    // SAFETY: `act.sa_mask` is a valid sigset_t to clear.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // SAFETY: `act` is a fully initialized sigaction for SIGSYS.
+    if unsafe { libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()) } != 0 {
+        return Err(SeccompError::Handler(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The `siginfo_t` fields of a seccomp `SIGSYS` (`_sigsys` in the kernel's
+/// union, after the three leading ints and padding).
+#[repr(C)]
+struct SigsysInfo {
+    signo: i32,
+    errno: i32,
+    code: i32,
+    _pad: i32,
+    call_addr: usize,
+    syscall: i32,
+    arch: u32,
+}
+
+/// Writes which thread made which forbidden call, then ends the process
+/// with `SIGSYS`. Only async-signal-safe calls: `write`, `getpid`, `gettid`,
+/// `tgkill` (all in [`COMMON`]).
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let nr = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel passes a valid siginfo_t, which is larger than
+        // SigsysInfo and laid out like it for SIGSYS.
+        i64::from(unsafe { (*(info as *const SigsysInfo)).syscall })
+    };
+    let thread = KIND.with(|k| k.get()).map_or("unfiltered", ThreadKind::name);
+    let mut line = Line::default();
+    line.push(b"vmm: seccomp: the ");
+    line.push(thread.as_bytes());
+    line.push(b" thread made a forbidden system call ");
+    line.push_number(nr);
+    if let Some(name) = syscall_name(nr) {
+        line.push(b" (");
+        line.push(name.as_bytes());
+        line.push(b")");
+    }
+    line.push(b"; the VMM stops (SIGSYS). --no-seccomp turns the filters off for debugging.\n");
+    // SAFETY: write, getpid, gettid and tgkill are async-signal-safe; the
+    // buffer is valid for its length. The handler was reset (SA_RESETHAND),
+    // so this SIGSYS ends the process.
+    unsafe {
+        libc::write(2, line.buf.as_ptr().cast(), line.len);
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), libc::SIGSYS);
+    }
+}
+
+/// A fixed buffer a signal handler can format into without allocating.
+struct Line {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line { buf: [0; 256], len: 0 }
+    }
+}
+
+impl Line {
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn push_number(&mut self, n: i64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut v = n.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        if n < 0 {
+            self.push(b"-");
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Command;
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in ThreadKind::ALL {
+            let programs = kind.compile().unwrap();
+            assert!(programs.iter().all(|p| !p.is_empty()), "{kind:?}");
+            assert_eq!(programs.len(), 1 + usize::from(!kind.denied_quietly().is_empty()));
+        }
+    }
+
+    #[test]
+    fn the_main_list_covers_the_threads_it_starts() {
+        let main = ThreadKind::Main.syscalls();
+        for kind in ThreadKind::ALL.into_iter().filter(|k| k.started_by_main()) {
+            for call in kind.syscalls() {
+                assert!(main.contains(&call), "{call} of {kind:?} is not in the main list");
+            }
+            for ioctl in kind.ioctls() {
+                assert!(ThreadKind::Main.ioctls().contains(&ioctl), "{ioctl} of {kind:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_thread_may_exec_or_open_sockets() {
+        for kind in ThreadKind::ALL {
+            let rules = kind.rules();
+            for nr in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_socket, libc::SYS_connect, libc::SYS_ptrace] {
+                assert!(!rules.contains_key(&nr), "{kind:?} allows {nr}");
+            }
+        }
+        let vcpu = ThreadKind::Vcpu.rules();
+        assert!(!vcpu.contains_key(&libc::SYS_clone3));
+        assert!(!ThreadKind::Vcpu.syscalls().contains(&"openat"), "openat is a quiet denial there");
+        assert_eq!(ThreadKind::Vcpu.denied_quietly()[0].0, "SYS_openat");
+        assert!(!ThreadKind::Vcpu.ioctls().contains(&"KVM_CREATE_VM"));
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        // Values from <linux/kvm.h> as the kernel computes them.
+        let find = |name| VCPU_IOCTLS.iter().chain(MAIN_IOCTLS).find(|&&(n, _)| n == name).unwrap().1;
+        assert_eq!(find("KVM_RUN"), 0xae80);
+        assert_eq!(find("KVM_CREATE_VM"), 0xae01);
+        assert_eq!(find("KVM_SET_USER_MEMORY_REGION"), 0x4020_ae46);
+        assert_eq!(find("KVM_GET_REGS"), 0x8090_ae81);
+        assert_eq!(find("KVM_GET_SUPPORTED_CPUID"), 0xc008_ae05);
+    }
+
+    #[test]
+    fn a_line_formats_numbers_and_stops_at_its_end() {
+        let mut l = Line::default();
+        l.push(b"n=");
+        l.push_number(-41);
+        l.push_number(0);
+        l.push_number(i64::MAX);
+        assert_eq!(&l.buf[..l.len], format!("n=-410{}", i64::MAX).as_bytes());
+        l.push(&[b'x'; 400]);
+        assert_eq!(l.len, 256);
+    }
+
+    /// Which child case to run (see [`child`]).
+    const CHILD_ENV: &str = "VMM_SECCOMP_TEST_CHILD";
+
+    /// Runs the test binary again, as a child that runs only [`child`] with
+    /// `case`; returns its exit status and stderr.
+    fn run_child(case: &str) -> (std::process::ExitStatus, String) {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "seccomp::tests::child", "--nocapture", "--test-threads", "1"])
+            .env(CHILD_ENV, case)
+            .output()
+            .unwrap();
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// The child side: enables the filters, then a thread of the kind named
+    /// by the case applies its filter, proves allowed calls still work, and
+    /// makes a forbidden one. Does nothing in a normal test run.
+    #[test]
+    fn child() {
+        let Ok(case) = std::env::var(CHILD_ENV) else { return };
+        enable().unwrap();
+        let kind = match case.as_str() {
+            "signals-socket" => ThreadKind::Signals,
+            "vcpu-open" => ThreadKind::Vcpu,
+            "vcpu-ok" => ThreadKind::Vcpu,
+            _ => panic!("unknown case {case}"),
+        };
+        std::thread::spawn(move || {
+            apply(kind);
+            eprintln!("filtered thread alive");
+            let mut v = vec![0u8; 1 << 20];
+            v[4096] = 1;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            match case.as_str() {
+                // SAFETY: plain integer arguments; the call is expected to trap.
+                "signals-socket" => unsafe {
+                    libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                },
+                "vcpu-open" => {
+                    let e = std::fs::File::open("/proc/self/status").unwrap_err();
+                    eprintln!("open: {:?}", e.raw_os_error());
+                    // SAFETY: plain integer arguments; the call is expected to trap.
+                    unsafe { libc::kill(1, 0) };
+                }
+                _ => {}
+            }
+            eprintln!("filtered thread done");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_forbidden_call_ends_the_process_with_sigsys_and_names_thread_and_call() {
+        let (status, stderr) = run_child("signals-socket");
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}\n{stderr}");
+        assert!(stderr.contains("filtered thread alive"), "{stderr}");
+        assert!(!stderr.contains("filtered thread done"), "{stderr}");
+        let want = format!("the signals thread made a forbidden system call {}", libc::SYS_socket);
+        assert!(stderr.contains(&want), "{stderr}");
+
+        let (status, stderr) = run_child("vcpu-open");
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}\n{stderr}");
+        assert!(stderr.contains(&format!("open: Some({})", libc::EACCES)), "opens fail quietly: {stderr}");
+        let want = format!("the vcpu thread made a forbidden system call {}", libc::SYS_kill);
+        assert!(stderr.contains(&want), "{stderr}");
+    }
+
+    #[test]
+    fn a_filtered_thread_runs_when_it_stays_inside_its_list() {
+        let (status, stderr) = run_child("vcpu-ok");
+        assert!(status.success(), "{status:?}\n{stderr}");
+        assert!(stderr.contains("filtered thread done"), "{stderr}");
+    }
+}
