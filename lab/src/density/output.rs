@@ -464,7 +464,14 @@ mod tests {
     fn run(strategy: &str, footprint: Option<Breakdown>) -> StrategyRun {
         StrategyRun {
             strategy: strategy.into(),
-            baseline: Baseline { mem_available_bytes: 20 << 30, settled: true, waited_s: 0.0, target_bytes: 20 << 30 },
+            baseline: Baseline {
+                mem_available_bytes: 20 << 30,
+                settled: true,
+                waited_s: 0.0,
+                target_bytes: 20 << 30,
+                host_tasks: None,
+                kernel: None,
+            },
             floor_reached: true,
             stop_reason: "floor".into(),
             asked: 1000,
@@ -478,6 +485,9 @@ mod tests {
             launch_seconds: 10.0,
             launch_throughput_vms_per_s: Some(81.2),
             footprint,
+            kernel_per_vm: None,
+            tasks_per_vm: None,
+            limit_reached: false,
             fit: Fit { measured: 812, extrapolated: Some(18000) },
             shutdown: ShutdownStats::default(),
         }
