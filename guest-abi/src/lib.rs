@@ -25,6 +25,14 @@
 //!    command's sequence number to [`port::DONE`].
 //! 5. The guest ends with an exit code on [`port::EXIT`] (or an i8042 reset).
 //!
+//! Memory reclaim (ABI version 3, `reclaim=` on the guest's command line):
+//! before an idle `WAIT` the guest may write a delay to
+//! [`port::WAIT_TIMEOUT`], so that `WAIT` returns [`WAIT_TIMED_OUT`] if no
+//! command came in that time. The guest then reports memory that stayed free
+//! by writing the address of a [`ReclaimRecord`] to [`port::RECLAIM`]. The VMM
+//! validates every range, discards the accepted ones from the host (the guest
+//! reads zeros there afterwards) and writes back which ones it accepted.
+//!
 //! The stats block is updated under a sequence counter (odd while the guest
 //! writes), so the VMM can read a consistent snapshot while the guest runs.
 #![no_std]
@@ -43,6 +51,10 @@ mod byte_valued {
     unsafe impl vm_memory::ByteValued for super::ApBoot {}
     // SAFETY: as above.
     unsafe impl vm_memory::ByteValued for super::GpaRange {}
+    // SAFETY: as above.
+    unsafe impl vm_memory::ByteValued for super::ReclaimRange {}
+    // SAFETY: as above (an array of `ReclaimRange`, itself integers).
+    unsafe impl vm_memory::ByteValued for super::ReclaimRecord {}
 }
 
 /// Version of this contract; bumped on any incompatible change. The guest
@@ -51,7 +63,10 @@ mod byte_valued {
 /// Version 2: [`MEMORY_BLOCK_SIZE`] is 2 MiB (it was 128 MiB) and a
 /// [`port::MEM_ONLINE`] write registers the [`online_run`] holding the
 /// address, so a version-1 guest would use memory the VMM never registered.
-pub const ABI_VERSION: u32 = 2;
+///
+/// Version 3: memory reclaim ([`port::WAIT_TIMEOUT`], [`port::RECLAIM`],
+/// [`ReclaimRecord`]) and the reclaim fields of [`StatsBlock`].
+pub const ABI_VERSION: u32 = 3;
 
 /// Returned by a read of [`port::IDENT`] when the VMM implements this contract.
 pub const PV_MAGIC: u32 = 0x4D4D_5650; // "PVMM", little-endian.
@@ -60,6 +75,8 @@ pub const PV_MAGIC: u32 = 0x4D4D_5650; // "PVMM", little-endian.
 pub const STATS_MAGIC: u32 = 0x5354_4154; // "TATS"
 /// Magic at the start of [`Mailbox`].
 pub const MAILBOX_MAGIC: u32 = 0x584F_424D; // "MBOX"
+/// Magic at the start of [`ReclaimRecord`].
+pub const RECLAIM_MAGIC: u32 = 0x4D4C_4352; // "RCLM"
 /// Magic at the start of [`ApBoot`].
 pub const AP_BOOT_MAGIC: u32 = 0x544F_4241; // "ABOT"
 
@@ -121,8 +138,18 @@ pub mod port {
     /// by the guest's allocator). Blocks holding the kernel are registered
     /// at boot; using another block before onlining it stops the VM.
     pub const MEM_ONLINE: u16 = PV_BASE + 52;
+    /// out: milliseconds; the next `WAIT` read returns
+    /// [`crate::WAIT_TIMED_OUT`] if no command arrived within that time
+    /// (one-shot; 0 cancels; the VMM clamps it to
+    /// [`crate::MAX_WAIT_TIMEOUT_MS`]). How the guest waits out its reclaim delay.
+    pub const WAIT_TIMEOUT: u16 = PV_BASE + 56;
+    /// out: guest-physical address of a [`crate::ReclaimRecord`] (32-bit,
+    /// below 4 GiB, 8-byte aligned, inside RAM). Before the write returns the
+    /// VMM has validated each range, discarded the accepted ones and written
+    /// [`crate::ReclaimRecord::accepted`].
+    pub const RECLAIM: u16 = PV_BASE + 60;
     /// Last paravirtual port (exclusive).
-    pub const PV_END: u16 = PV_BASE + 56;
+    pub const PV_END: u16 = PV_BASE + 64;
 }
 
 /// The guest onlines RAM ([`port::MEM_ONLINE`]) in aligned blocks of this
@@ -259,6 +286,143 @@ impl Strategy {
     }
 }
 
+/// How much freed memory the guest gives back to the host (`reclaim=` on its
+/// command line). With the `serde` feature it is also the API's JSON value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "lowercase"))]
+pub enum Reclaim {
+    /// Nothing: the host keeps whatever the guest once touched.
+    #[default]
+    Off = 0,
+    /// Free data pages only ([`reclaim_kind::DATA`]), as a balloon with free
+    /// page reporting gives Firecracker or Cloud Hypervisor.
+    Data = 1,
+    /// Data pages, the memmap of chunks that went back to uninitialized
+    /// ([`reclaim_kind::MEMMAP`]) and whole runs with no initialized chunk
+    /// left, whose KVM memslots the VMM deletes ([`reclaim_kind::OFFLINE`]).
+    /// Only for the on-demand strategy.
+    Full = 2,
+}
+
+impl Reclaim {
+    /// All modes, in their numeric order.
+    pub const ALL: [Reclaim; 3] = [Reclaim::Off, Reclaim::Data, Reclaim::Full];
+
+    /// The name used on command lines and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reclaim::Off => "off",
+            Reclaim::Data => "data",
+            Reclaim::Full => "full",
+        }
+    }
+
+    /// Parses a name as written by [`Reclaim::name`].
+    pub fn from_name(name: &str) -> Option<Reclaim> {
+        Reclaim::ALL.into_iter().find(|r| r.name() == name)
+    }
+
+    /// Decodes the raw value from a [`StatsBlock`].
+    pub fn decode(raw: u32) -> Option<Reclaim> {
+        Reclaim::ALL.into_iter().find(|r| *r as u32 == raw)
+    }
+}
+
+impl core::fmt::Display for Reclaim {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Default delay before free memory is reported (`reclaim_delay_ms=`), as
+/// Linux's `page_reporting` delay.
+pub const DEFAULT_RECLAIM_DELAY_MS: u32 = 2000;
+
+/// What a `WAIT` read returns when its [`port::WAIT_TIMEOUT`] passed with no
+/// command (command sequence numbers start at 1).
+pub const WAIT_TIMED_OUT: u32 = 0;
+
+/// Longest [`port::WAIT_TIMEOUT`] the VMM honours; longer values are clamped.
+pub const MAX_WAIT_TIMEOUT_MS: u32 = 60_000;
+
+/// Kinds of [`ReclaimRange`].
+pub mod reclaim_kind {
+    /// Free data pages: chunk-aligned (the stats block's `chunk_bytes`),
+    /// whole chunks, inside RAM, outside the memmap, the kernel and the boot
+    /// data. The VMM discards them.
+    pub const DATA: u32 = 1;
+    /// Memmap pages that describe only uninitialized chunks: page-aligned,
+    /// inside the stats block's memmap ranges. The VMM discards them.
+    pub const MEMMAP: u32 = 2;
+    /// A whole [`crate::online_run`] with no initialized chunk left (aligned
+    /// to and as long as its run, outside the memmap, the kernel and the
+    /// boot data). The VMM discards it and deletes its KVM registration; the
+    /// guest writes [`crate::port::MEM_ONLINE`] again before it uses it.
+    pub const OFFLINE: u32 = 3;
+}
+
+/// Most ranges one [`ReclaimRecord`] carries.
+pub const MAX_RECLAIM_RANGES: usize = 64;
+
+/// One range of a [`ReclaimRecord`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReclaimRange {
+    /// First byte (guest-physical).
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// A [`reclaim_kind`] value.
+    pub kind: u32,
+    /// Reserved; zero.
+    pub reserved: u32,
+}
+
+/// A report of memory the guest gives back, at the address written to
+/// [`port::RECLAIM`].
+///
+/// The guest fills `magic`, `abi_version`, `count` and the first `count`
+/// ranges, which must be disjoint. The VMM sets bit `i` of `accepted` for each
+/// range it validated and discarded, and clears the others; the guest must
+/// treat a rejected range as still resident and never report it again as is.
+/// A record with a bad magic, version or count is rejected as a whole
+/// (`accepted` = 0). A guest whose ranges the VMM rejects has its memory
+/// report marked invalid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReclaimRecord {
+    /// [`RECLAIM_MAGIC`].
+    pub magic: u32,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// Number of valid entries in `ranges` (at most [`MAX_RECLAIM_RANGES`]).
+    pub count: u32,
+    /// Reserved; zero.
+    pub reserved: u32,
+    /// Bit `i` set: range `i` was accepted and discarded (VMM writes).
+    pub accepted: u64,
+    /// The ranges.
+    pub ranges: [ReclaimRange; MAX_RECLAIM_RANGES],
+}
+
+impl Default for ReclaimRecord {
+    fn default() -> Self {
+        ReclaimRecord {
+            magic: RECLAIM_MAGIC,
+            abi_version: ABI_VERSION,
+            count: 0,
+            reserved: 0,
+            accepted: 0,
+            ranges: [ReclaimRange::default(); MAX_RECLAIM_RANGES],
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<ReclaimRange>() == 24);
+const _: () = assert!(core::mem::size_of::<ReclaimRecord>() == 24 + 24 * MAX_RECLAIM_RANGES);
+const _: () = assert!(MAX_RECLAIM_RANGES <= 64, "`accepted` has one bit per range");
+
 /// Bits of [`StatsBlock::flags`].
 pub mod stats_flags {
     /// The allocator's slow path still checks for uninitialized memory.
@@ -347,8 +511,18 @@ pub struct StatsBlock {
     pub tsc_ready: u64,
     /// Guest TSC when background initialization finished (0 if not yet).
     pub tsc_fully_initialized: u64,
+    /// [`Reclaim`] mode as `u32`.
+    pub reclaim: u32,
+    /// Delay, in ms, before free memory is reported.
+    pub reclaim_delay_ms: u32,
+    /// Bytes the guest reported and the VMM accepted, all kinds together.
+    pub reclaim_reported_bytes: u64,
+    /// [`port::RECLAIM`] writes the guest made.
+    pub reclaim_events: u64,
+    /// Chunks that went back from initialized to uninitialized.
+    pub chunks_deinitialized: u64,
     /// Reserved for future fields; zero.
-    pub reserved: [u64; 10],
+    pub reserved: [u64; 6],
 }
 
 const _: () = assert!(core::mem::size_of::<StatsBlock>() == 768);
@@ -512,9 +686,20 @@ mod tests {
     const _: () = assert!(port::PV_END <= IO_BITMAP_PORTS, "the ring-3 I/O bitmap misses a port");
 
     #[test]
+    fn reclaim_names_round_trip() {
+        for r in Reclaim::ALL {
+            assert_eq!(Reclaim::from_name(r.name()), Some(r));
+            assert_eq!(Reclaim::decode(r as u32), Some(r));
+        }
+        assert_eq!(Reclaim::from_name("all"), None);
+        assert_eq!(Reclaim::decode(3), None);
+    }
+
+    #[test]
     fn ports_are_32_bit_aligned() {
         for p in [port::IDENT, port::EXIT, port::PHASE, port::STATS, port::MAILBOX, port::WAIT, port::POLL, port::DONE,
-                  port::EXCEPTION, port::AP_BOOT, port::AP_PARK, port::AP_RELEASE, port::CPU_COUNT, port::MEM_ONLINE] {
+                  port::EXCEPTION, port::AP_BOOT, port::AP_PARK, port::AP_RELEASE, port::CPU_COUNT, port::MEM_ONLINE,
+                  port::WAIT_TIMEOUT, port::RECLAIM] {
             assert_eq!((p - port::PV_BASE) % 4, 0, "{p:#x}");
             assert!(p < port::PV_END);
         }
