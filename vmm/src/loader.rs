@@ -102,21 +102,35 @@ fn read_file(path: &std::path::Path) -> Result<Vec<u8>, LoadError> {
 /// little-endian ELF image (checked by [`check_elf`]).
 fn load_segments(image: &[u8]) -> Vec<(u64, u64)> {
     const PT_LOAD: u32 = 1;
-    let u16_at = |o: usize| image.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| image.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
-    let u64_at = |o: usize| image.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
-    let (Some(phoff), Some(entsize), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+    let u16_at = |o: usize| field::<2>(image, o, 0).map(u16::from_le_bytes);
+    let u32_at = |o: usize, at: usize| field::<4>(image, o, at).map(u32::from_le_bytes);
+    let u64_at = |o: usize, at: usize| field::<8>(image, o, at).map(u64::from_le_bytes);
+    let (Some(phoff), Some(entsize), Some(count)) = (u64_at(0x20, 0), u16_at(0x36), u16_at(0x38)) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for i in 0..usize::from(count) {
-        let Some(h) = usize::try_from(phoff).ok().and_then(|o| o.checked_add(i * usize::from(entsize))) else { break };
-        let (Some(kind), Some(paddr), Some(memsz)) = (u32_at(h), u64_at(h + 0x18), u64_at(h + 0x28)) else { break };
+        // Every offset comes from the image: none may wrap around.
+        let Some(h) = usize::try_from(phoff)
+            .ok()
+            .and_then(|o| o.checked_add(i.checked_mul(usize::from(entsize))?))
+        else {
+            break;
+        };
+        let (Some(kind), Some(paddr), Some(memsz)) = (u32_at(h, 0), u64_at(h, 0x18), u64_at(h, 0x28)) else { break };
         if kind == PT_LOAD && memsz > 0 {
             out.push((paddr, paddr.saturating_add(memsz)));
         }
     }
     out
+}
+
+/// The `N` bytes at `base + at` in `image`, or `None` if they are not all
+/// inside it, including when `base + at + N` does not fit in a `usize`
+/// (both offsets come from the untrusted image).
+fn field<const N: usize>(image: &[u8], base: usize, at: usize) -> Option<[u8; N]> {
+    let start = base.checked_add(at)?;
+    image.get(start..start.checked_add(N)?)?.try_into().ok()
 }
 
 /// Checks that `image` is a 64-bit little-endian x86-64 ELF executable.
@@ -173,6 +187,27 @@ mod tests {
         assert!(load_segments(&img).is_empty(), "headers past the end of the image");
         img[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(load_segments(&img).is_empty());
+    }
+
+    #[test]
+    fn offsets_near_the_top_of_the_address_space_yield_nothing() {
+        // A program header table that starts just below u64::MAX (and
+        // usize::MAX): every field offset past it would wrap around.
+        for phoff in [u64::MAX, u64::MAX - 4, u64::MAX - 0x18, u64::MAX - 0x28, usize::MAX as u64 - 0x27] {
+            let mut img = EMBEDDED_KERNEL[..0x1000].to_vec();
+            img[0x20..0x28].copy_from_slice(&phoff.to_le_bytes());
+            assert!(load_segments(&img).is_empty(), "phoff {phoff:#x}");
+        }
+        // A table that fits, with an entry size that walks past the end.
+        let mut img = EMBEDDED_KERNEL[..0x1000].to_vec();
+        img[0x36..0x38].copy_from_slice(&u16::MAX.to_le_bytes());
+        img[0x38..0x3a].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(load_segments(&img).len() <= 1);
+        let image = [0u8; 16];
+        for (base, at) in [(usize::MAX, 0), (usize::MAX - 3, 0), (usize::MAX - 0x18, 0x18), (8, usize::MAX), (9, 0)] {
+            assert_eq!(field::<8>(&image, base, at), None, "{base:#x} + {at:#x}");
+        }
+        assert_eq!(field::<8>(&image, 4, 4), Some([0; 8]));
     }
 
     #[test]

@@ -17,6 +17,13 @@ use super::connections::Connections;
 use tokio::sync::{oneshot, watch};
 
 mod prometheus;
+mod wire;
+
+pub(crate) use wire::serve_connection;
+
+/// Longest request target (path and query) served; 414 past it. The
+/// API's paths are short; hyper's own limit is the 64 KiB head.
+pub(crate) const MAX_TARGET_BYTES: usize = 4096;
 
 
 /// The timeouts and limits of the server (shorter in tests).
@@ -60,15 +67,40 @@ pub(crate) struct Context {
 /// Answers one request and counts it.
 pub(crate) async fn handle(req: Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> {
     Metrics::inc(&ctx.metrics.api_requests);
-    let response = answer(req, ctx).await;
+    let response = with_fault_body(answer(req, ctx).await);
     if response.status().is_client_error() || response.status().is_server_error() {
         Metrics::inc(&ctx.metrics.api_errors);
     }
     response
 }
 
+/// Every error answer carries a `fault_message`: one without a body gets
+/// a generic one (no path builds such an answer; this keeps it so).
+fn with_fault_body(response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let status = response.status();
+    let is_error = status.is_client_error() || status.is_server_error();
+    if is_error && response.body().size_hint().exact() == Some(0) {
+        let reason = status.canonical_reason().unwrap_or("error");
+        let mut replaced = fault(status, format!("{reason} ({})", status.as_u16()));
+        for (name, value) in response.headers() {
+            if name != CONTENT_TYPE {
+                replaced.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        return replaced;
+    }
+    response
+}
+
 async fn answer(req: Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
+    let target = parts.uri.path_and_query().map_or(0, |t| t.as_str().len());
+    if target > MAX_TARGET_BYTES {
+        return fault(
+            StatusCode::URI_TOO_LONG,
+            format!("the request target is {target} bytes long; at most {MAX_TARGET_BYTES} are accepted"),
+        );
+    }
     let (method, path) = (parts.method.as_str(), parts.uri.path());
     // Route first, so a wrong path is answered without reading its body.
     if let Err(e) = Endpoint::find(method, path) {

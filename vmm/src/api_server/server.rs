@@ -4,8 +4,10 @@
 //! It only turns bytes into [`api::ApiRequest`]s and answers back; it never
 //! touches VM state. A request goes:
 //!
-//! 1. hyper reads the request line and headers (closing the connection of a
-//!    client that does not send them within `header_read`).
+//! 1. hyper reads the request line and headers: a client that starts a
+//!    head and does not finish it within `header_read` gets 408, and a head
+//!    hyper cannot parse or that is too large gets 400 or 431, each with a
+//!    JSON body (hyper's own answers are replaced, see `http/wire.rs`).
 //! 2. [`api::Endpoint::find`] answers 404/405 at once; a `Content-Length`
 //!    over [`api::MAX_BODY_BYTES`] is answered 413 without reading the body.
 //! 3. The body is read with a hard cap of [`api::MAX_BODY_BYTES`] (413 past
@@ -31,12 +33,10 @@
 //! connections close (at most 2 s later).
 
 use super::connections::{ConnectionStats, Connections};
-use super::http::{handle, Context, Limits};
+use super::http::{serve_connection, Context, Limits};
 use super::socket::{bind, remove_if_ours, SocketError, SocketIdentity};
 use crate::events::VmEvent;
 use crate::metrics::Metrics;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use std::convert::Infallible;
 use std::io;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
@@ -48,16 +48,6 @@ use tokio::sync::{oneshot, watch};
 
 /// Stack of the API thread; the work it does is small and shallow.
 const THREAD_STACK_BYTES: usize = 512 * 1024;
-
-/// hyper's per-connection read buffer cap: request head plus a full body
-/// ([`api::MAX_BODY_BYTES`], 50 KiB), with room to spare (hyper's minimum
-/// is 8 KiB). A request that fits is read whole, so even one refused with
-/// 413 gets its answer instead of a reset connection.
-const CONNECTION_BUFFER_BYTES: usize = 64 * 1024;
-const _: () = assert!(api::MAX_BODY_BYTES + 8 * 1024 <= CONNECTION_BUFFER_BYTES);
-
-/// Most headers a request may carry.
-const MAX_HEADERS: usize = 32;
 
 /// Why the API server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -211,34 +201,7 @@ fn serve(
                         drop(stream);
                         continue;
                     };
-                    let conn_ctx = ctx.clone();
-                    let id = admitted.id;
-                    let service = hyper::service::service_fn(move |req| {
-                        let ctx = conn_ctx.clone();
-                        async move {
-                            let _busy = ctx.connections.busy(id);
-                            Ok::<_, Infallible>(handle(req, &ctx).await)
-                        }
-                    });
-                    let mut builder = hyper::server::conn::http1::Builder::new();
-                    builder
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(ctx.limits.header_read)
-                        .max_buf_size(CONNECTION_BUFFER_BYTES)
-                        .max_headers(MAX_HEADERS);
-                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                    tokio::spawn(async move {
-                        let mut admitted = admitted;
-                        // Errors here are the client's (malformed request,
-                        // timeout, hang-up); hyper has already answered 400
-                        // or closed, and nothing else is hurt. Eviction
-                        // drops the connection, which closes it.
-                        tokio::select! {
-                            _ = conn => {}
-                            _ = &mut admitted.evicted => {}
-                        }
-                        drop(admitted);
-                    });
+                    tokio::spawn(serve_connection(stream, admitted, ctx.clone(), graceful.watcher()));
                 }
                 Err(e) => {
                     // Out of file descriptors or similar: wait instead of spinning.
@@ -573,42 +536,102 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn silent_client_is_dropped_after_the_header_timeout() {
+    fn a_head_that_never_completes_gets_408_and_a_silent_client_is_closed() {
         let f = Fixture::new();
+        let mut buf = [0u8; 512];
+        // Nothing sent: closed without an answer (a 408 could cross a
+        // request sent at that moment).
         let mut s = connect(f.sock());
-        let mut buf = [0u8; 256];
-        // hyper closes (EOF) or answers 408; either way it does not wait forever.
         let n = s.read(&mut buf).expect("server kept a silent client");
-        let r = Raw::parse(&buf[..n]);
-        assert!(n == 0 || r.status == 408, "{r:?}");
-        // A client that sends half its headers too.
-        let mut s = connect(f.sock());
-        s.write_all(b"GET / HTTP/1.1\r\nHost").unwrap();
-        let n = s.read(&mut buf).expect("server kept a slow client");
-        let r = Raw::parse(&buf[..n]);
-        assert!(n == 0 || r.status == 408, "{r:?}");
+        assert_eq!(n, 0, "{:?}", Raw::parse(&buf[..n]));
+        // Half a head, on a fresh connection and after a keep-alive answer.
+        for before in [&b""[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"] {
+            let mut s = connect(f.sock());
+            let mut out = Vec::new();
+            if !before.is_empty() {
+                // A keep-alive client: its first answer, then half a head.
+                s.write_all(before).unwrap();
+                while !out.ends_with(b"}") {
+                    let n = s.read(&mut buf).unwrap();
+                    assert!(n > 0, "closed before the first answer");
+                    out.extend_from_slice(&buf[..n]);
+                }
+            }
+            s.write_all(b"GET / HTTP/1.1\r\nHost").unwrap();
+            s.read_to_end(&mut out).expect("server kept a slow client");
+            let text = String::from_utf8_lossy(&out).into_owned();
+            let last = &text[text.rfind("HTTP/1.1 ").unwrap_or(0)..];
+            let r = Raw::parse(last.as_bytes());
+            assert_eq!(r.status, 408, "{text}");
+            assert!(r.head.contains("content-type: application/json"), "{r:?}");
+            assert!(r.fault().contains("did not arrive within 0.3 s"), "{r:?}");
+            assert_eq!(text.matches("HTTP/1.1 ").count(), 1 + usize::from(!before.is_empty()), "{text}");
+        }
         assert_eq!(call(f.sock(), "GET", "/", "").status, 200);
     }
 
     #[test]
-    fn garbage_gets_400_or_close() {
+    fn what_hyper_refuses_itself_gets_a_json_fault() {
         let f = Fixture::new();
+        let bad = |r: &Raw, status: u16, says: &str| {
+            assert_eq!(r.status, status, "{r:?}");
+            assert!(r.head.contains("content-type: application/json"), "{r:?}");
+            assert!(r.fault().contains(says), "{r:?}");
+        };
         for junk in [
             &b"\x00\x01\x02\xff\r\n\r\n"[..],
             b"GET\r\n\r\n",
             b"GET / HTTP/9.9\r\n\r\n",
             b"PUT /actions HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            b"PUT /actions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         ] {
-            let r = raw(f.sock(), junk);
-            assert!(r.status == 0 || r.status == 400, "{junk:?}: {r:?}");
+            bad(&raw(f.sock(), junk), 400, "is not valid HTTP/1.1");
         }
-        let r = raw(
-            f.sock(),
-            b"GET / HTTP/1.1\r\nX: \xff\xfe\r\nConnection: close\r\n\r\n",
-        );
-        assert!(r.status == 200 || r.status == 400, "{r:?}");
+        // A body hyper cannot decode reaches the service, which answers.
+        let r = raw(f.sock(), b"PUT /actions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+        bad(&r, 400, "cannot read the request body");
+        bad(&raw(f.sock(), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), 400, "HTTP/2 is not served");
+        // Too many headers, and a head larger than the read buffer.
+        let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+        let r = raw(f.sock(), format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes());
+        bad(&r, 431, "at most 32 headers");
+        let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "y".repeat(70_000));
+        bad(&raw(f.sock(), huge.as_bytes()), 431, "bytes of request line and headers");
+        // A target over the server's limit (well under hyper's).
+        let long = format!("/{}", "a".repeat(super::super::http::MAX_TARGET_BYTES));
+        bad(&call(f.sock(), "GET", &long, ""), 414, "at most 4096 are accepted");
+        // A header value that is not text is the service's to judge.
+        let r = raw(f.sock(), b"GET / HTTP/1.1\r\nX: \xff\xfe\r\nConnection: close\r\n\r\n");
+        assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(call(f.sock(), "GET", "/", "").status, 200);
+    }
+
+    #[test]
+    fn answers_before_hyper_s_own_pass_unchanged() {
+        let f = Fixture::new();
+        // Pipelined: two good requests (one HEAD, answered without a body,
+        // one with Expect: 100-continue), then garbage.
+        let mut req = b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        req.extend_from_slice(b"PATCH /vm HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 18\r\n\r\n");
+        req.extend_from_slice(br#"{"state":"Paused"}"#);
+        req.extend_from_slice(b"GET /machine-config HTTP/1.1\r\nHost: x\r\n\r\n");
+        req.extend_from_slice(b"\x01 nonsense\r\n\r\n");
+        let mut s = connect(f.sock());
+        s.write_all(&req).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let statuses: Vec<&str> = text
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &text[i + 9..(i + 12).min(text.len())])
+            .filter(|code| code.bytes().all(|b| b.is_ascii_digit()))
+            .collect();
+        assert!(statuses == ["405", "204", "200", "400"] || statuses == ["405", "100", "204", "200", "400"], "{text}");
+        let machine = &text[text.find("HTTP/1.1 200").unwrap()..text.rfind("HTTP/1.1 400").unwrap()];
+        let body = Raw::parse(machine.as_bytes()).body;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(v["mem_size_mib"], 2048, "{text}");
+        let last = Raw::parse(&text.as_bytes()[text.rfind("HTTP/1.1 400").unwrap()..]);
+        assert!(last.fault().contains("is not valid HTTP/1.1"), "{last:?}");
     }
 
     #[test]
