@@ -57,6 +57,34 @@ pub enum Attack {
     Spin,
     /// `attack-exit:N`: exit with code N at once.
     Exit(u32),
+    /// `attack-mmio`: read and write guest-physical addresses that are not
+    /// RAM (just past RAM, the 32-bit hole, the top of the physical address
+    /// space, a write straddling the end of RAM), check that reads see all
+    /// ones and writes are dropped, then keep doing it forever.
+    Mmio,
+    /// `attack-exceptions`: install handlers that resume, then raise #UD,
+    /// #GP, #PF, #DE and #BP in a loop forever (ring 3, handled in ring 0).
+    Exceptions,
+    /// `attack-mem-online:N`: on every vCPU at once, `port::MEM_ONLINE`
+    /// for addresses outside RAM, misaligned ones, every block of RAM, and
+    /// the same block N times; then serve commands.
+    MemOnline(u32),
+    /// `attack-memory-bomb`: online all RAM, then write every page of it on
+    /// every vCPU, over and over.
+    MemoryBomb,
+    /// `attack-race`: the boot CPU serves commands while every other vCPU
+    /// hammers the paravirtual ports (stale and future `DONE`s, mailbox and
+    /// stats re-announcements, AP start-up, park and release out of order,
+    /// repeated phases, command polls it never answers).
+    Race,
+    /// `attack-exit-all:N`: every vCPU writes the exit port at once, CPU
+    /// `i` with code N + i.
+    ExitAll(u32),
+    /// `attack-exception-all`: every vCPU raises #UD at once (reported by
+    /// the kernel's handlers).
+    ExceptionAll,
+    /// `attack-fault-all`: every vCPU triple-faults at once (empty IDT).
+    FaultAll,
 }
 
 impl Attack {
@@ -68,7 +96,22 @@ impl Attack {
             "attack-mailbox-silent" => Attack::MailboxSilent,
             "attack-held-max" => Attack::HeldMax,
             "attack-spin" => Attack::Spin,
-            _ => Attack::Exit(v.strip_prefix("attack-exit:")?.parse().ok()?),
+            "attack-mmio" => Attack::Mmio,
+            "attack-exceptions" => Attack::Exceptions,
+            "attack-memory-bomb" => Attack::MemoryBomb,
+            "attack-race" => Attack::Race,
+            "attack-exception-all" => Attack::ExceptionAll,
+            "attack-fault-all" => Attack::FaultAll,
+            _ => {
+                let (name, n) = v.split_once(':')?;
+                let n = n.parse().ok()?;
+                match name {
+                    "attack-exit" => Attack::Exit(n),
+                    "attack-exit-all" => Attack::ExitAll(n),
+                    "attack-mem-online" => Attack::MemOnline(n),
+                    _ => return None,
+                }
+            }
         })
     }
 }
@@ -191,10 +234,18 @@ mod tests {
             ("attack-held-max", Attack::HeldMax),
             ("attack-spin", Attack::Spin),
             ("attack-exit:134", Attack::Exit(134)),
+            ("attack-mmio", Attack::Mmio),
+            ("attack-exceptions", Attack::Exceptions),
+            ("attack-mem-online:1000", Attack::MemOnline(1000)),
+            ("attack-memory-bomb", Attack::MemoryBomb),
+            ("attack-race", Attack::Race),
+            ("attack-exit-all:10", Attack::ExitAll(10)),
+            ("attack-exception-all", Attack::ExceptionAll),
+            ("attack-fault-all", Attack::FaultAll),
         ] {
             assert_eq!(Config::parse(&format!("workload={v}")).unwrap().workload, Workload::Attack(a), "{v}");
         }
-        for bad in ["attack-exit:", "attack-exit:x", "attack-everything"] {
+        for bad in ["attack-exit:", "attack-exit:x", "attack-everything", "attack-mem-online", "attack-mmio:1", "attack-exit-all:-1"] {
             assert_eq!(Config::parse(&format!("workload={bad}")), Err(ConfigError { key: "workload" }), "{bad}");
         }
     }

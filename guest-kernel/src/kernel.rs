@@ -12,6 +12,9 @@ use guest_kernel::mm::{Booted, MmConfig, PhysRange, GROW_CHECK};
 /// The last page of RAM (for `workload=touch-offline`).
 static LAST_RAM_PAGE: AtomicU64 = AtomicU64::new(0);
 static TSC_ENTRY: AtomicU64 = AtomicU64::new(0);
+/// End of the identity-mapped RAM, and the RAM ranges below it (for the attacks).
+static MAPPED: AtomicU64 = AtomicU64::new(0);
+static RAM: [[AtomicU64; 2]; 8] = [const { [const { AtomicU64::new(0) }; 2] }; 8];
 
 /// Entered in ring 3 from `arch::entry` on every CPU.
 #[no_mangle]
@@ -56,6 +59,11 @@ fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
     let ram_end = info.ram_end();
     LAST_RAM_PAGE.store(ram_end.saturating_sub(4096), Ordering::Relaxed);
     let mapped = arch::paging::map_ram(ram_end);
+    MAPPED.store(mapped, Ordering::Relaxed);
+    for (slot, e) in RAM.iter().zip(info.ram()) {
+        slot[0].store(e.addr, Ordering::Relaxed);
+        slot[1].store((e.addr + e.size).min(mapped), Ordering::Relaxed);
+    }
     let ram_mib = info.ram().map(|e| e.size).sum::<u64>() >> 20;
     println!(
         "guest: up in ring {}, {} MiB RAM, paravirtual interface {}",
@@ -188,7 +196,19 @@ fn run_workload(config: &Config, booted: &Booted) -> ! {
             command_loop(booted)
         }
         BootWorkload::Wait => command_loop(booted),
-        BootWorkload::Attack(a) => crate::workload::attack(a),
+        BootWorkload::Attack(a) => {
+            let mut m = crate::attack::Machine { ram: [(0, 0); 8], ram_count: 0, ram_end: 0, mapped: MAPPED.load(Ordering::Relaxed) };
+            m.ram_end = LAST_RAM_PAGE.load(Ordering::Relaxed) + 4096;
+            for (i, r) in RAM.iter().enumerate() {
+                let (s, e) = (r[0].load(Ordering::Relaxed), r[1].load(Ordering::Relaxed));
+                if e > s {
+                    m.ram[i] = (s, e);
+                    m.ram_count = i + 1;
+                }
+            }
+            crate::attack::run(a, &m);
+            command_loop(booted)
+        }
     }
 }
 

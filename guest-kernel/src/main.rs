@@ -20,6 +20,8 @@ mod serial;
 #[cfg(target_os = "none")]
 mod arch;
 #[cfg(target_os = "none")]
+mod attack;
+#[cfg(target_os = "none")]
 mod bootparams;
 #[cfg(target_os = "none")]
 mod kernel;

@@ -10,7 +10,7 @@
 
 use crate::arch::{self, entry};
 use crate::{pv, stats, MM};
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use guest_abi::{port, ApBoot, ABI_VERSION, AP_BOOT_MAGIC};
 use guest_kernel::mm::{ApJob, Cpus};
 
@@ -20,6 +20,9 @@ static JOB: AtomicU64 = AtomicU64::new(0);
 static DONE: AtomicU32 = AtomicU32::new(0);
 /// APs started for the current job.
 static STARTED: AtomicU32 = AtomicU32::new(0);
+/// A function the APs run instead of jobs (`fn(cpu) -> !` as a number;
+/// 0: none), for the attack workloads.
+static AP_MAIN: AtomicUsize = AtomicUsize::new(0);
 /// Whether the kernel runs in ring 0 (APs follow the boot CPU).
 pub static RING0: AtomicBool = AtomicBool::new(false);
 
@@ -61,6 +64,13 @@ fn start_aps(job: u64, cpus: u32) {
     arch::outl(port::AP_BOOT, AP_BOOT.ptr() as u64 as u32);
 }
 
+/// Starts CPUs 1..`cpus` (`cpus` > 1) running `f(cpu)` instead of a job.
+/// Only before any AP was started (the VMM starts them once).
+pub fn start_aps_running(f: fn(u64) -> !, cpus: u32) {
+    AP_MAIN.store(f as usize, Ordering::Release);
+    start_aps(0, cpus);
+}
+
 /// This VM's CPUs, as the memory manager's strategies use them.
 pub struct Aps;
 
@@ -97,6 +107,13 @@ extern "C" fn ap_ring0(cpu: u64) -> ! {
 }
 
 fn ap_run(cpu: u64) -> ! {
+    let main = AP_MAIN.load(Ordering::Acquire);
+    if main != 0 {
+        // SAFETY: a nonzero AP_MAIN was stored from a `fn(u64) -> !` by
+        // `start_aps_running`, before the APs started.
+        let f = unsafe { core::mem::transmute::<usize, fn(u64) -> !>(main) };
+        f(cpu)
+    }
     loop {
         if let Some(job) = ApJob::from_raw(JOB.load(Ordering::Acquire)) {
             if let Err(e) = MM.run_ap_job(job, cpu, &Aps) {

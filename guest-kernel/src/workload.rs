@@ -1,6 +1,6 @@
 //! The guest's workload: memory a container's processes would hold, allocated
-//! from the buddy allocator and written page by page, freed on request; and
-//! the hostile workloads ([`attack`]) the VMM's hostile-guest tests boot.
+//! from the buddy allocator and written page by page, freed on request. (The
+//! hostile workloads are in `attack.rs`.)
 
 use crate::MM;
 use guest_abi::{CommandStatus, PAGE_SIZE};
@@ -118,64 +118,4 @@ pub fn bench_alloc_free(n: u64) -> Option<u64> {
         }
     }
     Some(crate::arch::rdtsc() - start)
-}
-
-/// Runs a hostile workload (`workload=attack-...`, see
-/// [`guest_kernel::config::Attack`]); never returns unless the VMM stops it.
-pub fn attack(a: guest_kernel::config::Attack) -> ! {
-    use crate::arch::{outb, outl};
-    use crate::pv;
-    use guest_abi::{port, Command};
-    use guest_kernel::config::Attack;
-    match a {
-        Attack::Exit(code) => pv::exit(code),
-        Attack::Spin => loop {
-            core::hint::spin_loop();
-        },
-        Attack::SerialFlood => {
-            let mut i = 0u32;
-            loop {
-                outb(port::SERIAL_COM1, if i % 80 == 79 { b'\n' } else { b'A' + (i % 26) as u8 });
-                i = i.wrapping_add(1);
-            }
-        }
-        Attack::Ports => {
-            // Every port but EXIT and EXCEPTION (they end the VM), with values
-            // that name nothing: unknown phases, finished commands nobody
-            // sent, addresses and memory blocks outside RAM.
-            let ports = [
-                port::PHASE,
-                port::STATS,
-                port::MAILBOX,
-                port::DONE,
-                port::AP_BOOT,
-                port::AP_RELEASE,
-                port::MEM_ONLINE,
-                port::PV_END - 4,
-            ];
-            let mut i = 0u32;
-            loop {
-                for p in ports {
-                    outl(p, 0xffff_0000 | (i & 0xffff));
-                }
-                i = i.wrapping_add(1);
-            }
-        }
-        Attack::MailboxSilent => loop {
-            // Takes the next command (it is now in flight) and never answers.
-            let _ = pv::wait_command();
-        },
-        Attack::HeldMax => loop {
-            let seq = pv::wait_command();
-            let mb = pv::read_mailbox();
-            if mb.seq as u32 != seq {
-                continue;
-            }
-            if Command::decode(mb.cmd) == Some(Command::Shutdown) {
-                pv::complete(mb.seq, CommandStatus::Ok, 0, 0);
-                pv::exit(mb.arg0 as u32);
-            }
-            pv::complete(mb.seq, CommandStatus::Ok, u64::MAX, u64::MAX);
-        },
-    }
 }

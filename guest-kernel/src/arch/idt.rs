@@ -74,6 +74,16 @@ pub fn init() {
     }
 }
 
+/// Points exception `vector` at `handler` (a ring-0 entry that ends in
+/// `iretq`), on every CPU: the IDT is shared.
+pub fn set_handler(vector: u8, handler: u64) {
+    let base = IDT.0.get() as *mut Gate;
+    // SAFETY: `vector` < 256; a gate is written whole while no exception
+    // of that vector can be in flight on this CPU (the caller runs
+    // between faults), and only one CPU (the attacks' boot CPU) writes.
+    unsafe { base.add(usize::from(vector)).write_volatile(Gate::new(handler, 0)) };
+}
+
 /// Clears the IDT, so the next exception triple-faults (the `fault` workload).
 pub fn clear() {
     let base = IDT.0.get() as *mut Gate;
