@@ -5,6 +5,9 @@
 mod common;
 
 use common::{vmm, Output};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn boot(args: &[&str]) -> Output {
     let mut a = vec!["run", "--mem-mib", "256"];
@@ -89,15 +92,87 @@ fn a_bad_guest_command_line_fails_the_boot() {
     assert!(o.stdout.contains("workload="), "{o}");
 }
 
+/// A child process killed (and reaped) when the test ends, pass or fail.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// User plus system CPU time of process `pid` so far, in clock ticks
+/// (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 #[test]
-fn the_guest_boots_on_a_vmm_without_our_extensions() {
+fn on_a_vmm_without_our_extensions_the_guest_idles_in_hlt_until_shut_down() {
     // No paravirtual ports and only the first GiB mapped, as on Firecracker:
-    // the guest maps the rest itself, prints, and resets through the i8042.
-    let o = vmm(&["run", "--mem-mib", "2048", "--legacy-only"]);
+    // the guest maps the rest itself, prints, and, with no command channel,
+    // halts. A halted vCPU parks in the VMM (no interrupts to wake it) until
+    // the VM is stopped.
+    let dir = common::TempDir::new("hlt");
+    let sock = dir.path().join("s");
+    let mut vm = KillOnDrop(
+        Command::new(common::vmm_path())
+            .args(["run", "--mem-mib", "2048", "--legacy-only", "--api-sock"])
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut vm.0;
+    let pid = child.id();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("idling in hlt")) {
+        match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => seen.push(l),
+            Err(e) => panic!("no hlt line ({e:?}); the guest printed {seen:?}; exit {:?}", child.try_wait()),
+        }
+    }
+    let log = seen.join("\n");
+    assert!(log.contains("paravirtual interface absent") && log.contains("2047 MiB RAM"), "{log}");
+    // Halted, it stays up and costs (almost) no CPU: a spinning guest would
+    // take most of a core over this second.
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    assert!(child.try_wait().unwrap().is_none(), "the VM stopped by itself");
+    assert!(used * 10 <= hz, "{used} ticks of CPU in one second while halted (HZ {hz})");
+    // Shutdown stops it, with exit code 0.
+    let o = vmm(&["ctl", "--api-sock", sock.to_str().unwrap(), "shutdown"]);
     o.assert_code(0);
-    assert!(o.stdout.contains("paravirtual interface absent"), "{o}");
-    assert!(o.stdout.contains("2047 MiB RAM"), "{o}");
-    assert!(o.stderr.contains("i8042"), "{o}");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the VM did not stop within 30 s of Shutdown");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("stopped by the VMM"), "{err}");
 }
 
 #[test]

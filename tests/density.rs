@@ -1,7 +1,8 @@
 //! `vmm density` end to end: a small real run (10 VMs of 256 MiB under
 //! `eager` and `ondemand`) whose report must be complete and consistent and
-//! leave no process or socket behind, a run whose floor stops the ramp, and
-//! one whose task budget (`--max-tasks`) does.
+//! leave no process or socket behind, a run whose floor stops the ramp, one
+//! whose task budget (`--max-tasks`) does, and one with a peer VMM beside
+//! ours (this `vmm`, standing in for Firecracker).
 
 mod common;
 
@@ -36,7 +37,8 @@ fn alive_child(pid: u64, work_dir: &str) -> bool {
 fn assert_clean(r: &Value) {
     let work_dir = r["work_dir"].as_str().unwrap();
     assert!(!Path::new(work_dir).exists(), "work dir {work_dir} left behind");
-    for s in r["strategies"].as_array().unwrap() {
+    let peer = r["peer"]["strategies"].as_array().unwrap();
+    for s in r["strategies"].as_array().unwrap().iter().chain(peer) {
         for vm in s["vms"].as_array().unwrap() {
             let pid = u(vm, "/pid");
             assert!(!alive_child(pid, work_dir), "VM pid {pid} still runs");
@@ -66,6 +68,10 @@ fn a_small_density_run_is_complete_consistent_and_leaves_nothing_behind() {
     assert!(u(&r, "/host/mem_total_bytes") > 0 && u(&r, "/host/cores") > 0);
     assert!(r["host"]["pvm"].is_boolean() && r["host"]["kernel"].is_string());
     assert_eq!(u(&r, "/settings/vms"), 10);
+    // Without --peer the peer part is skipped, and the report says so.
+    assert!(r["peer"]["skipped"].as_str().unwrap().contains("no --peer"), "{}", r["peer"]);
+    assert_eq!(r["peer"]["strategies"], serde_json::json!([]));
+    assert!(o.stdout.contains("peer: no --peer given"), "{o}");
     assert_eq!(r["settings"]["alloc_mib"], serde_json::json!({ "kind": "range", "lo": 1, "hi": 8 }));
 
     let csv = std::fs::read_to_string(out.path().join("vms.csv")).unwrap();
@@ -188,7 +194,65 @@ fn a_task_budget_stops_the_ramp_cleanly_and_the_tasks_per_vm_are_reported() {
 }
 
 #[test]
+fn a_peer_vmm_runs_the_same_fleet_and_is_measured_from_the_host() {
+    // No Firecracker in CI: this `vmm` takes Firecracker's flags
+    // (`--no-api --config-file FILE --id ID`) and stands in for it. Its
+    // VMs are measured as a peer's are: from /proc and the console alone.
+    let out = TempDir::new("density-peer");
+    let dir = out.path().to_str().unwrap();
+    let peer = format!("firecracker={}", common::vmm_path());
+    let o = vmm(&[
+        "density", "--vms", "2", "--mem-mib", "256", "--strategies", "ondemand", "--ramp", "2", "--alloc-mib", "8",
+        "--peer", &peer, "--out", dir,
+    ]);
+    o.assert_code(0);
+    assert!(o.stdout.contains("HOST VIEW PER VM") && o.stdout.contains("firecracker  ondemand"), "{o}");
+    let r = report(out.path());
+    assert_eq!(r["outcome"], "completed", "{r}");
+    assert_eq!(r["peer"]["kind"], "firecracker");
+    assert_eq!(r["peer"]["path"], common::vmm_path());
+    assert!(r["peer"]["skipped"].is_null());
+    let ours = &r["strategies"][0];
+    let peers = r["peer"]["strategies"].as_array().unwrap();
+    assert_eq!(peers.len(), 1);
+    let p = &peers[0];
+    assert_eq!((p["vmm"].as_str(), ours["vmm"].as_str()), (Some("firecracker"), Some("vmm")));
+    assert_eq!(p["strategy"], "ondemand");
+    assert_eq!((u(p, "/launched"), u(p, "/ready")), (2, 2), "{p}");
+    assert_eq!(u(p, "/steps/0/sums/vms"), 2);
+    for vm in p["vms"].as_array().unwrap() {
+        // Ready as its console showed it, with no VMM-side figure.
+        assert!(f(vm, "/ready/spawn_to_ready_ms") > 0.0, "{vm}");
+        assert!(vm["ready"]["vmm_guest_ready_ms"].is_null(), "{vm}");
+        assert!(vm["last_memory_report"].is_null());
+        // The boot-time workload of 8 MiB is resident in the process.
+        let s = &vm["last_sample"];
+        assert!(u(s, "/proc/anon") >= 8 << 20, "{s}");
+        assert!(u(s, "/proc/pss") > 0 && u(s, "/proc/rss") >= u(s, "/proc/pss"), "{s}");
+        assert!(u(s, "/threads") >= 2 && u(s, "/page_tables") > 0, "{s}");
+    }
+    // The same host-side figures for both, side by side.
+    for run in [ours, p] {
+        let h = &run["host_per_vm"];
+        assert!(f(h, "/process_anon") >= (8u64 << 20) as f64, "{h}");
+        assert!(f(h, "/process_pss") > 0.0 && h["total"].is_number() && h["outside_process"].is_number(), "{h}");
+        assert!(run["kernel_per_vm"]["total"].is_number(), "{run}");
+        assert!(f(run, "/tasks_per_vm/vmm_threads") >= 2.0, "{}", run["tasks_per_vm"]);
+        // Idle at the end: both VMs still up.
+        assert_eq!((u(run, "/idle/vms"), u(run, "/idle/alive")), (2, 2), "{}", run["idle"]);
+        assert!(f(run, "/idle/cpu_percent_mean") >= 0.0);
+    }
+    assert!(p["footprint"].is_null(), "a peer's footprint is not split by owner");
+    let csv = std::fs::read_to_string(out.path().join("vms.csv")).unwrap();
+    let peer_rows = csv.lines().filter(|l| l.ends_with(",firecracker")).count();
+    assert_eq!(peer_rows, 2, "{csv}");
+    assert_clean(&r);
+}
+
+#[test]
 fn bad_density_flags_are_usage_errors() {
+    vmm(&["density", "--peer", "firecracker=/nonexistent/firecracker"]).assert_code(2);
+    vmm(&["density", "--peer", "qemu=/bin/sh"]).assert_code(2);
     vmm(&["density", "--vms", "0"]).assert_code(2);
     vmm(&["density", "--strategies", "eager,eager"]).assert_code(2);
     vmm(&["density", "--mem-mib", "256", "--alloc-mib", "300"]).assert_code(2);

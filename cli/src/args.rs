@@ -41,9 +41,13 @@ socket file is removed at exit.";
 /// A lightweight KVM VMM for container-style microVMs.
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true, arg_required_else_help = true)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// With no subcommand: Firecracker's own flags (see `firecracker_cli`).
+    #[command(flatten)]
+    pub firecracker: crate::firecracker_cli::FirecrackerArgs,
 }
 
 /// Subcommands.
@@ -319,7 +323,7 @@ mod tests {
         let mut v = vec!["vmm", "run"];
         v.extend_from_slice(args);
         Cli::try_parse_from(v).map(|c| match c.command {
-            Command::Run(a) => a,
+            Some(Command::Run(a)) => a,
             _ => unreachable!("parsed `run`"),
         })
     }
@@ -378,7 +382,7 @@ mod tests {
         assert_eq!(a.vm_config().id, format!("vmm-{}", std::process::id()));
         assert!(run_args(&["--no-api"]).unwrap().no_api);
         let serve = match Cli::try_parse_from(["vmm", "serve", "--id", "s1"]).unwrap().command {
-            Command::Serve(a) => a,
+            Some(Command::Serve(a)) => a,
             _ => unreachable!("parsed `serve`"),
         };
         assert_eq!((serve.place.id().as_str(), serve.api_sock), ("s1", None));

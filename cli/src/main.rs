@@ -5,10 +5,13 @@
 //! Subcommands: `run` boots a VM now, `serve` waits for the control API to
 //! configure and start one, `ctl` talks to that API, `ps` lists the running
 //! VMs, `top` shows them live, and `compare`,
-//! `density` and `bench` run the lab's experiments. See `vmm --help`.
+//! `density` and `bench` run the lab's experiments. See `vmm --help`. With
+//! no subcommand, `vmm` takes Firecracker's flags (`--api-sock`,
+//! `--config-file`, `--no-api`, `--id`) and stands in for it.
 
 mod args;
 mod ctl;
+mod firecracker_cli;
 mod fleet;
 mod prometheus;
 mod ps;
@@ -29,7 +32,10 @@ fn main() -> ExitCode {
     vmm::signals::block();
     let cli = args::Cli::parse();
     let timings = Arc::new(vmm::timings::Timings::starting_at(start));
-    let code = match cli.command {
+    let Some(command) = cli.command else {
+        return ExitCode::from(firecracker_cli::run(cli.firecracker, timings));
+    };
+    let code = match command {
         args::Command::Run(a) => run::run(a, timings),
         args::Command::Serve(a) => run::serve(a, timings),
         args::Command::Ctl(a) => ctl::run(a),

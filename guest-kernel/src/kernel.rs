@@ -212,15 +212,20 @@ fn run_workload(config: &Config, booted: &Booted) -> ! {
     }
 }
 
-/// Serves the VMM's commands; shuts down when there is no VMM channel.
-/// While the strategy leaves background work to this CPU (`deferred`),
-/// initializes the memmap between commands.
+/// Serves the VMM's commands. While the strategy leaves background work to
+/// this CPU (`deferred`), initializes the memmap between commands. With no
+/// VMM channel (Firecracker) there are no commands: the CPU finishes its
+/// background work, then idles in `hlt` until the VMM stops the VM.
 fn command_loop(booted: &Booted) -> ! {
-    if !pv::present() {
-        println!("guest: no VMM command channel; shutting down");
-        pv::exit(exit_code::OK)
-    }
     let mut background = booted.background_on_boot_cpu && !MM.fully_initialized();
+    if !pv::present() {
+        while background {
+            background = MM.background_step();
+        }
+        maybe_patch_jump_sites();
+        println!("guest: no VMM command channel; idling in hlt until the VMM stops the VM");
+        arch::halt_forever()
+    }
     loop {
         maybe_patch_jump_sites();
         let seq = if background {

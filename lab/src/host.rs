@@ -2,7 +2,8 @@
 //! `/proc/meminfo` (`MemTotal`, `MemAvailable`), the load average, the
 //! machine (cores, CPU model, kernel, whether `/dev/kvm` is PVM), and a
 //! process's `/proc/PID/status` (page tables, threads, resident memory) and
-//! state. `/proc` is parsed by the `procfs` crate.
+//! state, its `smaps_rollup` and CPU time. `/proc` is parsed by the
+//! `procfs` crate.
 
 use procfs::process::{ProcState, Process};
 use procfs::{Current, ProcError};
@@ -175,6 +176,36 @@ pub fn own_status() -> ProcStatus {
     status_of(Process::myself())
 }
 
+/// A process's memory as `/proc/PID/smaps_rollup` sums it over all its
+/// mappings, guest RAM included, in bytes: the same host-side figures for
+/// any VMM, ours or a peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ProcMemory {
+    /// `Rss`.
+    pub rss: u64,
+    /// `Pss` (shared pages split among the processes that map them).
+    pub pss: u64,
+    /// `Anonymous` (heap, stacks, guest RAM).
+    pub anon: u64,
+}
+
+/// Reads `/proc/PID/smaps_rollup` (all zero if the process is gone).
+pub fn proc_memory(pid: u32) -> ProcMemory {
+    let Ok(pid) = i32::try_from(pid) else { return ProcMemory::default() };
+    let Ok(rollup) = Process::new(pid).and_then(|p| p.smaps_rollup()) else { return ProcMemory::default() };
+    let Some(map) = rollup.memory_map_rollup.0.first() else { return ProcMemory::default() };
+    let get = |k: &str| map.extension.map.get(k).copied().unwrap_or(0);
+    ProcMemory { rss: get("Rss"), pss: get("Pss"), anon: get("Anonymous") }
+}
+
+/// CPU time process `pid` used so far (user + system), in ms; `None` if it
+/// is gone.
+pub fn cpu_time_ms(pid: u32) -> Option<f64> {
+    let stat = Process::new(i32::try_from(pid).ok()?).and_then(|p| p.stat()).ok()?;
+    let ticks = stat.utime + stat.stime;
+    Some(ticks as f64 * 1000.0 / procfs::ticks_per_second() as f64)
+}
+
 /// Whether process `pid` has exited (gone, or a zombie waiting to be reaped).
 pub fn exited(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else { return true };
@@ -234,6 +265,21 @@ mod tests {
         assert_eq!(words.len(), 5, "{l}");
         assert!(words[..3].iter().all(|w| w.parse::<f64>().is_ok() && w.split_once('.').unwrap().1.len() == 2), "{l}");
         assert!(words[3].contains('/'), "{l}");
+    }
+
+    #[test]
+    fn smaps_rollup_and_cpu_time_of_this_process() {
+        let m = proc_memory(std::process::id());
+        assert!(m.rss > 0 && m.pss > 0 && m.anon > 0 && m.pss <= m.rss && m.anon <= m.rss, "{m:?}");
+        assert_eq!(proc_memory(u32::MAX), ProcMemory::default());
+        let t0 = cpu_time_ms(std::process::id()).unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_time_ms(std::process::id()).unwrap() >= t0);
+        assert_eq!(cpu_time_ms(u32::MAX), None);
     }
 
     #[test]

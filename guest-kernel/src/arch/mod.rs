@@ -67,6 +67,33 @@ pub fn cpl() -> u8 {
     (cs & 3) as u8
 }
 
+/// Idles this CPU in `hlt` for good, with interrupts off, until the VMM
+/// stops the VM: for a VMM without the paravirtual interface (Firecracker),
+/// where there is no command to wait for. `hlt` needs ring 0: a kernel in
+/// ring 3 gets there through the `ud2` gate ([`idt::continue_in_ring0`]),
+/// which lands on an interrupt gate, so IF stays 0. That path is about ten
+/// emulated ring-0 instructions before the first `hlt` (PVM emulates ring 0
+/// at ~1 us per instruction), and two (`hlt`, `jmp`) per wake-up. With IF=0
+/// no timer interrupt ends the `hlt`; an NMI or a spurious wake-up just
+/// halts again.
+pub fn halt_forever() -> ! {
+    if cpl() == 0 {
+        halt_loop(0)
+    }
+    idt::continue_in_ring0(halt_loop, 0)
+}
+
+/// `cli`, then `hlt` in a loop; ring 0 only.
+extern "C" fn halt_loop(_: u64) -> ! {
+    // SAFETY: clearing IF and halting touch no memory; the caller runs in
+    // ring 0, where both are allowed.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+    loop {
+        // SAFETY: as above; a wake-up (NMI) falls through and halts again.
+        unsafe { asm!("hlt", options(nomem, nostack)) };
+    }
+}
+
 /// Stops this CPU for good: resets through the i8042 (the VM exits), then
 /// spins in case nothing listens.
 pub fn reset() -> ! {

@@ -1,6 +1,7 @@
 //! The child VMs of a density run: `vmm run` processes, each with its own API
-//! socket in the runner's private directory, and the guarantee that none
-//! outlives the runner.
+//! socket in the runner's private directory (or a peer VMM's processes,
+//! each with its config file there), and the guarantee that none outlives
+//! the runner.
 //!
 //! How each way of ending is covered:
 //! - normal end or error: [`Fleet::shutdown_all`] sends SIGTERM to every
@@ -52,6 +53,9 @@ pub enum FleetError {
     /// `fork`/`exec` failed (too many processes, out of memory, ...).
     #[error("cannot start {0:?}")]
     Spawn(PathBuf, #[source] io::Error),
+    /// A peer VM's files could not be written.
+    #[error(transparent)]
+    Peer(super::peer::PeerError),
 }
 
 /// How to run one VM.
@@ -61,6 +65,17 @@ pub struct VmSpec {
     pub strategy: String,
     pub mem_mib: u64,
     pub vcpus: u8,
+    pub launcher: Launcher,
+}
+
+/// Which VMM runs the VMs.
+#[derive(Debug, Clone)]
+pub enum Launcher {
+    /// This binary: `vmm run --api-sock ... --serial none`.
+    Own,
+    /// A peer with Firecracker's command line (see `peer`): `PATH --no-api
+    /// --config-file FILE --id ID`, booting `kernel`.
+    Peer { path: PathBuf, kernel: PathBuf, strategy: guest_abi::Strategy },
 }
 
 /// One child VMM process.
@@ -70,8 +85,11 @@ pub struct VmProcess {
     pub index: u64,
     pub pid: u32,
     pub sock: PathBuf,
-    /// Where the child's stderr goes (its own messages; the console is off).
+    /// Where the child's stderr goes (its own messages; the console is
+    /// off), and for a peer its stdout too (the guest's console).
     pub log: PathBuf,
+    /// Other files of the VM, removed with it (a peer's config file).
+    extra: Vec<PathBuf>,
     /// Just before `fork`.
     pub spawned_at: Instant,
     child: Child,
@@ -129,27 +147,47 @@ impl Fleet {
         &self.vms
     }
 
-    /// Starts VM `index` of `spec`: `vmm run --api-sock ... --serial none`.
-    /// Call only from the thread that lives for the whole run (see the
-    /// module doc on the parent-death signal).
-    pub fn spawn(&mut self, spec: &VmSpec, index: u64) -> Result<&VmProcess, FleetError> {
-        let sock = self.dir.join(format!("{}-{index}.sock", spec.strategy));
+    /// Starts VM `index` of `spec` (with a boot-time workload of
+    /// `alloc_mib` for a peer; our VMs get theirs through the API). Call
+    /// only from the thread that lives for the whole run (see the module
+    /// doc on the parent-death signal).
+    pub fn spawn(&mut self, spec: &VmSpec, index: u64, alloc_mib: u64) -> Result<&VmProcess, FleetError> {
+        let (mut cmd, name, exe) = match &spec.launcher {
+            Launcher::Own => (Command::new(&self.exe), spec.strategy.clone(), self.exe.clone()),
+            Launcher::Peer { path, .. } => (Command::new(path), format!("peer-{}", spec.strategy), path.clone()),
+        };
+        let sock = self.dir.join(format!("{name}-{index}.sock"));
         if sock.as_os_str().len() > MAX_SOCK_PATH {
             return Err(FleetError::SockPath(sock));
         }
-        let log = self.dir.join(format!("{}-{index}.log", spec.strategy));
+        let log = self.dir.join(format!("{name}-{index}.log"));
         let log_file = std::fs::File::create(&log).map_err(|e| FleetError::Log(log.clone(), e))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("run")
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(["--mem-mib", &spec.mem_mib.to_string()])
-            .args(["--vcpus", &spec.vcpus.to_string()])
-            .args(["--memmap-init", &spec.strategy])
-            .args(["--serial", "none"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log_file));
+        let mut extra = Vec::new();
+        match &spec.launcher {
+            Launcher::Own => {
+                cmd.arg("run")
+                    .arg("--api-sock")
+                    .arg(&sock)
+                    .args(["--mem-mib", &spec.mem_mib.to_string()])
+                    .args(["--vcpus", &spec.vcpus.to_string()])
+                    .args(["--memmap-init", &spec.strategy])
+                    .args(["--serial", "none"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::from(log_file));
+            }
+            Launcher::Peer { kernel, strategy, .. } => {
+                let id = format!("{name}-{index}");
+                let boot_args = super::peer::boot_args(*strategy, alloc_mib);
+                let config = super::peer::config_json(kernel, &boot_args, spec.vcpus, spec.mem_mib);
+                let file = super::peer::write_config(&self.dir, &id, &config).map_err(FleetError::Peer)?;
+                // The console (stdout) and the peer's own messages, in one log.
+                let err = log_file.try_clone().map_err(|e| FleetError::Log(log.clone(), e))?;
+                cmd.arg("--no-api").arg("--config-file").arg(&file).args(["--id", &id]);
+                cmd.stdout(Stdio::from(log_file)).stderr(Stdio::from(err));
+                extra.push(file);
+            }
+        }
+        cmd.stdin(Stdio::null());
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
         // SAFETY: the closure runs in the forked child before exec and calls
@@ -175,10 +213,16 @@ impl Fleet {
             });
         }
         let spawned_at = Instant::now();
-        let child = cmd.spawn().map_err(|e| FleetError::Spawn(self.exe.clone(), e))?;
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                extra.iter().for_each(|f| drop(std::fs::remove_file(f)));
+                return Err(FleetError::Spawn(exe, e));
+            }
+        };
         let pid = child.id();
         registry().pids.push(pid);
-        self.vms.push(VmProcess { index, pid, sock, log, spawned_at, child });
+        self.vms.push(VmProcess { index, pid, sock, log, extra, spawned_at, child });
         Ok(self.vms.last().expect("just pushed"))
     }
 
@@ -226,6 +270,7 @@ fn forget(vm: &VmProcess) {
     registry().pids.retain(|&p| p != vm.pid);
     let _ = std::fs::remove_file(&vm.sock);
     let _ = std::fs::remove_file(&vm.log);
+    vm.extra.iter().for_each(|f| drop(std::fs::remove_file(f)));
 }
 
 impl Drop for Fleet {

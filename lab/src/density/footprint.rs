@@ -80,6 +80,49 @@ pub struct StepSums {
     pub page_tables: u64,
     /// Sum of the VMM processes' threads.
     pub threads: u64,
+    /// Sums of the processes' `smaps_rollup` `Rss`, `Pss` and `Anonymous`,
+    /// guest RAM included (taken the same way for a peer).
+    pub proc_rss: u64,
+    pub proc_pss: u64,
+    pub proc_anon: u64,
+}
+
+/// One VM's average host footprint at a step as seen from outside any VMM,
+/// in bytes: the figures taken the same way for our VMs and a peer's, so
+/// they compare side by side (a peer has no memory report to split the
+/// footprint by owner as [`Breakdown`] does).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct HostPerVm {
+    /// `MemAvailable` drop per VM.
+    pub total: f64,
+    /// The VMM process's `Rss`, guest RAM included.
+    pub process_rss: f64,
+    /// Its `Pss`, guest RAM included.
+    pub process_pss: f64,
+    /// Its anonymous memory (heap, stacks, guest RAM).
+    pub process_anon: f64,
+    /// `total − process_pss`: what no process's PSS holds (KVM and the
+    /// host kernel, mostly).
+    pub outside_process: f64,
+}
+
+impl HostPerVm {
+    /// Per-VM averages from host-wide sums; `None` with no VMs.
+    pub fn from_sums(s: &StepSums) -> Option<HostPerVm> {
+        if s.vms == 0 {
+            return None;
+        }
+        let n = s.vms as f64;
+        let total = s.mem_available_drop as f64 / n;
+        let process_pss = s.proc_pss as f64 / n;
+        Some(HostPerVm {
+            total,
+            process_rss: s.proc_rss as f64 / n,
+            process_pss,
+            process_anon: s.proc_anon as f64 / n,
+            outside_process: total - process_pss,
+        })
+    }
 }
 
 /// One VM's average host footprint at a step, in bytes, split by owner. The
@@ -185,9 +228,16 @@ mod tests {
             workload: 10 << 20,
             page_tables: 1 << 20,
             threads: 40,
+            proc_rss: 390 << 20,
+            proc_pss: 350 << 20,
+            proc_anon: 340 << 20,
         };
-        let b = Breakdown::from_sums(&s).unwrap();
+        let h = HostPerVm::from_sums(&s).unwrap();
         let mib = |v: f64| v / f64::from(1u32 << 20);
+        assert_eq!((mib(h.total), mib(h.process_rss), mib(h.process_pss), mib(h.process_anon)), (40.0, 39.0, 35.0, 34.0));
+        assert_eq!(mib(h.outside_process), 5.0);
+        assert!(HostPerVm::from_sums(&StepSums::default()).is_none());
+        let b = Breakdown::from_sums(&s).unwrap();
         assert_eq!(mib(b.total), 40.0);
         assert_eq!(mib(b.vmm), 2.0);
         assert_eq!(mib(b.memmap), 30.0);

@@ -26,6 +26,7 @@ mod fleet;
 mod footprint;
 mod limits;
 mod output;
+mod peer;
 mod plot;
 mod probe;
 mod workload;
@@ -34,11 +35,12 @@ use crate::args::strategy_parser;
 use crate::host;
 use crate::stats::Distribution;
 use api::ErrorChain;
-use fleet::{Fleet, VmSpec};
-use footprint::{Breakdown, KernelPerVm, StepSums, TasksPerVm};
+use fleet::{Fleet, Launcher, VmSpec};
+use footprint::{Breakdown, HostPerVm, KernelPerVm, StepSums, TasksPerVm};
 use guest_abi::Strategy;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use output::{Baseline, CsvSink, CsvRow, Fit, Report, Settings, Step, StrategyRun, VmRecord};
+use output::{Baseline, CsvSink, CsvRow, Fit, IdleCheck, Report, Settings, Step, StrategyRun, VmRecord};
+use peer::{PeerReport, PeerSpec};
 use workload::AllocSpec;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -105,6 +107,12 @@ pub struct DensityArgs {
     /// Longest wait for one VM to be ready with its workload, s.
     #[arg(long, default_value_t = 60, value_name = "S")]
     pub ready_timeout_s: u64,
+    /// After our own ramps, run the same fleet of the same guest under this
+    /// peer VMM, one ramp per strategy (e.g. firecracker=/usr/bin/firecracker:
+    /// anything with Firecracker's --config-file and --no-api). Without it
+    /// the peer part is skipped, and the report says so.
+    #[arg(long, value_name = "KIND=PATH")]
+    pub peer: Option<PeerSpec>,
 }
 
 /// Why a run could not start or went wrong.
@@ -128,10 +136,16 @@ pub enum DensityError {
     /// The runner's own executable cannot be found.
     #[error("cannot find this program's executable")]
     Exe(#[source] std::io::Error),
+    #[error(transparent)]
+    Peer(#[from] peer::PeerError),
 }
 
-/// One VM's measurement: its figures and raw report, or why not.
-type Sampled = Result<(probe::Sample, String), probe::SampleError>;
+/// One VM's measurement: its figures and raw report (none for a peer), or
+/// why not.
+type Sampled = Result<(probe::Sample, Option<String>), probe::SampleError>;
+
+/// How long the idle check at the end of a ramp watches the VMs.
+const IDLE_WINDOW: Duration = Duration::from_secs(1);
 
 /// What the runner's main thread waits for.
 enum Msg {
@@ -174,6 +188,11 @@ fn validate(a: &DensityArgs) -> Result<(), DensityError> {
     }
     if a.vcpus == 0 {
         return bad("--vcpus must be at least 1".into());
+    }
+    if let Some(p) = &a.peer {
+        if let Err(e) = peer::check_executable(&p.path) {
+            return bad(format!("--peer: {e}"));
+        }
     }
     Ok(())
 }
@@ -229,6 +248,10 @@ impl Runner {
             initial_mem_available_bytes: mem.available,
             final_mem_available_bytes: None,
             strategies: Vec::new(),
+            peer: match &args.peer {
+                None => PeerReport::skipped(),
+                Some(p) => PeerReport { kind: Some(p.kind), path: Some(p.path.clone()), skipped: None, strategies: Vec::new() },
+            },
         };
         let (tx, rx) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -259,14 +282,21 @@ impl Runner {
                 self.interrupted = true;
                 break;
             }
-            let mut run = self.start_strategy(s.name(), i == 0)?;
-            let result = self.ramp(&mut run);
+            let mut run = self.start_strategy("vmm", s.name(), i == 0)?;
+            let result = self.ramp(&mut run, &Launcher::Own);
             run.shutdown = self.fleet.shutdown_all();
             finish_strategy(&mut run, &self.report);
             self.report.strategies.push(run);
             if let Err(e) = result {
                 failure = Some(e);
                 break;
+            }
+        }
+        if failure.is_none() && !self.interrupted {
+            if let Some(p) = self.args.peer.clone() {
+                if let Err(e) = self.run_peer(&p) {
+                    failure = Some(e);
+                }
             }
         }
         self.report.final_mem_available_bytes = host::meminfo().ok().map(|m| m.available);
@@ -293,9 +323,32 @@ impl Runner {
         }
     }
 
+    /// The peer's ramps: the same strategies, VMs and workloads under the
+    /// peer VMM, booting the guest this binary embeds.
+    fn run_peer(&mut self, p: &PeerSpec) -> Result<(), DensityError> {
+        let kernel = peer::write_guest(self.fleet.dir())?;
+        let strategies = self.args.strategies.clone();
+        for s in &strategies {
+            if self.interrupted || self.cancel.load(Ordering::SeqCst) {
+                self.interrupted = true;
+                break;
+            }
+            let mut run = self.start_strategy(p.kind.name(), s.name(), false)?;
+            let launcher = Launcher::Peer { path: p.path.clone(), kernel: kernel.clone(), strategy: *s };
+            let result = self.ramp(&mut run, &launcher);
+            run.shutdown = self.fleet.shutdown_all();
+            finish_strategy(&mut run, &self.report);
+            self.report.peer.strategies.push(run);
+            result?;
+        }
+        let _ = std::fs::remove_file(&kernel);
+        Ok(())
+    }
+
     /// Waits for the host to come back to its initial `MemAvailable` (not
-    /// for the first strategy) and takes the strategy's baseline.
-    fn start_strategy(&mut self, name: &str, first: bool) -> Result<StrategyRun, DensityError> {
+    /// for the first strategy) and takes the baseline of strategy `name`
+    /// under `vmm`.
+    fn start_strategy(&mut self, vmm: &str, name: &str, first: bool) -> Result<StrategyRun, DensityError> {
         let initial = self.report.initial_mem_available_bytes;
         // Tolerance: other tenants of a shared host move MemAvailable by a
         // few hundred MiB; 1% of RAM, at least 128 MiB.
@@ -319,6 +372,7 @@ impl Runner {
             );
         }
         Ok(StrategyRun {
+            vmm: vmm.to_string(),
             strategy: name.to_string(),
             baseline: Baseline {
                 mem_available_bytes: avail,
@@ -341,6 +395,8 @@ impl Runner {
             launch_seconds: 0.0,
             launch_throughput_vms_per_s: None,
             footprint: None,
+            host_per_vm: None,
+            idle: None,
             kernel_per_vm: None,
             tasks_per_vm: None,
             limit_reached: false,
@@ -350,10 +406,14 @@ impl Runner {
     }
 
     /// One strategy's ramp, step by step, until `--vms`, the floor, a
-    /// failure or a signal.
-    fn ramp(&mut self, run: &mut StrategyRun) -> Result<(), DensityError> {
-        let spec = VmSpec { strategy: run.strategy.clone(), mem_mib: self.args.mem_mib, vcpus: self.args.vcpus };
-        let bar = progress_bar(self.args.vms, &run.strategy);
+    /// failure or a signal; then the idle check of its VMs.
+    fn ramp(&mut self, run: &mut StrategyRun, launcher: &Launcher) -> Result<(), DensityError> {
+        let spec = VmSpec { strategy: run.strategy.clone(), mem_mib: self.args.mem_mib, vcpus: self.args.vcpus, launcher: launcher.clone() };
+        let ready_by = match launcher {
+            Launcher::Own => probe::ReadyBy::Api,
+            Launcher::Peer { .. } => probe::ReadyBy::Serial,
+        };
+        let bar = progress_bar(self.args.vms, &format!("{} {}", run.vmm, run.strategy));
         let floor = self.report.settings.floor_bytes;
         let mut in_flight = 0usize;
         let mut error: Option<DensityError> = None;
@@ -404,7 +464,7 @@ impl Runner {
                 }
                 let index = run.launched;
                 let alloc_mib = self.args.alloc_mib.mib_for(self.args.seed, index);
-                let vm = match self.fleet.spawn(&spec, index) {
+                let vm = match self.fleet.spawn(&spec, index, alloc_mib) {
                     Ok(vm) => vm,
                     Err(fleet::FleetError::Spawn(_, e)) if e.raw_os_error() == Some(libc::EAGAIN) => {
                         run.limit_reached = true;
@@ -421,7 +481,7 @@ impl Runner {
                 let (tx, cancel, timeout) = (self.tx.clone(), self.cancel.clone(), Duration::from_secs(self.args.ready_timeout_s));
                 let waiter = std::thread::Builder::new().name("density-wait".into()).stack_size(1 << 20).spawn(move || {
                     let (index, pid, sock, log, spawned_at) = target;
-                    let t = probe::Target { index, pid, sock: &sock, log: &log, spawned_at, alloc_mib };
+                    let t = probe::Target { index, pid, sock: &sock, log: &log, spawned_at, alloc_mib, ready_by };
                     let _ = tx.send(Msg::Launched(index, probe::await_ready(&t, timeout, &cancel)));
                 });
                 if let Err(e) = waiter {
@@ -449,7 +509,7 @@ impl Runner {
                 break;
             }
             if launched_in_step > 0 {
-                let measured = self.measure(run, step, launched_in_step, launch_seconds)?;
+                let measured = self.measure(run, step, launched_in_step, launch_seconds, ready_by)?;
                 if let Some(b) = measured {
                     per_vm_estimate = ((b.total.max(0.0) as u64) + (self.args.alloc_mib.max_mib() << 20)).max(8 << 20) * 2;
                 }
@@ -466,7 +526,41 @@ impl Runner {
                 if self.interrupted { "interrupted".into() } else { format!("all {} VMs launched", self.args.vms) };
         }
         bar.finish_and_clear();
+        if !self.interrupted {
+            run.idle = self.idle_check(run);
+        }
         Ok(())
+    }
+
+    /// Watches the ramp's ready VMs for [`IDLE_WINDOW`]: how many are still
+    /// running at its end, and the CPU time each used in it.
+    fn idle_check(&self, run: &StrategyRun) -> Option<IdleCheck> {
+        let pids: Vec<u32> = self
+            .fleet
+            .vms()
+            .iter()
+            .filter(|p| run.vms.get(p.index as usize).is_some_and(|v| v.pid == p.pid && v.ready.is_some()))
+            .map(|p| p.pid)
+            .collect();
+        let before: Vec<(u32, f64)> = pids.iter().filter_map(|&pid| host::cpu_time_ms(pid).map(|t| (pid, t))).collect();
+        if before.is_empty() {
+            return None;
+        }
+        let start = Instant::now();
+        std::thread::sleep(IDLE_WINDOW);
+        let window = start.elapsed().as_secs_f64();
+        let used: Vec<f64> = before
+            .iter()
+            .filter(|(pid, _)| !host::exited(*pid))
+            .filter_map(|&(pid, t0)| host::cpu_time_ms(pid).map(|t1| (t1 - t0).max(0.0) / (window * 1e3) * 100.0))
+            .collect();
+        Some(IdleCheck {
+            vms: before.len() as u64,
+            alive: used.len() as u64,
+            window_s: window,
+            cpu_percent_mean: if used.is_empty() { 0.0 } else { used.iter().sum::<f64>() / used.len() as f64 },
+            cpu_percent_max: used.iter().copied().fold(0.0, f64::max),
+        })
     }
 
     /// Handles one message from a waiter or the signal relay.
@@ -520,8 +614,16 @@ impl Runner {
         }
     }
 
-    /// Measures a step: `MemAvailable`, then every ready VM's report.
-    fn measure(&mut self, run: &mut StrategyRun, step: u64, launched: u64, launch_seconds: f64) -> Result<Option<Breakdown>, DensityError> {
+    /// Measures a step: `MemAvailable`, then every ready VM's report (or,
+    /// for a peer, what `/proc` shows of it).
+    fn measure(
+        &mut self,
+        run: &mut StrategyRun,
+        step: u64,
+        launched: u64,
+        launch_seconds: f64,
+        ready_by: probe::ReadyBy,
+    ) -> Result<Option<Breakdown>, DensityError> {
         let start = Instant::now();
         let mem = host::meminfo()?;
         let kernel = host::kernel_memory().ok();
@@ -540,7 +642,16 @@ impl Runner {
         let results: Vec<(usize, Sampled)> = std::thread::scope(|sc| {
             let handles: Vec<_> = targets
                 .chunks(chunk)
-                .map(|part| sc.spawn(move || part.iter().map(|(pos, index, pid, sock)| (*pos, probe::sample(*index, *pid, sock))).collect::<Vec<_>>()))
+                .map(|part| {
+                    sc.spawn(move || {
+                        part.iter()
+                            .map(|(pos, index, pid, sock)| match ready_by {
+                                probe::ReadyBy::Api => (*pos, probe::sample(*index, *pid, sock).map(|(s, raw)| (s, Some(raw)))),
+                                probe::ReadyBy::Serial => (*pos, Ok((probe::sample_host(*pid), None))),
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
                 .collect();
             handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
         });
@@ -560,12 +671,20 @@ impl Runner {
             sums.workload += s.workload;
             sums.page_tables += s.page_tables;
             sums.threads += s.threads;
+            sums.proc_rss += s.proc.rss;
+            sums.proc_pss += s.proc.pss;
+            sums.proc_anon += s.proc.anon;
             let vm = &mut run.vms[pos];
-            self.csv.row(&CsvRow::new(&run.strategy, step, step_vms, vm, &s))?;
+            self.csv.row(&CsvRow::new(&run.vmm, &run.strategy, step, step_vms, vm, &s))?;
             vm.last_sample = Some(s);
-            vm.last_memory_report = Some(output::RawJson(raw.into_boxed_str()));
+            vm.last_memory_report = raw.map(|r| output::RawJson(r.into_boxed_str()));
         }
-        let per_vm = Breakdown::from_sums(&sums);
+        // A peer has no memory report to split the footprint by owner.
+        let per_vm = match ready_by {
+            probe::ReadyBy::Api => Breakdown::from_sums(&sums),
+            probe::ReadyBy::Serial => None,
+        };
+        let host_per_vm = HostPerVm::from_sums(&sums);
         let kernel_per_vm = kernel.zip(run.baseline.kernel).and_then(|(now, base)| KernelPerVm::from_delta(&base, &now, sums.vms));
         let tasks_per_vm = (sums.vms > 0).then(|| {
             let n = sums.vms as f64;
@@ -581,6 +700,7 @@ impl Runner {
             mem_available_bytes: mem.available,
             sums,
             per_vm,
+            host_per_vm,
             kernel_per_vm,
             host_tasks,
             tasks_per_vm,
@@ -597,17 +717,18 @@ impl Runner {
 fn finish_strategy(run: &mut StrategyRun, report: &Report) {
     let ready: Vec<&probe::Ready> = run.vms.iter().filter_map(|v| v.ready.as_ref()).collect();
     run.time_to_ready_ms = Distribution::of(ready.iter().map(|r| r.spawn_to_ready_ms));
-    run.vmm_guest_ready_ms = Distribution::of(ready.iter().map(|r| r.vmm_guest_ready_ms));
+    run.vmm_guest_ready_ms = Distribution::of(ready.iter().filter_map(|r| r.vmm_guest_ready_ms));
     run.workload_ms = Distribution::of(ready.iter().map(|r| r.workload_ms));
     run.launch_throughput_vms_per_s = (run.launch_seconds > 0.0 && run.ready > 0).then(|| run.ready as f64 / run.launch_seconds);
     let last = run.steps.last();
     run.footprint = last.and_then(|s| s.per_vm);
+    run.host_per_vm = last.and_then(|s| s.host_per_vm);
     run.kernel_per_vm = last.and_then(|s| s.kernel_per_vm);
     run.tasks_per_vm = last.and_then(|s| s.tasks_per_vm);
     run.fit = Fit {
         measured: last.map_or(0, |s| s.sums.vms),
-        extrapolated: run.footprint.and_then(|b| {
-            footprint::extrapolated_fit(report.host.mem_total_bytes, report.settings.floor_bytes, run.baseline.mem_available_bytes, b.total)
+        extrapolated: run.host_per_vm.and_then(|h| {
+            footprint::extrapolated_fit(report.host.mem_total_bytes, report.settings.floor_bytes, run.baseline.mem_available_bytes, h.total)
         }),
     };
 }

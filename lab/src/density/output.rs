@@ -4,7 +4,8 @@
 
 use super::fleet::ShutdownStats;
 use super::probe::{Ready, Sample};
-use super::footprint::{Breakdown, KernelPerVm, StepSums, TasksPerVm};
+use super::footprint::{Breakdown, HostPerVm, KernelPerVm, StepSums, TasksPerVm};
+use super::peer::PeerReport;
 use super::limits::HostLimits;
 use super::workload::AllocSpec;
 use crate::host::HostInfo;
@@ -53,6 +54,8 @@ pub struct Report {
     /// `MemAvailable` after the last VM was reaped, in bytes.
     pub final_mem_available_bytes: Option<u64>,
     pub strategies: Vec<StrategyRun>,
+    /// The same fleet under the peer VMM (`--peer`), or why it was skipped.
+    pub peer: PeerReport,
 }
 
 /// The settings of the run.
@@ -76,6 +79,8 @@ pub struct Settings {
 /// One strategy's ramp.
 #[derive(Debug, Serialize)]
 pub struct StrategyRun {
+    /// Which VMM ran it: `vmm` (this one) or the peer's kind.
+    pub vmm: String,
     pub strategy: String,
     pub baseline: Baseline,
     /// Whether a launch was refused because `MemAvailable` was at the floor.
@@ -100,8 +105,14 @@ pub struct StrategyRun {
     pub launch_seconds: f64,
     /// `ready / launch_seconds` with `parallel` launches in flight.
     pub launch_throughput_vms_per_s: Option<f64>,
-    /// Per-VM footprint at the last step (the most VMs, the least noise).
+    /// Per-VM footprint at the last step (the most VMs, the least noise),
+    /// split by owner; `None` for a peer (no memory report to split by).
     pub footprint: Option<Breakdown>,
+    /// Per-VM footprint at the last step as the host sees it, the same for
+    /// any VMM.
+    pub host_per_vm: Option<HostPerVm>,
+    /// Whether the VMs stayed up and idle at the end of the ramp.
+    pub idle: Option<IdleCheck>,
     /// The host kernel's counters per VM at the last step.
     pub kernel_per_vm: Option<KernelPerVm>,
     /// Tasks per VM at the last step.
@@ -111,6 +122,23 @@ pub struct StrategyRun {
     /// VMs that fit before the floor.
     pub fit: Fit,
     pub shutdown: ShutdownStats,
+}
+
+/// The ready VMs at the end of a ramp, watched over a short window: still
+/// running, and how much host CPU each used (an idle guest, in a port read
+/// or halted, uses almost none).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct IdleCheck {
+    /// VMs watched (ready and running when the window opened).
+    pub vms: u64,
+    /// Of those, still running when it closed.
+    pub alive: u64,
+    /// Length of the window, s.
+    pub window_s: f64,
+    /// CPU (user + system) per VM over the window, mean and largest, as a
+    /// percentage of one core.
+    pub cpu_percent_mean: f64,
+    pub cpu_percent_max: f64,
 }
 
 /// The host before a strategy's ramp.
@@ -148,6 +176,8 @@ pub struct Step {
     pub mem_available_bytes: u64,
     pub sums: StepSums,
     pub per_vm: Option<Breakdown>,
+    /// The host's view per VM (the same for a peer).
+    pub host_per_vm: Option<HostPerVm>,
     /// The host kernel's counters per VM (deltas from the baseline).
     pub kernel_per_vm: Option<KernelPerVm>,
     /// Tasks on the host at the measurement.
@@ -186,7 +216,7 @@ impl Serialize for RawJson {
 }
 
 /// The columns of `vms.csv`, in order: the fields of [`CsvRow`].
-pub const CSV_COLUMNS: [&str; 20] = [
+pub const CSV_COLUMNS: [&str; 24] = [
     "strategy",
     "step",
     "step_vms",
@@ -207,6 +237,10 @@ pub const CSV_COLUMNS: [&str; 20] = [
     "page_table_bytes",
     "threads",
     "kvm_memslot_estimate_bytes",
+    "proc_rss_bytes",
+    "proc_pss_bytes",
+    "proc_anon_bytes",
+    "vmm",
 ];
 
 /// One `vms.csv` row: one VM at one step (times in ms with three decimals,
@@ -236,11 +270,16 @@ pub struct CsvRow<'a> {
     page_table_bytes: u64,
     threads: u64,
     kvm_memslot_estimate_bytes: u64,
+    proc_rss_bytes: u64,
+    proc_pss_bytes: u64,
+    proc_anon_bytes: u64,
+    vmm: &'a str,
 }
 
 impl<'a> CsvRow<'a> {
-    /// VM `vm`'s row at step `step` (of `step_vms` VMs) with its sample `s`.
-    pub fn new(strategy: &'a str, step: u64, step_vms: u64, vm: &VmRecord, s: &Sample) -> CsvRow<'a> {
+    /// VM `vm`'s row at step `step` (of `step_vms` VMs) with its sample
+    /// `s`, run by `vmm` (`vmm` or the peer's kind).
+    pub fn new(vmm: &'a str, strategy: &'a str, step: u64, step_vms: u64, vm: &VmRecord, s: &Sample) -> CsvRow<'a> {
         let r = vm.ready.as_ref();
         CsvRow {
             strategy,
@@ -250,7 +289,7 @@ impl<'a> CsvRow<'a> {
             pid: vm.pid,
             alloc_mib: vm.alloc_mib,
             spawn_to_ready_ms: r.map(|r| r.spawn_to_ready_ms),
-            vmm_guest_ready_ms: r.map(|r| r.vmm_guest_ready_ms),
+            vmm_guest_ready_ms: r.and_then(|r| r.vmm_guest_ready_ms),
             workload_ms: r.map(|r| r.workload_ms),
             valid: s.valid,
             guest_ram_resident_bytes: s.guest_ram_resident,
@@ -263,6 +302,10 @@ impl<'a> CsvRow<'a> {
             page_table_bytes: s.page_tables,
             threads: s.threads,
             kvm_memslot_estimate_bytes: s.kvm_memslot_estimate,
+            proc_rss_bytes: s.proc.rss,
+            proc_pss_bytes: s.proc.pss,
+            proc_anon_bytes: s.proc.anon,
+            vmm,
         }
     }
 }
@@ -343,7 +386,48 @@ fn millis(ms: f64) -> String {
 /// details table (the footprint's parts, ready p50/p99, launch rate). Every
 /// figure is in the unit that shows it, as in `vmm ctl --human`.
 pub fn summary(report: &Report) -> String {
-    summary_of(&report.strategies)
+    let mut t = summary_of(&report.strategies);
+    t += &host_view(report.strategies.iter().chain(&report.peer.strategies), report.peer.skipped.as_deref());
+    t
+}
+
+/// Every ramp, ours and the peer's, by the measures taken the same way for
+/// any VMM: `MemAvailable` drop, the process's PSS and anonymous memory
+/// (guest RAM included), the kernel's counters and tasks per VM, time to
+/// ready, and the idle check.
+fn host_view<'a>(runs: impl Iterator<Item = &'a StrategyRun>, peer_skipped: Option<&str>) -> String {
+    let mut t = String::from("\nHOST VIEW PER VM (the same measures for every VMM)\n");
+    let row = |c: [&str; 10]| {
+        let line = format!(
+            "{:<12} {:<10} {:>6} {:>10} {:>10} {:>10} {:>10} {:>6} {:>10} {:>12}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+        );
+        line.trim_end().to_string() + "\n"
+    };
+    t += &row(["vmm", "strategy", "VMs", "per VM", "proc PSS", "proc anon", "kernel", "tasks", "ready p50", "idle CPU"]);
+    let dash = || "-".to_string();
+    for s in runs {
+        let h = s.host_per_vm.as_ref();
+        let part = |get: fn(&HostPerVm) -> f64| h.map_or_else(dash, |h| signed_bytes(get(h)));
+        let idle = s.idle.map_or_else(dash, |i| format!("{:.2}% {}/{}", i.cpu_percent_mean, i.alive, i.vms));
+        let cells = [
+            s.vmm.clone(),
+            s.strategy.clone(),
+            s.fit.measured.to_string(),
+            part(|h| h.total),
+            part(|h| h.process_pss),
+            part(|h| h.process_anon),
+            s.kernel_per_vm.map_or_else(dash, |k| signed_bytes(k.total)),
+            s.tasks_per_vm.map_or_else(dash, |k| format!("{:.1}", k.vmm_threads)),
+            s.time_to_ready_ms.as_ref().map_or_else(dash, |d| millis(d.p50)),
+            idle,
+        ];
+        t += &row(cells.each_ref().map(String::as_str));
+    }
+    if let Some(why) = peer_skipped {
+        let _ = writeln!(t, "peer: {why}");
+    }
+    t
 }
 
 fn summary_of(strategies: &[StrategyRun]) -> String {
@@ -407,7 +491,7 @@ mod tests {
             index: 3,
             pid: 42,
             alloc_mib: 16,
-            ready: Some(Ready { spawn_to_ready_ms: 12.5, vmm_guest_ready_ms: 10.0, workload_ms: 1.25 }),
+            ready: Some(Ready { spawn_to_ready_ms: 12.5, vmm_guest_ready_ms: Some(10.0), workload_ms: 1.25 }),
             error: None,
             last_sample: None,
             last_memory_report: None,
@@ -430,7 +514,7 @@ mod tests {
     #[test]
     fn csv_rows_match_the_header() {
         let unready = VmRecord { ready: None, ..record() };
-        let text = csv_text(&[CsvRow::new("eager", 2, 10, &record(), &sample()), CsvRow::new("ondemand", 0, 1, &unready, &sample())]);
+        let text = csv_text(&[CsvRow::new("vmm", "eager", 2, 10, &record(), &sample()), CsvRow::new("vmm", "ondemand", 0, 1, &unready, &sample())]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], CSV_COLUMNS.join(","));
         assert!(lines[1].starts_with("eager,2,10,3,42,16,12.500,10.000,1.250,true,100,10,0,50,"), "{text}");
@@ -440,7 +524,7 @@ mod tests {
 
     #[test]
     fn csv_fields_are_quoted_only_when_needed() {
-        let text = csv_text(&[CsvRow::new("a,\"b\"", 0, 1, &record(), &sample())]);
+        let text = csv_text(&[CsvRow::new("vmm", "a,\"b\"", 0, 1, &record(), &sample())]);
         assert!(text.lines().nth(1).unwrap().starts_with("\"a,\"\"b\"\"\",0,1,"), "{text}");
     }
 
@@ -451,18 +535,19 @@ mod tests {
         sink.finish().unwrap();
         let header = CSV_COLUMNS.join(",") + "\n";
         assert_eq!(std::fs::read_to_string(dir.path().join("vms.csv")).unwrap(), header);
-        sink.row(&CsvRow::new("eager", 0, 1, &record(), &sample())).unwrap();
+        sink.row(&CsvRow::new("vmm", "eager", 0, 1, &record(), &sample())).unwrap();
         sink.finish().unwrap();
         let text = std::fs::read_to_string(dir.path().join("vms.csv")).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(text.starts_with(&header) && text.ends_with("\n"), "{text}");
         let mut none = CsvSink::create(None).unwrap();
-        none.row(&CsvRow::new("eager", 0, 1, &record(), &sample())).unwrap();
+        none.row(&CsvRow::new("vmm", "eager", 0, 1, &record(), &sample())).unwrap();
         none.finish().unwrap();
     }
 
     fn run(strategy: &str, footprint: Option<Breakdown>) -> StrategyRun {
         StrategyRun {
+            vmm: "vmm".into(),
             strategy: strategy.into(),
             baseline: Baseline {
                 mem_available_bytes: 20 << 30,
@@ -485,6 +570,8 @@ mod tests {
             launch_seconds: 10.0,
             launch_throughput_vms_per_s: Some(81.2),
             footprint,
+            host_per_vm: None,
+            idle: None,
             kernel_per_vm: None,
             tasks_per_vm: None,
             limit_reached: false,
@@ -529,6 +616,30 @@ mod tests {
         assert!(lines[9].starts_with("deferred ") && lines[9].contains(" - "), "{out}");
         assert!(!out.contains("0.0 MiB"), "{out}");
         assert!(out.lines().all(|l| l == l.trim_end()), "{out}");
+    }
+
+    #[test]
+    fn the_host_view_puts_the_peer_beside_our_vms_or_says_it_was_skipped() {
+        let mut ours = run("ondemand", None);
+        ours.host_per_vm = Some(HostPerVm {
+            total: 1.25 * 1048576.0,
+            process_rss: 3.0 * 1048576.0,
+            process_pss: 0.5 * 1048576.0,
+            process_anon: 700.0 * 1024.0,
+            outside_process: 0.75 * 1048576.0,
+        });
+        ours.idle = Some(IdleCheck { vms: 812, alive: 812, window_s: 1.0, cpu_percent_mean: 0.01, cpu_percent_max: 0.1 });
+        let mut peer = run("ondemand", None);
+        peer.vmm = "firecracker".into();
+        let out = host_view([&ours, &peer].into_iter(), None);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[1], "HOST VIEW PER VM (the same measures for every VMM)", "{out}");
+        assert!(lines[3].starts_with("vmm          ondemand      812    1.2 MiB"), "{out}");
+        assert!(lines[3].contains(" 700 KiB ") && lines[3].ends_with(" 0.01% 812/812"), "{out}");
+        assert!(lines[4].starts_with("firecracker  ondemand      812          -"), "{out}");
+        assert_eq!(lines.len(), 5, "{out}");
+        let out = host_view([&ours].into_iter(), Some("no --peer given"));
+        assert!(out.ends_with("peer: no --peer given\n"), "{out}");
     }
 
     #[test]

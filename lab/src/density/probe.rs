@@ -1,10 +1,13 @@
 //! Talking to one child VM through its API socket: wait until the guest is
 //! ready (timing exec → ready), apply its workload, and sample its
-//! `GET /memory` report plus `/proc/PID/status`.
+//! `GET /memory` report plus `/proc/PID/status` and `smaps_rollup`. A peer
+//! VM has no API: its readiness is read from its console log and its
+//! figures from `/proc` alone.
 //!
 //! Every call is one short connection ([`vmm_client::Client::request`]), so the
 //! runner holds no file descriptor per VM between calls.
 
+use super::peer;
 use crate::host;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -48,8 +51,8 @@ pub struct Ready {
     pub spawn_to_ready_ms: f64,
     /// The VMM's own `timings.guest_ready`: µs from its `main()` to the
     /// guest's ready announcement, here in ms (excludes fork/exec and the
-    /// polling resolution).
-    pub vmm_guest_ready_ms: f64,
+    /// polling resolution); `None` for a peer, which has no such figure.
+    pub vmm_guest_ready_ms: Option<f64>,
     /// How long `PUT /guest/memory` took, in ms (0 without a workload).
     pub workload_ms: f64,
 }
@@ -62,6 +65,20 @@ pub struct Target<'a> {
     pub log: &'a Path,
     pub spawned_at: Instant,
     pub alloc_mib: u64,
+    /// How readiness shows.
+    pub ready_by: ReadyBy,
+}
+
+/// How the runner sees that a VM is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyBy {
+    /// Our VMM: its API's `GET /memory` has `timings.guest_ready`; the
+    /// workload is given through `PUT /guest/memory`.
+    Api,
+    /// A peer: the guest's serial console (the VM's log) shows
+    /// [`peer::READY_LINE`], then [`peer::ALLOCATED_LINE`] when the VM has
+    /// a boot-time workload.
+    Serial,
 }
 
 /// One client for every VM and thread of the run.
@@ -74,9 +91,50 @@ fn request(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Resul
     }
 }
 
+/// Waits until the guest is ready with its workload ([`ReadyBy`]).
+pub fn await_ready(t: &Target<'_>, timeout: Duration, cancel: &AtomicBool) -> Result<Ready, LaunchError> {
+    match t.ready_by {
+        ReadyBy::Api => await_api_ready(t, timeout, cancel),
+        ReadyBy::Serial => await_serial_ready(t, timeout, cancel),
+    }
+}
+
+/// Polls until `seen()` or the deadline; `Ok(when)` once seen.
+fn poll_until(t: &Target<'_>, timeout: Duration, cancel: &AtomicBool, mut seen: impl FnMut() -> bool) -> Result<Instant, LaunchError> {
+    let deadline = t.spawned_at + timeout;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(LaunchError::Interrupted);
+        }
+        if Instant::now() > deadline {
+            return Err(LaunchError::Timeout { index: t.index, pid: t.pid, timeout });
+        }
+        if seen() {
+            return Ok(Instant::now());
+        }
+        if host::exited(t.pid) {
+            return Err(LaunchError::Exited { index: t.index, pid: t.pid, log: log_tail(t.log) });
+        }
+        std::thread::sleep((t.spawned_at.elapsed() / 8).clamp(POLL_MIN, POLL_MAX));
+    }
+}
+
+/// A peer: waits for the ready line on the guest's console, then for the
+/// boot-time workload's line if it has one.
+fn await_serial_ready(t: &Target<'_>, timeout: Duration, cancel: &AtomicBool) -> Result<Ready, LaunchError> {
+    let ready_at = poll_until(t, timeout, cancel, || peer::log_has_line(t.log, peer::READY_LINE))?;
+    let mut workload_ms = 0.0;
+    if t.alloc_mib > 0 {
+        let done = poll_until(t, timeout, cancel, || peer::log_has_line(t.log, peer::ALLOCATED_LINE))?;
+        workload_ms = done.duration_since(ready_at).as_secs_f64() * 1e3;
+    }
+    let spawn_to_ready_ms = ready_at.duration_since(t.spawned_at).as_secs_f64() * 1e3;
+    Ok(Ready { spawn_to_ready_ms, vmm_guest_ready_ms: None, workload_ms })
+}
+
 /// Waits until the guest is ready (polling `GET /memory`), then applies the
 /// workload with `PUT /guest/memory` and waits for the guest to hold it.
-pub fn await_ready(t: &Target<'_>, timeout: Duration, cancel: &AtomicBool) -> Result<Ready, LaunchError> {
+fn await_api_ready(t: &Target<'_>, timeout: Duration, cancel: &AtomicBool) -> Result<Ready, LaunchError> {
     let deadline = t.spawned_at + timeout;
     let (ready_at, vmm_ready_us) = loop {
         if cancel.load(Ordering::Relaxed) {
@@ -109,7 +167,7 @@ pub fn await_ready(t: &Target<'_>, timeout: Duration, cancel: &AtomicBool) -> Re
         }
         workload_ms = start.elapsed().as_secs_f64() * 1e3;
     }
-    Ok(Ready { spawn_to_ready_ms, vmm_guest_ready_ms: vmm_ready_us / 1e3, workload_ms })
+    Ok(Ready { spawn_to_ready_ms, vmm_guest_ready_ms: Some(vmm_ready_us / 1e3), workload_ms })
 }
 
 /// The last lines of a child's log, on one line, for an error message.
@@ -137,6 +195,9 @@ pub struct Sample {
     /// `VmPTE` from `/proc/PID/status`.
     pub page_tables: u64,
     pub threads: u64,
+    /// The whole process as `/proc/PID/smaps_rollup` sees it, guest RAM
+    /// included: the figures taken the same way for our VMs and a peer's.
+    pub proc: host::ProcMemory,
 }
 
 /// Why a VM could not be measured.
@@ -155,7 +216,21 @@ pub fn sample(index: u64, pid: u32, sock: &Path) -> Result<(Sample, String), Sam
     let (status, v) = request(sock, "GET", "/memory", None).map_err(|source| SampleError::Api { index, source })?;
     let s = parse_sample(&v).filter(|_| status == 200).ok_or_else(|| SampleError::Answer { index, status, body: v.to_string() })?;
     let st = host::proc_status(pid);
-    Ok((Sample { page_tables: st.page_table_bytes, threads: st.threads, ..s }, v.to_string()))
+    let proc = host::proc_memory(pid);
+    Ok((Sample { page_tables: st.page_table_bytes, threads: st.threads, proc, ..s }, v.to_string()))
+}
+
+/// A peer VM's figures: only what the host sees of its process (no memory
+/// report: the guest's own figures stay zero and `valid` false).
+pub fn sample_host(pid: u32) -> Sample {
+    let st = host::proc_status(pid);
+    Sample {
+        vmm_rss: st.rss_bytes,
+        page_tables: st.page_table_bytes,
+        threads: st.threads,
+        proc: host::proc_memory(pid),
+        ..Sample::default()
+    }
 }
 
 /// The figures of a `GET /memory` answer (`None` if its host part is missing).
@@ -175,6 +250,7 @@ pub fn parse_sample(v: &Value) -> Option<Sample> {
         kvm_memslot_estimate: host("kvm_memslot_bytes_estimate").unwrap_or(0),
         page_tables: 0,
         threads: 0,
+        proc: host::ProcMemory::default(),
     })
 }
 

@@ -116,6 +116,18 @@ impl RunControl {
         }
     }
 
+    /// Parks a halted vCPU (out of the guest) until `stop` is set: a halted
+    /// guest has nothing to wake it, since this VMM delivers no interrupts.
+    /// Pausing and resuming leave it parked; [`Self::wake`] after setting
+    /// `stop` ends the wait. The flag is read under the lock the waker
+    /// takes, so the wake-up cannot be missed.
+    fn park_until_stopped(&self, stop: &AtomicBool) {
+        let mut guard = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        while !stop.load(Ordering::Acquire) {
+            guard = self.cond.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Wakes paused vCPUs so they can see a stop request.
     pub fn wake(&self) {
         let _guard = self.paused.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,6 +192,10 @@ pub fn run(vcpu: &mut VcpuFd, cpu: u8, devices: &Arc<Devices>, control: &RunCont
                 return reason.with_rip(rip);
             }
             VcpuAction::Stop(reason) => return reason,
+            VcpuAction::Halt => {
+                control.park_until_stopped(stop);
+                return StopReason::Requested;
+            }
             VcpuAction::ReadExceptionAndStop => {
                 return match vcpu.get_regs() {
                     Ok(r) => StopReason::GuestException {
@@ -234,6 +250,23 @@ mod tests {
         c.set_paused(true);
         let (c3, s3) = (c.clone(), stop.clone());
         let t = std::thread::spawn(move || c3.enter_guest(0, &s3));
+        stop.store(true, Ordering::Release);
+        c.wake();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_halted_vcpu_stays_parked_through_pause_and_resume_until_stopped() {
+        let c = Arc::new(RunControl::new(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c2, s2) = (c.clone(), stop.clone());
+        let t = std::thread::spawn(move || c2.park_until_stopped(&s2));
+        c.set_paused(true);
+        c.set_paused(false);
+        c.wake();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!t.is_finished(), "a wake-up without a stop left the park");
+        assert!(!c.in_guest(0), "a parked vCPU is out of the guest, so a pause does not wait for it");
         stop.store(true, Ordering::Release);
         c.wake();
         t.join().unwrap();
