@@ -7,10 +7,18 @@
 //! | `memmap_init=...` | `eager`, `parallel`, `deferred`, `ondemand` | `ondemand` |
 //! | `memmap_chunk=SIZE` | memory per memmap chunk, 128K .. one section, power of two | `2M` |
 //! | `memmap_on_memory=on\|off` | each section's memmap at its start | `off` |
+//! | `reclaim=off\|data\|full` | what freed memory goes back to the host (see [`Config::reclaim_mode`]) | `full` with `ondemand`, else `off` |
+//! | `reclaim_delay_ms=N` | how long memory stays free before it is reported, 1 .. 60000 | `2000` |
+//! | `reclaim_reserve=SIZE` | free memory `reclaim=full` keeps initialized | `4M` |
 //! | `quiet` | no console output but panics | off |
 
 use crate::cmdline::{get, parse_size};
-use guest_abi::Strategy;
+use guest_abi::{Reclaim, Strategy, DEFAULT_RECLAIM_DELAY_MS, MAX_WAIT_TIMEOUT_MS};
+
+/// Default `reclaim_reserve=`: two default chunks stay initialized after a
+/// `reclaim=full` pass (their data is still reported), so small alloc/free
+/// churn does not de-initialize and re-initialize chunks.
+pub const DEFAULT_RECLAIM_RESERVE: u64 = 4 << 20;
 
 /// What the kernel does once it is ready.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +132,11 @@ pub struct Config {
     pub strategy: Strategy,
     pub chunk_bytes: u64,
     pub memmap_on_memory: bool,
+    /// `reclaim=` as given; `None` takes the strategy's default
+    /// ([`Config::reclaim_mode`]).
+    pub reclaim: Option<Reclaim>,
+    pub reclaim_delay_ms: u32,
+    pub reclaim_reserve_bytes: u64,
     pub quiet: bool,
 }
 
@@ -135,6 +148,9 @@ impl Default for Config {
             strategy: Strategy::OnDemand,
             chunk_bytes: guest_abi::DEFAULT_CHUNK_SIZE,
             memmap_on_memory: false,
+            reclaim: None,
+            reclaim_delay_ms: DEFAULT_RECLAIM_DELAY_MS,
+            reclaim_reserve_bytes: DEFAULT_RECLAIM_RESERVE,
             quiet: false,
         }
     }
@@ -197,8 +213,40 @@ impl Config {
                 }
             };
         }
+        if let Some(v) = get(cmdline, "reclaim") {
+            c.reclaim = Some(Reclaim::from_name(v).ok_or(ConfigError { key: "reclaim" })?);
+        }
+        if let Some(v) = get(cmdline, "reclaim_delay_ms") {
+            c.reclaim_delay_ms = v
+                .parse()
+                .ok()
+                .filter(|ms| (1..=MAX_WAIT_TIMEOUT_MS).contains(ms))
+                .ok_or(ConfigError {
+                    key: "reclaim_delay_ms",
+                })?;
+        }
+        if let Some(v) = get(cmdline, "reclaim_reserve") {
+            c.reclaim_reserve_bytes = parse_size(v).ok_or(ConfigError {
+                key: "reclaim_reserve",
+            })?;
+        }
         c.quiet = get(cmdline, "quiet").is_some();
         Ok(c)
+    }
+
+    /// The reclaim mode the kernel runs, and whether it is not the one
+    /// asked for. Without `reclaim=`: `full` with `ondemand`, `off` with the
+    /// other strategies (today's behaviour; they support `data` when asked).
+    /// `reclaim=full` with another strategy is downgraded to `data` (their
+    /// memmap is initialized by design, so only data can go back; the
+    /// kernel says so on the console) rather than refusing to boot.
+    pub fn reclaim_mode(&self) -> (Reclaim, bool) {
+        match (self.reclaim, self.strategy) {
+            (None, Strategy::OnDemand) => (Reclaim::Full, false),
+            (None, _) => (Reclaim::Off, false),
+            (Some(Reclaim::Full), s) if s != Strategy::OnDemand => (Reclaim::Data, true),
+            (Some(r), _) => (r, false),
+        }
     }
 }
 
@@ -223,6 +271,26 @@ mod tests {
         assert_eq!(c.chunk_bytes, 128 << 10);
         assert!(c.memmap_on_memory);
         assert!(c.quiet);
+        let r = Config::parse("reclaim=data reclaim_delay_ms=500 reclaim_reserve=8M").unwrap();
+        assert_eq!(
+            (r.reclaim, r.reclaim_delay_ms, r.reclaim_reserve_bytes),
+            (Some(Reclaim::Data), 500, 8 << 20)
+        );
+    }
+
+    #[test]
+    fn reclaim_defaults_to_full_for_ondemand_and_full_is_downgraded_elsewhere() {
+        let mode = |cmdline: &str| Config::parse(cmdline).unwrap().reclaim_mode();
+        assert_eq!(mode(""), (Reclaim::Full, false));
+        assert_eq!(Config::default().reclaim_delay_ms, DEFAULT_RECLAIM_DELAY_MS);
+        for s in ["eager", "parallel", "deferred"] {
+            assert_eq!(mode(&format!("memmap_init={s}")), (Reclaim::Off, false), "{s}");
+            assert_eq!(mode(&format!("memmap_init={s} reclaim=data")), (Reclaim::Data, false), "{s}");
+            assert_eq!(mode(&format!("memmap_init={s} reclaim=full")), (Reclaim::Data, true), "{s}");
+        }
+        assert_eq!(mode("reclaim=off"), (Reclaim::Off, false));
+        assert_eq!(mode("reclaim=data"), (Reclaim::Data, false));
+        assert_eq!(mode("reclaim=full"), (Reclaim::Full, false));
     }
 
     #[test]
@@ -279,6 +347,10 @@ mod tests {
                 key: "memmap_chunk"
             })
         );
+        for bad in ["reclaim=all", "reclaim_delay_ms=0", "reclaim_delay_ms=60001", "reclaim_delay_ms=2s", "reclaim_reserve=x"] {
+            let key = bad.split('=').next().unwrap();
+            assert_eq!(Config::parse(bad).map_err(|e| e.key), Err(key), "{bad}");
+        }
         assert_eq!(
             Config::parse("memmap_on_memory=maybe"),
             Err(ConfigError {

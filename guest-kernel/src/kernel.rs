@@ -5,7 +5,7 @@ use crate::arch::{self, entry, idt, rdtsc};
 use crate::workload::Workload;
 use crate::{bootparams, pv, smp, stats, MM};
 use core::sync::atomic::{AtomicU64, Ordering};
-use guest_abi::{exit_code, Command, CommandStatus, Phase, PAGE_SIZE};
+use guest_abi::{exit_code, Command, CommandStatus, Phase, Reclaim, PAGE_SIZE, WAIT_TIMED_OUT};
 use guest_kernel::config::{Config, Workload as BootWorkload};
 use guest_kernel::mm::{Booted, MmConfig, PhysRange, GROW_CHECK};
 
@@ -124,10 +124,17 @@ fn init_memory(info: &bootparams::BootInfo, config: &Config, mapped: u64) -> Boo
     // Low memory (boot data, the VMM's tables) and the kernel image with its
     // .bss, stacks and spare page directories.
     let reserved = [PhysRange::from_len(0, 0x10_0000), PhysRange::from_len(kstart, kend - kstart)];
+    let (reclaim, downgraded) = config.reclaim_mode();
+    if downgraded {
+        println!("guest: reclaim=full needs memmap_init=ondemand; using reclaim=data");
+    }
+    pv::set_reclaim_delay(config.reclaim_delay_ms);
     let cfg = MmConfig {
         strategy: config.strategy,
         chunk_bytes: config.chunk_bytes,
         memmap_on_memory: config.memmap_on_memory,
+        reclaim,
+        reclaim_reserve_pages: config.reclaim_reserve_bytes / PAGE_SIZE,
         ..MmConfig::new(config.strategy)
     };
     // SAFETY: all RAM below `mapped` is identity-mapped and writable, and the
@@ -238,7 +245,7 @@ fn command_loop(booted: &Booted) -> ! {
                 seq => seq,
             }
         } else {
-            pv::wait_command()
+            wait_or_reclaim()
         };
         let mb = pv::read_mailbox();
         if mb.seq as u32 != seq {
@@ -250,11 +257,55 @@ fn command_loop(booted: &Booted) -> ! {
     }
 }
 
+/// Waits for the next command. With reclaim on and memory freed since the
+/// last pass, waits at most the reclaim delay: if no command came by then,
+/// every free page has stayed free that long, and a reclaim pass reports it
+/// to the VMM (see `guest_kernel::mm::reclaim`).
+fn wait_or_reclaim() -> u32 {
+    loop {
+        let timed = MM.reclaim_wanted();
+        if timed {
+            pv::set_wait_timeout(pv::reclaim_delay());
+        }
+        let seq = pv::wait_command();
+        if seq != WAIT_TIMED_OUT {
+            return seq;
+        }
+        if timed {
+            if MM.config().reclaim == Reclaim::Full {
+                rearm_grow_check();
+            }
+            MM.reclaim(&mut pv::ReclaimPort);
+            stats::publish_memory_stats();
+        }
+    }
+}
+
+/// Before a `reclaim=full` pass: writes the grow check's jump sites back and
+/// switches it on, so chunks the pass returns to uninitialized can grow
+/// again (the pass de-initializes nothing while the key is off). Between
+/// commands, with every AP parked, as patching.
+fn rearm_grow_check() {
+    if GROW_CHECK.is_enabled() || !smp::aps_idle() {
+        return;
+    }
+    if GROW_CHECK.sites_patched() {
+        // SAFETY: this CPU is between commands and every AP has finished its
+        // job, so no CPU executes a site of the key.
+        if let Err(e) = unsafe { arch::jump_label::restore(&GROW_CHECK) } {
+            println!("guest: grow check not restored: {e}");
+            return;
+        }
+    }
+    GROW_CHECK.enable();
+}
+
 /// Once the memory manager is fully initialized, switches the grow check off
 /// for good and patches its jump sites out of the allocator (Linux's
 /// `page_alloc_init_late` disabling `deferred_pages`), at a point where this
 /// CPU runs no allocator code and every AP is parked. The kernel may switch
-/// the global key off: `MM` is its only memory manager.
+/// the global key off: `MM` is its only memory manager. (`reclaim=full`
+/// switches it back on before a pass may de-initialize chunks.)
 fn maybe_patch_jump_sites() {
     if GROW_CHECK.sites_patched() || !MM.fully_initialized() || !smp::aps_idle() {
         return;

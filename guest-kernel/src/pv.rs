@@ -1,10 +1,14 @@
 //! The paravirtual channel to the VMM (see `guest_abi`): presence probe,
-//! phase and exit ports, the stats block and the command mailbox.
+//! phase and exit ports, the stats block, the command mailbox, and memory
+//! reclaim (the idle wait's timeout and the reclaim record).
 
 use crate::arch::{inl, outl};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{compiler_fence, AtomicBool, Ordering};
-use guest_abi::{port, Mailbox, StatsBlock, ABI_VERSION, MAILBOX_MAGIC, PV_MAGIC, STATS_MAGIC};
+use core::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, Ordering};
+use guest_abi::{
+    port, reclaim_kind, Mailbox, ReclaimRecord, StatsBlock, ABI_VERSION, MAILBOX_MAGIC, PV_MAGIC, STATS_MAGIC,
+};
+use guest_kernel::mm::ReclaimSink;
 
 static PRESENT: AtomicBool = AtomicBool::new(false);
 
@@ -51,6 +55,69 @@ pub fn online_memory(start: u64, end: u64) {
             }
         }
         run_start += guest_abi::online_run(run_start);
+    }
+}
+
+/// The reclaim delay in ms (`reclaim_delay_ms=`, set once at boot).
+static RECLAIM_DELAY_MS: AtomicU32 = AtomicU32::new(0);
+
+/// Sets the reclaim delay.
+pub fn set_reclaim_delay(ms: u32) {
+    RECLAIM_DELAY_MS.store(ms, Ordering::Relaxed);
+}
+
+/// The reclaim delay in ms.
+pub fn reclaim_delay() -> u32 {
+    RECLAIM_DELAY_MS.load(Ordering::Relaxed)
+}
+
+/// Makes the next `WAIT` return `guest_abi::WAIT_TIMED_OUT` if no command
+/// arrived within `ms` (one-shot).
+pub fn set_wait_timeout(ms: u32) {
+    if present() {
+        outl(port::WAIT_TIMEOUT, ms);
+    }
+}
+
+/// The record the boot CPU reports reclaimed memory in (only it runs
+/// reclaim passes, between commands).
+static RECLAIM: Shared<ReclaimRecord> = Shared(UnsafeCell::new(zero_record()));
+
+const fn zero_record() -> ReclaimRecord {
+    // SAFETY: ReclaimRecord is plain integers; all-zero is a valid value.
+    unsafe { core::mem::zeroed() }
+}
+
+/// Sends reclaim records through `port::RECLAIM`. An accepted `OFFLINE`
+/// range is no longer registered with KVM, so its run is marked offline
+/// here: the next chunk initialized in it onlines it again first.
+pub struct ReclaimPort;
+
+impl ReclaimSink for ReclaimPort {
+    fn send(&mut self, record: &ReclaimRecord) -> u64 {
+        if !present() {
+            return 0;
+        }
+        let p = RECLAIM.ptr();
+        // SAFETY: the static record is written only here, by the boot CPU,
+        // and read by the VMM during the port write below.
+        let accepted = unsafe {
+            p.write_volatile(*record);
+            compiler_fence(Ordering::SeqCst);
+            outl(port::RECLAIM, p as u64 as u32);
+            compiler_fence(Ordering::SeqCst);
+            (&raw const (*p).accepted).read_volatile()
+        };
+        let n = (record.count as usize).min(record.ranges.len());
+        let accepted = if n == 64 { accepted } else { accepted & ((1 << n) - 1) };
+        for (i, r) in record.ranges[..n].iter().enumerate() {
+            if r.kind == reclaim_kind::OFFLINE && accepted & (1 << i) != 0 {
+                if let Some(state) = BLOCKS.get((r.start / guest_abi::MEMORY_BLOCK_SIZE) as usize) {
+                    state.store(0, Ordering::Release);
+                }
+            }
+        }
+        accepted
     }
 }
 

@@ -24,6 +24,7 @@ pub fn publish_memory_stats() {
     pv::publish_stats(|s| {
         st.write_to(s);
         ranges.write_to(s);
+        s.reclaim_delay_ms = pv::reclaim_delay();
         if patched {
             s.flags |= guest_abi::stats_flags::JUMP_SITES_PATCHED;
         }

@@ -46,3 +46,16 @@ pub unsafe fn patch(key: &StaticKey) -> Result<usize, JumpPatchError> {
     core::arch::x86_64::__cpuid(0);
     Ok(n)
 }
+
+/// Writes the jump sites of `key` back (undoing [`patch`]), so the key can
+/// be switched on again; returns how many were restored.
+///
+/// # Safety
+///
+/// As for [`patch`].
+pub unsafe fn restore(key: &StaticKey) -> Result<usize, JumpPatchError> {
+    // SAFETY: as in `patch`.
+    let n = unsafe { static_key::restore_sites(table(), key) }?;
+    core::arch::x86_64::__cpuid(0);
+    Ok(n)
+}

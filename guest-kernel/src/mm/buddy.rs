@@ -164,6 +164,41 @@ impl FreeArea {
         }
     }
 
+    /// The order of the free block whose head is `pfn`, if `pfn` is the
+    /// head of a free block of an order in `orders` (its chunk must be
+    /// initialized; checked).
+    pub(crate) fn free_head_order(
+        &self,
+        mm: &Memmap,
+        pfn: Pfn,
+        orders: core::ops::RangeInclusive<u32>,
+    ) -> Option<(u32, bool)> {
+        // SAFETY: `&self` of a `FreeArea` means the zone lock is held; the
+        // bitmap check keeps us off struct pages that were never written.
+        let page = unsafe { mm.page_if_initialized(pfn) }?;
+        let p = page.get();
+        match p.state() {
+            PageState::Free { order } if orders.contains(&u32::from(order)) => {
+                Some((u32::from(order), p.reported()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes the free block with head `pfn` and order `order` off its list:
+    /// its frames become tails that belong to nobody (memory reclaim, before
+    /// the chunk goes back to uninitialized).
+    pub(crate) fn remove_free(&mut self, mm: &Memmap, pfn: Pfn, order: u32) {
+        debug_assert_eq!(self.page(mm, pfn).state(), free_state(order));
+        self.unlink(mm, pfn, order);
+        self.free_pages -= 1 << order;
+    }
+
+    /// Marks the free block with head `pfn` as reported to the VMM.
+    pub(crate) fn mark_reported(&mut self, mm: &Memmap, pfn: Pfn) {
+        self.page(mm, pfn).update(|p| p.set_reported());
+    }
+
     /// Free blocks on list `order`.
     #[cfg(test)]
     pub(crate) fn nr_free(&self, order: u32) -> u64 {

@@ -3,7 +3,7 @@
 
 use core::fmt;
 
-use guest_abi::{Strategy, DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, SECTION_SIZE};
+use guest_abi::{Reclaim, Strategy, DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, SECTION_SIZE};
 
 /// Largest section allowed (the memmap of a section must fit in the section
 /// with `memmap_on_memory`).
@@ -32,6 +32,15 @@ pub struct MmConfig {
     /// initialization. 0 (the default) grows only when a request cannot be
     /// served, which keeps `OnDemand` at its minimum footprint.
     pub low_watermark_pages: u64,
+    /// What [`MemoryManager::reclaim`](super::MemoryManager::reclaim) gives
+    /// back to the host (see [`super::reclaim`]): `Off` (the default)
+    /// nothing, `Data` free chunks' data, `Full` also returns free chunks to
+    /// uninitialized (only with `OnDemand`).
+    pub reclaim: Reclaim,
+    /// With `Full`: free pages a reclaim pass leaves initialized (the
+    /// reserve, so alloc/free churn does not de-initialize and
+    /// re-initialize chunks). Their data is still reported.
+    pub reclaim_reserve_pages: u64,
 }
 
 impl MmConfig {
@@ -44,6 +53,8 @@ impl MmConfig {
             section_bytes: SECTION_SIZE,
             memmap_on_memory: false,
             low_watermark_pages: 0,
+            reclaim: Reclaim::Off,
+            reclaim_reserve_pages: 0,
         }
     }
 
@@ -64,6 +75,9 @@ impl MmConfig {
         if self.chunk_bytes > self.section_bytes {
             return Err(MmConfigError::ChunkLargerThanSection);
         }
+        if self.reclaim == Reclaim::Full && self.strategy != Strategy::OnDemand {
+            return Err(MmConfigError::FullReclaimNeedsOnDemand);
+        }
         Ok(())
     }
 }
@@ -81,6 +95,9 @@ pub enum MmConfigError {
     SectionNotPowerOfTwo,
     /// `section_bytes` is above [`MAX_SECTION_SIZE`].
     SectionTooLarge,
+    /// `reclaim` is `Full` but the strategy is not `OnDemand` (the others
+    /// initialize every chunk by design).
+    FullReclaimNeedsOnDemand,
 }
 
 impl fmt::Display for MmConfigError {
@@ -91,6 +108,9 @@ impl fmt::Display for MmConfigError {
             MmConfigError::ChunkLargerThanSection => "chunk size must not exceed the section size",
             MmConfigError::SectionNotPowerOfTwo => "section size must be a power of two",
             MmConfigError::SectionTooLarge => "section size must be at most 1 GiB",
+            MmConfigError::FullReclaimNeedsOnDemand => {
+                "reclaim=full needs the ondemand strategy"
+            }
         })
     }
 }
@@ -170,6 +190,23 @@ mod tests {
             Err(MmConfigError::SectionTooLarge)
         );
         assert_eq!(c(MIN_CHUNK_SIZE, MIN_CHUNK_SIZE).validate(), Ok(()));
+        for s in Strategy::ALL {
+            let full = MmConfig {
+                reclaim: Reclaim::Full,
+                ..MmConfig::new(s)
+            };
+            let want = if s == Strategy::OnDemand {
+                Ok(())
+            } else {
+                Err(MmConfigError::FullReclaimNeedsOnDemand)
+            };
+            assert_eq!(full.validate(), want, "{s:?}");
+            let data = MmConfig {
+                reclaim: Reclaim::Data,
+                ..MmConfig::new(s)
+            };
+            assert_eq!(data.validate(), Ok(()), "{s:?}");
+        }
         assert_eq!(c(SECTION_SIZE, SECTION_SIZE).validate(), Ok(()));
         let e = MmInitError::from(MmConfigError::ChunkTooSmall);
         assert_eq!(

@@ -231,6 +231,11 @@ impl Grower<'_> {
                 return None;
             }
             f.next = c + 1;
+            // Memory reclaim may have moved the frontier back below chunks
+            // that are initialized (none is in flight then).
+            if self.mm.is_initialized(self.mm.chunk_range(c).start) {
+                continue;
+            }
             if skip_reserved && !self.mm.chunk_has_allocatable(c) {
                 continue;
             }
@@ -270,6 +275,39 @@ impl Grower<'_> {
         s.chunks_initialized.fetch_add(1, Ordering::AcqRel);
         s.init_cycles
             .fetch_add(self.now().wrapping_sub(t0), Ordering::Relaxed);
+    }
+
+    /// Returns an initialized chunk to uninitialized (memory reclaim): clears
+    /// its bit, takes it out of the counters and moves the frontier back to
+    /// it, so the next allocation that needs it initializes it again through
+    /// the same path; the manager is no longer fully initialized.
+    ///
+    /// # Safety
+    /// `z` must be this manager's zone lock; no chunk may be in flight; the
+    /// caller must have taken every frame of the chunk off the free lists
+    /// and none may be allocated (a wholly free chunk).
+    pub(crate) unsafe fn deinit_chunk(&self, z: &mut SpinGuard<'_, Zone>, chunk: u64) {
+        debug_assert_eq!(z.frontier.in_flight, 0, "a chunk is in flight");
+        let ram_pages: u64 = self
+            .mm
+            .runs(chunk)
+            .filter(|(k, _)| *k != super::memmap::PageKind::Hole)
+            .map(|(_, r)| r.pages())
+            .sum();
+        // SAFETY: the lock is held and no frame of the chunk is on a list
+        // or allocated (the caller's contract).
+        unsafe { self.mm.deinit_chunk(chunk) };
+        let s = self.state;
+        s.chunks_initialized.fetch_sub(1, Ordering::AcqRel);
+        s.struct_pages_initialized
+            .fetch_sub(self.mm.chunk_pages(), Ordering::Relaxed);
+        s.ram_pages_initialized
+            .fetch_sub(ram_pages, Ordering::Relaxed);
+        let f = &mut z.frontier;
+        f.next = f.next.min(chunk);
+        f.exhausted = false;
+        s.fully_initialized.store(false, Ordering::Release);
+        z.pregrow_below = self.cfg.low_watermark_pages;
     }
 
     /// Frees the allocatable pages of an initialized chunk into the buddy.
@@ -372,6 +410,11 @@ impl GrowRig {
             initialized * self.mm.chunk_pages()
         );
         free
+    }
+
+    /// The simulated RAM's direct map.
+    pub(crate) fn ram(&self) -> *mut u8 {
+        self._ram.ptr()
     }
 
     /// Pages on the free lists and handed out.

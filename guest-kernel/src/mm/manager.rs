@@ -29,6 +29,7 @@ use super::addr::{Pfn, PhysRange};
 use super::config::{MmConfig, MmInitError};
 use super::grow::{GrowState, Grower, GROW_CHECK};
 use super::memmap::Memmap;
+use super::reclaim::{self, ReclaimOutcome, ReclaimSink};
 use super::spinlock::SpinLock;
 use super::stats::{MemmapRanges, MmStats};
 use super::strategy::{
@@ -83,6 +84,8 @@ impl MemoryManager {
                     section_bytes: 0,
                     memmap_on_memory: false,
                     low_watermark_pages: 0,
+                    reclaim: guest_abi::Reclaim::Off,
+                    reclaim_reserve_pages: 0,
                 },
                 clock: None,
                 memmap: Memmap::empty(),
@@ -310,7 +313,33 @@ impl MemoryManager {
             alloc_failures: z.alloc_failures,
             grow_check_on: self.grow_check_on(),
             fully_initialized: self.growth.fully_initialized(),
+            reclaim: s.cfg.reclaim,
+            reclaim_reported_bytes: z.reclaim.reported_bytes,
+            reclaim_rejected_bytes: z.reclaim.rejected_bytes,
+            reclaim_events: z.reclaim.events,
+            chunks_deinitialized: z.reclaim.chunks_deinitialized,
         }
+    }
+
+    /// Whether a reclaim pass may find something to report: reclaim is on
+    /// and a block was freed since the last pass. The kernel waits out the
+    /// reclaim delay only then.
+    pub fn reclaim_wanted(&self) -> bool {
+        self.ready()
+            && self.setup().cfg.reclaim != guest_abi::Reclaim::Off
+            && self.zone.lock().reclaim.dirty
+    }
+
+    /// Runs one memory-reclaim pass ([`super::reclaim`]): reports the free
+    /// memory that stayed free to the VMM through `sink` and, with
+    /// `reclaim=full`, returns wholly free chunks beyond the reserve to
+    /// uninitialized. Call it when every page free now has stayed free for
+    /// the reclaim delay (the kernel: when its idle wait timed out).
+    pub fn reclaim<S: ReclaimSink>(&self, sink: &mut S) -> ReclaimOutcome {
+        if !self.ready() {
+            return ReclaimOutcome::default();
+        }
+        reclaim::pass(&self.grower(), sink)
     }
 
     /// Where the memmap lives (at most 32 merged ranges).

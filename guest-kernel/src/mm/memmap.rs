@@ -461,6 +461,69 @@ impl Memmap {
         }
     }
 
+    /// Clears chunk `c`'s bit: its struct pages are no longer initialized
+    /// (memory reclaim returns a wholly free chunk to uninitialized).
+    ///
+    /// # Safety
+    /// The caller must hold the zone lock and have taken every frame of the
+    /// chunk off the free lists (none is allocated), so that nobody reads or
+    /// writes its struct pages once the bit is clear.
+    pub(crate) unsafe fn deinit_chunk(&self, c: u64) {
+        self.bitmap[(c / 64) as usize].fetch_and(!(1 << (c % 64)), Ordering::Release);
+    }
+
+    /// One past the highest chunk index that can have memmap.
+    pub(crate) fn chunk_limit(&self) -> u64 {
+        let per_section_shift = self.section_shift - self.chunk_shift;
+        (0..self.nsections)
+            .rev()
+            .find(|&s| self.sections[s].span_pages > 0)
+            .map_or(0, |s| {
+                ((s as u64) << per_section_shift)
+                    + (self.sections[s].span_pages >> self.chunk_shift)
+            })
+    }
+
+    /// `log2` of the frames per chunk.
+    pub(crate) fn chunk_order(&self) -> u32 {
+        self.chunk_shift
+    }
+
+    /// Whether every frame of `r` is RAM the allocator manages (no hole, no
+    /// reserved frame, no memmap).
+    pub(crate) fn all_allocatable(&self, r: PfnRange) -> bool {
+        if r.pages() == 0 {
+            return false;
+        }
+        let mut c = self.chunk_of(r.start);
+        let last = self.chunk_of(Pfn(r.end.0 - 1));
+        while c <= last {
+            if self.next_chunk(c) != Some(c) {
+                return false;
+            }
+            for (kind, run) in self.runs(c) {
+                if kind != PageKind::Free && run.start < r.end && run.end > r.start {
+                    return false;
+                }
+            }
+            c += 1;
+        }
+        true
+    }
+
+    /// The chunks whose struct pages lie (partly) in the memmap page at
+    /// `page` (a page-aligned physical address in the memmap of chunk `c`'s
+    /// section): `[first, last]`. Chunks past the section's span count
+    /// among them (they have no memmap and are never initialized).
+    pub(crate) fn chunks_of_memmap_page(&self, c: u64, page: PhysAddr) -> (u64, u64) {
+        let s = (self.chunk_range(c).start.0 >> self.section_shift) as usize;
+        let sec = &self.sections[s];
+        let first_pfn = ((s as u64) << self.section_shift)
+            + (page.0 - sec.memmap.0) / STRUCT_PAGE_SIZE;
+        let last_pfn = first_pfn + PAGE_SIZE / STRUCT_PAGE_SIZE - 1;
+        (self.chunk_of(Pfn(first_pfn)), self.chunk_of(Pfn(last_pfn)))
+    }
+
     /// Writes every struct page of chunk `c` in its initial state, then sets
     /// the chunk's bit; returns how many of its frames are RAM.
     ///
@@ -624,12 +687,18 @@ impl Memmap {
     /// Asserts that the memmap of every uninitialized chunk was never
     /// written (is still all zero); returns how many chunks are initialized.
     pub(crate) fn assert_uninitialized_untouched(&self) -> u64 {
+        self.assert_uninitialized_untouched_but(|_| false)
+    }
+
+    /// [`Memmap::assert_uninitialized_untouched`], skipping the chunks for
+    /// which `skip` holds.
+    pub(crate) fn assert_uninitialized_untouched_but(&self, skip: impl Fn(u64) -> bool) -> u64 {
         let mut initialized = 0;
         let mut c = self.next_chunk(0);
         while let Some(chunk) = c {
             if self.chunk_initialized(chunk) {
                 initialized += 1;
-            } else {
+            } else if !skip(chunk) {
                 let r = self.chunk_memmap(chunk);
                 // SAFETY: the memmap lies in the RAM behind the direct map.
                 let bytes = unsafe {
@@ -661,7 +730,7 @@ mod tests {
             chunk_bytes: chunk,
             section_bytes: section,
             memmap_on_memory: on_memory,
-            low_watermark_pages: 0,
+            ..MmConfig::new(Strategy::Eager)
         }
     }
 

@@ -30,7 +30,10 @@
 //!    and [`MemoryManager::parallel_finish`] are the same steps one at a time.
 //! 4. Allocate with [`MemoryManager::alloc_pages`], free with
 //!    [`MemoryManager::free_pages`], keep blocks on a [`BlockList`].
-//! 5. Once [`MemoryManager::fully_initialized`] holds, switch [`GROW_CHECK`]
+//! 5. With `reclaim` on in the [`MmConfig`], call
+//!    [`MemoryManager::reclaim`] when memory stayed free for the reclaim
+//!    delay ([`MemoryManager::reclaim_wanted`] says whether it is worth it).
+//! 6. Once [`MemoryManager::fully_initialized`] holds, switch [`GROW_CHECK`]
 //!    off and patch its jump sites ([`static_key::patch_sites`]) where no
 //!    other CPU runs allocator code (only a kernel with a single manager may:
 //!    the key is global).
@@ -55,6 +58,8 @@
 //! - [`zone`]: the zone lock's state and the allocation fast path;
 //! - [`grow`]: claiming and initializing chunks, the grow check;
 //! - [`strategy`]: the four strategies and which CPUs run them;
+//! - [`reclaim`]: free page reporting and returning free chunks to
+//!   uninitialized;
 //! - [`manager`]: the [`MemoryManager`] facade.
 
 pub mod addr;
@@ -64,6 +69,7 @@ pub mod grow;
 pub mod manager;
 pub mod memmap;
 pub mod page;
+pub mod reclaim;
 pub mod spinlock;
 pub mod static_key;
 pub mod stats;
@@ -78,6 +84,7 @@ pub use config::{MmConfig, MmConfigError, MmInitError, MAX_SECTION_SIZE};
 pub use grow::GROW_CHECK;
 pub use manager::MemoryManager;
 pub use page::{PageState, PageTransitionError};
+pub use reclaim::{ReclaimOutcome, ReclaimSink};
 pub use stats::{MemmapRanges, MmStats};
 pub use strategy::{ApJob, Booted, Cpus, MmBootError, MmParallelError, MAX_PARALLEL_CPUS};
 pub use zone::{BlockList, MmFreeError, MmListError};

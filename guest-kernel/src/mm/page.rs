@@ -47,10 +47,15 @@
 //! - `next`, `prev`: list links as raw frame numbers ([`NO_PFN`] = none):
 //!   the free list for a free head, the owner list (`next` only) for an
 //!   allocated head.
+//! - `flags`: [`REPORTED`] on a free head whose memory was reported to the
+//!   VMM (free page reporting, [`super::reclaim`]): it is not reported again
+//!   until it has been allocated or merged and freed again. Every state
+//!   transition clears the flags, so only a block that stays on its free
+//!   list keeps the mark (Linux's `PageReported`).
 //! - `mapping`: owner tag for future users (page cache, slab); always 0 today.
 //! - `pfn`: the frame this struct page describes, written at initialization
 //!   so debug builds check that `pfn_to_page` round trips.
-//! - `_pad`, `_reserved`: padding to 64 bytes; 0.
+//! - `_reserved`: padding to 64 bytes; 0.
 
 use core::fmt;
 
@@ -58,6 +63,9 @@ use super::addr::Pfn;
 
 /// "No frame" in a list link.
 pub const NO_PFN: u64 = u64::MAX;
+
+/// Bit of `flags`: a free head whose block was reported to the VMM.
+pub const REPORTED: u16 = 1 << 0;
 
 /// The state of an initialized struct page (see the module documentation).
 ///
@@ -162,7 +170,7 @@ impl fmt::Display for PageTransitionError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Page {
     state: PageState,
-    _pad: u16,
+    flags: u16,
     refcount: u32,
     next: u64,
     prev: u64,
@@ -190,7 +198,7 @@ impl Page {
         debug_assert!(state.is_initial(), "not an initial struct page state");
         Page {
             state,
-            _pad: 0,
+            flags: 0,
             refcount: state.refcount(),
             next: NO_PFN,
             prev: NO_PFN,
@@ -226,6 +234,22 @@ impl Page {
     #[inline]
     pub fn prev(&self) -> Option<Pfn> {
         unlink(self.prev)
+    }
+
+    /// Whether this free head's block was reported to the VMM.
+    #[inline]
+    pub fn reported(&self) -> bool {
+        self.flags & REPORTED != 0
+    }
+
+    /// Marks a free head's block as reported (cleared by the next transition).
+    pub fn set_reported(&mut self) {
+        debug_assert!(
+            matches!(self.state, PageState::Free { .. }),
+            "reported mark on a {:?}",
+            self.state
+        );
+        self.flags |= REPORTED;
     }
 
     /// Sets the next link (a free or allocated head's list).
@@ -287,6 +311,7 @@ impl Page {
     #[inline]
     fn set_state(&mut self, to: PageState) {
         self.state = to;
+        self.flags = 0;
         self.refcount = to.refcount();
         self.next = NO_PFN;
         self.prev = NO_PFN;
@@ -432,6 +457,19 @@ mod tests {
         p.try_transition(PageState::Allocated { order: 4 }, PageState::Tail)
             .unwrap();
         assert_eq!((p.state(), p.refcount()), (PageState::Tail, 0));
+    }
+
+    #[test]
+    fn the_reported_mark_lasts_until_the_next_transition() {
+        let mut p = Page::initial(PageState::Tail, Pfn(4));
+        p.transition(PageState::Tail, PageState::Free { order: 2 });
+        assert!(!p.reported());
+        p.set_reported();
+        assert!(p.reported());
+        // Allocated (or merged into a buddy): the mark goes.
+        p.transition(PageState::Free { order: 2 }, PageState::Tail);
+        p.transition(PageState::Tail, PageState::Free { order: 2 });
+        assert!(!p.reported());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! # The key
 //!
 //! A [`StaticKey`]'s truth is an atomic. [`StaticKey::is_enabled`] reads it;
-//! [`StaticKey::disable`] switches it off for good.
+//! [`StaticKey::disable`] switches it off, [`StaticKey::enable`] back on
+//! (memory reclaim does, when a chunk goes back to uninitialized).
 //!
 //! # Jump sites
 //!
@@ -21,7 +22,8 @@
 //! off, [`patch_sites`] rewrites the sites *of that key* — entries naming
 //! another key are left alone — into 5-byte NOPs, so the site falls straight
 //! through to `false` and the path pays nothing. It refuses while the key is
-//! on. The kernel calls it with the linker's table (`arch::jump_label`) at a
+//! on. [`restore_sites`] writes the `jmp rel32` back (each entry records
+//! its target), before the key is switched on again. The kernel calls it with the linker's table (`arch::jump_label`) at a
 //! point where no other CPU runs code with a site of the key.
 //!
 //! On the host (tests), a site is the atomic load: text is not writable
@@ -36,7 +38,7 @@ pub const JMP_REL32: u8 = 0xe9;
 /// What a patched site holds: the 5-byte NOP `nopl 0(%rax,%rax,1)`.
 pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 
-/// A one-way switch tested on hot paths.
+/// A switch tested on hot paths, off once nothing needs the guarded path.
 pub struct StaticKey {
     /// Stored inverted so that an enabled key is all zero bytes.
     disabled: AtomicBool,
@@ -62,9 +64,16 @@ impl StaticKey {
         !self.disabled.load(Ordering::Relaxed)
     }
 
-    /// Switches the key off for good.
+    /// Switches the key off.
     pub fn disable(&self) {
         self.disabled.store(true, Ordering::Release);
+    }
+
+    /// Switches the key back on (memory reclaim returned memory behind the
+    /// frontier). Call [`restore_sites`] first if its sites were patched:
+    /// a patched site answers `false` whatever the key says.
+    pub fn enable(&self) {
+        self.disabled.store(false, Ordering::Release);
     }
 
     /// Whether [`patch_sites`] has patched this key's jump sites.
@@ -95,6 +104,7 @@ macro_rules! static_branch_likely {
                         ".balign 8",
                         ".quad 2b",
                         ".quad {key}",
+                        ".quad {on}",
                         ".popsection",
                         key = sym $key,
                         on = label { return $key.is_enabled(); },
@@ -121,9 +131,12 @@ pub struct JumpEntry {
     pub site: *mut u8,
     /// The key the site tests.
     pub key: *const StaticKey,
+    /// Where the site's `jmp` goes (the code that reads the key), so that
+    /// [`restore_sites`] can write it back.
+    pub target: *const u8,
 }
 
-const _: () = assert!(core::mem::size_of::<JumpEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<JumpEntry>() == 24);
 const _: () = assert!(core::mem::align_of::<JumpEntry>() == 8);
 
 /// The sites in `table` that belong to `key`, or none while `key` is on: a
@@ -146,7 +159,10 @@ pub enum JumpPatchError {
     KeyEnabled,
     /// The key's sites were already patched.
     AlreadyPatched,
-    /// A site of the key does not start with `jmp rel32`.
+    /// [`restore_sites`]: the key's sites are not patched.
+    NotPatched,
+    /// A site of the key does not start with `jmp rel32` ([`patch_sites`])
+    /// or does not hold the NOP ([`restore_sites`]).
     NotAJump {
         /// The site's address.
         site: usize,
@@ -160,6 +176,7 @@ impl fmt::Display for JumpPatchError {
             JumpPatchError::AlreadyPatched => {
                 f.write_str("the key's jump sites are already patched")
             }
+            JumpPatchError::NotPatched => f.write_str("the key's jump sites are not patched"),
             JumpPatchError::NotAJump { site } => write!(f, "jump site {site:#x} holds no jmp"),
         }
     }
@@ -201,18 +218,64 @@ pub unsafe fn patch_sites(table: &[JumpEntry], key: &StaticKey) -> Result<usize,
     Ok(n)
 }
 
+/// Writes the `jmp rel32` of every site of `key` back (undoing
+/// [`patch_sites`]) and returns how many there were; then the caller may
+/// [`StaticKey::enable`] the key. Only while `key` is off and its sites are
+/// patched; the sites are all checked before the first is written, so an
+/// error changes nothing.
+///
+/// # Safety
+/// As for [`patch_sites`].
+pub unsafe fn restore_sites(table: &[JumpEntry], key: &StaticKey) -> Result<usize, JumpPatchError> {
+    if key.is_enabled() {
+        return Err(JumpPatchError::KeyEnabled);
+    }
+    if !key.sites_patched() {
+        return Err(JumpPatchError::NotPatched);
+    }
+    let mine = || table.iter().filter(|e| core::ptr::eq(e.key, key));
+    for e in mine() {
+        let mut b = [0u8; 5];
+        for (i, x) in b.iter_mut().enumerate() {
+            // SAFETY: the caller promises every site of `key` is readable.
+            *x = unsafe { e.site.add(i).read_volatile() };
+        }
+        if b != NOP5 {
+            return Err(JumpPatchError::NotAJump {
+                site: e.site as usize,
+            });
+        }
+    }
+    let mut n = 0;
+    for e in mine() {
+        let rel = (e.target as i64).wrapping_sub(e.site as i64 + 5) as i32;
+        let mut b = [JMP_REL32, 0, 0, 0, 0];
+        b[1..].copy_from_slice(&rel.to_le_bytes());
+        for (i, x) in b.iter().enumerate() {
+            // SAFETY: the caller promises 5 writable bytes that no CPU
+            // executes meanwhile.
+            unsafe { e.site.add(i).write_volatile(*x) };
+        }
+        n += 1;
+    }
+    key.patched.store(false, Ordering::Release);
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn disable_is_one_way() {
+    fn disable_and_enable_switch_the_key() {
         let k = StaticKey::new(true);
         assert!(k.is_enabled());
         k.disable();
         k.disable();
         assert!(!k.is_enabled());
         assert!(!StaticKey::new(false).is_enabled());
+        k.enable();
+        assert!(k.is_enabled());
     }
 
     #[test]
@@ -233,6 +296,7 @@ mod tests {
         core::array::from_fn(|i| JumpEntry {
             site: base.wrapping_add(5 * i),
             key: if i % 2 == 0 { a } else { b },
+            target: base.wrapping_add(5 * i + 5 + 0x10),
         })
     }
 
@@ -288,7 +352,22 @@ mod tests {
         );
         assert_eq!(patch(&table, &a), Err(JumpPatchError::AlreadyPatched));
         assert_eq!(patch(&table, &b), Err(JumpPatchError::KeyEnabled));
+        // Back on: the jumps come back as they were, b's are untouched.
+        let before = text;
+        // SAFETY: the sites point into `text`, which nothing executes.
+        let restore = |t: &[JumpEntry], k: &StaticKey| unsafe { restore_sites(t, k) };
+        assert_eq!(restore(&table, &b), Err(JumpPatchError::KeyEnabled));
+        assert_eq!(restore(&table, &a), Ok(2));
+        assert!(!a.sites_patched());
+        assert!(text.chunks(5).all(|s| s == [JMP_REL32, 0x10, 0, 0, 0]), "{text:?}");
+        assert_ne!(text, before);
+        assert_eq!(restore(&table, &a), Err(JumpPatchError::NotPatched));
+        a.enable();
+        assert!(a.is_enabled());
+        a.disable();
+        assert_eq!(patch(&table, &a), Ok(2), "a key can be patched again");
     }
+
 
     #[test]
     fn a_site_that_holds_no_jump_stops_the_patch_before_any_write() {

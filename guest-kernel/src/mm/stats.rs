@@ -2,7 +2,7 @@
 //! ([`MmStats`]) and where its memmap lives ([`MemmapRanges`]), both copied
 //! into the VMM-facing stats block.
 
-use guest_abi::{stats_flags, GpaRange, StatsBlock, Strategy, MAX_MEMMAP_RANGES};
+use guest_abi::{stats_flags, GpaRange, Reclaim, StatsBlock, Strategy, MAX_MEMMAP_RANGES};
 
 use super::addr::PhysRange;
 
@@ -55,6 +55,16 @@ pub struct MmStats {
     /// (`OnDemand`: every chunk with an allocatable page; wholly reserved
     /// chunks are never initialized by it).
     pub fully_initialized: bool,
+    /// The reclaim mode.
+    pub reclaim: Reclaim,
+    /// Bytes reported to the VMM and accepted, all kinds together.
+    pub reclaim_reported_bytes: u64,
+    /// Bytes reported to the VMM and rejected.
+    pub reclaim_rejected_bytes: u64,
+    /// Reclaim records sent to the VMM.
+    pub reclaim_events: u64,
+    /// Chunks returned from initialized to uninitialized.
+    pub chunks_deinitialized: u64,
 }
 
 impl MmStats {
@@ -74,7 +84,8 @@ impl MmStats {
     }
 
     /// Copies the counters into the VMM-facing block (not `magic`, `seq`,
-    /// `cpus`, timestamps or memmap ranges, which the kernel owns).
+    /// `cpus`, timestamps, memmap ranges or the reclaim delay, which the
+    /// kernel owns).
     pub fn write_to(&self, b: &mut StatsBlock) {
         b.strategy = self.strategy as u32;
         b.flags = (b.flags & stats_flags::TEST_CORRUPT) | self.flags();
@@ -92,6 +103,10 @@ impl MmStats {
         b.grow_events = self.grow_events;
         b.init_cycles = self.init_cycles;
         b.alloc_failures = self.alloc_failures;
+        b.reclaim = self.reclaim as u32;
+        b.reclaim_reported_bytes = self.reclaim_reported_bytes;
+        b.reclaim_events = self.reclaim_events;
+        b.chunks_deinitialized = self.chunks_deinitialized;
     }
 }
 

@@ -56,6 +56,24 @@ pub(crate) struct Zone {
     pub(crate) grow_events: u64,
     /// Allocations that failed after growing.
     pub(crate) alloc_failures: u64,
+    /// Memory reclaim's state and counters ([`super::reclaim`]).
+    pub(crate) reclaim: ReclaimState,
+}
+
+/// Memory reclaim's state under the zone lock (all zero when empty).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ReclaimState {
+    /// A block was freed since the last reclaim pass: a pass may find
+    /// something to report.
+    pub(crate) dirty: bool,
+    /// Records sent to the VMM.
+    pub(crate) events: u64,
+    /// Bytes of ranges the VMM accepted, all kinds together.
+    pub(crate) reported_bytes: u64,
+    /// Bytes of ranges the VMM rejected.
+    pub(crate) rejected_bytes: u64,
+    /// Chunks returned from initialized to uninitialized.
+    pub(crate) chunks_deinitialized: u64,
 }
 
 /// What `Zone::alloc` found.
@@ -180,6 +198,13 @@ impl Zone {
             },
             grow_events: 0,
             alloc_failures: 0,
+            reclaim: ReclaimState {
+                dirty: false,
+                events: 0,
+                reported_bytes: 0,
+                rejected_bytes: 0,
+                chunks_deinitialized: 0,
+            },
         }
     }
 
@@ -220,6 +245,7 @@ impl Zone {
         page.update(|p| p.try_transition(allocated, PageState::Tail))?;
         self.area.free_block(mm, pfn, order);
         self.allocated_pages -= 1 << order;
+        self.reclaim.dirty = true;
         Ok(())
     }
 
