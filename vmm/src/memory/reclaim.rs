@@ -46,6 +46,34 @@ pub struct GuestLayout<'a> {
     pub memmap: &'a [GpaRange],
 }
 
+/// What the VMM did with the guest's reports, for the memory report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReclaimStats {
+    /// Reports (`port::RECLAIM` writes) the guest made.
+    pub events: u64,
+    /// Ranges accepted and discarded.
+    pub ranges_accepted: u64,
+    /// Ranges (or whole records) rejected.
+    pub ranges_rejected: u64,
+    /// Bytes of `DATA` ranges discarded.
+    pub data_bytes: u64,
+    /// Bytes of `MEMMAP` ranges discarded.
+    pub memmap_bytes: u64,
+    /// Bytes of `OFFLINE` runs discarded (their memslots are deleted once
+    /// all their memory is offline).
+    pub offline_bytes: u64,
+    /// Why the first rejected range or record was rejected: the guest's
+    /// report is not to be trusted from then on.
+    pub first_rejection: Option<String>,
+}
+
+impl ReclaimStats {
+    /// Bytes accepted and discarded, all kinds together.
+    pub fn discarded_bytes(&self) -> u64 {
+        self.data_bytes.saturating_add(self.memmap_bytes).saturating_add(self.offline_bytes)
+    }
+}
+
 /// Why one range of a report was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RangeError {
