@@ -1,6 +1,7 @@
 //! The paravirtual device of `guest_abi`: the exit port, boot phases, the
 //! stats block and mailbox addresses, the command mailbox, AP start-up and
-//! parking, and memory onlining (`port::MEM_ONLINE`).
+//! parking, memory onlining (`port::MEM_ONLINE`), and memory reclaim
+//! (`port::WAIT_TIMEOUT`, `port::RECLAIM`).
 //!
 //! Everything the guest writes is untrusted, and nothing it writes makes
 //! the VMM do unbounded work: each boot phase and the AP start-up request
@@ -11,14 +12,30 @@
 //!
 //! A vCPU blocks here while the guest idles: a read of `port::WAIT` sleeps on
 //! a condition variable until the controller submits a command (or asks the
-//! VM to stop), so an idle VM costs no host CPU.
+//! VM to stop), so an idle VM costs no host CPU. After a `port::WAIT_TIMEOUT`
+//! write the next `WAIT` also returns, with `guest_abi::WAIT_TIMED_OUT`, when
+//! its (clamped) time passes with no command; a paused VM's wait does not
+//! time out until it is resumed.
+//!
+//! A `port::RECLAIM` write hands over a [`guest_abi::ReclaimRecord`]: one
+//! record of at most [`guest_abi::MAX_RECLAIM_RANGES`] ranges, copied out
+//! through vm-memory. Each range is checked by
+//! [`crate::memory::reclaim::check_record`] against the VM's reclaim policy
+//! and the guest's stats block; accepted ones are discarded from the host
+//! (`OFFLINE` runs also leave KVM), and `accepted` is written back before the
+//! write returns. A rejected range makes the memory report invalid.
 
 use super::outcome::PortOutcome;
 use crate::events::{CommandDone, VmEvent};
+use crate::memory::reclaim::{self, GuestLayout, ReclaimPolicy, ReclaimStats};
 use crate::memory::{RegisterError, Registrar};
+use crate::report::guest as guest_report;
 use crate::metrics::Metrics;
 use crate::timings::Timings;
-use guest_abi::{port, ApBoot, CommandStatus, Mailbox, Phase, MAILBOX_MAGIC};
+use guest_abi::{
+    port, reclaim_kind, ApBoot, CommandStatus, Mailbox, Phase, ReclaimRecord, ABI_VERSION, MAILBOX_MAGIC,
+    MAX_RECLAIM_RANGES, MAX_WAIT_TIMEOUT_MS, RECLAIM_MAGIC, WAIT_TIMED_OUT,
+};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -33,6 +50,9 @@ struct PendingCommand {
     arg0: u64,
     arg1: u64,
 }
+
+/// Where `accepted` lies in a [`ReclaimRecord`].
+const ACCEPTED_OFFSET: u64 = core::mem::offset_of!(ReclaimRecord, accepted) as u64;
 
 /// Protocol errors sent to the controller (and so to the log) per second;
 /// more are counted and summarized.
@@ -77,6 +97,8 @@ struct PvState {
     stop: bool,
     paused: bool,
     ap_generation: u32,
+    /// The next `WAIT`'s timeout (`port::WAIT_TIMEOUT`, one-shot).
+    wait_timeout: Option<Duration>,
 }
 
 /// Why a command could not be submitted.
@@ -103,6 +125,14 @@ pub struct Paravirt {
     /// Registers guest RAM with KVM when the guest onlines it.
     registrar: OnceLock<Arc<Registrar>>,
     errors: Mutex<ErrorLimit>,
+    /// What reclaim reports may give back (mode, RAM, protected ranges);
+    /// until set, every report is rejected.
+    reclaim_policy: OnceLock<ReclaimPolicy>,
+    /// What the reports did; locked for a whole report, so reports from
+    /// several vCPUs are handled one at a time.
+    reclaim: Mutex<ReclaimStats>,
+    /// The guest's chunk size and memmap ranges ([`Paravirt::guest_layout`]).
+    guest_layout: OnceLock<(u64, Vec<guest_abi::GpaRange>)>,
 }
 
 impl Paravirt {
@@ -118,7 +148,20 @@ impl Paravirt {
             vcpu_count: AtomicU32::new(1),
             registrar: OnceLock::new(),
             errors: Mutex::default(),
+            reclaim_policy: OnceLock::new(),
+            reclaim: Mutex::default(),
+            guest_layout: OnceLock::new(),
         }
+    }
+
+    /// Sets what reclaim reports may give back (once).
+    pub fn set_reclaim_policy(&self, policy: ReclaimPolicy) {
+        let _ = self.reclaim_policy.set(policy);
+    }
+
+    /// What the guest's reclaim reports did so far.
+    pub fn reclaim_stats(&self) -> ReclaimStats {
+        self.reclaim.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Sets the registrar that serves `port::MEM_ONLINE`.
@@ -184,6 +227,15 @@ impl Paravirt {
             }
             port::EXCEPTION => PortOutcome::GuestException,
             port::MEM_ONLINE => self.online(u64::from(value) << 20),
+            port::WAIT_TIMEOUT => {
+                let ms = value.min(MAX_WAIT_TIMEOUT_MS);
+                self.state().wait_timeout = (ms != 0).then(|| Duration::from_millis(u64::from(ms)));
+                PortOutcome::Continue
+            }
+            port::RECLAIM => {
+                self.reclaim_report(GuestAddress(u64::from(value)));
+                PortOutcome::Continue
+            }
             port::AP_BOOT if cpu == 0 => {
                 if std::mem::replace(&mut self.state().aps_requested, true) {
                     self.protocol_error(format_args!("application processors requested again"));
@@ -218,6 +270,123 @@ impl Paravirt {
         }
     }
 
+    /// `port::RECLAIM`: checks the record at `gpa`, discards what it may,
+    /// writes `accepted` back, and counts it all.
+    fn reclaim_report(&self, gpa: GuestAddress) {
+        let mut stats = self.reclaim.lock().unwrap_or_else(|e| e.into_inner());
+        stats.events += 1;
+        let event = stats.events;
+        let record = match self.read_reclaim_record(gpa) {
+            Ok(r) => r,
+            Err(why) => {
+                // Nothing discarded; `accepted` = 0 if the record is where
+                // one may be (never a write anywhere else).
+                let size = core::mem::size_of::<ReclaimRecord>() as u64;
+                if gpa.0.is_multiple_of(8) && guest_report::range_in_ram(&self.mem, gpa.0, size) {
+                    let _ = self.mem.write_obj(0u64, GuestAddress(gpa.0 + ACCEPTED_OFFSET));
+                }
+                stats.ranges_rejected += 1;
+                self.reclaim_rejected(&mut stats, format!("reclaim report {event} at {:#x} rejected: {why}", gpa.0));
+                return;
+            }
+        };
+        let ranges = &record.ranges[..record.count as usize];
+        let default_policy = ReclaimPolicy::default();
+        let policy = self.reclaim_policy.get().unwrap_or(&default_policy);
+        let verdicts: Vec<Result<(), String>> = match self.guest_layout() {
+            Ok((chunk_bytes, memmap)) => {
+                let layout = GuestLayout { chunk_bytes: *chunk_bytes, memmap };
+                reclaim::check_record(ranges, policy, &layout).into_iter().map(|v| v.map_err(|e| e.to_string())).collect()
+            }
+            Err(e) => ranges.iter().map(|_| Err(format!("the stats block cannot be trusted: {e}"))).collect(),
+        };
+        let mut accepted = 0u64;
+        for (i, (r, verdict)) in ranges.iter().zip(verdicts).enumerate() {
+            let done = verdict.and_then(|()| self.give_back(r).map_err(|e| e.to_string()));
+            match done {
+                Ok(()) => {
+                    accepted |= 1 << i;
+                    stats.ranges_accepted += 1;
+                    let bytes = match r.kind {
+                        reclaim_kind::DATA => &mut stats.data_bytes,
+                        reclaim_kind::MEMMAP => &mut stats.memmap_bytes,
+                        _ => &mut stats.offline_bytes,
+                    };
+                    *bytes = bytes.saturating_add(r.len);
+                }
+                Err(why) => {
+                    stats.ranges_rejected += 1;
+                    let msg = format!(
+                        "reclaim report {event}: range {i} ({} {:#x} bytes at {:#x}) rejected: {why}",
+                        reclaim::kind_name(r.kind),
+                        r.len,
+                        r.start
+                    );
+                    self.reclaim_rejected(&mut stats, msg);
+                }
+            }
+        }
+        // The record was read from here, so the write lands in RAM.
+        let _ = self.mem.write_obj(accepted, GuestAddress(gpa.0 + ACCEPTED_OFFSET));
+    }
+
+    /// The chunk size and memmap ranges of the guest's stats block, from
+    /// its first snapshot that validates (the guest fixes both at boot, and
+    /// later changes are ignored).
+    fn guest_layout(&self) -> Result<&(u64, Vec<guest_abi::GpaRange>), guest_report::GuestReportError> {
+        if let Some(l) = self.guest_layout.get() {
+            return Ok(l);
+        }
+        let gpa = self.stats_gpa().ok_or(guest_report::GuestReportError::NotAnnounced)?;
+        let b = guest_report::read_snapshot(&self.mem, gpa)?;
+        let vcpus = u8::try_from(self.vcpu_count.load(Ordering::Relaxed)).unwrap_or(u8::MAX);
+        guest_report::validate(&b, &self.mem, vcpus)?;
+        Ok(self.guest_layout.get_or_init(|| (b.chunk_bytes, guest_report::memmap_ranges(&b).collect())))
+    }
+
+    /// Copies out the record at `gpa` and checks its header.
+    fn read_reclaim_record(&self, gpa: GuestAddress) -> Result<ReclaimRecord, String> {
+        if !gpa.0.is_multiple_of(8) {
+            return Err("the record is not 8-byte aligned".into());
+        }
+        let size = core::mem::size_of::<ReclaimRecord>() as u64;
+        if !guest_report::range_in_ram(&self.mem, gpa.0, size) {
+            return Err("the record is not inside guest RAM".into());
+        }
+        let r: ReclaimRecord = self.mem.read_obj(gpa).map_err(|_| "the record is not inside guest RAM".to_string())?;
+        if r.magic != RECLAIM_MAGIC {
+            return Err(format!("bad magic {:#x}", r.magic));
+        }
+        if r.abi_version != ABI_VERSION {
+            return Err(format!("ABI version {}, not {ABI_VERSION}", r.abi_version));
+        }
+        if r.count as usize > MAX_RECLAIM_RANGES {
+            return Err(format!("{} ranges, more than {MAX_RECLAIM_RANGES}", r.count));
+        }
+        Ok(r)
+    }
+
+    /// Discards one accepted range; an `OFFLINE` run leaves KVM first.
+    fn give_back(&self, r: &guest_abi::ReclaimRange) -> Result<(), reclaim::DiscardError> {
+        if r.kind == reclaim_kind::OFFLINE {
+            if let Some(registrar) = self.registrar.get() {
+                if let Err(e) = registrar.unregister_run(r.start, r.len) {
+                    // The memslot stays; the memory is still discarded
+                    // below, and the guest re-onlines it as usual.
+                    self.protocol_error(format_args!("cannot take memory offline: {e}"));
+                }
+            }
+        }
+        reclaim::discard(&self.mem, GuestAddress(r.start), r.len)
+    }
+
+    /// Records a rejection: the first reason is kept for the report, and
+    /// each is a (rate-limited) protocol error.
+    fn reclaim_rejected(&self, stats: &mut ReclaimStats, msg: String) {
+        self.protocol_error(format_args!("{msg}"));
+        stats.first_rejection.get_or_insert(msg);
+    }
+
     /// A read of paravirtual port `p` by vCPU `cpu`: the value and what next.
     pub fn read(&self, cpu: u8, p: u16) -> (u32, PortOutcome) {
         match p {
@@ -243,6 +412,7 @@ impl Paravirt {
     /// number, or 0 when polling finds none.
     fn wait_for_command(&self, poll: bool) -> (u32, PortOutcome) {
         let mut st = self.state();
+        let deadline = if poll { None } else { st.wait_timeout.take().map(|d| Instant::now() + d) };
         loop {
             if st.stop {
                 return (0, PortOutcome::StopRequested);
@@ -260,6 +430,14 @@ impl Paravirt {
                 }
                 if poll {
                     return (0, PortOutcome::Continue);
+                }
+                if let Some(deadline) = deadline {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return (WAIT_TIMED_OUT, PortOutcome::Continue);
+                    }
+                    st = self.cond.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                    continue;
                 }
             }
             st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -480,6 +658,201 @@ mod tests {
         assert!(d.cancel(next), "a command not yet delivered is cancelled too");
         d.write(0, port::DONE, seq as u32);
         assert!(matches!(rx.try_recv().unwrap(), VmEvent::GuestProtocolError { .. }));
+    }
+
+    #[test]
+    fn a_wait_with_a_timeout_returns_timed_out_once_and_a_command_still_comes_first() {
+        let (d, _rx) = device();
+        d.write(0, port::MAILBOX, 0x5000);
+        d.write(0, port::WAIT_TIMEOUT, 20);
+        assert_eq!(d.read(0, port::POLL), (0, PortOutcome::Continue), "POLL neither waits nor uses the timeout");
+        assert_eq!(d.read(0, port::WAIT), (WAIT_TIMED_OUT, PortOutcome::Continue));
+        // A command waiting is delivered at once, timeout or not.
+        d.write(0, port::WAIT_TIMEOUT, u32::MAX);
+        let seq = d.submit(guest_abi::Command::Report, 0, 0).unwrap();
+        assert_eq!(d.read(0, port::WAIT), (seq as u32, PortOutcome::Continue));
+        // One-shot: the clamped timeout was used up; 0 cancels one.
+        assert_eq!(d.state().wait_timeout, None);
+        d.write(0, port::WAIT_TIMEOUT, 5);
+        d.write(0, port::WAIT_TIMEOUT, 0);
+        assert_eq!(d.state().wait_timeout, None);
+        d.write(0, port::WAIT_TIMEOUT, u32::MAX);
+        assert_eq!(d.state().wait_timeout, Some(Duration::from_millis(MAX_WAIT_TIMEOUT_MS.into())));
+    }
+
+    #[test]
+    fn a_timed_wait_still_wakes_on_stop_and_does_not_time_out_while_paused() {
+        let (d, _rx) = device();
+        let d = Arc::new(d);
+        d.write(0, port::WAIT_TIMEOUT, MAX_WAIT_TIMEOUT_MS);
+        let d2 = d.clone();
+        let t = std::thread::spawn(move || d2.read(0, port::WAIT));
+        d.request_stop();
+        assert_eq!(t.join().unwrap(), (0, PortOutcome::StopRequested));
+
+        let (d, _rx) = device();
+        let d = Arc::new(d);
+        d.set_paused(true);
+        d.write(0, port::WAIT_TIMEOUT, 1);
+        let d2 = d.clone();
+        let t = std::thread::spawn(move || d2.read(0, port::WAIT));
+        // Well past the timeout, the paused wait is still blocked...
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!t.is_finished(), "a paused VM's wait timed out");
+        // ... and times out once resumed.
+        d.set_paused(false);
+        assert_eq!(t.join().unwrap(), (WAIT_TIMED_OUT, PortOutcome::Continue));
+    }
+
+    const MIB: u64 = 1 << 20;
+    const STATS_AT: u64 = 0x1000;
+    const RECORD_AT: u64 = 0x2000;
+
+    /// A device over 64 MiB of RAM with a valid stats block (2 MiB chunks,
+    /// the memmap at 6..7 MiB), the kernel protected at 1..5 MiB, in `mode`.
+    fn reclaim_device(mode: guest_abi::Reclaim) -> (Paravirt, Receiver<VmEvent>) {
+        let mem = crate::memory::create_ram(&[(GuestAddress(0), 64 * MIB)], false).unwrap();
+        let (tx, rx) = channel();
+        let d = Paravirt::new(mem, tx, Arc::new(Timings::new()), Arc::default());
+        let mut b = guest_abi::StatsBlock {
+            magic: guest_abi::STATS_MAGIC,
+            abi_version: ABI_VERSION,
+            strategy: guest_abi::Strategy::OnDemand as u32,
+            chunk_bytes: 2 * MIB,
+            section_bytes: 128 * MIB,
+            total_pages: 16384,
+            initialized_pages: 512,
+            chunks_total: 32,
+            chunks_initialized: 1,
+            memmap_bytes_reserved: MIB,
+            cpus: 1,
+            memmap_range_count: 1,
+            ..Default::default()
+        };
+        b.memmap_ranges[0] = guest_abi::GpaRange { start: 6 * MIB, len: MIB };
+        d.mem.write_obj(b, GuestAddress(STATS_AT)).unwrap();
+        d.write(0, port::STATS, STATS_AT as u32);
+        d.set_reclaim_policy(ReclaimPolicy::new(mode, &d.mem, vec![(0, MIB), (MIB, 5 * MIB)]));
+        (d, rx)
+    }
+
+    /// Writes a record of `ranges` and reports it; returns `accepted`.
+    fn report(d: &Paravirt, ranges: &[(u32, u64, u64)]) -> u64 {
+        let mut rec = ReclaimRecord { count: ranges.len() as u32, accepted: u64::MAX, ..Default::default() };
+        for (slot, &(kind, start, len)) in rec.ranges.iter_mut().zip(ranges) {
+            *slot = guest_abi::ReclaimRange { start, len, kind, reserved: 0 };
+        }
+        d.mem.write_obj(rec, GuestAddress(RECORD_AT)).unwrap();
+        assert_eq!(d.write(0, port::RECLAIM, RECORD_AT as u32), PortOutcome::Continue);
+        d.mem.read_obj::<ReclaimRecord>(GuestAddress(RECORD_AT)).unwrap().accepted
+    }
+
+    fn fill(d: &Paravirt, start: u64, len: u64) {
+        for page in (start..start + len).step_by(4096) {
+            d.mem.write_obj(0x5au8, GuestAddress(page)).unwrap();
+        }
+    }
+
+    #[test]
+    fn accepted_ranges_leave_the_host_and_rejected_ones_stay_and_are_reported() {
+        let (d, rx) = reclaim_device(guest_abi::Reclaim::Full);
+        fill(&d, 10 * MIB, 4 * MIB);
+        fill(&d, 2 * MIB, 2 * MIB);
+        fill(&d, 6 * MIB, MIB);
+        fill(&d, RECORD_AT, 4096);
+        let before = crate::memory::ram_resident_bytes(&d.mem);
+        let accepted = report(
+            &d,
+            &[
+                (reclaim_kind::DATA, 10 * MIB, 2 * MIB),
+                (reclaim_kind::DATA, 2 * MIB, 2 * MIB),  // the kernel
+                (reclaim_kind::MEMMAP, 6 * MIB, 64 << 10),
+                (reclaim_kind::DATA, 11 * MIB, 2 * MIB), // misaligned
+                (reclaim_kind::DATA, 12 * MIB, 2 * MIB),
+            ],
+        );
+        assert_eq!(accepted, 0b10101);
+        let after = crate::memory::ram_resident_bytes(&d.mem);
+        assert_eq!(before - after, 4 * MIB + (64 << 10), "exactly the accepted ranges left the host");
+        assert_eq!(d.mem.read_obj::<u8>(GuestAddress(10 * MIB)).unwrap(), 0);
+        assert_eq!(d.mem.read_obj::<u8>(GuestAddress(2 * MIB)).unwrap(), 0x5a, "the kernel is untouched");
+        let st = d.reclaim_stats();
+        assert_eq!((st.events, st.ranges_accepted, st.ranges_rejected), (1, 3, 2));
+        assert_eq!((st.data_bytes, st.memmap_bytes, st.discarded_bytes()), (4 * MIB, 64 << 10, 4 * MIB + (64 << 10)));
+        let why = st.first_rejection.unwrap();
+        assert!(why.contains("range 1") && why.contains("kernel"), "{why}");
+        let errors = rx.try_iter().filter(|e| matches!(e, VmEvent::GuestProtocolError { .. })).count();
+        assert_eq!(errors, 2);
+    }
+
+    #[test]
+    fn bad_records_are_rejected_whole_and_nothing_is_discarded() {
+        let (d, _rx) = reclaim_device(guest_abi::Reclaim::Full);
+        fill(&d, 10 * MIB, 2 * MIB);
+        fill(&d, RECORD_AT, 4096);
+        let resident = crate::memory::ram_resident_bytes(&d.mem);
+        let good = ReclaimRecord {
+            count: 1,
+            ranges: {
+                let mut r = [guest_abi::ReclaimRange::default(); MAX_RECLAIM_RANGES];
+                r[0] = guest_abi::ReclaimRange { start: 10 * MIB, len: 2 * MIB, kind: reclaim_kind::DATA, reserved: 0 };
+                r
+            },
+            ..Default::default()
+        };
+        for bad in [
+            ReclaimRecord { magic: 1, ..good },
+            ReclaimRecord { abi_version: 2, ..good },
+            ReclaimRecord { count: MAX_RECLAIM_RANGES as u32 + 1, ..good },
+            ReclaimRecord { count: u32::MAX, ..good },
+        ] {
+            d.mem.write_obj(ReclaimRecord { accepted: 7, ..bad }, GuestAddress(RECORD_AT)).unwrap();
+            d.write(0, port::RECLAIM, RECORD_AT as u32);
+            assert_eq!(d.mem.read_obj::<ReclaimRecord>(GuestAddress(RECORD_AT)).unwrap().accepted, 0);
+        }
+        // Addresses that are unaligned, outside RAM, or straddle its end.
+        for gpa in [RECORD_AT as u32 + 4, 64 << 20, (64 << 20) - 100, u32::MAX] {
+            d.write(0, port::RECLAIM, gpa);
+        }
+        assert_eq!(crate::memory::ram_resident_bytes(&d.mem), resident, "nothing was discarded");
+        let st = d.reclaim_stats();
+        assert_eq!((st.events, st.ranges_accepted, st.ranges_rejected), (8, 0, 8));
+        assert!(st.first_rejection.unwrap().contains("bad magic"));
+    }
+
+    #[test]
+    fn the_mode_decides_the_kinds_and_without_a_stats_block_nothing_goes() {
+        let (d, _rx) = reclaim_device(guest_abi::Reclaim::Data);
+        let r = [(reclaim_kind::DATA, 10 * MIB, 2 * MIB), (reclaim_kind::MEMMAP, 6 * MIB, 4096), (reclaim_kind::OFFLINE, 16 * MIB, 2 * MIB)];
+        assert_eq!(report(&d, &r), 0b001);
+        let (d, _rx) = reclaim_device(guest_abi::Reclaim::Off);
+        assert_eq!(report(&d, &r), 0);
+        let (d, _rx) = reclaim_device(guest_abi::Reclaim::Full);
+        d.mem.write_obj(0u32, GuestAddress(STATS_AT)).unwrap();
+        assert_eq!(report(&d, &r), 0, "the stats block's magic is gone");
+        assert!(d.reclaim_stats().first_rejection.unwrap().contains("stats block"));
+    }
+
+    #[test]
+    fn an_offline_run_leaves_kvm_and_comes_back_on_mem_online() {
+        let (d, _rx) = reclaim_device(guest_abi::Reclaim::Full);
+        let vm = Arc::new(kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm").create_vm().unwrap());
+        let registrar = Arc::new(Registrar::new(vm, d.mem.clone(), 32764));
+        registrar.register_ranges(&[(0, 1), (MIB, 5 * MIB)]).unwrap();
+        d.set_registrar(registrar.clone());
+        let boot = registrar.registered_bytes();
+        // At 16 MiB the run is 2 MiB; at 32 MiB, 4 MiB.
+        d.write(0, port::MEM_ONLINE, 16);
+        d.write(0, port::MEM_ONLINE, 32);
+        assert_eq!(registrar.registered_bytes(), boot + 6 * MIB);
+        fill(&d, 32 * MIB, 4 * MIB);
+        let accepted = report(&d, &[(reclaim_kind::OFFLINE, 32 * MIB, 4 * MIB), (reclaim_kind::OFFLINE, 16 * MIB, 4 * MIB)]);
+        assert_eq!(accepted, 0b01, "the second is not one run");
+        assert_eq!(registrar.registered_bytes(), boot + 2 * MIB);
+        assert_eq!((registrar.slots_deleted(), d.reclaim_stats().offline_bytes), (1, 4 * MIB));
+        assert_eq!(crate::memory::resident_bytes(&d.mem, GuestAddress(32 * MIB), 4 * MIB), 0);
+        d.write(0, port::MEM_ONLINE, 33);
+        assert_eq!(registrar.registered_bytes(), boot + 6 * MIB);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Guest RAM: its host mapping ([`ram`]), its registration with KVM
-//! ([`registrar`]), and how much of it the host really backs ([`residency`]).
+//! ([`registrar`]), how much of it the host really backs ([`residency`]),
+//! and what the guest gives back ([`reclaim`]: checked, then discarded).
 //!
 //! KVM allocates its per-memslot metadata (about 2.2 MB per GiB on a PVM
 //! host) when a slot is registered, so guest RAM is registered block by block
@@ -7,6 +8,7 @@
 //! costs KVM the metadata of one block, not of all its RAM.
 
 pub mod ram;
+pub mod reclaim;
 pub mod registrar;
 pub mod residency;
 

@@ -15,12 +15,25 @@
 //! higher up), which the guest then treats as online, so a guest that uses
 //! all its RAM costs a few dozen `MEM_ONLINE` exits and memslots, not one
 //! per block.
+//!
+//! Memory goes offline again when the guest gives back a whole run it no
+//! longer uses (`reclaim_kind::OFFLINE`, [`Registrar::unregister_run`]): its
+//! blocks are marked offline, and a memslot is deleted
+//! (`KVM_SET_USER_MEMORY_REGION` with size 0, which frees KVM's per-page
+//! metadata for it) once *every* block it covers is offline. A memslot is
+//! never split: one that also holds blocks still in use (the boot slot,
+//! which holds the kernel; or a grain block larger than the run, on a host
+//! with few memslots) stays registered until its last block goes offline.
+//! The next `MEM_ONLINE` in an offline block marks it online again, and
+//! registers it anew if its memslot was deleted. A guest that touches a
+//! block whose memslot is deleted is stopped, as for one it never onlined.
 
 use super::ram::ram_end;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Memslots left unused by guest RAM, for anything else a VM may one day
@@ -58,14 +71,27 @@ pub enum RegisterError {
     },
 }
 
+/// What the registrar knows: which grain blocks are in a memslot, which
+/// [`guest_abi::MEMORY_BLOCK_SIZE`] units the guest gave back, and the
+/// memslots (first block, which is the slot number, to one past the last).
+struct Blocks {
+    registered: Vec<bool>,
+    offline: Vec<bool>,
+    slots: BTreeMap<u64, u64>,
+}
+
+/// The unit the guest onlines and offlines in.
+const UNIT: u64 = guest_abi::MEMORY_BLOCK_SIZE;
+
 /// Registers guest RAM with KVM, block by block.
 pub struct Registrar {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     grain: u64,
-    registered: Mutex<Vec<bool>>,
+    blocks: Mutex<Blocks>,
     registered_bytes: AtomicU64,
     slots_used: AtomicU64,
+    slots_deleted: AtomicU64,
 }
 
 impl Registrar {
@@ -79,14 +105,25 @@ impl Registrar {
             vm,
             mem,
             grain,
-            registered: Mutex::new(vec![false; blocks]),
+            blocks: Mutex::new(Blocks {
+                registered: vec![false; blocks],
+                offline: vec![false; end.div_ceil(UNIT) as usize],
+                slots: BTreeMap::new(),
+            }),
             registered_bytes: AtomicU64::new(0),
             slots_used: AtomicU64::new(0),
+            slots_deleted: AtomicU64::new(0),
         }
     }
 
+    fn blocks(&self) -> MutexGuard<'_, Blocks> {
+        // Plain data, consistent after every step: a panic elsewhere leaves it usable.
+        self.blocks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Registers every block that overlaps `[start, end)` and is not yet
-    /// registered. Parts outside guest RAM are an error. Adjacent blocks
+    /// registered, and marks offline ones online again. Parts outside guest
+    /// RAM are an error. Adjacent blocks
     /// that this call registers within one host mapping share one memslot
     /// (numbered after its first block), so a boot range of several blocks
     /// costs one `KVM_SET_USER_MEMORY_REGION`.
@@ -95,7 +132,8 @@ impl Registrar {
             return Ok(());
         }
         let grain = self.grain;
-        let mut done = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.blocks();
+        let Blocks { registered: done, offline, slots } = &mut *guard;
         let (mut first, mut last) = (start / grain, end.div_ceil(grain));
         // Widen to the contract's runs (`guest_abi::online_run`) at both
         // ends, inside the region holding `start` (never across the gap
@@ -103,8 +141,14 @@ impl Registrar {
         if let Some(region) = self.mem.find_region(GuestAddress(start)) {
             let (lo, hi) = (region.start_addr().0.div_ceil(grain), (region.start_addr().0 + region.len()).div_ceil(grain));
             let (run_lo, run_hi) = (guest_abi::online_run(start), guest_abi::online_run(end - 1));
-            first = ((start - start % run_lo) / grain).max(lo);
-            last = (end.div_ceil(run_hi).saturating_mul(run_hi).div_ceil(grain)).min(hi).max(last);
+            let (run_start, run_end) = (start - start % run_lo, end.div_ceil(run_hi).saturating_mul(run_hi));
+            first = (run_start / grain).max(lo);
+            last = (run_end.div_ceil(grain)).min(hi).max(last);
+            // What the guest now treats as online is no longer offline.
+            let (u0, u1) = (run_start / UNIT, run_end.div_ceil(UNIT).min(offline.len() as u64));
+            for u in offline.iter_mut().take(u1 as usize).skip(u0 as usize) {
+                *u = false;
+            }
         }
         let mut block = first;
         while block < last {
@@ -148,11 +192,69 @@ impl Registrar {
             for d in &mut done[block as usize..run_end as usize] {
                 *d = true;
             }
+            slots.insert(block, run_end);
             self.registered_bytes.fetch_add(len, Ordering::Relaxed);
             self.slots_used.fetch_add(1, Ordering::Relaxed);
             block = run_end;
         }
         Ok(())
+    }
+
+    /// The guest gave back the run `[start, start + len)`: marks its
+    /// [`UNIT`]s offline, then deletes every memslot all of whose memory is
+    /// now offline. Returns how many memslots were deleted. Units the run
+    /// only partly covers, and parts outside RAM, are left as they are (the
+    /// caller checked the run against RAM and the contract's runs).
+    pub fn unregister_run(&self, start: u64, len: u64) -> Result<u64, RegisterError> {
+        let grain = self.grain;
+        let Some(end) = start.checked_add(len) else { return Ok(0) };
+        let mut guard = self.blocks();
+        let Blocks { registered, offline, slots } = &mut *guard;
+        let (u0, u1) = (start.div_ceil(UNIT), (end / UNIT).min(offline.len() as u64));
+        for u in offline.iter_mut().take(u1 as usize).skip(u0 as usize) {
+            *u = true;
+        }
+        // The slots overlapping the run: those starting before its end whose
+        // end is past its start (slots are disjoint and sorted).
+        let (first, last) = (start / grain, end.div_ceil(grain));
+        let candidates: Vec<(u64, u64)> =
+            slots.range(..last).rev().take_while(|&(_, &e)| e > first).map(|(&s, &e)| (s, e)).collect();
+        let mut deleted = 0;
+        for (s, e) in candidates {
+            let gpa = s * grain;
+            let region = self.mem.find_region(GuestAddress(gpa)).ok_or(RegisterError::NotRam { gpa })?;
+            let slot_end = (e * grain).min(region.start_addr().0 + region.len());
+            let units = offline.get((gpa / UNIT) as usize..slot_end.div_ceil(UNIT) as usize);
+            if !units.is_some_and(|u| u.iter().all(|o| *o)) {
+                continue;
+            }
+            let len = slot_end - gpa;
+            let r = kvm_userspace_memory_region {
+                slot: s as u32,
+                flags: 0,
+                guest_phys_addr: gpa,
+                // Size 0 deletes the slot.
+                memory_size: 0,
+                userspace_addr: region.as_ptr() as u64 + (gpa - region.start_addr().0),
+            };
+            // SAFETY: deleting a slot this registrar created; KVM stops
+            // using the host range, which stays mapped by `mem`.
+            unsafe { self.vm.set_user_memory_region(r) }.map_err(|source| RegisterError::Kvm {
+                slot: r.slot,
+                gpa,
+                kib: len >> 10,
+                source,
+            })?;
+            for b in &mut registered[s as usize..e as usize] {
+                *b = false;
+            }
+            slots.remove(&s);
+            self.registered_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.slots_used.fetch_sub(1, Ordering::Relaxed);
+            self.slots_deleted.fetch_add(1, Ordering::Relaxed);
+            deleted += 1;
+        }
+        Ok(deleted)
     }
 
     /// Registers every range of `ranges` (as [`Registrar::register_range`]),
@@ -185,14 +287,19 @@ impl Registrar {
         Ok(())
     }
 
-    /// Bytes of guest RAM registered with KVM so far.
+    /// Bytes of guest RAM registered with KVM now.
     pub fn registered_bytes(&self) -> u64 {
         self.registered_bytes.load(Ordering::Relaxed)
     }
 
-    /// Memory slots registered so far.
+    /// Memory slots registered now.
     pub fn slots_used(&self) -> u64 {
         self.slots_used.load(Ordering::Relaxed)
+    }
+
+    /// Memory slots deleted so far because the guest gave their memory back.
+    pub fn slots_deleted(&self) -> u64 {
+        self.slots_deleted.load(Ordering::Relaxed)
     }
 
     /// Bytes per registration block (see [`grain_for`]).
@@ -275,6 +382,77 @@ mod tests {
         assert_eq!((r.registered_bytes(), r.slots_used()), (10 * BLOCK, 5));
         r.register_all().unwrap();
         assert_eq!(r.registered_bytes(), 2048 * MIB);
+    }
+
+    #[test]
+    fn an_offline_run_loses_its_slot_and_comes_back_when_onlined() {
+        let vm = Arc::new(kvm().create_vm().unwrap());
+        let mem = create_ram(&crate::arch::ram_ranges(2048 * MIB), false).unwrap();
+        let r = Registrar::new(vm, mem, HOST_SLOTS);
+        r.register_ranges(&[(0, 1), (MIB, 5 * MIB)]).unwrap();
+        let boot = r.registered_bytes();
+        // The run at 100 MiB (96..104 MiB), then offline.
+        r.register_range(100 * MIB, 100 * MIB + 1).unwrap();
+        assert_eq!((r.registered_bytes(), r.slots_used()), (boot + 8 * MIB, 2));
+        assert_eq!(r.unregister_run(96 * MIB, 8 * MIB).unwrap(), 1);
+        assert_eq!((r.registered_bytes(), r.slots_used(), r.slots_deleted()), (boot, 1, 1));
+        assert_eq!(r.unregister_run(96 * MIB, 8 * MIB).unwrap(), 0, "already gone");
+        // Onlined again: a new slot (KVM accepts the number again).
+        r.register_range(97 * MIB, 97 * MIB + 1).unwrap();
+        assert_eq!((r.registered_bytes(), r.slots_used()), (boot + 8 * MIB, 2));
+        // The boot slot holds the kernel: giving back its last block keeps it.
+        assert_eq!(r.unregister_run(4 * MIB, 2 * MIB).unwrap(), 0);
+        assert_eq!(r.registered_bytes(), boot + 8 * MIB);
+        // A run never registered, or outside RAM, changes nothing.
+        assert_eq!(r.unregister_run(512 * MIB, 128 * MIB).unwrap(), 0);
+        assert_eq!(r.unregister_run(u64::MAX - 10, 100).unwrap(), 0);
+        assert_eq!(r.unregister_run(64 << 30, 128 * MIB).unwrap(), 0);
+        assert_eq!(r.registered_bytes(), boot + 8 * MIB);
+    }
+
+    #[test]
+    fn a_grain_block_larger_than_the_run_goes_when_all_its_runs_are_offline() {
+        let vm = Arc::new(kvm().create_vm().unwrap());
+        let mem = create_ram(&crate::arch::ram_ranges(256 * MIB), false).unwrap();
+        // 64 slots: 8 MiB grain; the runs at 8..16 MiB are 2 MiB each.
+        let r = Registrar::new(vm, mem, 64);
+        assert_eq!(r.grain(), 8 * MIB);
+        r.register_range(10 * MIB, 10 * MIB + 1).unwrap();
+        assert_eq!(r.registered_bytes(), 8 * MIB);
+        // The guest onlined only the run at 10 MiB: the other three runs of
+        // the grain block are online for KVM but were never offline, so
+        // giving back the one run keeps the slot.
+        assert_eq!(r.unregister_run(10 * MIB, 2 * MIB).unwrap(), 0);
+        assert_eq!(r.registered_bytes(), 8 * MIB);
+        for run in [8, 12] {
+            assert_eq!(r.unregister_run(run * MIB, 2 * MIB).unwrap(), 0, "{run} MiB");
+        }
+        // Onlining one again, then giving back the last: still one in use.
+        r.register_range(12 * MIB, 12 * MIB + 1).unwrap();
+        assert_eq!(r.unregister_run(14 * MIB, 2 * MIB).unwrap(), 0);
+        assert_eq!(r.unregister_run(12 * MIB, 2 * MIB).unwrap(), 1, "all four runs offline");
+        assert_eq!((r.registered_bytes(), r.slots_used()), (0, 0));
+        // The 8 MiB run at 64 MiB is one grain block.
+        r.register_range(64 * MIB, 64 * MIB + 1).unwrap();
+        assert_eq!(r.registered_bytes(), 8 * MIB);
+        assert_eq!(r.unregister_run(64 * MIB, 8 * MIB).unwrap(), 1);
+        assert_eq!((r.registered_bytes(), r.slots_used()), (0, 0));
+    }
+
+    #[test]
+    fn a_slot_is_deleted_only_once_all_its_blocks_are_offline() {
+        let vm = Arc::new(kvm().create_vm().unwrap());
+        let mem = create_ram(&crate::arch::ram_ranges(2048 * MIB), false).unwrap();
+        let r = Registrar::new(vm, mem, HOST_SLOTS);
+        // One slot over 20..24 MiB (two 2 MiB runs registered together).
+        r.register_range(20 * MIB, 24 * MIB).unwrap();
+        assert_eq!((r.registered_bytes(), r.slots_used()), (4 * MIB, 1));
+        assert_eq!(r.unregister_run(20 * MIB, 2 * MIB).unwrap(), 0, "half the slot is in use");
+        // The guest onlines the first half again, then gives back the second.
+        r.register_range(20 * MIB, 20 * MIB + 1).unwrap();
+        assert_eq!(r.unregister_run(22 * MIB, 2 * MIB).unwrap(), 0, "the first half is online again");
+        assert_eq!(r.unregister_run(20 * MIB, 2 * MIB).unwrap(), 1);
+        assert_eq!((r.registered_bytes(), r.slots_used()), (0, 0));
     }
 
     #[test]
