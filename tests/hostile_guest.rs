@@ -33,8 +33,10 @@ impl Vm {
     fn start(tag: &str, args: &[&str], stdout: Stdio, stderr: Stdio) -> Vm {
         let dir = TempDir::new(tag);
         let sock = dir.path().join("vmm.sock");
+        let mem: &[&str] = if args.contains(&"--mem-mib") { &[] } else { &["--mem-mib", MEM] };
         let child = Command::new(vmm_path())
-            .args(["run", "--mem-mib", MEM])
+            .arg("run")
+            .args(mem)
             .args(args)
             .arg("--api-sock")
             .arg(&sock)
@@ -274,6 +276,236 @@ fn a_guest_cannot_choose_the_vmms_exit_code() {
         o.assert_code(process);
         if guest != 0 {
             assert!(o.stdout.contains(&format!("vmm: guest exit code {guest}\n")), "{o}");
+        }
+    }
+}
+
+/// What a VM wrote to stdout and stderr so far, read by two threads.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<(String, String)>>);
+
+impl Captured {
+    fn stdout(&self) -> String {
+        self.0.lock().unwrap().0.clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.0.lock().unwrap().1.clone()
+    }
+
+    fn reader(&self, mut from: impl Read + Send + 'static, err: bool) {
+        let to = self.0.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let mut g = to.lock().unwrap();
+                if err { g.1.push_str(&text) } else { g.0.push_str(&text) }
+            }
+        });
+    }
+}
+
+impl Vm {
+    /// A VM whose stdout (the console) and stderr (the log) the test reads.
+    fn start_captured(tag: &str, args: &[&str]) -> (Vm, Captured) {
+        let mut vm = Vm::start(tag, args, Stdio::piped(), Stdio::piped());
+        let c = Captured::default();
+        c.reader(vm.child.stdout.take().unwrap(), false);
+        c.reader(vm.child.stderr.take().unwrap(), true);
+        (vm, c)
+    }
+
+    /// Waits until the console shows `line`, failing at once if the VM exits.
+    fn wait_console(&mut self, c: &Captured, line: &str) {
+        wait_for(
+            || {
+                if let Some(st) = self.child.try_wait().unwrap() {
+                    panic!("the VM exited ({st}) before `{line}`:\n{}\n{}", c.stdout(), c.stderr());
+                }
+                c.stdout().contains(line)
+            },
+            line,
+        );
+    }
+
+    fn metrics(&self) -> Value {
+        let (code, m) = self.curl("GET", "/metrics", None);
+        assert_eq!(code, 200, "{m}");
+        m
+    }
+
+    /// The VMM process's resident set (guest RAM included), from /proc.
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS");
+        kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() << 10
+    }
+
+    fn shutdown_within_deadline(&mut self) -> Duration {
+        let (code, v) = self.curl("PUT", "/actions", Some(r#"{"action_type": "Shutdown"}"#));
+        assert_eq!(code, 204, "{v}");
+        let (code, took) = self.exit_within(STOP_DEADLINE);
+        assert_eq!(code, Some(0), "a requested stop");
+        assert!(!self.sock.exists());
+        took
+    }
+}
+
+/// Lines of `log` that are rate-limited guest diagnostics containing `what`.
+fn diagnostics(log: &str, what: &str) -> u64 {
+    log.lines().filter(|l| l.contains("guest protocol error") && l.contains(what)).count() as u64
+}
+
+#[test]
+fn mmio_outside_ram_reads_all_ones_drops_writes_and_is_logged_within_the_rate_limit() {
+    // The guest checks all-ones reads and dropped writes itself (past RAM,
+    // the 32-bit hole, the top of 4 GiB and of its physical address space,
+    // a write straddling the end of RAM) and exits with 99 if one fails.
+    let (mut vm, c) = Vm::start_captured("mmio", &["--cmdline", "workload=attack-mmio"]);
+    let start = Instant::now();
+    vm.wait_console(&c, "attack-mmio: all checks passed");
+    wait_for(
+        || start.elapsed() > Duration::from_millis(2500) && vm.metrics()["vm_exits"]["mmio_read"].as_u64().unwrap() > 2000,
+        "a storm of MMIO exits",
+    );
+    assert_eq!(vm.curl("GET", "/", None).0, 200, "the API answers during the storm");
+    let m = vm.metrics();
+    let (reads, writes) = (m["vm_exits"]["mmio_read"].as_u64().unwrap(), m["vm_exits"]["mmio_write"].as_u64().unwrap());
+    // One vCPU: at most one access is between its two counters.
+    assert!(writes > 1000 && m["guest_protocol_errors"].as_u64().unwrap() + 2 >= reads + writes, "every access counted: {m}");
+    let took = vm.shutdown_within_deadline();
+    let elapsed = start.elapsed().as_secs() + 2;
+    std::thread::sleep(Duration::from_millis(100));
+    let log = c.stderr();
+    let lines = diagnostics(&log, "not guest RAM");
+    assert!(lines > 0 && lines <= 10 * elapsed, "{lines} diagnostics for {reads} reads and {writes} writes:\n{log}");
+    assert!(log.contains("MMIO read at 0x") && log.contains("MMIO write at 0x"), "{log}");
+    assert!(log.contains("more suppressed"), "{log}");
+    assert!(log.contains("were not logged (rate limit)"), "{log}");
+    eprintln!("MMIO storm: {reads} reads, {writes} writes, {lines} log lines; stopped {took:?} after Shutdown");
+}
+
+#[test]
+fn an_exception_storm_leaves_the_vmm_responsive_and_stoppable() {
+    let (mut vm, c) = Vm::start_captured("exceptions", &["--cmdline", "workload=attack-exceptions"]);
+    vm.wait_console(&c, "attack-exceptions: 2000 handled");
+    assert_eq!(vm.curl("GET", "/", None).0, 200);
+    assert_eq!(vm.curl("GET", "/memory", None).0, 200);
+    assert_eq!(vm.curl("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    assert_eq!(vm.curl("GET", "/vm/status", None).1["state"], "Paused");
+    assert_eq!(vm.curl("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
+    let took = vm.shutdown_within_deadline();
+    eprintln!("exception storm: stopped {took:?} after Shutdown");
+}
+
+#[test]
+fn every_vcpu_failing_or_exiting_at_once_gives_one_stop_reason_and_exit_code() {
+    for vcpus in ["2", "4"] {
+        let run = |w: &str| {
+            vmm(&["run", "--no-api", "--mem-mib", MEM, "--vcpus", vcpus, "--serial", "none", "--cmdline", &format!("workload={w}")])
+        };
+        // Every vCPU writes the exit port at once, CPU i with 10 + i.
+        let o = run("attack-exit-all:10");
+        let codes: Vec<u32> =
+            o.stdout.lines().filter_map(|l| l.strip_prefix("vmm: guest exit code ")).map(|c| c.parse().unwrap()).collect();
+        assert_eq!(codes.len(), 1, "one guest exit code is reported: {o}");
+        let n: u32 = vcpus.parse().unwrap();
+        assert!((10..10 + n).contains(&codes[0]), "{o}");
+        o.assert_code(64 + (codes[0] & 63) as i32);
+        assert_eq!(o.stderr.matches("vmm: error:").count(), 1, "{o}");
+        // Every vCPU reports an exception, or triple-faults, at once.
+        for (w, reason) in [("attack-exception-all", "guest exception #UD"), ("attack-fault-all", "triple fault")] {
+            let o = run(w);
+            o.assert_code(1);
+            assert_eq!(o.stderr.matches("vmm: error:").count(), 1, "{o}");
+            assert!(o.stderr.contains(reason), "{w} on {vcpus} vCPUs: {o}");
+        }
+    }
+}
+
+#[test]
+fn mem_online_abuse_from_every_vcpu_registers_each_block_once_and_nothing_outside_ram() {
+    // 1 GiB on 3 vCPUs at once: addresses past RAM, in the hole, at the top;
+    // every MiB of RAM (odd ones misaligned); block 0 10,000 times each.
+    let ram: u64 = 1024 << 20;
+    let (mut vm, c) =
+        Vm::start_captured("mem-online", &["--mem-mib", "1024", "--vcpus", "3", "--cmdline", "workload=attack-mem-online:10000"]);
+    let start = Instant::now();
+    vm.wait_console(&c, "attack-mem-online: done on 3 CPUs");
+    let (code, report) = vm.curl("GET", "/memory", None);
+    assert_eq!(code, 200, "{report}");
+    // Every block registered once (a KVM refusal, e.g. a slot past
+    // KVM_CAP_NR_MEMSLOTS, would have stopped the VM), nothing else.
+    assert_eq!(report["host"]["kvm_registered_bytes"].as_u64(), Some(ram), "{report}");
+    assert_eq!(report["host"]["guest_ram_bytes"].as_u64(), Some(ram), "{report}");
+    assert_eq!(report["valid"], true, "{report}");
+    assert!(vm.metric("guest_protocol_errors") >= 3 * 6, "the addresses outside RAM are errors");
+    // The guest still works, and its report adds up.
+    let (code, v) = vm.curl("PUT", "/guest/memory", Some(r#"{"target_mib": 16}"#));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!((v["status"].as_str(), v["held_bytes"].as_u64()), (Some("Ok"), Some(16 << 20)), "{v}");
+    assert_eq!(v["report"]["valid"], true, "{v}");
+    assert_eq!(vm.curl("GET", "/vm/status", None).1["state"], "Running");
+    vm.shutdown_within_deadline();
+    let elapsed = start.elapsed().as_secs() + 2;
+    let lines = diagnostics(&c.stderr(), "online memory");
+    assert!(lines > 0 && lines <= 10 * elapsed, "{lines} lines in {elapsed} s:\n{}", c.stderr());
+}
+
+#[test]
+fn a_memory_bomb_on_every_vcpu_keeps_host_memory_bounded_by_ram() {
+    let ram: u64 = 256 << 20;
+    let (mut vm, c) = Vm::start_captured("bomb", &["--vcpus", "2", "--cmdline", "workload=attack-memory-bomb"]);
+    vm.wait_console(&c, "attack-memory-bomb: every page written on 2 CPUs");
+    // The guest keeps writing every page; the API answers meanwhile.
+    for _ in 0..3 {
+        let (code, report) = vm.curl("GET", "/memory", None);
+        assert_eq!(code, 200, "{report}");
+        let h = &report["host"];
+        let resident = h["guest_ram_resident_bytes"].as_u64().unwrap();
+        assert_eq!(h["guest_ram_bytes"].as_u64(), Some(ram), "{report}");
+        assert_eq!(h["kvm_registered_bytes"].as_u64(), Some(ram), "{report}");
+        assert!(resident > ram * 9 / 10 && resident <= ram, "all of RAM and no more is resident: {report}");
+        assert!(h["vmm_rss_bytes"].as_u64().unwrap() < 64 << 20, "the VMM's own memory: {report}");
+        let rss = vm.rss_bytes();
+        assert!(rss <= ram + (64 << 20), "VMM RSS {rss} for {ram} of RAM");
+        assert_eq!(vm.curl("GET", "/", None).0, 200);
+    }
+    let took = vm.shutdown_within_deadline();
+    eprintln!("memory bomb: RSS bounded by RAM; stopped {took:?} after Shutdown");
+}
+
+#[test]
+fn vcpus_racing_on_the_ports_leave_commands_pause_and_stop_working() {
+    for how in ["SendCtrlAltDel", "Shutdown"] {
+        let (mut vm, c) =
+            Vm::start_captured("race", &["--vcpus", "3", "--guest-timeout", "2", "--cmdline", "workload=attack-race"]);
+        vm.wait_console(&c, "attack-race: 2 CPUs hammer the ports");
+        // The other CPUs steal, answer and fake commands; each request still
+        // gets an answer (whatever the guest made of it), never a hang.
+        for _ in 0..4 {
+            let (code, v) = vm.curl("PUT", "/guest/memory", Some(r#"{"target_mib": 8}"#));
+            assert!(code == 200 || code == 504, "{code} {v}");
+            let (code, report) = vm.curl("GET", "/memory", None);
+            assert_eq!(code, 200, "{report}");
+            assert!(report["guest"]["workload_bytes"].as_u64().unwrap_or(0) <= 256 << 20, "{report}");
+        }
+        assert_eq!(vm.curl("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+        assert_eq!(vm.curl("GET", "/vm/status", None).1["state"], "Paused");
+        assert_eq!(vm.curl("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
+        assert!(vm.metric("guest_protocol_errors") > 100, "stale DONEs, repeated phases");
+        match how {
+            "Shutdown" => {
+                vm.shutdown_within_deadline();
+            }
+            _ => {
+                // A graceful shutdown: the guest's command may be stolen, so
+                // the VM ends by the guest's exit or at the guest timeout.
+                assert_eq!(vm.curl("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
+                let (code, _) = vm.exit_within(Duration::from_secs(2) + STOP_DEADLINE);
+                assert!(code == Some(0) || code == Some(3), "{code:?}\n{}", c.stderr());
+            }
         }
     }
 }

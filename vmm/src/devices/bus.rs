@@ -72,6 +72,15 @@ impl Devices {
         self.mem.address_in_range(GuestAddress(gpa))
     }
 
+    /// Counts and (rate-limited) logs an access of `len` bytes to `gpa`,
+    /// which is not guest RAM: the caller answers it as an empty bus does.
+    pub fn unbacked_mmio(&self, gpa: u64, len: usize, write: bool) {
+        if let Some(pv) = &self.pv {
+            let (what, outcome) = if write { ("write", "dropped") } else { ("read", "all ones") };
+            pv.guest_error(format_args!("{len}-byte MMIO {what} at {gpa:#x}, which is not guest RAM ({outcome})"));
+        }
+    }
+
     /// Writes buffered console output to the host, waiting at most `wait`
     /// for a slow sink; true when nothing is left buffered.
     pub fn drain_console(&self, wait: std::time::Duration) -> bool {

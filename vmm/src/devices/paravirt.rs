@@ -491,6 +491,13 @@ impl Paravirt {
         self.send(VmEvent::CommandDone(done));
     }
 
+    /// A guest error found outside this device (an access to memory that
+    /// is not RAM): counted and logged as a protocol error, under the same
+    /// rate limit.
+    pub fn guest_error(&self, msg: std::fmt::Arguments<'_>) {
+        self.protocol_error(msg);
+    }
+
     /// Counts a protocol error and, within the rate limit, sends it to the
     /// controller (formatted only then).
     fn protocol_error(&self, msg: std::fmt::Arguments<'_>) {

@@ -495,6 +495,46 @@ mod tests {
     }
 
     #[test]
+    fn vcpus_onlining_everything_and_nonsense_at_once_register_ram_once_within_the_slots() {
+        // What `attack-mem-online` does from several vCPUs: every MiB up to
+        // 6 GiB (RAM is 0..3 and 4..5 GiB), each thread starting elsewhere,
+        // odd (misaligned) MiBs too; one block again and again; the top.
+        let kvm = kvm();
+        let slots = kvm.get_nr_memslots();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let mem = create_ram(&crate::arch::ram_ranges(4096 * MIB), false).unwrap();
+        let r = Arc::new(Registrar::new(vm, mem, slots));
+        let span: u64 = 6 << 10;
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let mut not_ram = 0;
+                    for i in 0..span {
+                        let gpa = ((i + t * span / 4) % span) << 20;
+                        match r.register_range(gpa, gpa + 1) {
+                            Ok(()) => {}
+                            Err(RegisterError::NotRam { .. }) => not_ram += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    for _ in 0..10_000 {
+                        r.register_range(0, 1).unwrap();
+                    }
+                    let top = u64::from(u32::MAX) << 20;
+                    assert!(matches!(r.register_range(top, top + 1), Err(RegisterError::NotRam { .. })));
+                    not_ram
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 2 << 10, "the hole and the GiB past RAM");
+        }
+        assert_eq!(r.registered_bytes(), 4096 * MIB, "all RAM, once");
+        assert!(r.slots_used() as usize <= slots - SLOT_MARGIN, "{} slots of {slots}", r.slots_used());
+    }
+
+    #[test]
     fn a_guest_onlining_all_its_ram_block_by_block_takes_few_slots_and_little_extra() {
         let vm = Arc::new(kvm().create_vm().unwrap());
         let mem = create_ram(&crate::arch::ram_ranges(2048 * MIB), false).unwrap();

@@ -2,6 +2,13 @@
 //! a [`VcpuAction`], so tests feed it fabricated exits (Firecracker's
 //! `handle_kvm_exit`). Nothing the guest does panics the VMM: every exit is
 //! either handled or turned into a [`StopReason`] that names what happened.
+//!
+//! An access to guest-physical memory that is not RAM (`KVM_EXIT_MMIO`:
+//! past RAM, the 32-bit hole, the top of the address space) finds an empty
+//! bus: reads see all ones, writes are dropped. Each is counted
+//! (`vm_exits.mmio_read`, `vm_exits.mmio_write`) and logged as a guest
+//! protocol error, under the same rate limit. RAM the guest never onlined
+//! stops the VM instead (docs/security.md, "MMIO outside RAM").
 
 use super::stop::StopReason;
 use crate::devices::{Devices, PortOutcome};
@@ -44,14 +51,16 @@ pub fn handle_exit(exit: VcpuExit<'_>, cpu: u8, devices: &Devices) -> VcpuAction
                 rip: None,
             });
         }
-        VcpuExit::MmioRead(_, data) => {
+        VcpuExit::MmioRead(addr, data) => {
             // No MMIO devices: reads see all ones, like an empty bus.
             Metrics::inc(&m.exits_mmio_read);
             data.fill(0xff);
+            devices.unbacked_mmio(addr, data.len(), false);
             PortOutcome::Continue
         }
-        VcpuExit::MmioWrite(..) => {
+        VcpuExit::MmioWrite(addr, data) => {
             Metrics::inc(&m.exits_mmio_write);
+            devices.unbacked_mmio(addr, data.len(), true);
             PortOutcome::Continue
         }
         VcpuExit::Hlt => {
@@ -156,6 +165,25 @@ mod tests {
         assert_eq!(data, [0xff; 8]);
         let VcpuAction::Stop(r) = handle_exit(VcpuExit::MmioWrite(0x1000, &[0]), 0, &d) else { panic!() };
         assert!(r.to_string().contains("before onlining"), "{r}");
+    }
+
+    #[test]
+    fn a_flood_of_mmio_outside_ram_is_counted_and_logged_within_the_rate_limit() {
+        let (d, rx, _) = test_bus();
+        let mut data = [0u8; 4];
+        for i in 0..10_000u64 {
+            assert_eq!(handle_exit(VcpuExit::MmioRead(0xc000_0000 + i, &mut data), 0, &d), VcpuAction::Continue);
+            assert_eq!(data, [0xff; 4]);
+            assert_eq!(handle_exit(VcpuExit::MmioWrite(1 << 45, &[1, 2]), 1, &d), VcpuAction::Continue);
+        }
+        assert_eq!(d.metrics.exits_mmio_read.load(Ordering::Relaxed), 10_000);
+        assert_eq!(d.metrics.exits_mmio_write.load(Ordering::Relaxed), 10_000);
+        assert_eq!(d.metrics.guest_protocol_errors.load(Ordering::Relaxed), 20_000);
+        let logged: Vec<_> = rx.try_iter().collect();
+        let limit = 2 * crate::devices::paravirt::PROTOCOL_ERRORS_PER_SECOND as usize;
+        assert!((1..=limit).contains(&logged.len()), "{} events", logged.len());
+        let crate::events::VmEvent::GuestProtocolError { msg, .. } = &logged[0] else { panic!("{logged:?}") };
+        assert!(msg.contains("0xc0000000") && msg.contains("not guest RAM"), "{msg}");
     }
 
     #[test]
