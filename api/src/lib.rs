@@ -100,12 +100,12 @@ pub use instance::{
 pub use logger::{LogLevel, Logger, LoggerError, MetricsConfig, MetricsConfigError};
 pub use machine::{
     CpuTemplate, GuestCpl, HugePages, MachineConfig, MachineConfigError, MachineConfigPut,
-    MachineConfigUpdate, Strategy, DEFAULT_CHUNK_KIB, DEFAULT_MEM_SIZE_MIB, DEFAULT_VCPU_COUNT,
-    MAX_CHUNK_KIB, MAX_MEM_SIZE_MIB, MAX_VCPUS, MIN_CHUNK_KIB, MIN_MEM_SIZE_MIB,
+    MachineConfigUpdate, Reclaim, Strategy, DEFAULT_CHUNK_KIB, DEFAULT_MEM_SIZE_MIB, DEFAULT_VCPU_COUNT,
+    MAX_CHUNK_KIB, MAX_MEM_SIZE_MIB, MAX_RECLAIM_DELAY_MS, MAX_VCPUS, MIN_CHUNK_KIB, MIN_MEM_SIZE_MIB,
 };
 pub use memory::{
     BootTimings, GuestMemoryOutcome, GuestMemoryStatus, GuestMemoryTarget, GuestMemoryTargetError,
-    GuestMemoryView, HostMemoryView, MemoryReport,
+    GuestMemoryView, HostMemoryView, MemoryReport, ReclaimView,
 };
 pub use metrics::{Metrics, MetricsLine, VmExitCounts};
 pub use request::{ApiRequest, ApiResponse};

@@ -51,6 +51,14 @@ pub const DEFAULT_CHUNK_KIB: u64 = 2048;
 /// type, so the API and the guest cannot disagree on the set or the names.
 pub use guest_abi::Strategy;
 
+/// How much freed guest memory goes back to the host; passed to the guest
+/// as `reclaim=`. JSON: `"off"`, `"data"`, `"full"`. The guest contract's
+/// own type, like [`Strategy`].
+pub use guest_abi::Reclaim;
+
+/// Longest reclaim delay (`reclaim_delay_ms`): ten minutes.
+pub const MAX_RECLAIM_DELAY_MS: u32 = 600_000;
+
 /// The privilege level the guest kernel runs its code at after entry.
 ///
 /// JSON: always written as a string, `"auto"`, `"0"` or `"3"`, so the field
@@ -258,6 +266,16 @@ pub struct MachineConfig {
     /// Place the memmap in the memory it describes (like Linux's
     /// `memmap_on_memory`) rather than in one block at the start.
     pub memmap_on_memory: bool,
+    /// What freed guest memory goes back to the host; `null` takes the
+    /// strategy's default ([`MachineConfig::effective_reclaim`]: `full` for
+    /// `ondemand`, `off` for the others). `full` needs `ondemand`.
+    #[serde(default)]
+    pub reclaim: Option<Reclaim>,
+    /// How long memory stays free before the guest reports it, in ms
+    /// (0..=600000); `null` takes the guest's default (2000, as Linux's
+    /// `page_reporting`).
+    #[serde(default)]
+    pub reclaim_delay_ms: Option<u32>,
 }
 
 impl Default for MachineConfig {
@@ -273,6 +291,8 @@ impl Default for MachineConfig {
             memmap_chunk_kib: DEFAULT_CHUNK_KIB,
             guest_cpl: GuestCpl::Auto,
             memmap_on_memory: false,
+            reclaim: None,
+            reclaim_delay_ms: None,
         }
     }
 }
@@ -311,6 +331,12 @@ pub struct MachineConfigPut {
     /// See [`MachineConfig::memmap_on_memory`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memmap_on_memory: Option<bool>,
+    /// See [`MachineConfig::reclaim`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaim: Option<Reclaim>,
+    /// See [`MachineConfig::reclaim_delay_ms`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaim_delay_ms: Option<u32>,
 }
 
 impl MachineConfigPut {
@@ -331,6 +357,8 @@ impl MachineConfigPut {
                 memmap_chunk_kib: self.memmap_chunk_kib,
                 guest_cpl: self.guest_cpl,
                 memmap_on_memory: self.memmap_on_memory,
+                reclaim: self.reclaim,
+                reclaim_delay_ms: self.reclaim_delay_ms,
             })
         }
     }
@@ -371,6 +399,12 @@ pub struct MachineConfigUpdate {
     /// See [`MachineConfig::memmap_on_memory`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memmap_on_memory: Option<bool>,
+    /// See [`MachineConfig::reclaim`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaim: Option<Reclaim>,
+    /// See [`MachineConfig::reclaim_delay_ms`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaim_delay_ms: Option<u32>,
 }
 
 /// Why a machine configuration was refused. Each message names the field, the
@@ -401,6 +435,12 @@ pub enum MachineConfigError {
     /// `track_dirty_pages: true`.
     #[error("track_dirty_pages: true is not supported by this VMM: it has no snapshots and logs no dirty pages; send false or leave it out")]
     DirtyPagesUnsupported,
+    /// `reclaim: "full"` with a strategy other than `ondemand`.
+    #[error("reclaim \"full\" needs memmap_init \"ondemand\" (got \"{0}\"): {0} initializes the whole memmap by design, so only free data pages can go back; send reclaim \"data\" or \"off\", or leave it out")]
+    ReclaimFullNeedsOnDemand(Strategy),
+    /// `reclaim_delay_ms` too large.
+    #[error("reclaim delay (reclaim_delay_ms) must be at most {MAX_RECLAIM_DELAY_MS} ms (got {0}); leave it out for the guest's default of 2000")]
+    ReclaimDelayTooLong(u32),
     /// A CPU template other than `None`.
     #[error("cpu_template {0:?} is not supported by this VMM: it passes the CPUID KVM supports and has no templates; send \"None\" or leave it out")]
     CpuTemplateUnsupported(CpuTemplate),
@@ -441,7 +481,23 @@ impl MachineConfig {
         if !chunk.is_power_of_two() {
             return Err(MachineConfigError::ChunkNotPowerOfTwo(chunk));
         }
+        if self.reclaim == Some(Reclaim::Full) && self.memmap_init != Strategy::OnDemand {
+            return Err(MachineConfigError::ReclaimFullNeedsOnDemand(self.memmap_init));
+        }
+        if let Some(d) = self.reclaim_delay_ms.filter(|d| *d > MAX_RECLAIM_DELAY_MS) {
+            return Err(MachineConfigError::ReclaimDelayTooLong(d));
+        }
         Ok(())
+    }
+
+    /// The reclaim mode the VM runs with: the one set, else the strategy's
+    /// default (`full` for `ondemand`, whose memmap can shrink again; `off`
+    /// for the strategies that initialize all of it by design).
+    pub fn effective_reclaim(&self) -> Reclaim {
+        self.reclaim.unwrap_or(match self.memmap_init {
+            Strategy::OnDemand => Reclaim::Full,
+            _ => Reclaim::Off,
+        })
     }
 
     /// Returns this config with the fields given in `update` replaced (no
@@ -458,6 +514,8 @@ impl MachineConfig {
             memmap_chunk_kib: update.memmap_chunk_kib.unwrap_or(self.memmap_chunk_kib),
             guest_cpl: update.guest_cpl.unwrap_or(self.guest_cpl),
             memmap_on_memory: update.memmap_on_memory.unwrap_or(self.memmap_on_memory),
+            reclaim: update.reclaim.or(self.reclaim),
+            reclaim_delay_ms: update.reclaim_delay_ms.or(self.reclaim_delay_ms),
         }
     }
 
@@ -509,7 +567,7 @@ mod tests {
                 "vcpu_count": 1, "mem_size_mib": 2048, "smt": false,
                 "track_dirty_pages": false, "cpu_template": "None", "huge_pages": "None",
                 "memmap_init": "ondemand", "memmap_chunk_kib": 2048, "guest_cpl": "auto",
-                "memmap_on_memory": false
+                "memmap_on_memory": false, "reclaim": null, "reclaim_delay_ms": null
             })
         );
     }
@@ -533,6 +591,27 @@ mod tests {
         let before = c.clone();
         c.apply(&update("{}")).unwrap();
         assert_eq!(c, before);
+    }
+
+    #[test]
+    fn reclaim_defaults_follow_the_strategy_and_full_needs_ondemand() {
+        let mut c = MachineConfig::default();
+        assert_eq!(c.effective_reclaim(), Reclaim::Full);
+        c.apply(&update(r#"{"memmap_init": "eager"}"#)).unwrap();
+        assert_eq!(c.effective_reclaim(), Reclaim::Off, "the default follows the strategy");
+        let err = c.apply(&update(r#"{"reclaim": "full"}"#)).unwrap_err();
+        assert_eq!(err, MachineConfigError::ReclaimFullNeedsOnDemand(Strategy::Eager));
+        assert!(err.to_string().starts_with("reclaim \"full\" needs memmap_init \"ondemand\" (got \"eager\")"), "{err}");
+        c.apply(&update(r#"{"reclaim": "data", "reclaim_delay_ms": 500}"#)).unwrap();
+        assert_eq!((c.effective_reclaim(), c.reclaim_delay_ms), (Reclaim::Data, Some(500)));
+        for s in ["parallel", "deferred"] {
+            let e = c.merged(&update(&format!(r#"{{"memmap_init": "{s}", "reclaim": "full"}}"#))).validate();
+            assert!(matches!(e, Err(MachineConfigError::ReclaimFullNeedsOnDemand(_))), "{s}");
+        }
+        let e = c.merged(&update(r#"{"reclaim_delay_ms": 600001}"#)).validate().unwrap_err();
+        assert!(e.to_string().starts_with("reclaim delay (reclaim_delay_ms) must be at most 600000 ms"), "{e}");
+        assert!(serde_json::from_str::<MachineConfigUpdate>(r#"{"reclaim": "all"}"#).is_err());
+        assert!(serde_json::from_str::<MachineConfigUpdate>(r#"{"reclaim_delay_ms": -1}"#).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! answers `valid: false`, an `invalid_reason`, and `guest: null`; the host
 //! view and the timings are still given.
 
-use crate::machine::Strategy;
+use crate::machine::{Reclaim, Strategy};
 use serde::{Deserialize, Serialize};
 
 /// The answer to `GET /memory`.
@@ -33,6 +33,44 @@ pub struct MemoryReport {
     pub host: HostMemoryView,
     /// Boot milestones.
     pub timings: BootTimings,
+    /// Memory the guest gave back (all zero before its first report).
+    #[serde(default)]
+    pub reclaim: ReclaimView,
+}
+
+/// Memory the guest gave back to the host: what the VMM accepted and did
+/// (always given), and the guest's own counts (`null` unless the report is
+/// valid). A range the VMM rejects makes the report invalid.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReclaimView {
+    /// The mode the VM runs with; `null` before it starts.
+    pub mode: Option<Reclaim>,
+    /// Reports the guest made.
+    pub events: u64,
+    /// Ranges the VMM accepted and discarded.
+    pub ranges_accepted: u64,
+    /// Ranges (or whole reports) the VMM rejected.
+    pub ranges_rejected: u64,
+    /// Bytes discarded from the host, all kinds together.
+    pub discarded_bytes: u64,
+    /// Of those, free data pages.
+    pub discarded_data_bytes: u64,
+    /// Of those, memmap pages that described only uninitialized chunks.
+    pub discarded_memmap_bytes: u64,
+    /// Of those, whole runs taken offline (their memslots are deleted once
+    /// all their memory is offline).
+    pub offline_bytes: u64,
+    /// KVM memslots deleted because the guest took their memory offline.
+    pub memslots_unregistered: u64,
+    /// Bytes the guest says it reported and had accepted.
+    pub guest_reported_bytes: Option<u64>,
+    /// Reports the guest says it made.
+    pub guest_events: Option<u64>,
+    /// Chunks the guest returned from initialized to uninitialized.
+    pub chunks_deinitialized: Option<u64>,
+    /// The guest's delay before it reports free memory, in ms.
+    pub delay_ms: Option<u32>,
 }
 
 /// The guest's memmap and allocator counters, from its stats block. Pages are
@@ -316,6 +354,28 @@ impl MemoryReport {
             guest: Some(GuestMemoryView::example()),
             host: HostMemoryView::example(),
             timings: BootTimings::example(),
+            reclaim: ReclaimView::example(),
+        }
+    }
+}
+
+impl ReclaimView {
+    /// An example with round numbers, for documentation and tests.
+    pub fn example() -> ReclaimView {
+        ReclaimView {
+            mode: Some(Reclaim::Full),
+            events: 3,
+            ranges_accepted: 40,
+            ranges_rejected: 0,
+            discarded_bytes: (1 << 30) + (16 << 20),
+            discarded_data_bytes: 128 << 20,
+            discarded_memmap_bytes: 16 << 20,
+            offline_bytes: 896 << 20,
+            memslots_unregistered: 9,
+            guest_reported_bytes: Some((1 << 30) + (16 << 20)),
+            guest_events: Some(3),
+            chunks_deinitialized: Some(512),
+            delay_ms: Some(2000),
         }
     }
 }
@@ -389,6 +449,7 @@ mod tests {
                 process_start: Some(0.0),
                 ..BootTimings::default()
             },
+            reclaim: ReclaimView::default(),
         };
         let v = serde_json::to_value(&r).unwrap();
         for key in [

@@ -59,6 +59,7 @@ fn report_full() -> MemoryReport {
         guest: Some(GuestMemoryView::example()),
         host: HostMemoryView::example(),
         timings: BootTimings::example(),
+        reclaim: ReclaimView::example(),
     }
 }
 
@@ -70,6 +71,7 @@ fn report_minimal() -> MemoryReport {
         guest: None,
         host: HostMemoryView { vmm_pss_bytes: None, ..HostMemoryView::example() },
         timings: BootTimings::default(),
+        reclaim: ReclaimView::default(),
     }
 }
 
@@ -91,6 +93,8 @@ fn samples() -> Vec<Sample> {
         memmap_chunk_kib: 128,
         guest_cpl: GuestCpl::Ring3,
         memmap_on_memory: true,
+        reclaim: Some(Reclaim::Data),
+        reclaim_delay_ms: Some(100),
     };
     let update_full = MachineConfigUpdate {
         vcpu_count: Some(2),
@@ -103,6 +107,8 @@ fn samples() -> Vec<Sample> {
         memmap_chunk_kib: Some(4096),
         guest_cpl: Some(GuestCpl::Ring0),
         memmap_on_memory: Some(true),
+        reclaim: Some(Reclaim::Off),
+        reclaim_delay_ms: Some(0),
     };
     let put_full = MachineConfigPut {
         vcpu_count: 2,
@@ -115,6 +121,8 @@ fn samples() -> Vec<Sample> {
         memmap_chunk_kib: Some(4096),
         guest_cpl: Some(GuestCpl::Ring0),
         memmap_on_memory: Some(true),
+        reclaim: Some(Reclaim::Off),
+        reclaim_delay_ms: Some(0),
     };
     let put_minimal = MachineConfigPut {
         vcpu_count: 1,
@@ -127,6 +135,8 @@ fn samples() -> Vec<Sample> {
         memmap_chunk_kib: None,
         guest_cpl: None,
         memmap_on_memory: None,
+        reclaim: None,
+        reclaim_delay_ms: None,
     };
     let logger_full = Logger {
         log_path: Some("/tmp/log".into()),
@@ -209,7 +219,7 @@ fn samples() -> Vec<Sample> {
             ),
             FullVmConfiguration::new(BootSource::default(), MachineConfig::default(), None, None),
         ),
-        sample("MachineConfig", false, config_full.clone(), config_full),
+        sample("MachineConfig", false, config_full, MachineConfig::default()),
         sample("MachineConfigPut", true, put_full, put_minimal),
         sample("Logger", true, logger_full, Logger::default()),
         sample("MetricsConfig", true, metrics_config.clone(), metrics_config),
@@ -249,6 +259,7 @@ fn samples() -> Vec<Sample> {
         sample("GuestMemoryView", false, GuestMemoryView::example(), guest_min),
         sample("HostMemoryView", false, HostMemoryView::example(), HostMemoryView { vmm_pss_bytes: None, ..HostMemoryView::example() }),
         sample("BootTimings", false, BootTimings::example(), BootTimings::default()),
+        sample("ReclaimView", false, ReclaimView::example(), ReclaimView::default()),
         sample(
             "GuestMemoryTarget",
             true,
@@ -282,6 +293,7 @@ fn string_enums() -> Vec<(&'static str, Vec<Value>)> {
     vec![
         ("VmState", all(&VmState::ALL)),
         ("Strategy", all(&Strategy::ALL)),
+        ("Reclaim", all(&Reclaim::ALL)),
         ("ActionType", all(&ActionType::ALL)),
         ("HugePages", all(&HugePages::ALL)),
         ("CpuTemplate", all(&CpuTemplate::ALL)),

@@ -29,7 +29,7 @@
 //! assert!(fleet.text().contains("vmm_guest_ram_bytes{id=\"a\"} 2147483648\nvmm_guest_ram_bytes{id=\"b\"} 2147483648\n"));
 //! ```
 
-use crate::memory::{BootTimings, GuestMemoryView, HostMemoryView, MemoryReport};
+use crate::memory::{BootTimings, GuestMemoryView, HostMemoryView, MemoryReport, ReclaimView};
 use crate::metrics::{Metrics, VmExitCounts};
 use guest_abi::PAGE_SIZE;
 use std::fmt::Write;
@@ -203,9 +203,10 @@ impl Exposition {
     /// always, the guest's while its report is valid, and the boot
     /// milestones reached.
     pub fn memory(&mut self, labels: Labels<'_>, report: &MemoryReport) {
-        let MemoryReport { valid, invalid_reason: _, strategy: _, guest, host, timings } = report;
+        let MemoryReport { valid, invalid_reason: _, strategy: _, guest, host, timings, reclaim } = report;
         self.add("vmm_guest_report_valid", "Whether the guest's stats block is valid (1) or not (0).", Kind::Gauge, labels, *valid);
         self.host(labels, host);
+        self.reclaim(labels, reclaim);
         if let (true, Some(guest)) = (valid, guest) {
             self.guest(labels, guest);
         }
@@ -242,6 +243,43 @@ impl Exposition {
         for (name, help, value) in gauges {
             if let Some(v) = value {
                 self.add(name, help, Kind::Gauge, labels, v);
+            }
+        }
+    }
+
+    /// Memory the guest gave back: the VMM's counts, and the guest's while
+    /// its report is valid.
+    fn reclaim(&mut self, labels: Labels<'_>, r: &ReclaimView) {
+        let ReclaimView {
+            mode: _,
+            events,
+            ranges_accepted,
+            ranges_rejected,
+            discarded_bytes,
+            discarded_data_bytes,
+            discarded_memmap_bytes,
+            offline_bytes,
+            memslots_unregistered,
+            guest_reported_bytes,
+            guest_events: _, // events
+            chunks_deinitialized,
+            delay_ms: _,
+        } = r;
+        let counters: [(&'static str, &'static str, Option<u64>); 10] = [
+            ("vmm_reclaim_events_total", "Reports of free memory the guest made.", Some(*events)),
+            ("vmm_reclaim_ranges_accepted_total", "Reported ranges the VMM accepted and discarded.", Some(*ranges_accepted)),
+            ("vmm_reclaim_ranges_rejected_total", "Reported ranges (or whole reports) the VMM rejected.", Some(*ranges_rejected)),
+            ("vmm_reclaim_discarded_bytes_total", "Bytes of guest memory discarded from the host, all kinds.", Some(*discarded_bytes)),
+            ("vmm_reclaim_discarded_data_bytes_total", "Free data pages discarded from the host.", Some(*discarded_data_bytes)),
+            ("vmm_reclaim_discarded_memmap_bytes_total", "Memmap pages of uninitialized chunks discarded.", Some(*discarded_memmap_bytes)),
+            ("vmm_reclaim_offline_bytes_total", "Guest memory taken offline in whole runs.", Some(*offline_bytes)),
+            ("vmm_reclaim_memslots_unregistered_total", "KVM memslots deleted because their memory went offline.", Some(*memslots_unregistered)),
+            ("vmm_reclaim_guest_reported_bytes_total", "Bytes the guest says it reported and had accepted.", *guest_reported_bytes),
+            ("vmm_memmap_chunks_deinitialized_total", "Memmap chunks the guest returned to uninitialized.", *chunks_deinitialized),
+        ];
+        for (name, help, value) in counters {
+            if let Some(v) = value {
+                self.add(name, help, Kind::Counter, labels, v);
             }
         }
     }

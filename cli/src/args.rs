@@ -4,7 +4,7 @@
 use api::GuestCpl;
 use clap::{Parser, Subcommand, ValueEnum};
 use guest_abi::Strategy;
-use lab::args::{cpl_parser, strategy_parser};
+use lab::args::{cpl_parser, reclaim_parser, strategy_parser};
 use crate::runtime_dir::{self, VmId};
 use std::path::PathBuf;
 use vmm::config::{KernelImage, SerialTarget, VmConfig};
@@ -210,6 +210,14 @@ pub struct RunArgs {
     /// Let the host back guest RAM with transparent huge pages.
     #[arg(long)]
     pub huge_pages: bool,
+    /// What freed guest memory goes back to the host [default: full with
+    /// --memmap-init ondemand, off with the others; full needs ondemand].
+    #[arg(long, value_parser = reclaim_parser())]
+    pub reclaim: Option<api::Reclaim>,
+    /// How long guest memory stays free before the guest reports it, in ms
+    /// (0 .. 600000) [default: the guest's, 2000].
+    #[arg(long, value_name = "MS")]
+    pub reclaim_delay_ms: Option<u32>,
     /// Once the guest is ready, make it allocate (and write) this many MiB.
     #[arg(long, value_name = "MIB")]
     pub alloc_mib: Option<u64>,
@@ -301,6 +309,8 @@ impl RunArgs {
                 guest_cpl: self.guest_cpl,
                 memmap_on_memory: self.memmap_on_memory,
                 huge_pages: api::HugePages::from_enabled(self.huge_pages),
+                reclaim: self.reclaim,
+                reclaim_delay_ms: self.reclaim_delay_ms,
                 ..api::MachineConfig::default()
             },
             kernel: self.kernel.clone().map_or(KernelImage::Embedded, KernelImage::File),
@@ -370,6 +380,18 @@ mod tests {
         assert_eq!((c.serial_max_bytes, c.guest_timeout), (16 << 20, std::time::Duration::from_secs(60)));
         let c = run_args(&["--serial-max-bytes", "4096", "--guest-timeout", "1.5"]).unwrap().vm_config();
         assert_eq!((c.serial_max_bytes, c.guest_timeout), (4096, std::time::Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn reclaim_flags_parse_and_full_needs_ondemand() {
+        let m = run_args(&[]).unwrap().vm_config().machine;
+        assert_eq!((m.reclaim, m.effective_reclaim(), m.reclaim_delay_ms), (None, api::Reclaim::Full, None));
+        let m = run_args(&["--reclaim", "data", "--reclaim-delay-ms", "100"]).unwrap().vm_config().machine;
+        assert_eq!((m.effective_reclaim(), m.reclaim_delay_ms), (api::Reclaim::Data, Some(100)));
+        assert_eq!(run_args(&["--memmap-init", "eager"]).unwrap().vm_config().machine.effective_reclaim(), api::Reclaim::Off);
+        let c = run_args(&["--memmap-init", "parallel", "--reclaim", "full"]).unwrap().vm_config();
+        assert!(c.validate().unwrap_err().to_string().contains("needs memmap_init \"ondemand\""));
+        assert!(run_args(&["--reclaim", "some"]).is_err());
     }
 
     #[test]

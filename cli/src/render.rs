@@ -7,7 +7,7 @@ mod table;
 
 use api::{
     BootTimings, GuestMemoryStatus, GuestMemoryView, HostMemoryView, InstanceInfo, InstanceStatus, MachineConfig,
-    MemoryReport, Metrics, VmExitCounts,
+    MemoryReport, ReclaimView, Metrics, VmExitCounts,
 };
 use serde_json::Value;
 use crate::fleet::{Reach, Row, Totals};
@@ -80,6 +80,8 @@ pub fn machine_config(config: &MachineConfig) -> String {
         memmap_chunk_kib: kib,
         guest_cpl: text,
         memmap_on_memory: yes_no,
+        reclaim: text_or_dash,
+        reclaim_delay_ms: text_or_dash,
     }))
 }
 
@@ -184,6 +186,7 @@ fn memory_details(report: &MemoryReport) -> String {
         guest,
         host,
         timings,
+        reclaim,
     } = report;
     let guest = match (valid, guest) {
         (true, Some(view)) => fields(&guest_view(view)),
@@ -203,7 +206,34 @@ fn memory_details(report: &MemoryReport) -> String {
         ("TIMINGS (since VMM start)", fields(&milestones)),
         ("GUEST-MEASURED (from kernel entry)", fields(&durations)),
     ]);
+    out.push('\n');
+    let (vmm_side, guest_side) = reclaim_view(reclaim);
+    out += &side_by_side(&[
+        ("RECLAIM (what the VMM accepted and discarded)", fields(&vmm_side)),
+        ("RECLAIM (the guest's count)", fields(&guest_side)),
+    ]);
     out
+}
+
+/// Memory the guest gave back: the VMM's side, then the guest's own counts.
+fn reclaim_view(view: &ReclaimView) -> (Vec<Field>, Vec<Field>) {
+    let mut all = shown!(view => ReclaimView {
+        mode: text_or_dash,
+        events: text,
+        ranges_accepted: text,
+        ranges_rejected: text,
+        discarded_bytes: bytes,
+        discarded_data_bytes: bytes,
+        discarded_memmap_bytes: bytes,
+        offline_bytes: bytes,
+        memslots_unregistered: text,
+        guest_reported_bytes: bytes,
+        guest_events: text_or_dash,
+        chunks_deinitialized: text_or_dash,
+        delay_ms: text_or_dash,
+    });
+    let guest = all.split_off(9);
+    (all, guest)
 }
 
 /// `GET /guest/memory` and `PUT /guest/memory` for a human: the workload's

@@ -17,6 +17,17 @@ pub fn strategy_parser() -> impl TypedValueParser<Value = Strategy> {
         .try_map(|name| Strategy::from_name(&name).ok_or(UnknownValue(name)))
 }
 
+/// Parses `--reclaim` values into [`api::Reclaim`].
+pub fn reclaim_parser() -> impl TypedValueParser<Value = api::Reclaim> {
+    let help = |r: api::Reclaim| match r {
+        api::Reclaim::Off => "Nothing goes back: the host keeps what the guest once touched",
+        api::Reclaim::Data => "Free data pages go back (as balloon free page reporting)",
+        api::Reclaim::Full => "Data pages, the memmap of emptied chunks, and KVM memslots (ondemand only)",
+    };
+    PossibleValuesParser::new(api::Reclaim::ALL.map(|r| PossibleValue::new(r.name()).help(help(r))))
+        .try_map(|name| api::Reclaim::from_name(&name).ok_or(UnknownValue(name)))
+}
+
 /// Parses `--guest-cpl` values into [`api::GuestCpl`].
 pub fn cpl_parser() -> impl TypedValueParser<Value = api::GuestCpl> {
     PossibleValuesParser::new(api::GuestCpl::ALL.map(|c| PossibleValue::new(c.name()).help(c.summary())))

@@ -8,6 +8,7 @@ use crate::devices::serial::{open_console, ConsoleError};
 use crate::devices::Devices;
 use crate::events::VmEvent;
 use crate::loader::{Image, LoadError};
+use crate::memory::reclaim::ReclaimPolicy;
 use crate::memory::{self, RamError, RegisterError, Registrar};
 use crate::metrics::Metrics;
 use crate::timings::Timings;
@@ -123,6 +124,11 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     if let Some(pv) = devices.paravirt() {
         pv.set_vcpu_count(u32::from(config.machine.vcpu_count));
         pv.set_registrar(registrar);
+        // What the guest may give back: never the boot data (low memory)
+        // or the kernel's segments.
+        let mut protected = image.segments();
+        protected.push((0, layout::HIMEM_START));
+        pv.set_reclaim_policy(ReclaimPolicy::new(config.machine.effective_reclaim(), &mem, protected));
     }
 
     // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.

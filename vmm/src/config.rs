@@ -177,6 +177,11 @@ impl VmConfig {
         if m.memmap_on_memory {
             s.push_str(" memmap_on_memory=on");
         }
+        s.push_str(" reclaim=");
+        s.push_str(m.effective_reclaim().name());
+        if let Some(ms) = m.reclaim_delay_ms {
+            s.push_str(&format!(" reclaim_delay_ms={ms}"));
+        }
         if !self.cmdline.trim().is_empty() {
             s.push(' ');
             s.push_str(self.cmdline.trim());
@@ -246,7 +251,27 @@ mod tests {
             cmdline: " workload=exit cpl=3 ".into(),
             ..Default::default()
         };
-        assert_eq!(c.guest_cmdline(), "cpl=0 memmap_init=ondemand memmap_chunk=2048K workload=exit cpl=3");
+        assert_eq!(c.guest_cmdline(), "cpl=0 memmap_init=ondemand memmap_chunk=2048K reclaim=full workload=exit cpl=3");
+    }
+
+    #[test]
+    fn the_reclaim_mode_and_delay_reach_the_guest() {
+        let c = with_machine(|m| {
+            m.guest_cpl = api::GuestCpl::Ring3;
+            m.memmap_init = api::Strategy::Eager;
+        });
+        assert_eq!(c.guest_cmdline(), "cpl=3 memmap_init=eager memmap_chunk=2048K reclaim=off");
+        let c = with_machine(|m| {
+            m.guest_cpl = api::GuestCpl::Ring3;
+            m.reclaim = Some(api::Reclaim::Data);
+            m.reclaim_delay_ms = Some(250);
+        });
+        assert_eq!(c.guest_cmdline(), "cpl=3 memmap_init=ondemand memmap_chunk=2048K reclaim=data reclaim_delay_ms=250");
+        let c = with_machine(|m| {
+            m.memmap_init = api::Strategy::Deferred;
+            m.reclaim = Some(api::Reclaim::Full);
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("needs memmap_init \"ondemand\""));
     }
 
     #[test]

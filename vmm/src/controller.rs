@@ -536,6 +536,9 @@ impl Controller {
             tsc_khz: vm.tsc_khz,
             workload_bytes: self.workload_bytes,
             registered_bytes: vm.devices.registered_bytes(),
+            reclaim_mode: vm.config.machine.effective_reclaim(),
+            reclaim: vm.devices.reclaim_stats(),
+            memslots_unregistered: vm.devices.memslots_unregistered(),
             timings,
         }))
     }

@@ -6,6 +6,7 @@ use super::i8042::I8042;
 use super::outcome::PortOutcome;
 use super::paravirt::Paravirt;
 use super::serial::{ConsoleOut, SerialPort};
+use crate::memory::Registrar;
 use crate::events::VmEvent;
 use crate::metrics::Metrics;
 use crate::timings::Timings;
@@ -60,6 +61,16 @@ impl Devices {
             Some(r) => r.registered_bytes(),
             None => crate::memory::ram::ram_bytes(&self.mem),
         }
+    }
+
+    /// What the guest's reclaim reports did (nothing without the device).
+    pub fn reclaim_stats(&self) -> crate::memory::reclaim::ReclaimStats {
+        self.pv.as_ref().map(Paravirt::reclaim_stats).unwrap_or_default()
+    }
+
+    /// KVM memslots deleted because the guest took their memory offline.
+    pub fn memslots_unregistered(&self) -> u64 {
+        self.pv.as_ref().and_then(Paravirt::registrar).map_or(0, Registrar::slots_deleted)
     }
 
     /// Where the guest said its stats block is.

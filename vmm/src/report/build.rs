@@ -5,7 +5,8 @@
 use super::guest::{memmap_ranges, memmap_resident, read_snapshot, validate, GuestReportError};
 use super::host::{kvm_memslot_estimate, vmm_own_memory, KVM_ESTIMATE_NOTE};
 use crate::memory;
-use guest_abi::{stats_flags, PAGE_SIZE};
+use crate::memory::reclaim::ReclaimStats;
+use guest_abi::{stats_flags, StatsBlock, PAGE_SIZE};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Inputs the report needs besides guest memory.
@@ -15,8 +16,14 @@ pub struct ReportContext<'a> {
     pub vcpus: u8,
     pub tsc_khz: Option<u32>,
     pub workload_bytes: u64,
-    /// Guest RAM registered with KVM so far.
+    /// Guest RAM registered with KVM now.
     pub registered_bytes: u64,
+    /// The reclaim mode the VM runs with.
+    pub reclaim_mode: api::Reclaim,
+    /// What the guest's reclaim reports did.
+    pub reclaim: ReclaimStats,
+    /// KVM memslots deleted because the guest took their memory offline.
+    pub memslots_unregistered: u64,
     /// The boot timings, taken *before* `stats_gpa`: the guest announces
     /// its stats block before its first phase, so a report whose timings
     /// show a phase always finds the block too.
@@ -53,7 +60,49 @@ pub fn not_started_report(timings: api::BootTimings) -> api::MemoryReport {
             kvm_estimate_note: KVM_ESTIMATE_NOTE.to_string(),
         },
         timings,
+        reclaim: api::ReclaimView::default(),
     }
+}
+
+/// The VMM's side of the reclaim figures; the guest's are filled in once
+/// its block validates ([`guest_reclaim`]).
+fn reclaim_view(ctx: &ReportContext<'_>) -> api::ReclaimView {
+    let r = &ctx.reclaim;
+    api::ReclaimView {
+        mode: Some(ctx.reclaim_mode),
+        events: r.events,
+        ranges_accepted: r.ranges_accepted,
+        ranges_rejected: r.ranges_rejected,
+        discarded_bytes: r.discarded_bytes(),
+        discarded_data_bytes: r.data_bytes,
+        discarded_memmap_bytes: r.memmap_bytes,
+        offline_bytes: r.offline_bytes,
+        memslots_unregistered: ctx.memslots_unregistered,
+        guest_reported_bytes: None,
+        guest_events: None,
+        chunks_deinitialized: None,
+        delay_ms: None,
+    }
+}
+
+/// Checks the guest's reclaim counts against the VMM's own (the guest
+/// updates its counts after the VMM, so they may lag, never lead), and
+/// fills them in.
+fn guest_reclaim(b: &StatsBlock, view: &mut api::ReclaimView) -> Result<(), String> {
+    if b.reclaim_reported_bytes > view.discarded_bytes {
+        return Err(format!(
+            "the guest says {} bytes were reclaimed; the VMM accepted {}",
+            b.reclaim_reported_bytes, view.discarded_bytes
+        ));
+    }
+    if b.reclaim_events > view.events {
+        return Err(format!("the guest says it made {} reclaim reports; the VMM saw {}", b.reclaim_events, view.events));
+    }
+    view.guest_reported_bytes = Some(b.reclaim_reported_bytes);
+    view.guest_events = Some(b.reclaim_events);
+    view.chunks_deinitialized = Some(b.chunks_deinitialized);
+    view.delay_ms = Some(b.reclaim_delay_ms);
+    Ok(())
 }
 
 /// Builds the full report: guest view (if valid), host view, timings.
@@ -79,16 +128,27 @@ pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
         .ok_or(GuestReportError::NotAnnounced)
         .and_then(|gpa| read_snapshot(mem, gpa))
         .and_then(|b| validate(&b, mem, ctx.vcpus).map(|s| (b, s)));
+    let mut reclaim = reclaim_view(ctx);
+    // A rejected reclaim range, or counts that do not add up, make the
+    // guest's report untrustworthy, as a bad stats block does.
+    let snapshot = snapshot.map_err(|e| format!("guest report invalid: {e}")).and_then(|(b, s)| {
+        if let Some(why) = &ctx.reclaim.first_rejection {
+            return Err(format!("guest report invalid: the VMM rejected memory the guest reported ({why})"));
+        }
+        guest_reclaim(&b, &mut reclaim).map_err(|e| format!("guest report invalid: {e}"))?;
+        Ok((b, s))
+    });
     let (b, strategy) = match snapshot {
         Ok(v) => v,
         Err(e) => {
             return api::MemoryReport {
                 valid: false,
-                invalid_reason: Some(format!("guest report invalid: {e}")),
+                invalid_reason: Some(e),
                 strategy: None,
                 guest: None,
                 host,
                 timings,
+                reclaim,
             }
         }
     };
@@ -128,6 +188,7 @@ pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
         guest: Some(guest),
         host,
         timings,
+        reclaim,
     }
 }
 

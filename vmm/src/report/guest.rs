@@ -69,6 +69,9 @@ pub fn validate(b: &StatsBlock, mem: &GuestMemoryMmap, vcpus: u8) -> Result<Stra
         return Err(GuestReportError::BadVersion(b.abi_version));
     }
     let strategy = Strategy::decode(b.strategy).ok_or(GuestReportError::BadStrategy(b.strategy))?;
+    if guest_abi::Reclaim::decode(b.reclaim).is_none() {
+        return Err(Bad(format!("unknown reclaim mode {}", b.reclaim)));
+    }
     let known = stats_flags::GROW_CHECK_ON
         | stats_flags::MEMMAP_ON_MEMORY
         | stats_flags::FULLY_INITIALIZED
@@ -210,6 +213,7 @@ mod tests {
             (StatsBlock { cpus: 4, ..good() }, "CPUs"),
             (StatsBlock { memmap_range_count: u32::MAX, ..good() }, "ranges"),
             (StatsBlock { chunks_initialized: 99, ..good() }, "chunks"),
+            (StatsBlock { reclaim: 3, ..good() }, "reclaim mode"),
         ];
         for (b, needle) in cases {
             let e = validate(&b, &mem, 1).unwrap_err().to_string();
