@@ -282,7 +282,6 @@ mod tests {
         MemoryReport, Metrics, VmState,
     };
     use clap::{CommandFactory, Parser};
-    use std::sync::mpsc;
     use vmm::events::VmEvent;
 
     /// `vmm ctl` as its own program, for parsing tests.
@@ -407,9 +406,9 @@ mod tests {
     /// A real API server whose VMM thread answers with [`fake_answer`].
     fn fake_vmm() -> (vmm::api_server::ApiServer, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let (to_vmm, events) = mpsc::channel();
+        let (to_vmm, mut events) = vmm::events::channel();
         std::thread::spawn(move || {
-            while let Ok(event) = events.recv() {
+            while let Some(event) = events.blocking_recv() {
                 if let VmEvent::Api(call) = event {
                     let _ = call.reply.send(fake_answer(call.request));
                 }

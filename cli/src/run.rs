@@ -27,7 +27,7 @@ use vmm::timings::Timings;
 use vmm::vstate::stop::StopReason;
 
 fn start_api(path: &Path, ctl: &Controller) -> Result<ApiServer, u8> {
-    let server = vmm::api_server::start(path, ctl.sender(), ctl.metrics()).map_err(|e| {
+    let server = vmm::api_server::bind(path, ctl.sender(), ctl.metrics()).map_err(|e| {
         vmm::errln!("vmm: error: {}", ErrorChain(&e));
         2
     })?;
@@ -105,7 +105,7 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
         then_target_mib: args.then_target_mib,
         bench_alloc_free: args.bench_alloc_free,
     });
-    let server = if args.no_api {
+    let mut server = if args.no_api {
         None
     } else {
         match socket_path(args.api_sock.as_deref(), &args.place).and_then(|p| start_api(&p, &ctl)) {
@@ -121,10 +121,17 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
         return if e.is_usage() { 2 } else { 1 };
     }
     vmm::seccomp::apply(vmm::seccomp::ThreadKind::Main);
-    let reason = ctl.run();
+    let reason = ctl.run(server.as_mut());
     if let Some(s) = server {
         s.shutdown();
     }
+    let reason = match reason {
+        Ok(reason) => reason,
+        Err(e) => {
+            vmm::errln!("vmm: error: {}", ErrorChain(&e));
+            return 1;
+        }
+    };
     if let Some(report) = ctl.printed_report.take() {
         let text = match format {
             Some(ReportFormat::Json) => serde_json::to_value(&report).unwrap_or_default().to_string(),
@@ -154,14 +161,20 @@ pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
     };
     let mut ctl = Controller::new(config, timings);
     ctl.set_exit_on_stop(!args.keep_serving);
-    let server = match socket_path(args.api_sock.as_deref(), &args.place).and_then(|p| start_api(&p, &ctl)) {
+    let mut server = match socket_path(args.api_sock.as_deref(), &args.place).and_then(|p| start_api(&p, &ctl)) {
         Ok(s) => s,
         Err(code) => return code,
     };
     vmm::seccomp::apply(vmm::seccomp::ThreadKind::Main);
-    let reason = ctl.run();
+    let reason = ctl.run(Some(&mut server));
     server.shutdown();
-    exit_code(reason)
+    match reason {
+        Ok(reason) => exit_code(reason),
+        Err(e) => {
+            vmm::errln!("vmm: error: {}", ErrorChain(&e));
+            1
+        }
+    }
 }
 
 /// Prints why the VM stopped (and a guest's nonzero exit code on stdout)

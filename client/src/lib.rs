@@ -180,15 +180,14 @@ async fn exchange(sock: &Path, req: Request<Full<Bytes>>) -> Result<(u16, Value)
 mod tests {
     use super::*;
     use api::{ApiRequest, ApiResponse, VmState};
-    use std::sync::mpsc;
     use vmm::events::VmEvent;
 
     /// A real API server with a controller that answers from fixed data.
     fn server() -> (vmm::api_server::ApiServer, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, rx) = mpsc::channel();
+        let (tx, mut rx) = vmm::events::channel();
         std::thread::spawn(move || {
-            for event in rx {
+            while let Some(event) = rx.blocking_recv() {
                 let VmEvent::Api(call) = event else { continue };
                 let answer = match call.request {
                     ApiRequest::GetInstanceInfo => {

@@ -6,7 +6,7 @@ use crate::arch::{self, layout};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::serial::{open_console, ConsoleError};
 use crate::devices::Devices;
-use crate::events::VmEvent;
+use crate::events::EventSender;
 use crate::loader::{Image, LoadError};
 use crate::memory::reclaim::ReclaimPolicy;
 use crate::memory::{self, RamError, RegisterError, Registrar};
@@ -16,7 +16,6 @@ use crate::vstate::vm::{Vm, VmParts};
 use kvm_bindings::{kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use vm_memory::GuestAddress;
 
@@ -77,7 +76,7 @@ impl BuildError {
 pub struct BuildContext {
     pub timings: Arc<Timings>,
     pub metrics: Arc<Metrics>,
-    pub events: Sender<VmEvent>,
+    pub events: EventSender,
 }
 
 /// Builds a VM ready to start: KVM VM and guest RAM registered, kernel and
@@ -226,7 +225,7 @@ mod tests {
 
     #[test]
     fn a_bad_config_fails_before_kvm_is_touched() {
-        let (tx, _rx) = std::sync::mpsc::channel();
+        let (tx, _rx) = crate::events::channel();
         let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
         let mut c = VmConfig { kvm_path: "/nonexistent/kvm".into(), ..Default::default() };
         c.machine.mem_size_mib = 0;
@@ -236,7 +235,7 @@ mod tests {
 
     #[test]
     fn a_small_vm_builds_with_its_boot_block_registered() {
-        let (tx, _rx) = std::sync::mpsc::channel();
+        let (tx, _rx) = crate::events::channel();
         let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
         let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..Default::default() };
         c.machine.mem_size_mib = 256;

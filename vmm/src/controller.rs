@@ -1,16 +1,20 @@
-//! The VMM thread: the only place that changes VM state.
+//! The controller: the only place that changes VM state. It runs on the
+//! VMM's main thread, which also serves the API: a VMM process has that
+//! thread and one thread per vCPU, nothing else.
 //!
 //! How a request travels (as in Cloud Hypervisor's `api/mod.rs`):
 //!
-//! 1. The API thread (`api_server`) reads an HTTP request and parses it into
-//!    an [`api::ApiRequest`]; malformed input is answered there and never
-//!    reaches this thread.
+//! 1. The API server (`api_server`, tasks on the main thread's runtime)
+//!    reads an HTTP request and parses it into an [`api::ApiRequest`];
+//!    malformed input is answered there and never reaches the controller.
 //! 2. It sends the request with a one-shot reply channel as
 //!    [`VmEvent::Api`] on the same channel the vCPU threads report guest
-//!    events on, and waits for the reply without blocking anyone.
+//!    events on, and its task awaits the reply (other connections go on).
 //! 3. [`Controller::run`] receives events one at a time: API requests,
-//!    guest phases, finished guest commands, AP start-up requests, stopped
-//!    vCPUs, and host signals.
+//!    guest phases, finished guest commands, AP start-up requests and
+//!    stopped vCPUs, then host signals from its `signalfd`; between two
+//!    events the runtime runs the API's tasks. The boundary is the
+//!    channel: the server's tests put a fake controller behind it.
 //! 4. It answers each request exactly once: at once, or, for
 //!    `PUT /guest/memory`, when the guest reports the command finished.
 //! 5. When the guest stops (or is stopped) the loop ends and returns the
@@ -47,7 +51,8 @@ use crate::builder::{build_microvm, BuildContext, BuildError};
 use crate::config::{check_kernel_image, VmConfig};
 use crate::devices::SubmitError;
 use api::ErrorChain;
-use crate::events::{ApiCall, CommandDone, VmEvent};
+use crate::api_server::ApiServer;
+use crate::events::{ApiCall, CommandDone, EventReceiver, EventSender, VmEvent};
 use crate::metrics::Metrics;
 use crate::report::{self, ReportContext};
 use crate::script::{BenchResult, Script};
@@ -58,7 +63,6 @@ use api::{ApiError, ApiRequest, ApiResponse, GuestMemoryOutcome, GuestMemoryStat
 use guest_abi::{Command, CommandStatus, Phase};
 use crate::host_output::{HostLog, HostOutput};
 use std::path::Path;
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -99,7 +103,7 @@ struct Pending {
     deadline: Instant,
 }
 
-/// The VMM thread's state.
+/// The controller's state.
 pub struct Controller {
     id: String,
     /// When `start` succeeded, in ms since the Unix epoch.
@@ -109,8 +113,8 @@ pub struct Controller {
     state: VmState,
     exit_code: Option<i32>,
     failure: Option<String>,
-    tx: Sender<VmEvent>,
-    rx: Receiver<VmEvent>,
+    tx: EventSender,
+    rx: EventReceiver,
     timings: Arc<Timings>,
     metrics: Arc<Metrics>,
     guest_ready: bool,
@@ -150,7 +154,7 @@ pub struct Controller {
 impl Controller {
     /// A controller with no VM yet.
     pub fn new(config: VmConfig, timings: Arc<Timings>) -> Controller {
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = crate::events::channel();
         Controller {
             id: config.id.clone(),
             started_at_unix_ms: None,
@@ -192,7 +196,7 @@ impl Controller {
     }
 
     /// A sender for events (the API server's end).
-    pub fn sender(&self) -> Sender<VmEvent> {
+    pub fn sender(&self) -> EventSender {
         self.tx.clone()
     }
 
@@ -236,8 +240,32 @@ impl Controller {
 
     /// Runs the event loop until the VM stops; returns why (None: the loop
     /// ended without a VM, e.g. a signal before start).
-    pub fn run(&mut self) -> Option<StopReason> {
-        crate::signals::forward_to(self.tx.clone());
+    ///
+    /// The loop runs on a current-thread tokio runtime on the calling
+    /// thread, the only thread a VMM process has besides its vCPUs. The
+    /// API server (`api`, bound by the caller) runs as tasks on the same
+    /// runtime, and the stop signals are a `signalfd` on it
+    /// ([`crate::signals::StopSignals`]). When the loop ends, the server
+    /// stops accepting and answers what is in flight before this returns.
+    pub fn run(&mut self, api: Option<&mut ApiServer>) -> Result<Option<StopReason>, RunError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(RunError::Runtime)?;
+        runtime.block_on(self.serve(api));
+        Ok(self.finished.clone())
+    }
+
+    async fn serve(&mut self, mut api: Option<&mut ApiServer>) {
+        let server = api.as_mut().and_then(|s| s.serve()).map(tokio::spawn);
+        let signals = match crate::signals::StopSignals::new() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log!(self, LogLevel::Warning, "cannot read the stop signals ({e}); Ctrl-C will not stop the VM cleanly");
+                None
+            }
+        };
         log!(self, LogLevel::Info, "{} {VERSION} running", api::APP_NAME);
         while self.finished.is_none() {
             let next = [self.next_metrics_flush, self.pending.as_ref().map(|p| p.deadline), self.ready_deadline, self.console_retry]
@@ -245,12 +273,27 @@ impl Controller {
                 .flatten()
                 .min();
             let wait = next.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
-            if let Ok(ev) = self.rx.recv_timeout(wait) {
-                self.handle(ev);
+            let signal = async {
+                match &signals {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // The controller holds a sender itself: the channel stays open.
+                Some(ev) = self.rx.recv() => self.handle(ev),
+                sig = signal => self.handle(VmEvent::Signal(sig)),
+                () = tokio::time::sleep(wait) => {}
             }
             self.timers(Instant::now());
         }
-        self.finished.clone()
+        if let Some(api) = api {
+            api.stop_serving();
+        }
+        if let Some(server) = server {
+            // The server's drain is bounded; a panic in it was printed.
+            let _ = server.await;
+        }
     }
 
     /// Whatever is due at `now`: the metrics line, a console retry, a guest
@@ -743,6 +786,13 @@ impl Controller {
     fn metrics_snapshot(&self) -> api::Metrics {
         self.metrics.snapshot(self.guest_commands, self.log.dropped(), self.metrics_lines_dropped)
     }
+}
+
+/// Why the controller's loop could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create the controller's runtime")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Why the VM could not be started.

@@ -1,9 +1,28 @@
-//! What the controller acts on: [`VmEvent`]s from the vCPU threads, the API
-//! server and the signal handler, all on one channel. This module owns the
+//! What the controller acts on: [`VmEvent`]s from the vCPU threads and the
+//! API server, all on one channel ([`channel`]). This module owns the
 //! hand-off types so that none of the senders depends on the receiver.
+//!
+//! The channel is tokio's unbounded one: the vCPU threads send from plain
+//! threads (a send never blocks a vCPU), and the send wakes the controller's
+//! runtime on the main thread, which awaits the receiver next to its timers,
+//! the stop signals and the API server's tasks. No thread relays anything.
+//! Nothing the guest does queues events without bound: the console sends one
+//! event until drained, the paravirtual device rate-limits its error reports,
+//! and each command or phase is one event.
 
 use crate::vstate::stop::StopReason;
 use guest_abi::{ApBoot, CommandStatus, Phase};
+
+/// The sending end of the controller's channel (cloned for every sender).
+pub type EventSender = tokio::sync::mpsc::UnboundedSender<VmEvent>;
+
+/// The controller's end of the channel.
+pub type EventReceiver = tokio::sync::mpsc::UnboundedReceiver<VmEvent>;
+
+/// A new event channel.
+pub fn channel() -> (EventSender, EventReceiver) {
+    tokio::sync::mpsc::unbounded_channel()
+}
 
 /// The answer to one API request.
 pub type ApiReply = Result<api::ApiResponse, api::ApiError>;
@@ -63,6 +82,9 @@ pub enum VmEvent {
     GuestProtocolError { msg: String, suppressed: u64 },
     /// The console buffer has bytes for the host (sent once until drained).
     ConsoleOutput,
-    /// The process received this signal (SIGINT, SIGTERM, SIGHUP).
+    /// The process received this signal (SIGINT, SIGTERM, SIGHUP). The
+    /// controller reads its stop signals itself ([`crate::signals`]); tools
+    /// that have no controller (`vmm top`, `vmm density`) get them as this
+    /// event from [`crate::signals::forward_to`].
     Signal(i32),
 }

@@ -48,7 +48,7 @@ pub fn stats_block(data: &[u8]) -> StatsOutcome {
 /// a guest command, as the controller does.
 pub fn port_io(data: &[u8]) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("fixed layout");
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = crate::events::channel();
     // No controller: events go nowhere (and nothing queues up).
     drop(rx);
     let console = crate::devices::serial::ConsoleOut::writer(Box::new(std::io::sink()));

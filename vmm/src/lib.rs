@@ -27,7 +27,9 @@
 //!    the paravirtual ports, asks for its application processors, and onlines
 //!    memory blocks, which [`memory::Registrar`] registers with KVM.
 //! 5. **Serving.** The API server ([`api_server`]) parses HTTP requests into
-//!    [`api::ApiRequest`]s and hands them to the controller. `GET /memory`
+//!    [`api::ApiRequest`]s and hands them to the controller; both run on the
+//!    process's main thread, one tokio runtime, so a VM with N vCPUs has
+//!    N + 1 threads. `GET /memory`
 //!    builds a [`report`]: the guest's stats block, validated, next to what
 //!    the host measures (`mincore()`, `/proc/self/smaps`, KVM's registered
 //!    memory). [`timings`] and [`metrics`] feed it.

@@ -9,9 +9,9 @@
 //!    every thread kind's filter, sets `no_new_privs`, caps the resource
 //!    limits ([`limit_resources`]) and installs the `SIGSYS` handler.
 //! 2. Each thread calls [`apply`] with its [`ThreadKind`] first thing: the
-//!    vCPU threads before their first `KVM_RUN`, the API thread before it
-//!    serves, the signal thread before it waits, and the main thread before
-//!    it enters the controller's event loop. Without [`enable`] (tests, the
+//!    vCPU threads before their first `KVM_RUN`, and the main thread before
+//!    it enters the controller's event loop (which serves the API and reads
+//!    the stop signals on the same thread). Without [`enable`] (tests, the
 //!    lab, `--no-seccomp`) [`apply`] does nothing.
 //! 3. A forbidden system call is trapped (`SECCOMP_RET_TRAP`): the thread
 //!    gets `SIGSYS`, whose handler writes one line to stderr naming the
@@ -21,7 +21,7 @@
 //! Filters stack: a thread started after the main thread applied its filter
 //! runs under the main filter too. The vCPU threads of `vmm serve` and every
 //! application processor start that way (the controller spawns them from its
-//! loop), as does the signal thread; so the main list includes theirs
+//! loop); so the main list includes theirs
 //! ([`ThreadKind::started_by_main`]). A thread that installs no filter of its
 //! own (say, a new helper spawned by the controller) runs under the main
 //! list. A new thread kind is one [`ThreadKind`] variant with
@@ -44,16 +44,14 @@ use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 /// The kinds of thread a VMM process runs, each with its own allow-list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ThreadKind {
-    /// The main thread: the controller's event loop, which builds the VM
-    /// (`vmm serve` does at `InstanceStart`), reads the host's view of
-    /// memory, writes the log and metrics files and stops the vCPUs.
+    /// The main thread: a current-thread tokio runtime that runs the
+    /// controller's event loop, which builds the VM (`vmm serve` does at
+    /// `InstanceStart`), reads the host's view of memory, writes the log and
+    /// metrics files and stops the vCPUs; the API server's tasks; and the
+    /// stop signals' `signalfd`.
     Main,
-    /// The API server: hyper on a current-thread tokio runtime.
-    Api,
     /// A vCPU: `KVM_RUN` and device I/O.
     Vcpu,
-    /// The signal thread: `sigwait`.
-    Signals,
 }
 
 /// A system call by name and number.
@@ -88,26 +86,22 @@ const MAIN: &[Syscall] = sys![
     SYS_unlink, SYS_unlinkat,
     // Starting vCPU and helper threads.
     SYS_clone, SYS_clone3, SYS_set_robust_list, SYS_rseq,
-    // Waking the API runtime (an eventfd) and waiting with a deadline.
-    SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl, SYS_timerfd_create, SYS_timerfd_settime,
-];
-
-/// The API thread, besides [`COMMON`]: accepting and serving connections on
-/// the socket the main thread bound (no `socket`, `bind` or `connect`).
-const API: &[Syscall] = sys![
-    SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_pwait2, SYS_epoll_ctl,
-    SYS_accept4, SYS_recvfrom, SYS_recvmsg, SYS_read, SYS_readv, SYS_sendto, SYS_sendmsg,
-    SYS_shutdown, SYS_getsockopt, SYS_fcntl,
+    // The runtime (epoll, its eventfd waker), created as the loop starts,
+    // and waiting with a deadline.
+    SYS_epoll_create1, SYS_eventfd2, SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_pwait2, SYS_epoll_ctl,
     SYS_timerfd_create, SYS_timerfd_settime, SYS_timerfd_gettime,
+    // The stop signals' signalfd.
+    SYS_signalfd4,
+    // The API: accepting and serving connections on the socket bound before
+    // the filter (no `socket`, `bind` or `connect`).
+    SYS_accept4, SYS_recvfrom, SYS_recvmsg, SYS_readv, SYS_sendto, SYS_sendmsg,
+    SYS_shutdown, SYS_getsockopt,
 ];
 
 /// A vCPU thread, besides [`COMMON`] and its KVM ioctls.
 const VCPU: &[Syscall] = &[];
 
-/// The signal thread, besides [`COMMON`].
-const SIGNALS: &[Syscall] = sys![SYS_rt_sigtimedwait];
-
-/// What the threads but main may try and must not do, and what fails
+/// What the vCPU threads may try and must not do, and what fails
 /// quietly with `EACCES` instead of stopping the VMM: glibc's malloc opens
 /// `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread's
 /// heap, on whichever thread that is (and copes when it cannot).
@@ -159,22 +153,20 @@ const MAIN_IOCTLS: &[Ioctl] = &[
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [ThreadKind::Main, ThreadKind::Api, ThreadKind::Vcpu, ThreadKind::Signals];
+    pub const ALL: [ThreadKind; 2] = [ThreadKind::Main, ThreadKind::Vcpu];
 
     /// The name this documentation and the violation message use.
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Main => "main",
-            ThreadKind::Api => "api",
             ThreadKind::Vcpu => "vcpu",
-            ThreadKind::Signals => "signals",
         }
     }
 
     /// Whether threads of this kind can start after the main thread applied
     /// its filter, and so run under it as well as under their own.
     pub fn started_by_main(self) -> bool {
-        matches!(self, ThreadKind::Vcpu | ThreadKind::Signals)
+        matches!(self, ThreadKind::Vcpu)
     }
 
     /// The system calls of this kind besides [`COMMON`] (main: besides the
@@ -182,9 +174,7 @@ impl ThreadKind {
     fn own_syscalls(self) -> &'static [Syscall] {
         match self {
             ThreadKind::Main => MAIN,
-            ThreadKind::Api => API,
             ThreadKind::Vcpu => VCPU,
-            ThreadKind::Signals => SIGNALS,
         }
     }
 
@@ -192,7 +182,6 @@ impl ThreadKind {
         match self {
             ThreadKind::Main => MAIN_IOCTLS,
             ThreadKind::Vcpu => VCPU_IOCTLS,
-            ThreadKind::Api | ThreadKind::Signals => &[],
         }
     }
 
@@ -200,7 +189,7 @@ impl ThreadKind {
     pub fn denied_quietly(self) -> &'static [(&'static str, i64)] {
         match self {
             ThreadKind::Main => &[],
-            ThreadKind::Api | ThreadKind::Vcpu | ThreadKind::Signals => DENIED_QUIETLY,
+            ThreadKind::Vcpu => DENIED_QUIETLY,
         }
     }
 
@@ -291,7 +280,7 @@ fn dword_is(index: u8, value: u32) -> SeccompRule {
 /// The name of a system call in any list here, for messages and docs.
 fn syscall_name(nr: i64) -> Option<&'static str> {
     let extra: &[Syscall] = sys![SYS_ioctl, SYS_prlimit64, SYS_prctl, SYS_seccomp];
-    [COMMON, MAIN, API, VCPU, SIGNALS, extra]
+    [COMMON, MAIN, VCPU, extra]
         .into_iter()
         .flatten()
         .find(|&&(_, n)| n == nr)
@@ -582,7 +571,7 @@ mod tests {
         let Ok(case) = std::env::var(CHILD_ENV) else { return };
         enable().unwrap();
         let kind = match case.as_str() {
-            "signals-socket" => ThreadKind::Signals,
+            "vcpu-socket" => ThreadKind::Vcpu,
             "vcpu-open" => ThreadKind::Vcpu,
             "vcpu-ok" => ThreadKind::Vcpu,
             _ => panic!("unknown case {case}"),
@@ -595,7 +584,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
             match case.as_str() {
                 // SAFETY: plain integer arguments; the call is expected to trap.
-                "signals-socket" => unsafe {
+                "vcpu-socket" => unsafe {
                     libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
                 },
                 "vcpu-open" => {
@@ -614,11 +603,11 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_ends_the_process_with_sigsys_and_names_thread_and_call() {
-        let (status, stderr) = run_child("signals-socket");
+        let (status, stderr) = run_child("vcpu-socket");
         assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}\n{stderr}");
         assert!(stderr.contains("filtered thread alive"), "{stderr}");
         assert!(!stderr.contains("filtered thread done"), "{stderr}");
-        let want = format!("the signals thread made a forbidden system call {}", libc::SYS_socket);
+        let want = format!("the vcpu thread made a forbidden system call {}", libc::SYS_socket);
         assert!(stderr.contains(&want), "{stderr}");
 
         let (status, stderr) = run_child("vcpu-open");

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
-use std::sync::mpsc::Sender;
+use crate::events::EventSender;
 use std::sync::Arc;
 use std::time::Duration;
 use super::connections::Connections;
@@ -55,7 +55,7 @@ impl Limits {
 
 /// What every request handler needs.
 pub(crate) struct Context {
-    pub(crate) to_vmm: Sender<VmEvent>,
+    pub(crate) to_vmm: EventSender,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: Limits,
     /// Which connections are open, and which are busy.

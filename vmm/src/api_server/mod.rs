@@ -1,4 +1,4 @@
-//! The control API's HTTP side: the server thread ([`server`]), one request's
+//! The control API's HTTP side: the server ([`server`]), one request's
 //! way through it ([`http`]), how connections share the server
 //! ([`connections`]), and the socket file ([`socket`]). The API's
 //! types live in the `api` crate; only the controller acts on requests.
@@ -9,4 +9,4 @@ pub mod server;
 pub mod socket;
 
 pub use connections::ConnectionStats;
-pub use server::{start, ApiServer, ApiServerError};
+pub use server::{bind, start, ApiServer, ApiServerError};

@@ -1,5 +1,7 @@
-//! The API server: one thread ("api") running a current-thread tokio
-//! runtime with a hyper HTTP/1.1 server on a Unix socket.
+//! The API server: a hyper HTTP/1.1 server on a Unix socket, as tasks on
+//! the current-thread tokio runtime of the VMM's main thread, where the
+//! controller runs too ([`bind`], [`ApiServer::serve`]). Tests and tools
+//! with no controller run it on a thread of its own ([`start`]).
 //!
 //! It only turns bytes into [`api::ApiRequest`]s and answers back; it never
 //! touches VM state. A request goes:
@@ -13,7 +15,7 @@
 //! 3. The body is read with a hard cap of [`api::MAX_BODY_BYTES`] (413 past
 //!    it) and a deadline (`body_read`, 408 past it), then parsed with
 //!    [`api::ApiRequest::parse`] (400 and friends on error).
-//! 4. The request goes to the controller as a [`VmEvent::Api`]; this side
+//! 4. The request goes to the controller as a [`crate::events::VmEvent::Api`]; this side
 //!    waits for the reply on a oneshot channel (504 after `vmm_reply`, 503 if
 //!    the controller no longer takes events, 500 if it dropped the reply).
 //! 5. The answer is written as JSON (`Content-Type: application/json`; 204
@@ -28,19 +30,18 @@
 //! and it also runs while a keep-alive connection waits for its next
 //! request: that is the idle timeout.
 //!
-//! When the server stops, requests still waiting for the VMM thread and
+//! When the server stops, requests still waiting for the controller and
 //! requests arriving on open connections are answered 503, then the
 //! connections close (at most 2 s later).
 
 use super::connections::{ConnectionStats, Connections};
 use super::http::{serve_connection, Context, Limits};
-use super::socket::{bind, remove_if_ours, SocketError, SocketIdentity};
-use crate::events::VmEvent;
+use super::socket::{bind as bind_socket, remove_if_ours, SocketError, SocketIdentity};
+use crate::events::EventSender;
 use crate::metrics::Metrics;
 use std::io;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -63,7 +64,9 @@ pub enum ApiServerError {
     Thread(#[source] io::Error),
 }
 
-/// thread, ends every connection, and removes the socket file.
+/// A bound API socket and its server. Dropping it stops the server (and
+/// joins its thread, if [`start`] gave it one), ends every connection, and
+/// removes the socket file.
 #[derive(Debug)]
 pub struct ApiServer {
     path: PathBuf,
@@ -71,32 +74,41 @@ pub struct ApiServer {
     /// someone else put at the path since.
     identity: SocketIdentity,
     stop: Option<oneshot::Sender<()>>,
+    /// What [`ApiServer::serve`] takes.
+    unserved: Option<Unserved>,
     thread: Option<JoinHandle<()>>,
     connections: Arc<Connections>,
 }
 
-/// Starts the API server on `path`. Returns once the socket is listening: a
-/// client may connect as soon as this returns.
-pub fn start(
-    path: &Path,
-    to_vmm: Sender<VmEvent>,
-    metrics: Arc<Metrics>,
-) -> Result<ApiServer, ApiServerError> {
-    start_with(path, to_vmm, metrics, Limits::DEFAULT)
+/// A bound server that nothing serves yet.
+struct Unserved {
+    listener: StdUnixListener,
+    ctx: Arc<Context>,
+    stop: oneshot::Receiver<()>,
 }
 
-pub(crate) fn start_with(
+impl std::fmt::Debug for Unserved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unserved").field("listener", &self.listener).finish_non_exhaustive()
+    }
+}
+
+/// Binds the API socket at `path` for a server that runs on the caller's
+/// runtime: [`ApiServer::serve`] gives the future that serves it. A client
+/// may connect as soon as this returns (the kernel queues it until the
+/// runtime accepts). This is how a VMM process serves: on its main thread,
+/// next to the controller ([`crate::controller::Controller::run`]).
+pub fn bind(path: &Path, to_vmm: EventSender, metrics: Arc<Metrics>) -> Result<ApiServer, ApiServerError> {
+    bind_with(path, to_vmm, metrics, Limits::DEFAULT)
+}
+
+pub(crate) fn bind_with(
     path: &Path,
-    to_vmm: Sender<VmEvent>,
+    to_vmm: EventSender,
     metrics: Arc<Metrics>,
     limits: Limits,
 ) -> Result<ApiServer, ApiServerError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(ApiServerError::Runtime)?;
-    let (listener, identity) = bind(path)?;
+    let (listener, identity) = bind_socket(path)?;
     let (stop_tx, stop_rx) = oneshot::channel();
     let connections = Connections::new(limits.max_connections);
     let ctx = Arc::new(Context {
@@ -106,26 +118,44 @@ pub(crate) fn start_with(
         connections: connections.clone(),
         stopping: watch::Sender::new(false),
     });
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+        identity,
+        stop: Some(stop_tx),
+        unserved: Some(Unserved { listener, ctx, stop: stop_rx }),
+        thread: None,
+        connections,
+    })
+}
+
+/// Starts the API server on `path` on a thread of its own, with its own
+/// runtime: for tests and tools that answer requests from a thread of their
+/// own (a fake controller). A VMM process does not use it ([`bind`]).
+/// Returns once the socket is listening.
+pub fn start(path: &Path, to_vmm: EventSender, metrics: Arc<Metrics>) -> Result<ApiServer, ApiServerError> {
+    start_with(path, to_vmm, metrics, Limits::DEFAULT)
+}
+
+pub(crate) fn start_with(
+    path: &Path,
+    to_vmm: EventSender,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+) -> Result<ApiServer, ApiServerError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(ApiServerError::Runtime)?;
+    let mut server = bind_with(path, to_vmm, metrics, limits)?;
+    let Some(serving) = server.serve() else { unreachable!("a server just bound is not served yet") };
     let thread = std::thread::Builder::new()
         .name("api".into())
         .stack_size(THREAD_STACK_BYTES)
-        .spawn(move || {
-            crate::seccomp::apply(crate::seccomp::ThreadKind::Api);
-            serve(runtime, listener, ctx, stop_rx)
-        });
-    match thread {
-        Ok(thread) => Ok(ApiServer {
-            path: path.to_path_buf(),
-            identity,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-            connections,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_file(path);
-            Err(ApiServerError::Thread(e))
-        }
-    }
+        .spawn(move || runtime.block_on(serving));
+    // On error, dropping the server removes the socket file.
+    server.thread = Some(thread.map_err(ApiServerError::Thread)?);
+    Ok(server)
 }
 
 impl ApiServer {
@@ -139,15 +169,30 @@ impl ApiServer {
         self.connections.stats()
     }
 
+    /// The server as a future for the caller's runtime (None if it was
+    /// taken already). It accepts connections, each a task of its own on
+    /// that runtime, until [`ApiServer::stop_serving`] (or dropping the
+    /// server), then answers what is in flight (at most [`DRAIN_TIMEOUT`])
+    /// and resolves.
+    pub fn serve(&mut self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let Unserved { listener, ctx, stop } = self.unserved.take()?;
+        Some(serve(listener, ctx, stop))
+    }
+
+    /// Stops accepting: the future of [`ApiServer::serve`] drains and ends.
+    pub fn stop_serving(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Stops the server and removes the socket file (as dropping it does).
     pub fn shutdown(self) {
         drop(self);
     }
 
     fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop_serving();
         if let Some(thread) = self.thread.take() {
             // The thread only returns or panics; a panic there has already
             // been printed and must not take the VMM down with it.
@@ -167,16 +212,15 @@ impl Drop for ApiServer {
 /// to the request that stopped the VM still reaches its client).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The API thread: accepts connections until `stop` fires, then stops
-/// accepting and lets in-flight requests finish (at most [`DRAIN_TIMEOUT`])
-/// before the runtime is dropped.
+/// The server: accepts connections until `stop` fires, then stops
+/// accepting and lets in-flight requests finish (at most [`DRAIN_TIMEOUT`]).
+#[expect(clippy::manual_async_fn, reason = "the signature states the Send + 'static that spawning it needs")]
 fn serve(
-    runtime: tokio::runtime::Runtime,
     listener: StdUnixListener,
     ctx: Arc<Context>,
     stop: oneshot::Receiver<()>,
-) {
-    runtime.block_on(async move {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
         let listener = match tokio::net::UnixListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
@@ -215,7 +259,7 @@ fn serve(
         let _ = ctx.stopping.send(true);
         drop(listener);
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
-    });
+    }
 }
 
 
@@ -231,14 +275,14 @@ pub(crate) mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixStream as StdUnixStream;
     use std::sync::atomic::Ordering;
-    use std::sync::mpsc::{self, Receiver};
+    use crate::events::{channel, EventReceiver, VmEvent};
 
     /// The VMM thread of the tests: answers from fixed data. `PUT /boot-source`
     /// drops its reply unanswered; `PUT /guest/memory` with `target_mib: 999`
     /// is never answered (held until the channel closes).
-    fn fake_vmm(rx: Receiver<VmEvent>) {
+    fn fake_vmm(mut rx: EventReceiver) {
         let mut held = Vec::new();
-        for event in rx {
+        while let Some(event) = rx.blocking_recv() {
             let VmEvent::Api(call) = event else { continue };
             let answer = match call.request {
                 ApiRequest::GetInstanceInfo => Ok(ApiResponse::InstanceInfo(InstanceInfo::new(
@@ -298,7 +342,7 @@ pub(crate) mod tests {
 
         fn with_limits(limits: Limits) -> Fixture {
             let dir = tempfile::tempdir().unwrap();
-            let (tx, rx) = mpsc::channel();
+            let (tx, rx) = channel();
             std::thread::spawn(move || fake_vmm(rx));
             let metrics = Arc::new(Metrics::default());
             let server = start_with(&dir.path().join("api.sock"), tx, metrics.clone(), limits).unwrap();
@@ -410,7 +454,7 @@ pub(crate) mod tests {
     #[test]
     fn live_socket_is_refused() {
         let f = Fixture::new();
-        let (tx, _rx) = mpsc::channel();
+        let (tx, _rx) = channel();
         let err = start(f.sock(), tx, Arc::default()).unwrap_err();
         assert!(matches!(err, ApiServerError::Socket(SocketError::InUse(_))), "{err}");
         assert!(err.to_string().contains("another VMM is serving"), "{err}");
@@ -752,7 +796,7 @@ pub(crate) mod tests {
     #[test]
     fn exiting_vmm_is_503() {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = channel();
         drop(rx);
         let server = start(&dir.path().join("api.sock"), tx, Arc::default()).unwrap();
         let r = call(server.path(), "GET", "/", "");

@@ -6,12 +6,11 @@ use super::i8042::I8042;
 use super::outcome::PortOutcome;
 use super::paravirt::Paravirt;
 use super::serial::{ConsoleOut, SerialPort};
+use crate::events::EventSender;
 use crate::memory::Registrar;
-use crate::events::VmEvent;
 use crate::metrics::Metrics;
 use crate::timings::Timings;
 use guest_abi::port;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -36,7 +35,7 @@ impl Devices {
         mem: GuestMemoryMmap,
         console: Option<ConsoleOut>,
         paravirt: bool,
-        events: Sender<VmEvent>,
+        events: EventSender,
         timings: Arc<Timings>,
         metrics: Arc<Metrics>,
     ) -> Devices {
@@ -188,9 +187,9 @@ fn put_byte(data: &mut [u8], value: u8) {
 /// A bus for tests: 16 MiB of RAM, the paravirtual device, and a console
 /// that the test can read back.
 #[cfg(test)]
-pub(crate) fn test_bus() -> (Devices, std::sync::mpsc::Receiver<VmEvent>, tests::SharedBuf) {
+pub(crate) fn test_bus() -> (Devices, crate::events::EventReceiver, tests::SharedBuf) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = crate::events::channel();
     let buf = tests::SharedBuf::default();
     let d = Devices::new(mem, Some(ConsoleOut::writer(Box::new(buf.clone()))), true, tx, Arc::new(Timings::new()), Arc::default());
     (d, rx, buf)
@@ -218,7 +217,7 @@ pub(crate) mod tests {
     #[test]
     fn without_a_console_the_uart_is_absent() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let (tx, _rx) = std::sync::mpsc::channel();
+        let (tx, _rx) = crate::events::channel();
         let d = Devices::new(mem, None, true, tx, Arc::new(Timings::new()), Arc::default());
         let mut lsr = [0u8];
         d.port_in(0, 0x3fd, &mut lsr);
@@ -229,7 +228,7 @@ pub(crate) mod tests {
     #[test]
     fn without_paravirt_its_ports_read_all_ones() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let (tx, _rx) = std::sync::mpsc::channel();
+        let (tx, _rx) = crate::events::channel();
         let d = Devices::new(mem, None, false, tx, Arc::new(Timings::new()), Arc::default());
         let mut v = [0u8; 4];
         d.port_in(0, port::IDENT, &mut v);

@@ -37,7 +37,7 @@ use guest_abi::{
     MAX_RECLAIM_RANGES, MAX_WAIT_TIMEOUT_MS, RECLAIM_MAGIC, WAIT_TIMED_OUT,
 };
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::Sender;
+use crate::events::EventSender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -117,7 +117,7 @@ pub struct Paravirt {
     state: Mutex<PvState>,
     cond: Condvar,
     mem: GuestMemoryMmap,
-    events: Sender<VmEvent>,
+    events: EventSender,
     timings: Arc<Timings>,
     metrics: Arc<Metrics>,
     /// vCPUs in this VM (answered on `port::CPU_COUNT`).
@@ -137,7 +137,7 @@ pub struct Paravirt {
 
 impl Paravirt {
     /// The device for a VM with `mem`; events go to `events`.
-    pub fn new(mem: GuestMemoryMmap, events: Sender<VmEvent>, timings: Arc<Timings>, metrics: Arc<Metrics>) -> Paravirt {
+    pub fn new(mem: GuestMemoryMmap, events: EventSender, timings: Arc<Timings>, metrics: Arc<Metrics>) -> Paravirt {
         Paravirt {
             state: Mutex::new(PvState { next_seq: 1, ..Default::default() }),
             cond: Condvar::new(),
@@ -566,9 +566,9 @@ impl Paravirt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc::{channel, Receiver};
+    use crate::events::{channel, EventReceiver};
 
-    fn device() -> (Paravirt, Receiver<VmEvent>) {
+    fn device() -> (Paravirt, EventReceiver) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let (tx, rx) = channel();
         (Paravirt::new(mem, tx, Arc::new(Timings::new()), Arc::default()), rx)
@@ -583,7 +583,7 @@ mod tests {
 
     #[test]
     fn phases_are_timed_and_reported_and_bad_ones_are_errors() {
-        let (d, rx) = device();
+        let (d, mut rx) = device();
         d.write(0, port::PHASE, Phase::Ready as u32);
         assert_eq!(rx.try_recv().unwrap(), VmEvent::Phase(Phase::Ready));
         assert!(d.timings.guest_ready.get().is_some());
@@ -593,7 +593,7 @@ mod tests {
 
     #[test]
     fn a_command_goes_through_the_mailbox_and_back() {
-        let (d, rx) = device();
+        let (d, mut rx) = device();
         assert_eq!(d.submit(guest_abi::Command::Report, 0, 0), Err(SubmitError::NoMailbox));
         d.write(0, port::MAILBOX, 0x5000);
         let seq = d.submit(guest_abi::Command::Alloc, 4096, 0).unwrap();
@@ -618,24 +618,24 @@ mod tests {
 
     #[test]
     fn a_mailbox_outside_ram_fails_the_command_not_the_vmm() {
-        let (d, rx) = device();
+        let (d, mut rx) = device();
         d.write(0, port::MAILBOX, 0xffff_f000);
         let seq = d.submit(guest_abi::Command::Report, 0, 0).unwrap();
         assert_eq!(d.read(0, port::POLL), (0, PortOutcome::Continue));
-        let events: Vec<_> = rx.try_iter().collect();
+        let events: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert!(matches!(events[0], VmEvent::GuestProtocolError { .. }));
         assert_eq!(events[1], VmEvent::CommandDone(CommandDone::failed(seq)));
     }
 
     #[test]
     fn a_flood_of_bad_writes_sends_a_bounded_number_of_events_and_counts_all() {
-        let (d, rx) = device();
+        let (d, mut rx) = device();
         for _ in 0..10_000 {
             d.write(0, port::PHASE, 99);
             d.write(0, port::DONE, 5);
             d.write(0, port::PHASE, Phase::Entered as u32);
         }
-        let events: Vec<_> = rx.try_iter().collect();
+        let events: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         let errors = events.iter().filter(|e| matches!(e, VmEvent::GuestProtocolError { .. })).count();
         // One window, maybe two if the loop straddles a second.
         assert!((1..=2 * PROTOCOL_ERRORS_PER_SECOND as usize).contains(&errors), "{errors} errors sent");
@@ -654,7 +654,7 @@ mod tests {
 
     #[test]
     fn a_cancelled_command_frees_the_mailbox_and_its_late_answer_is_an_error() {
-        let (d, rx) = device();
+        let (d, mut rx) = device();
         d.write(0, port::MAILBOX, 0x5000);
         let seq = d.submit(guest_abi::Command::Report, 0, 0).unwrap();
         assert_eq!(d.read(0, port::POLL).0, seq as u32);
@@ -717,7 +717,7 @@ mod tests {
 
     /// A device over 64 MiB of RAM with a valid stats block (2 MiB chunks,
     /// the memmap at 6..7 MiB), the kernel protected at 1..5 MiB, in `mode`.
-    fn reclaim_device(mode: guest_abi::Reclaim) -> (Paravirt, Receiver<VmEvent>) {
+    fn reclaim_device(mode: guest_abi::Reclaim) -> (Paravirt, EventReceiver) {
         let mem = crate::memory::create_ram(&[(GuestAddress(0), 64 * MIB)], false).unwrap();
         let (tx, rx) = channel();
         let d = Paravirt::new(mem, tx, Arc::new(Timings::new()), Arc::default());
@@ -762,7 +762,7 @@ mod tests {
 
     #[test]
     fn accepted_ranges_leave_the_host_and_rejected_ones_stay_and_are_reported() {
-        let (d, rx) = reclaim_device(guest_abi::Reclaim::Full);
+        let (d, mut rx) = reclaim_device(guest_abi::Reclaim::Full);
         fill(&d, 10 * MIB, 4 * MIB);
         fill(&d, 2 * MIB, 2 * MIB);
         fill(&d, 6 * MIB, MIB);
@@ -788,7 +788,7 @@ mod tests {
         assert_eq!((st.data_bytes, st.memmap_bytes, st.discarded_bytes()), (4 * MIB, 64 << 10, 4 * MIB + (64 << 10)));
         let why = st.first_rejection.unwrap();
         assert!(why.contains("range 1") && why.contains("kernel"), "{why}");
-        let errors = rx.try_iter().filter(|e| matches!(e, VmEvent::GuestProtocolError { .. })).count();
+        let errors = std::iter::from_fn(|| rx.try_recv().ok()).filter(|e| matches!(e, VmEvent::GuestProtocolError { .. })).count();
         assert_eq!(errors, 2);
     }
 

@@ -14,7 +14,7 @@ use kvm_bindings::kvm_sregs;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use crate::events::EventSender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -102,7 +102,7 @@ pub struct VmParts {
     /// The boot vCPU's special registers (application processors start with them).
     pub boot_sregs: kvm_sregs,
     pub tsc_khz: Option<u32>,
-    pub events: Sender<VmEvent>,
+    pub events: EventSender,
 }
 
 /// A built VM.
@@ -114,7 +114,7 @@ pub struct Vm {
     pub devices: Arc<Devices>,
     pending_vcpus: Vec<Option<VcpuFd>>,
     threads: Vec<VcpuThread>,
-    event_tx: Sender<VmEvent>,
+    event_tx: EventSender,
     boot_sregs: kvm_sregs,
     control: Arc<RunControl>,
     /// Guest TSC frequency, to turn guest cycle counts into time.
