@@ -453,3 +453,32 @@ fn a_second_vm_with_the_same_id_is_refused_and_the_first_is_unharmed() {
     assert_eq!(v["id"], "twin", "{v}");
     drop(first);
 }
+
+/// The status and `fault_message` of a raw exchange on a fresh connection.
+fn raw_fault(sock: &Path, bytes: &[u8]) -> (u16, String) {
+    let mut c = UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(ANSWER_DEADLINE)).unwrap();
+    c.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no answer: {text:?}"));
+    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (head[9..12].parse().unwrap(), fault_message(&v).to_string())
+}
+
+#[test]
+fn what_hyper_refuses_and_a_head_that_never_ends_get_json_faults_from_a_real_vmm() {
+    let s = serve();
+    let (code, why) = raw_fault(&s.sock, b"\x01\x02 nonsense\r\n\r\n");
+    assert_eq!(code, 400, "{why}");
+    let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+    let (code, why) = raw_fault(&s.sock, format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes());
+    assert_eq!(code, 431, "{why}");
+    // Half a head: the 5 s header timeout, then 408.
+    let (code, why) = raw_fault(&s.sock, b"GET / HTTP/1.1\r\nHost");
+    assert_eq!(code, 408, "{why}");
+    assert!(why.contains("did not arrive within 5 s"), "{why}");
+    still_answers(&s.sock);
+}
