@@ -42,12 +42,20 @@ fn socket_path(api_sock: Option<&Path>, place: &VmPlace) -> Result<PathBuf, u8> 
         return Ok(path.to_path_buf());
     }
     let dir = place.runtime_dir();
+    let path = crate::runtime_dir::socket_path(&dir, &place.id());
+    // Refused before the directory is made, so a bad one leaves nothing behind.
+    if path.as_os_str().len() > vmm::api_server::socket::MAX_SOCKET_PATH_BYTES {
+        let e = vmm::api_server::socket::SocketError::PathTooLong(path);
+        vmm::errln!("vmm: error: {}", ErrorChain(&e));
+        vmm::errln!("vmm: hint: pass a shorter --runtime-dir or --id, or --api-sock PATH");
+        return Err(2);
+    }
     crate::runtime_dir::create(&dir).map_err(|e| {
         vmm::errln!("vmm: error: {}", ErrorChain(&e));
         vmm::errln!("vmm: hint: pass --runtime-dir DIR, --api-sock PATH or --no-api");
         2
     })?;
-    Ok(crate::runtime_dir::socket_path(&dir, &place.id()))
+    Ok(path)
 }
 
 /// What to tell a user who got `e`, beyond the error itself.

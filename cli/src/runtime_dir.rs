@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -121,22 +121,58 @@ pub fn resolve(s: &Sources) -> PathBuf {
     Path::new(&tmp).join(format!("vmm-{}", s.euid))
 }
 
-/// Why the runtime directory could not be made.
+/// Why the runtime directory could not be made, or cannot be trusted with
+/// the VMs' sockets.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot create the runtime directory {}", path.display())]
-pub struct CreateRuntimeDirError {
-    path: PathBuf,
-    #[source]
-    source: std::io::Error,
+pub enum CreateRuntimeDirError {
+    /// It could not be created (a file is in the way, no permission, ...).
+    #[error("cannot create the runtime directory {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// It could not be examined after creating it.
+    #[error("cannot check the runtime directory {}", path.display())]
+    Check {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is a symbolic link: the sockets would go wherever it points.
+    #[error("the runtime directory {} is a symbolic link; name a real directory", .0.display())]
+    Symlink(PathBuf),
+    /// Another user owns it, and could replace the sockets in it.
+    #[error("the runtime directory {} belongs to user {owner}, not to this user ({euid}); choose another one", path.display())]
+    NotOwned { path: PathBuf, owner: u32, euid: u32 },
+    /// Other users may write in it, and could replace the sockets in it.
+    #[error("the runtime directory {} is writable by other users (mode {mode:o}); chmod go-w it or choose another one", path.display())]
+    OpenToOthers { path: PathBuf, mode: u32 },
 }
 
-/// Creates `dir` (and its parents) with mode 0700 if it does not exist.
+/// Creates `dir` (and its parents) with mode 0700 if it does not exist,
+/// then checks that it is fit to hold sockets: a real directory (not a
+/// symbolic link), owned by this user, that no other user may write in.
 pub fn create(dir: &Path) -> Result<(), CreateRuntimeDirError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| CreateRuntimeDirError { path: dir.to_path_buf(), source })
+        .map_err(|source| CreateRuntimeDirError::Create { path: dir.to_path_buf(), source })?;
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|source| CreateRuntimeDirError::Check { path: dir.to_path_buf(), source })?;
+    if meta.file_type().is_symlink() {
+        return Err(CreateRuntimeDirError::Symlink(dir.to_path_buf()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid {
+        return Err(CreateRuntimeDirError::NotOwned { path: dir.to_path_buf(), owner: meta.uid(), euid });
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(CreateRuntimeDirError::OpenToOthers { path: dir.to_path_buf(), mode: meta.mode() & 0o7777 });
+    }
+    Ok(())
 }
 
 /// The socket of VM `id` in `dir`.
@@ -199,5 +235,23 @@ mod tests {
         let file = tmp.path().join("file");
         std::fs::write(&file, "").unwrap();
         assert!(create(&file.join("x")).is_err());
+        assert!(matches!(create(&file), Err(CreateRuntimeDirError::Create { .. })));
+    }
+
+    #[test]
+    fn a_symlink_or_a_directory_others_can_write_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        create(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = create(&link).unwrap_err();
+        assert!(matches!(e, CreateRuntimeDirError::Symlink(_)), "{e}");
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = create(&real).unwrap_err();
+        assert!(e.to_string().contains("writable by other users (mode 777)"), "{e}");
+        // Readable by others is fine: only the owner can replace a socket.
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create(&real).unwrap();
     }
 }

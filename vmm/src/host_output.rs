@@ -11,7 +11,7 @@
 use api::LogLevel;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,6 +31,10 @@ pub enum OutputFileError {
         #[source]
         source: io::Error,
     },
+    /// It opened, but is not a file, a FIFO or a character device (a block
+    /// device, say, whose contents the lines would overwrite).
+    #[error("{} is not a regular file, a FIFO or a character device", path.display())]
+    Kind { path: PathBuf },
 }
 
 /// An open log or metrics file.
@@ -57,6 +61,15 @@ impl HostOutput {
             other => other,
         }
         .map_err(|source| OutputFileError::Open { path: path.into(), source })?;
+        // What was opened, not what the path named a moment before (it may
+        // have been swapped since): only a file, a FIFO or a character device.
+        let kind = file
+            .metadata()
+            .map_err(|source| OutputFileError::Open { path: path.into(), source })?
+            .file_type();
+        if !(kind.is_file() || kind.is_fifo() || kind.is_char_device()) {
+            return Err(OutputFileError::Kind { path: path.into() });
+        }
         Ok(HostOutput { file, written: 0 })
     }
 

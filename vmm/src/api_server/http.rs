@@ -224,3 +224,25 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_answer_without_a_body_gets_a_fault_message() {
+        let mut empty = json_response(StatusCode::METHOD_NOT_ALLOWED, Bytes::new());
+        empty.headers_mut().insert(ALLOW, HeaderValue::from_static("GET"));
+        let fixed = with_fault_body(empty);
+        assert_eq!(fixed.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(fixed.headers()[ALLOW], "GET");
+        assert_eq!(fixed.headers()[CONTENT_TYPE], "application/json");
+        let body = fixed.body().size_hint().exact().unwrap();
+        assert!(body > 0);
+        // Success answers and errors with a body are kept as they are.
+        let ok = with_fault_body(json_response(StatusCode::NO_CONTENT, Bytes::new()));
+        assert_eq!(ok.body().size_hint().exact(), Some(0));
+        let e = with_fault_body(fault(StatusCode::CONFLICT, "busy".into()));
+        assert_eq!(e.body().size_hint().exact(), Some(br#"{"fault_message":"busy"}"#.len() as u64));
+    }
+}

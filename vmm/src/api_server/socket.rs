@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 pub const SOCKET_MODE: u32 = 0o600;
 
 /// Largest socket path (`sun_path` is 108 bytes with its NUL).
-const MAX_SOCKET_PATH_BYTES: usize = 107;
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 
 /// Why the socket path could not be claimed.
 #[derive(Debug, thiserror::Error)]
