@@ -471,6 +471,17 @@ guest_entered            1.70 ms
 guest_memory_ready       1.90 ms
 guest_ready              2.00 ms
 guest_fully_initialized  9.00 ms
+
+RECLAIM (what the VMM accepted and discarded)    RECLAIM (the guest's count)
+mode                    full                     guest_reported_bytes  1.0 GiB
+events                  3                        guest_events          3
+ranges_accepted         40                       chunks_deinitialized  512
+ranges_rejected         0                        delay_ms              2000
+discarded_bytes         1.0 GiB
+discarded_data_bytes    128 MiB
+discarded_memmap_bytes  16 MiB
+offline_bytes           896 MiB
+memslots_unregistered   9
 ";
 
     #[test]
@@ -537,6 +548,8 @@ memmap_init        deferred
 memmap_chunk_kib   128 KiB
 guest_cpl          3
 memmap_on_memory   yes
+reclaim            -
+reclaim_delay_ms   -
 "
         );
         let out = machine_config(&MachineConfig::default());

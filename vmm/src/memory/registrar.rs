@@ -201,7 +201,7 @@ impl Registrar {
     }
 
     /// The guest gave back the run `[start, start + len)`: marks its
-    /// [`UNIT`]s offline, then deletes every memslot all of whose memory is
+    /// 2 MiB units offline, then deletes every memslot all of whose memory is
     /// now offline. Returns how many memslots were deleted. Units the run
     /// only partly covers, and parts outside RAM, are left as they are (the
     /// caller checked the run against RAM and the contract's runs).

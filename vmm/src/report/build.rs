@@ -192,3 +192,88 @@ pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_abi::{GpaRange, Strategy, ABI_VERSION, STATS_MAGIC};
+    use vm_memory::Bytes;
+
+    const STATS_AT: u64 = 0x1000;
+
+    fn context<'a>(mem: &'a GuestMemoryMmap, reclaim: ReclaimStats) -> ReportContext<'a> {
+        ReportContext {
+            mem,
+            stats_gpa: Some(GuestAddress(STATS_AT)),
+            vcpus: 1,
+            tsc_khz: None,
+            workload_bytes: 0,
+            registered_bytes: 0,
+            reclaim_mode: api::Reclaim::Full,
+            reclaim,
+            memslots_unregistered: 2,
+            timings: api::BootTimings::default(),
+        }
+    }
+
+    fn ram_with_block(reported: u64, events: u64) -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mut b = StatsBlock {
+            magic: STATS_MAGIC,
+            abi_version: ABI_VERSION,
+            strategy: Strategy::OnDemand as u32,
+            chunk_bytes: 2 << 20,
+            section_bytes: 128 << 20,
+            total_pages: 16384,
+            initialized_pages: 512,
+            chunks_total: 32,
+            chunks_initialized: 1,
+            memmap_bytes_reserved: 1 << 20,
+            cpus: 1,
+            memmap_range_count: 1,
+            reclaim: guest_abi::Reclaim::Full as u32,
+            reclaim_delay_ms: 2000,
+            reclaim_reported_bytes: reported,
+            reclaim_events: events,
+            chunks_deinitialized: 5,
+            ..Default::default()
+        };
+        b.memmap_ranges[0] = GpaRange { start: 6 << 20, len: 1 << 20 };
+        mem.write_obj(b, GuestAddress(STATS_AT)).unwrap();
+        mem
+    }
+
+    fn stats(discarded: u64, events: u64, rejection: Option<&str>) -> ReclaimStats {
+        ReclaimStats {
+            events,
+            ranges_accepted: 1,
+            data_bytes: discarded,
+            first_rejection: rejection.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reclaim_figures_come_from_both_sides_and_agree() {
+        let mem = ram_with_block(4 << 20, 2);
+        let r = memory_report(&context(&mem, stats(4 << 20, 2, None)));
+        assert!(r.valid, "{:?}", r.invalid_reason);
+        let v = r.reclaim;
+        assert_eq!((v.mode, v.events, v.discarded_bytes, v.memslots_unregistered), (Some(api::Reclaim::Full), 2, 4 << 20, 2));
+        assert_eq!((v.guest_reported_bytes, v.guest_events, v.chunks_deinitialized, v.delay_ms), (Some(4 << 20), Some(2), Some(5), Some(2000)));
+    }
+
+    #[test]
+    fn a_rejected_range_or_a_guest_count_ahead_of_the_vmm_makes_the_report_invalid() {
+        let mem = ram_with_block(4 << 20, 2);
+        let r = memory_report(&context(&mem, stats(4 << 20, 2, Some("range 0 rejected: it overlaps the kernel"))));
+        assert!(!r.valid && r.guest.is_none());
+        assert!(r.invalid_reason.unwrap().contains("overlaps the kernel"));
+        assert_eq!(r.reclaim.discarded_bytes, 4 << 20, "the VMM's own counts are still given");
+        assert_eq!(r.reclaim.guest_reported_bytes, None);
+        let r = memory_report(&context(&mem, stats(2 << 20, 2, None)));
+        assert!(!r.valid && r.invalid_reason.unwrap().contains("reclaimed"));
+        let r = memory_report(&context(&mem, stats(4 << 20, 1, None)));
+        assert!(!r.valid && r.invalid_reason.unwrap().contains("reports"));
+    }
+}
