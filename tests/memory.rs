@@ -213,3 +213,112 @@ fn the_allocator_works_after_its_jump_sites_are_patched() {
     assert_eq!((bench["ok"].as_bool(), bench["jump_sites_patched"].as_bool()), (Some(true), Some(true)), "{bench}");
     assert_eq!(u(bench, "/pairs"), 100_000);
 }
+
+/// Runs `vmm ctl --api-sock SOCK ARGS`; returns its JSON answer.
+fn ctl(sock: &std::path::Path, args: &[&str]) -> Value {
+    let mut a = vec!["ctl", "--api-sock", sock.to_str().unwrap()];
+    a.extend_from_slice(args);
+    let o = vmm(&a);
+    o.assert_code(0);
+    serde_json::from_str(o.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {o}"))
+}
+
+/// Polls `GET /memory` until `done` holds for the report (liveness deadline
+/// 20 s); returns that report.
+fn memory_until(sock: &std::path::Path, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let r = ctl(sock, &["memory"]);
+        if done(&r) {
+            return r;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{what} did not happen within 20 s: {r}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn freed_memory_goes_back_to_the_host_as_far_as_the_reclaim_mode_says() {
+    const HELD: u64 = 256 * MIB;
+    for mode in ["full", "data", "off"] {
+        let args = ["run", "--mem-mib", "512", "--serial", "none", "--reclaim", mode, "--reclaim-delay-ms", "300"];
+        let vm = common::Served::start(&format!("reclaim-{mode}"), "api.sock", &args);
+        let sock = vm.sock.as_path();
+        let idle = memory_until(sock, "guest ready", |r| r["timings"]["guest_ready"].is_number() && r["valid"] == true);
+        assert_eq!(idle["reclaim"]["mode"], mode, "{idle}");
+
+        // Hold 256 MiB (every page written), then free it all.
+        assert_eq!(u(&ctl(sock, &["set-memory", "256"]), "/held_bytes"), HELD);
+        let peak = ctl(sock, &["memory"]);
+        let peak_ram = u(&peak, "/host/guest_ram_resident_bytes");
+        let peak_memmap = u(&peak, "/host/memmap_resident_bytes");
+        let peak_reg = u(&peak, "/host/kvm_registered_bytes");
+        assert!(peak_ram >= HELD && peak_memmap >= HELD / 64 && peak_reg >= HELD, "{mode}: {peak}");
+        assert_eq!(u(&ctl(sock, &["set-memory", "0"]), "/held_bytes"), 0);
+
+        let r = match mode {
+            // Data, memmap and KVM blocks all go back.
+            // (The memslots are deleted a moment after the memmap is
+            // discarded, so wait for both.)
+            "full" => memory_until(sock, "full reclaim", |r| {
+                r["reclaim"]["events"].as_u64() >= Some(1)
+                    && u(r, "/host/memmap_resident_bytes") <= 4 * CHUNK_MEMMAP
+                    && u(r, "/host/kvm_registered_bytes") < peak_reg / 4
+            }),
+            // Data pages go back; the memmap and the registration stay.
+            "data" => memory_until(sock, "data reclaim", |r| {
+                r["reclaim"]["events"].as_u64() >= Some(1) && u(r, "/host/guest_ram_resident_bytes") < peak_ram / 2
+            }),
+            // Nothing goes back: give the guest several reclaim delays to
+            // (wrongly) report, then check that everything is still there.
+            _ => {
+                std::thread::sleep(std::time::Duration::from_millis(2000));
+                ctl(sock, &["memory"])
+            }
+        };
+        assert_eq!(r["valid"], true, "{mode}: {r}");
+        assert_eq!(u(&r, "/reclaim/ranges_rejected"), 0, "{mode}: {r}");
+        let ram = u(&r, "/host/guest_ram_resident_bytes");
+        let memmap = u(&r, "/host/memmap_resident_bytes");
+        let reg = u(&r, "/host/kvm_registered_bytes");
+        match mode {
+            "full" => {
+                // Back to the idle footprint + 1 MiB or less.
+                let idle_ram = u(&idle, "/host/guest_ram_resident_bytes");
+                assert!(ram <= idle_ram + MIB, "{mode}: {ram} resident, idle {idle_ram}: {r}");
+                assert!(reg < peak_reg / 4, "{mode}: {reg} of {peak_reg} registered: {r}");
+                assert!(u(&r, "/reclaim/chunks_deinitialized") >= HELD / CHUNK / 2, "{mode}: {r}");
+                assert!(u(&r, "/reclaim/memslots_unregistered") >= 1, "{mode}: {r}");
+                assert!(u(&r, "/reclaim/discarded_bytes") >= HELD, "{mode}: {r}");
+            }
+            "data" => {
+                // What stays is the memmap (it lives in guest RAM) and a
+                // little more.
+                assert!(ram <= peak_memmap + 2 * MIB, "{mode}: {ram} resident: {r}");
+                assert_eq!(memmap, peak_memmap, "{mode}: {r}");
+                assert_eq!(reg, peak_reg, "{mode}: {r}");
+                assert_eq!(u(&r, "/reclaim/chunks_deinitialized"), 0, "{mode}: {r}");
+                assert_eq!(u(&r, "/reclaim/memslots_unregistered"), 0, "{mode}: {r}");
+                assert!(u(&r, "/reclaim/discarded_bytes") >= HELD, "{mode}: {r}");
+            }
+            _ => {
+                assert!(ram >= peak_ram, "{mode}: {r}");
+                assert_eq!((memmap, reg), (peak_memmap, peak_reg), "{mode}: {r}");
+                assert_eq!(u(&r, "/reclaim/events"), 0, "{mode}: {r}");
+                assert_eq!(u(&r, "/reclaim/discarded_bytes"), 0, "{mode}: {r}");
+            }
+        }
+
+        if mode == "full" {
+            // The reclaimed chunks are initialized and registered again on
+            // the next allocation, and the report stays valid.
+            assert_eq!(u(&ctl(sock, &["set-memory", "256"]), "/held_bytes"), HELD);
+            let again = ctl(sock, &["memory"]);
+            assert_eq!(again["valid"], true, "{again}");
+            assert!(u(&again, "/host/guest_ram_resident_bytes") >= HELD, "{again}");
+            assert!(u(&again, "/host/memmap_resident_bytes") >= HELD / 64, "{again}");
+            assert!(u(&again, "/host/kvm_registered_bytes") >= HELD, "{again}");
+            assert_eq!(u(&again, "/guest/allocated_bytes"), HELD, "{again}");
+        }
+    }
+}
