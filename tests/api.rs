@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{vmm, vmm_path, wait_for, Served, TempDir};
+use common::{curl, vmm, vmm_path, wait_for, Served, TempDir};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -42,20 +42,6 @@ impl Server {
     }
 }
 
-/// One request with curl; returns the status and the JSON body (Null if none).
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut c = Command::new("curl");
-    c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"]).arg(sock);
-    c.args(["-X", method, &format!("http://localhost{path}")]);
-    if let Some(b) = body {
-        c.args(["-H", "Content-Type: application/json", "-d", b]);
-    }
-    let out = c.output().expect("curl is needed for these tests");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    let v = if body.trim().is_empty() { Value::Null } else { serde_json::from_str(body).unwrap_or(Value::String(body.into())) };
-    (code.trim().parse().unwrap_or(0), v)
-}
 
 fn ctl(sock: &Path, args: &[&str]) -> (i32, Value, String) {
     let mut a = vec!["ctl", "--api-sock", sock.to_str().unwrap()];

@@ -5,10 +5,8 @@
 
 mod common;
 
-use common::{wait_for, Served};
-use serde_json::Value;
+use common::{curl, wait_for, Served};
 use std::path::Path;
-use std::process::Command;
 
 /// The names of the tasks of `pid`: the VMM's threads, and KVM's.
 fn tasks(pid: u32) -> (Vec<String>, Vec<String>) {
@@ -21,20 +19,6 @@ fn tasks(pid: u32) -> (Vec<String>, Vec<String>) {
     names.into_iter().partition(|n| !n.starts_with("kvm"))
 }
 
-/// One request with curl; the status and the JSON body (Null if none).
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut c = Command::new("curl");
-    c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"]).arg(sock);
-    c.args(["-X", method, &format!("http://localhost{path}")]);
-    if let Some(b) = body {
-        c.args(["-H", "Content-Type: application/json", "-d", b]);
-    }
-    let out = c.output().expect("curl is needed for these tests");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    let v = serde_json::from_str(body).unwrap_or(Value::Null);
-    (code.trim().parse().unwrap_or(0), v)
-}
 
 /// Waits until the guest reported ready (and so ran on every vCPU it asked for).
 fn wait_ready(sock: &Path) {

@@ -156,3 +156,23 @@ pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// One API request with curl (at most 30 s): the status (0 if curl got no
+/// answer) and the body as JSON (Null if empty, a string if not JSON).
+pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"]).arg(sock);
+    c.args(["-X", method, &format!("http://localhost{path}")]);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    let out = c.output().expect("curl is needed for these tests");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let v = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.into()))
+    };
+    (code.trim().parse().unwrap_or(0), v)
+}
