@@ -172,7 +172,7 @@ impl ApiServer {
     /// The server as a future for the caller's runtime (None if it was
     /// taken already). It accepts connections, each a task of its own on
     /// that runtime, until [`ApiServer::stop_serving`] (or dropping the
-    /// server), then answers what is in flight (at most [`DRAIN_TIMEOUT`])
+    /// server), then answers what is in flight (for at most 2 s)
     /// and resolves.
     pub fn serve(&mut self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let Unserved { listener, ctx, stop } = self.unserved.take()?;
