@@ -47,7 +47,7 @@ pub struct Cli {
     pub command: Option<Command>,
     /// With no subcommand: Firecracker's own flags (see `firecracker_cli`).
     #[command(flatten)]
-    pub firecracker: crate::firecracker_cli::FirecrackerArgs,
+    pub firecracker: FirecrackerArgs,
 }
 
 /// Subcommands.
@@ -323,6 +323,27 @@ impl RunArgs {
             register_all_memory: self.register_all_memory,
         }
     }
+}
+
+/// Firecracker's flags, taken when no subcommand is given.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Firecracker-compatible options (with no subcommand)")]
+pub struct FirecrackerArgs {
+    /// Serve the API on this socket [default: /run/firecracker.socket].
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// The VM's id.
+    #[arg(long, value_name = "NAME")]
+    pub id: Option<VmId>,
+    /// Boot the VM this Firecracker configuration file describes.
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+    /// Serve no API (needs --config-file).
+    #[arg(long, requires = "config_file")]
+    pub no_api: bool,
+    /// Run without the seccomp filters.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 #[cfg(test)]

@@ -12,8 +12,7 @@
 //! and `network-interfaces`; `logger` and `metrics` are ignored with a
 //! warning: set them through the API instead).
 
-use crate::args::{Cli, Command, GuestLimits, RunArgs, ServeArgs, VmPlace};
-use crate::runtime_dir::VmId;
+use crate::args::{Cli, Command, FirecrackerArgs, GuestLimits, RunArgs, ServeArgs, VmPlace};
 use api::ErrorChain;
 use clap::Parser;
 use serde::Deserialize;
@@ -27,27 +26,6 @@ pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 /// The largest config file read (Firecracker's own API body limit is 50 KiB).
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
-
-/// Firecracker's flags, taken when no subcommand is given.
-#[derive(Debug, Clone, Default, clap::Args)]
-#[command(next_help_heading = "Firecracker-compatible options (with no subcommand)")]
-pub struct FirecrackerArgs {
-    /// Serve the API on this socket [default: /run/firecracker.socket].
-    #[arg(long, value_name = "PATH")]
-    pub api_sock: Option<PathBuf>,
-    /// The VM's id.
-    #[arg(long, value_name = "NAME")]
-    pub id: Option<VmId>,
-    /// Boot the VM this Firecracker configuration file describes.
-    #[arg(long, value_name = "FILE")]
-    pub config_file: Option<PathBuf>,
-    /// Serve no API (needs --config-file).
-    #[arg(long, requires = "config_file")]
-    pub no_api: bool,
-    /// Run without the seccomp filters.
-    #[arg(long)]
-    pub no_seccomp: bool,
-}
 
 /// The parts of Firecracker's config file that this VMM has.
 #[derive(Debug, Deserialize)]

@@ -5,7 +5,7 @@
 use super::fleet::ShutdownStats;
 use super::probe::{Ready, Sample};
 use super::footprint::{Breakdown, HostPerVm, KernelPerVm, StepSums, TasksPerVm};
-use super::peer::PeerReport;
+use super::peer::PeerKind;
 use super::limits::HostLimits;
 use super::workload::AllocSpec;
 use crate::host::HostInfo;
@@ -480,6 +480,31 @@ fn summary_of(strategies: &[StrategyRun]) -> String {
         t += &row(cells.each_ref().map(String::as_str));
     }
     t
+}
+
+/// What the report says about the peer.
+#[derive(Debug, serde::Serialize)]
+pub struct PeerReport {
+    /// `firecracker`, or `null` when the peer part was skipped.
+    pub kind: Option<PeerKind>,
+    /// The peer binary.
+    pub path: Option<PathBuf>,
+    /// Why the peer part did not run (no `--peer`), if it did not.
+    pub skipped: Option<String>,
+    /// The peer's ramps, one per strategy, as for our own VMs.
+    pub strategies: Vec<StrategyRun>,
+}
+
+impl PeerReport {
+    /// The report of a run without `--peer`.
+    pub fn skipped() -> PeerReport {
+        PeerReport {
+            kind: None,
+            path: None,
+            skipped: Some("no --peer given: the peer part of the run was skipped".into()),
+            strategies: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]

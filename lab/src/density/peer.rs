@@ -160,30 +160,6 @@ pub fn log_has_line(log: &Path, prefix: &str) -> bool {
     String::from_utf8_lossy(&text).lines().any(|l| l.trim_start().starts_with(prefix))
 }
 
-/// What the report says about the peer.
-#[derive(Debug, serde::Serialize)]
-pub struct PeerReport {
-    /// `firecracker`, or `null` when the peer part was skipped.
-    pub kind: Option<PeerKind>,
-    /// The peer binary.
-    pub path: Option<PathBuf>,
-    /// Why the peer part did not run (no `--peer`), if it did not.
-    pub skipped: Option<String>,
-    /// The peer's ramps, one per strategy, as for our own VMs.
-    pub strategies: Vec<super::output::StrategyRun>,
-}
-
-impl PeerReport {
-    /// The report of a run without `--peer`.
-    pub fn skipped() -> PeerReport {
-        PeerReport {
-            kind: None,
-            path: None,
-            skipped: Some("no --peer given: the peer part of the run was skipped".into()),
-            strategies: Vec::new(),
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
