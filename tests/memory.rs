@@ -260,8 +260,11 @@ fn freed_memory_goes_back_to_the_host_as_far_as_the_reclaim_mode_says() {
             // Data, memmap and KVM blocks all go back.
             // (The memslots are deleted a moment after the memmap is
             // discarded, so wait for both.)
+            // The guest publishes its own counters (chunks de-initialized)
+            // after the VMM has acted on its report, so wait for those too.
             "full" => memory_until(sock, "full reclaim", |r| {
                 r["reclaim"]["events"].as_u64() >= Some(1)
+                    && u(r, "/reclaim/chunks_deinitialized") >= HELD / CHUNK / 2
                     && u(r, "/host/memmap_resident_bytes") <= 4 * CHUNK_MEMMAP
                     && u(r, "/host/kvm_registered_bytes") < peak_reg / 4
             }),
