@@ -4,8 +4,9 @@ schemathesis speaks HTTP over TCP; the VMM serves its API on a Unix socket.
 This listens on 127.0.0.1 (a free port, printed on stdout as the first line)
 and copies bytes both ways to the socket. A generated request may stop the
 VMM (`Shutdown`, `SendCtrlAltDel`): the next connection then starts it again
-with the same command, so the run goes on. On SIGTERM or SIGINT it stops
-the VMM it started (by its PID) and exits.
+with the same command, so the run goes on, and a request the stopping VMM
+closed on without answering is sent again to the new one. On SIGTERM or
+SIGINT it stops the VMM it started (by its PID) and exits.
 
 usage: proxy.py SOCKET -- VMM-COMMAND...
 """
@@ -49,21 +50,63 @@ class Supervisor:
                 self.child.wait()
 
 
-async def pipe(reader, writer):
-    try:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
+async def relay(creader, cwriter, connect):
+    """Copies one client connection to the VMM and back.
+
+    A VMM that is stopping may close a connection without answering what
+    the client sent since its last answer (a keep-alive request that crossed
+    the close, or one that came in as the server stopped). Those bytes are
+    then sent again, once per new upstream connection (at most twice), to
+    the VMM the supervisor starts next, as a client retrying would.
+    """
+    unanswered = bytearray()
+    client_done = False
+    for _ in range(3):
+        upstream = await connect()
+        if upstream is None:
+            break
+        ureader, uwriter = upstream
+        if unanswered:
+            uwriter.write(bytes(unanswered))
+
+        async def up():
+            nonlocal client_done
+            try:
+                while True:
+                    data = await creader.read(65536)
+                    if not data:
+                        client_done = True
+                        uwriter.write_eof()
+                        return
+                    if len(unanswered) < (1 << 20):
+                        unanswered.extend(data)
+                    uwriter.write(data)
+                    await uwriter.drain()
+            except (ConnectionError, OSError):
+                pass
+
+        task = asyncio.create_task(up())
         try:
-            writer.close()
+            while True:
+                data = await ureader.read(65536)
+                if not data:
+                    break
+                unanswered.clear()
+                cwriter.write(data)
+                await cwriter.drain()
+        except (ConnectionError, OSError):
+            pass
+        task.cancel()
+        try:
+            uwriter.close()
         except OSError:
             pass
+        if not unanswered or client_done:
+            break
+    try:
+        cwriter.close()
+    except OSError:
+        pass
 
 
 async def main():
@@ -73,20 +116,22 @@ async def main():
     sup.ensure_running()
     lock = asyncio.Lock()
 
-    async def handle(creader, cwriter):
+    async def connect():
         async with lock:
-            # A stopping VMM may still have its socket for a moment.
-            for _ in range(300):
+            # A stopping VMM removes its socket at once but takes a moment
+            # (up to its 2 s drain) to exit; then it is started again.
+            deadline = time.monotonic() + 30
+            while True:
                 try:
                     sup.ensure_running()
-                    ureader, uwriter = await asyncio.open_unix_connection(sock)
-                    break
+                    return await asyncio.open_unix_connection(sock)
                 except (ConnectionError, FileNotFoundError, OSError):
+                    if time.monotonic() > deadline:
+                        return None
                     await asyncio.sleep(0.01)
-            else:
-                cwriter.close()
-                return
-        await asyncio.gather(pipe(creader, uwriter), pipe(ureader, cwriter))
+
+    async def handle(creader, cwriter):
+        await relay(creader, cwriter, connect)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     print(server.sockets[0].getsockname()[1], flush=True)

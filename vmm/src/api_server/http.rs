@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use api::{ApiError, ApiErrorBody, ApiRequest, ApiResponse, Endpoint, MAX_BODY_BYTES};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use crate::events::EventSender;
 use std::sync::Arc;
@@ -60,16 +60,22 @@ pub(crate) struct Context {
     pub(crate) limits: Limits,
     /// Which connections are open, and which are busy.
     pub(crate) connections: Arc<Connections>,
-    /// Set when the server stops: waiting requests are answered 503.
-    pub(crate) stopping: watch::Sender<bool>,
+    /// Set when the server stops: waiting requests are answered 503, and
+    /// every answer from then on closes its connection.
+    pub(crate) stopping: Arc<watch::Sender<bool>>,
 }
 
 /// Answers one request and counts it.
 pub(crate) async fn handle(req: Request<Incoming>, ctx: &Context) -> Response<Full<Bytes>> {
     Metrics::inc(&ctx.metrics.api_requests);
-    let response = with_fault_body(answer(req, ctx).await);
+    let mut response = with_fault_body(answer(req, ctx).await);
     if response.status().is_client_error() || response.status().is_server_error() {
         Metrics::inc(&ctx.metrics.api_errors);
+    }
+    // The answer to the request that stopped the VMM, and any after it:
+    // the client must not send another request on this connection.
+    if *ctx.stopping.borrow() {
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }

@@ -78,6 +78,9 @@ pub struct ApiServer {
     unserved: Option<Unserved>,
     thread: Option<JoinHandle<()>>,
     connections: Arc<Connections>,
+    /// The serving side's "stopping" flag, set as soon as
+    /// [`ApiServer::stop_serving`] is called.
+    stopping: Arc<watch::Sender<bool>>,
 }
 
 /// A bound server that nothing serves yet.
@@ -85,6 +88,8 @@ struct Unserved {
     listener: StdUnixListener,
     ctx: Arc<Context>,
     stop: oneshot::Receiver<()>,
+    /// The socket file, removed as soon as the server stops accepting.
+    socket: (PathBuf, SocketIdentity),
 }
 
 impl std::fmt::Debug for Unserved {
@@ -111,20 +116,22 @@ pub(crate) fn bind_with(
     let (listener, identity) = bind_socket(path)?;
     let (stop_tx, stop_rx) = oneshot::channel();
     let connections = Connections::new(limits.max_connections);
+    let stopping = Arc::new(watch::Sender::new(false));
     let ctx = Arc::new(Context {
         to_vmm,
         metrics,
         limits,
         connections: connections.clone(),
-        stopping: watch::Sender::new(false),
+        stopping: stopping.clone(),
     });
     Ok(ApiServer {
         path: path.to_path_buf(),
         identity,
         stop: Some(stop_tx),
-        unserved: Some(Unserved { listener, ctx, stop: stop_rx }),
+        unserved: Some(Unserved { listener, ctx, stop: stop_rx, socket: (path.to_path_buf(), identity) }),
         thread: None,
         connections,
+        stopping,
     })
 }
 
@@ -175,12 +182,15 @@ impl ApiServer {
     /// server), then answers what is in flight (for at most 2 s)
     /// and resolves.
     pub fn serve(&mut self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-        let Unserved { listener, ctx, stop } = self.unserved.take()?;
-        Some(serve(listener, ctx, stop))
+        let Unserved { listener, ctx, stop, socket } = self.unserved.take()?;
+        Some(serve(listener, ctx, stop, socket))
     }
 
     /// Stops accepting: the future of [`ApiServer::serve`] drains and ends.
     pub fn stop_serving(&mut self) {
+        // At once, so that an answer the controller has just given (to the
+        // request that stopped the VM) tells its client to close.
+        self.stopping.send_replace(true);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -219,6 +229,7 @@ fn serve(
     listener: StdUnixListener,
     ctx: Arc<Context>,
     stop: oneshot::Receiver<()>,
+    socket: (PathBuf, SocketIdentity),
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     async move {
         let listener = match tokio::net::UnixListener::from_std(listener) {
@@ -234,6 +245,7 @@ fn serve(
         let mut stop = stop;
         loop {
             let accepted = tokio::select! {
+                biased;
                 _ = &mut stop => break,
                 a = listener.accept() => a,
             };
@@ -256,10 +268,46 @@ fn serve(
         }
         // From now on every request still waiting, or arriving on an open
         // connection, is answered 503 instead of being cut off.
-        let _ = ctx.stopping.send(true);
-        drop(listener);
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
+        // `send` would not store the value while no request is subscribed.
+        ctx.stopping.send_replace(true);
+        // No client can connect once the file is gone. Those the kernel
+        // queued before are served (503) rather than reset with the listener.
+        remove_if_ours(&socket.0, socket.1);
+        let late = queued_connections(listener);
+        let mut queued = tokio::task::JoinSet::new();
+        // hyper's graceful shutdown closes a connection that has not sent a
+        // request yet; a queued client has not been read at all, so it gets
+        // its 503 (with `Connection: close`) outside that.
+        let queued_graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        for stream in late {
+            if let Some(admitted) = table.admit() {
+                queued.spawn(serve_connection(stream, admitted, ctx.clone(), queued_graceful.watcher()));
+            }
+        }
+        let drain = async {
+            tokio::join!(graceful.shutdown(), queued.join_all());
+        };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
     }
+}
+
+/// Most queued connections a stopping server still answers.
+const MAX_QUEUED: usize = 128;
+
+/// The connections waiting in `listener`'s backlog (at most [`MAX_QUEUED`]),
+/// taken without blocking. Once the socket file is removed, nothing can be
+/// added to the backlog, so this is every client that connected in time.
+fn queued_connections(listener: tokio::net::UnixListener) -> Vec<tokio::net::UnixStream> {
+    let Ok(listener) = listener.into_std() else { return Vec::new() };
+    let mut out = Vec::new();
+    while out.len() < MAX_QUEUED {
+        let Ok((stream, _)) = listener.accept() else { break };
+        let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream));
+        if let Ok(stream) = stream {
+            out.push(stream);
+        }
+    }
+    out
 }
 
 
@@ -791,6 +839,53 @@ pub(crate) mod tests {
         let stats = f.server.connection_stats();
         assert!(stats.open <= 4, "{stats:?}");
         assert!(stats.evicted >= 5, "{stats:?}");
+    }
+
+    #[test]
+    fn the_answer_to_the_request_that_stops_the_server_closes_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = channel();
+        let mut server = start(&dir.path().join("api.sock"), tx, Arc::default()).unwrap();
+        let sock = server.path().to_path_buf();
+        // A keep-alive client: without `Connection: close` in the answer it
+        // could send its next request into a closing connection.
+        let client = std::thread::spawn(move || {
+            let body = r#"{"action_type":"Shutdown"}"#;
+            let req = format!("PUT /actions HTTP/1.1\r\nHost: vmm\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            raw(&sock, req.as_bytes())
+        });
+        // The controller stops the server, then answers (as it does for
+        // Shutdown).
+        let Some(VmEvent::Api(call)) = rx.blocking_recv() else { panic!("no API call") };
+        server.stop_serving();
+        let _ = call.reply.send(Ok(ApiResponse::NoContent));
+        let r = client.join().unwrap();
+        assert_eq!(r.status, 204, "{r:?}");
+        assert!(r.head.to_ascii_lowercase().contains("connection: close"), "{r:?}");
+    }
+
+    #[test]
+    fn a_client_queued_when_the_server_stops_gets_503_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let (tx, _rx) = channel();
+        let mut server = bind(&path, tx, Arc::default()).unwrap();
+        // Connected and sent, but still in the kernel's backlog: nothing
+        // has accepted it when the server is told to stop.
+        let mut client = connect(&path);
+        client.write_all(b"GET / HTTP/1.1\r\nHost: vmm\r\n\r\n").unwrap();
+        server.stop_serving();
+        let serving = server.serve().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let thread = std::thread::spawn(move || runtime.block_on(serving));
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        thread.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+        assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer:?}");
+        assert!(answer.contains("shutting down"), "{answer:?}");
+        // The socket went away when the server stopped accepting.
+        assert!(!path.exists());
     }
 
     #[test]
