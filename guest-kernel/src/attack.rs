@@ -66,6 +66,13 @@ pub fn run(a: Attack, m: &Machine) {
             let _ = pv::wait_command();
         },
         Attack::HeldMax => held_max(),
+        Attack::ShutdownIgnored => loop {
+            let seq = pv::wait_command();
+            let mb = pv::read_mailbox();
+            if mb.seq as u32 == seq {
+                pv::complete(mb.seq, CommandStatus::Ok, 0, 0);
+            }
+        },
         Attack::Mmio => mmio(m),
         Attack::Exceptions => exception_storm(),
         Attack::MemOnline(n) => {
@@ -489,6 +496,9 @@ fn memory_bomb(cpu: u64) -> ! {
 
 // --------------------------------------------------------------- races
 
+/// 1 while one of `attack-race`'s APs is parked (or about to park).
+static RACE_PARKED: AtomicU32 = AtomicU32::new(0);
+
 /// An application processor's share of `attack-race`.
 fn race(cpu: u64) -> ! {
     if cpu == 0 {
@@ -520,12 +530,19 @@ fn race(cpu: u64) -> ! {
                 let _ = inl(port::CPU_COUNT);
             }
             _ => {
-                // Parks where another AP can release it.
-                if cpus > 2 && i % 1000 == 9 {
+                // Parks where another AP can release it: one AP at a time,
+                // so that another always runs and releases it (at `5`)
+                // within ten rounds. Without the token every AP could park
+                // at once, and the attack would end for good (issue 10's
+                // flaky race test: the VM's exits stopped after a few
+                // thousand protocol errors, sometimes after a handful).
+                if cpus > 2 && i % 1000 == 9 && RACE_PARKED.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     inl(port::AP_PARK);
+                    RACE_PARKED.store(0, Ordering::Release);
                 }
             }
         }
         i = i.wrapping_add(1);
     }
 }
+

@@ -61,6 +61,9 @@ pub enum Attack {
     /// `attack-held-max`: answer every command with `held_bytes` = u64::MAX
     /// (a shutdown still shuts down).
     HeldMax,
+    /// `attack-shutdown-ignored`: answer every command, the shutdown too,
+    /// with `Ok`, and never exit.
+    ShutdownIgnored,
     /// `attack-spin`: loop forever in the kernel, never exiting to the VMM.
     Spin,
     /// `attack-exit:N`: exit with code N at once.
@@ -103,6 +106,7 @@ impl Attack {
             "attack-serial-flood" => Attack::SerialFlood,
             "attack-mailbox-silent" => Attack::MailboxSilent,
             "attack-held-max" => Attack::HeldMax,
+            "attack-shutdown-ignored" => Attack::ShutdownIgnored,
             "attack-spin" => Attack::Spin,
             "attack-mmio" => Attack::Mmio,
             "attack-exceptions" => Attack::Exceptions,
@@ -300,6 +304,7 @@ mod tests {
             ("attack-serial-flood", Attack::SerialFlood),
             ("attack-mailbox-silent", Attack::MailboxSilent),
             ("attack-held-max", Attack::HeldMax),
+            ("attack-shutdown-ignored", Attack::ShutdownIgnored),
             ("attack-spin", Attack::Spin),
             ("attack-exit:134", Attack::Exit(134)),
             ("attack-mmio", Attack::Mmio),
