@@ -516,3 +516,51 @@ fn vcpus_racing_on_the_ports_leave_commands_pause_and_stop_working() {
         }
     }
 }
+
+/// `n` from the console line `... {n} bogus ranges and records sent`.
+fn bogus_count(console: &str) -> u64 {
+    let line = console.lines().find(|l| l.contains("bogus ranges and records sent")).expect("the attack's summary");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let i = words.iter().position(|w| *w == "bogus").expect("a count");
+    words[i - 1].parse().unwrap_or_else(|_| panic!("no count in {line}"))
+}
+
+#[test]
+fn bogus_reclaim_reports_are_rejected_counted_and_cost_the_guest_only_its_own_memory() {
+    // The guest (reclaim=full, the ondemand default) sends bad records and
+    // bad ranges, and one good range over a chunk it still uses; it checks
+    // itself that exactly that chunk was lost (exit 99 otherwise).
+    let (mut vm, c) = Vm::start_captured("bogus-reclaim", &["--cmdline", "workload=attack-reclaim"]);
+    vm.wait_console(&c, "attack-reclaim: own reported chunk lost, the other intact");
+    let bogus = bogus_count(&c.stdout());
+    assert!(bogus >= 20, "{}", c.stdout());
+    assert_eq!(vm.curl("GET", "/", None).0, 200, "the VMM answers");
+    let (code, report) = vm.curl("GET", "/memory", None);
+    assert_eq!(code, 200, "{report}");
+    let r = &report["reclaim"];
+    // Every bogus range and record is rejected and counted; the one good
+    // range (and the guest's own passes, if any) accepted.
+    assert_eq!(r["ranges_rejected"].as_u64(), Some(bogus), "{report}");
+    assert!(r["ranges_accepted"].as_u64().unwrap() >= 1, "{report}");
+    assert!(r["events"].as_u64().unwrap() >= bogus.min(10), "{report}");
+    // The report says why it cannot be trusted: the VMM read and validated
+    // the stats block (its reason would come first), then found the
+    // rejected report; the first was a record with a bad magic.
+    assert_eq!(report["valid"], false, "{report}");
+    let why = report["invalid_reason"].as_str().unwrap();
+    assert!(why.contains("rejected memory the guest reported") && why.contains("bad magic"), "{why}");
+    assert!(vm.metric("guest_protocol_errors") >= bogus, "each rejection is a protocol error");
+    // The guest still runs on its kernel, stats block and memmap: a command
+    // allocates and frees, and the stats block it publishes still reads.
+    let (code, v) = vm.curl("PUT", "/guest/memory", Some(r#"{"target_mib": 16}"#));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!((v["status"].as_str(), v["held_bytes"].as_u64()), (Some("Ok"), Some(16 << 20)), "{v}");
+    let (code, v) = vm.curl("PUT", "/guest/memory", Some(r#"{"target_mib": 0}"#));
+    assert_eq!((code, v["status"].as_str()), (200, Some("Ok")), "{v}");
+    let (_, report) = vm.curl("GET", "/memory", None);
+    let why = report["invalid_reason"].as_str().unwrap();
+    assert!(why.contains("rejected memory the guest reported"), "still the rejection, not a bad stats block: {why}");
+    assert_eq!(vm.curl("GET", "/vm/status", None).1["state"], "Running");
+    let took = vm.shutdown_within_deadline();
+    eprintln!("bogus reclaim: {bogus} bogus ranges and records rejected; stopped {took:?} after Shutdown");
+}

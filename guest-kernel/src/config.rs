@@ -96,6 +96,12 @@ pub enum Attack {
     ExceptionAll,
     /// `attack-fault-all`: every vCPU triple-faults at once (empty IDT).
     FaultAll,
+    /// `attack-reclaim`: send bogus `port::RECLAIM` records (bad magic,
+    /// version, count and address; ranges outside RAM, unaligned, empty,
+    /// overflowing, overlapping, over the kernel, the stats block, the boot
+    /// data and the memmap) and one range over memory the guest uses; check
+    /// that only that range was lost; then serve commands.
+    Reclaim,
 }
 
 impl Attack {
@@ -114,6 +120,7 @@ impl Attack {
             "attack-race" => Attack::Race,
             "attack-exception-all" => Attack::ExceptionAll,
             "attack-fault-all" => Attack::FaultAll,
+            "attack-reclaim" => Attack::Reclaim,
             _ => {
                 let (name, n) = v.split_once(':')?;
                 let n = n.parse().ok()?;
@@ -315,6 +322,7 @@ mod tests {
             ("attack-exit-all:10", Attack::ExitAll(10)),
             ("attack-exception-all", Attack::ExceptionAll),
             ("attack-fault-all", Attack::FaultAll),
+            ("attack-reclaim", Attack::Reclaim),
         ] {
             assert_eq!(Config::parse(&format!("workload={v}")).unwrap().workload, Workload::Attack(a), "{v}");
         }
