@@ -74,7 +74,7 @@ bench: build
 # and cargo-fuzz; `make test` does not. Corpora and crashes stay in
 # fuzz/corpus and fuzz/artifacts. See docs/security.md.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := api_request stats_block port_io kernel_image
+FUZZ_TARGETS := api_request stats_block port_io kernel_image reclaim_report
 fuzz: setup
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	@rustup target list --installed --toolchain nightly | grep -qx x86_64-unknown-none || rustup target add x86_64-unknown-none --toolchain nightly

@@ -2,8 +2,8 @@
 //! [`guest_kernel::config::Attack`]) that the VMM's hostile-guest tests
 //! boot (`tests/hostile_guest.rs`). Each does what a malicious kernel could:
 //! lie on the paravirtual ports, flood the console, touch memory that is
-//! not RAM, fault in a loop, abuse memory onlining, touch all of RAM, and
-//! race the VMM from every vCPU. None of them returns unless the VMM stops
+//! not RAM, fault in a loop, abuse memory onlining, touch all of RAM, race
+//! the VMM from every vCPU, and report memory it must not give back. None of them returns unless the VMM stops
 //! the VM; what the VMM must do in each case is in docs/security.md.
 //!
 //! The loops run in ring 3 (natively on a PVM host) wherever they can; only
@@ -17,7 +17,10 @@ use crate::arch::{entry, idt, inl, outb, outl};
 use crate::{pv, smp};
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use guest_abi::{port, Command, CommandStatus, Phase};
+use guest_abi::{
+    port, reclaim_kind, Command, CommandStatus, Phase, ReclaimRange, ReclaimRecord, ABI_VERSION, MAX_RECLAIM_RANGES,
+    PAGE_SIZE, RECLAIM_MAGIC,
+};
 use guest_kernel::config::Attack;
 
 /// What an attack needs to know about the machine.
@@ -66,6 +69,13 @@ pub fn run(a: Attack, m: &Machine) {
             let _ = pv::wait_command();
         },
         Attack::HeldMax => held_max(),
+        Attack::ShutdownIgnored => loop {
+            let seq = pv::wait_command();
+            let mb = pv::read_mailbox();
+            if mb.seq as u32 == seq {
+                pv::complete(mb.seq, CommandStatus::Ok, 0, 0);
+            }
+        },
         Attack::Mmio => mmio(m),
         Attack::Exceptions => exception_storm(),
         Attack::MemOnline(n) => {
@@ -91,6 +101,7 @@ pub fn run(a: Attack, m: &Machine) {
         Attack::ExitAll(n) => all_cpus(m, 4, n),
         Attack::ExceptionAll => all_cpus(m, 5, 0),
         Attack::FaultAll => all_cpus(m, 6, 0),
+        Attack::Reclaim => bogus_reclaim(m),
     }
 }
 
@@ -489,6 +500,9 @@ fn memory_bomb(cpu: u64) -> ! {
 
 // --------------------------------------------------------------- races
 
+/// 1 while one of `attack-race`'s APs is parked (or about to park).
+static RACE_PARKED: AtomicU32 = AtomicU32::new(0);
+
 /// An application processor's share of `attack-race`.
 fn race(cpu: u64) -> ! {
     if cpu == 0 {
@@ -520,12 +534,180 @@ fn race(cpu: u64) -> ! {
                 let _ = inl(port::CPU_COUNT);
             }
             _ => {
-                // Parks where another AP can release it.
-                if cpus > 2 && i % 1000 == 9 {
+                // Parks where another AP can release it: one AP at a time,
+                // so that another always runs and releases it (at `5`)
+                // within ten rounds. Without the token every AP could park
+                // at once, and the attack would end for good (issue 10's
+                // flaky race test: the VM's exits stopped after a few
+                // thousand protocol errors, sometimes after a handful).
+                if cpus > 2 && i % 1000 == 9 && RACE_PARKED.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     inl(port::AP_PARK);
+                    RACE_PARKED.store(0, Ordering::Release);
                 }
             }
         }
         i = i.wrapping_add(1);
     }
+}
+
+// ------------------------------------------------------------- reclaim
+
+/// The record `attack-reclaim` sends (its own, so that the kernel's reclaim
+/// passes keep theirs).
+static BOGUS: pv::Shared<ReclaimRecord> = pv::Shared::new(zero_record());
+
+const fn zero_record() -> ReclaimRecord {
+    // SAFETY: ReclaimRecord is plain integers; all-zero is a valid value.
+    unsafe { core::mem::zeroed() }
+}
+
+/// Writes `rec` to [`BOGUS`] and hands the VMM its address (or `gpa`, an
+/// address where no record can be); returns `accepted` as it is then.
+fn send_record(rec: &ReclaimRecord, gpa: Option<u32>) -> u64 {
+    let p = BOGUS.ptr();
+    // SAFETY: `BOGUS` is used only by this attack, on the boot CPU; the VMM
+    // reads it (and writes `accepted`) during the port write.
+    unsafe {
+        p.write_volatile(*rec);
+        (&raw mut (*p).accepted).write_volatile(u64::MAX);
+        outl(port::RECLAIM, gpa.unwrap_or(p as u64 as u32));
+        (&raw const (*p).accepted).read_volatile()
+    }
+}
+
+/// A record of `ranges`, `(kind, start, len)`.
+fn record(ranges: &[(u32, u64, u64)]) -> ReclaimRecord {
+    let mut rec = zero_record();
+    rec.magic = RECLAIM_MAGIC;
+    rec.abi_version = ABI_VERSION;
+    rec.count = ranges.len().min(MAX_RECLAIM_RANGES) as u32;
+    for (slot, &(kind, start, len)) in rec.ranges.iter_mut().zip(ranges) {
+        *slot = ReclaimRange { start, len, kind, reserved: 0 };
+    }
+    rec
+}
+
+/// The value `attack-reclaim` writes into each word of `[start, start + len)`.
+fn pattern(a: u64) -> u64 {
+    a.rotate_left(17) ^ 0xa5a5_5a5a_0f0f_f0f0
+}
+
+fn fill(start: u64, len: u64) {
+    for a in (start..start + len).step_by(8) {
+        // SAFETY: `[start, start + len)` is a block this attack allocated
+        // (RAM, identity-mapped, online) and nothing else uses.
+        unsafe { (a as *mut u64).write_volatile(pattern(a)) };
+    }
+}
+
+/// Words of `[start, start + len)` that still hold the pattern.
+fn intact_words(start: u64, len: u64) -> u64 {
+    // SAFETY: as in `fill`.
+    (start..start + len).step_by(8).filter(|&a| unsafe { (a as *const u64).read_volatile() } == pattern(a)).count() as u64
+}
+
+/// Stops the VM with exit code 99 after saying why.
+fn reclaim_failed(what: core::fmt::Arguments<'_>) -> ! {
+    println!("guest: attack-reclaim: FAILED: {what}");
+    pv::exit(99)
+}
+
+/// `attack-reclaim`. Two chunks of the guest's own memory hold a pattern:
+/// `mine` is reported (once, correctly) and may be lost; `kept` is inside
+/// or next to every bogus range and must be left alone, as must everything
+/// the VMM protects (the kernel, whose `.bss` holds the stats block; the
+/// boot data; the memmap, which the guest still runs on). Prints how many
+/// ranges and records the VMM had to reject, which the test compares with
+/// the VMM's count.
+fn bogus_reclaim(m: &Machine) {
+    // SAFETY: a copy of the published stats block (the VMM reads it too).
+    let stats = unsafe { pv::STATS.ptr().read_volatile() };
+    let chunk = stats.chunk_bytes;
+    let order = (chunk / PAGE_SIZE).trailing_zeros();
+    if !chunk.is_power_of_two() || order > guest_kernel::mm::MAX_ORDER || stats.memmap_range_count == 0 {
+        reclaim_failed(format_args!("chunk {chunk:#x} or memmap ranges {} unusable", stats.memmap_range_count))
+    }
+    let alloc = || match crate::MM.alloc_pages(order) {
+        Some(pfn) => pfn.0 * PAGE_SIZE,
+        None => reclaim_failed(format_args!("no free chunk")),
+    };
+    // Buddy blocks of the chunk's order are chunk-aligned.
+    let (mine, kept) = (alloc(), alloc());
+    fill(mine, chunk);
+    fill(kept, chunk);
+    let memmap = stats.memmap_ranges[0].start;
+    let kernel = (&raw const entry::__kernel_start) as u64;
+    let stats_at = pv::STATS.ptr() as u64;
+    let end = m.ram_end;
+    let down = |a: u64| a - a % chunk;
+    let run = |a: u64| a - a % guest_abi::online_run(a);
+    println!(
+        "guest: attack-reclaim: chunk {chunk:#x}; own memory at {mine:#x} and {kept:#x}; kernel {kernel:#x}, \
+         stats block {stats_at:#x}, memmap {memmap:#x}, end of RAM {end:#x}"
+    );
+    let mut rejected = 0u64;
+    let mut check = |what: &str, rec: &ReclaimRecord, gpa: Option<u32>, want: u64, ranges: u64| {
+        let got = send_record(rec, gpa);
+        // A record the VMM cannot place gets no `accepted` written back.
+        if gpa.is_none() && got != want {
+            reclaim_failed(format_args!("{what}: accepted {got:#x}, not {want:#x}"))
+        }
+        rejected += ranges;
+    };
+
+    // Whole records: bad magic, version and count (each with a range the
+    // VMM would otherwise accept), then addresses where no record can be.
+    let good = record(&[(reclaim_kind::DATA, kept, chunk)]);
+    check("bad magic", &ReclaimRecord { magic: !RECLAIM_MAGIC, ..good }, None, 0, 1);
+    check("bad version", &ReclaimRecord { abi_version: ABI_VERSION + 1, ..good }, None, 0, 1);
+    check("count past the maximum", &ReclaimRecord { count: MAX_RECLAIM_RANGES as u32 + 1, ..good }, None, 0, 1);
+    check("count u32::MAX", &ReclaimRecord { count: u32::MAX, ..good }, None, 0, 1);
+    let at = BOGUS.ptr() as u64 as u32;
+    for gpa in [at + 4, end as u32, (end - 8) as u32, 0xffff_fff8] {
+        check("record address", &good, Some(gpa), 0, 1);
+    }
+
+    // One record of bogus ranges (each rejected), then `mine` (accepted)
+    // and ranges that overlap it (rejected).
+    let huge = 0u64.wrapping_sub(chunk);
+    let bogus = [
+        (reclaim_kind::DATA, end, chunk),                 // just past RAM
+        (reclaim_kind::DATA, down(end - 1), 2 * chunk),  // across the end of RAM
+        (reclaim_kind::DATA, 3 << 30, chunk),             // the 32-bit hole
+        (reclaim_kind::DATA, huge, chunk),                // wraps around
+        (reclaim_kind::DATA, kept, huge),                 // a length that overflows
+        (reclaim_kind::DATA, kept, u64::MAX),
+        (reclaim_kind::DATA, kept + PAGE_SIZE, chunk),    // unaligned start
+        (reclaim_kind::DATA, kept, chunk / 2),            // unaligned length
+        (reclaim_kind::DATA, kept, 0),                    // empty
+        (reclaim_kind::DATA, 0, chunk),                   // the boot data
+        (reclaim_kind::DATA, down(kernel), chunk),        // the kernel
+        (reclaim_kind::DATA, down(stats_at), chunk),      // the stats block
+        (reclaim_kind::DATA, down(memmap), chunk),        // the memmap
+        (reclaim_kind::OFFLINE, run(memmap), guest_abi::online_run(memmap)),
+        (reclaim_kind::OFFLINE, run(kernel), guest_abi::online_run(kernel)),
+        (reclaim_kind::MEMMAP, kept, PAGE_SIZE),          // memmap pages that are not
+        (reclaim_kind::MEMMAP, memmap + 1, PAGE_SIZE),
+        (reclaim_kind::MEMMAP, down(kernel), PAGE_SIZE),
+        (0, kept, chunk),                                 // no such kind
+        (u32::MAX, kept, chunk),
+    ];
+    let mut ranges = [(0u32, 0u64, 0u64); 32];
+    ranges[..bogus.len()].copy_from_slice(&bogus);
+    let n = bogus.len();
+    ranges[n] = (reclaim_kind::DATA, mine, chunk);
+    ranges[n + 1] = (reclaim_kind::DATA, mine, chunk); // a duplicate
+    ranges[n + 2] = (reclaim_kind::DATA, down(mine.saturating_sub(chunk)), 2 * chunk); // overlapping
+    check("bogus ranges", &record(&ranges[..n + 3]), None, 1 << n, n as u64 + 2);
+    let mut reserved = record(&[(reclaim_kind::DATA, kept, chunk)]);
+    reserved.ranges[0].reserved = 1;
+    check("a reserved field", &reserved, None, 0, 1);
+
+    // What was lost: `mine`, and nothing else the guest holds.
+    let words = chunk / 8;
+    let (lost, intact) = (words - intact_words(mine, chunk), intact_words(kept, chunk));
+    if lost != words || intact != words {
+        reclaim_failed(format_args!("{lost} of {words} words of the reported chunk lost, {intact} of the other intact"))
+    }
+    println!("guest: attack-reclaim: own reported chunk lost, the other intact; {rejected} bogus ranges and records sent");
 }

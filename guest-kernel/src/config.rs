@@ -61,6 +61,9 @@ pub enum Attack {
     /// `attack-held-max`: answer every command with `held_bytes` = u64::MAX
     /// (a shutdown still shuts down).
     HeldMax,
+    /// `attack-shutdown-ignored`: answer every command, the shutdown too,
+    /// with `Ok`, and never exit.
+    ShutdownIgnored,
     /// `attack-spin`: loop forever in the kernel, never exiting to the VMM.
     Spin,
     /// `attack-exit:N`: exit with code N at once.
@@ -93,6 +96,12 @@ pub enum Attack {
     ExceptionAll,
     /// `attack-fault-all`: every vCPU triple-faults at once (empty IDT).
     FaultAll,
+    /// `attack-reclaim`: send bogus `port::RECLAIM` records (bad magic,
+    /// version, count and address; ranges outside RAM, unaligned, empty,
+    /// overflowing, overlapping, over the kernel, the stats block, the boot
+    /// data and the memmap) and one range over memory the guest uses; check
+    /// that only that range was lost; then serve commands.
+    Reclaim,
 }
 
 impl Attack {
@@ -103,6 +112,7 @@ impl Attack {
             "attack-serial-flood" => Attack::SerialFlood,
             "attack-mailbox-silent" => Attack::MailboxSilent,
             "attack-held-max" => Attack::HeldMax,
+            "attack-shutdown-ignored" => Attack::ShutdownIgnored,
             "attack-spin" => Attack::Spin,
             "attack-mmio" => Attack::Mmio,
             "attack-exceptions" => Attack::Exceptions,
@@ -110,6 +120,7 @@ impl Attack {
             "attack-race" => Attack::Race,
             "attack-exception-all" => Attack::ExceptionAll,
             "attack-fault-all" => Attack::FaultAll,
+            "attack-reclaim" => Attack::Reclaim,
             _ => {
                 let (name, n) = v.split_once(':')?;
                 let n = n.parse().ok()?;
@@ -300,6 +311,7 @@ mod tests {
             ("attack-serial-flood", Attack::SerialFlood),
             ("attack-mailbox-silent", Attack::MailboxSilent),
             ("attack-held-max", Attack::HeldMax),
+            ("attack-shutdown-ignored", Attack::ShutdownIgnored),
             ("attack-spin", Attack::Spin),
             ("attack-exit:134", Attack::Exit(134)),
             ("attack-mmio", Attack::Mmio),
@@ -310,6 +322,7 @@ mod tests {
             ("attack-exit-all:10", Attack::ExitAll(10)),
             ("attack-exception-all", Attack::ExceptionAll),
             ("attack-fault-all", Attack::FaultAll),
+            ("attack-reclaim", Attack::Reclaim),
         ] {
             assert_eq!(Config::parse(&format!("workload={v}")).unwrap().workload, Workload::Attack(a), "{v}");
         }

@@ -38,7 +38,9 @@
 //!   and a graceful shutdown work), answered 504 if the API sent it, and ends
 //!   `vmm run`'s script with [`StopReason::GuestUnresponsive`]; a guest that
 //!   is never ready while a script or a `SendCtrlAltDel` waits for it is
-//!   stopped the same way;
+//!   stopped the same way, and so is one that answers the shutdown command
+//!   (or has it answered by another vCPU) but does not exit within the
+//!   same time;
 //! - the guest's results are checked against the machine (`held_bytes` no
 //!   larger than its RAM) before they are reported;
 //! - the device rate-limits protocol errors; each logged one says how many
@@ -134,6 +136,9 @@ pub struct Controller {
     /// Something waits for the guest to be ready (the script, a early
     /// `SendCtrlAltDel`): stop it if it is not by then.
     ready_deadline: Option<Instant>,
+    /// The guest answered the graceful shutdown: stop it if it has not
+    /// exited by then.
+    exit_deadline: Option<Instant>,
     /// The console has bytes a full pipe did not take: drain again then.
     console_retry: Option<Instant>,
     /// Guest protocol errors logged (the rest were suppressed by the device).
@@ -178,6 +183,7 @@ impl Controller {
             exit_on_stop: true,
             shutdown_when_ready: false,
             ready_deadline: None,
+            exit_deadline: None,
             console_retry: None,
             protocol_errors_logged: 0,
             log: HostLog::default(),
@@ -268,8 +274,14 @@ impl Controller {
         };
         log!(self, LogLevel::Info, "{} {VERSION} running", api::APP_NAME);
         while self.finished.is_none() {
-            let next = [self.next_metrics_flush, self.pending.as_ref().map(|p| p.deadline), self.ready_deadline, self.console_retry]
-                .into_iter()
+            let next = [
+                self.next_metrics_flush,
+                self.pending.as_ref().map(|p| p.deadline),
+                self.ready_deadline,
+                self.exit_deadline,
+                self.console_retry,
+            ]
+            .into_iter()
                 .flatten()
                 .min();
             let wait = next.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
@@ -312,6 +324,12 @@ impl Controller {
             self.ready_deadline = None;
             let secs = self.config.guest_timeout.as_secs_f64();
             self.force_stop(StopReason::GuestUnresponsive { what: format!("the guest was not ready within {secs} s") });
+        }
+        if self.finished.is_none() && self.stop_reason.is_none() && self.exit_deadline.is_some_and(|t| t <= now) {
+            self.exit_deadline = None;
+            let secs = self.config.guest_timeout.as_secs_f64();
+            let what = format!("the guest answered the shutdown command but did not exit within {secs} s");
+            self.force_stop(StopReason::GuestUnresponsive { what });
         }
     }
 
@@ -563,7 +581,10 @@ impl Controller {
                 }
                 self.run_script();
             }
-            Waiter::Shutdown | Waiter::Bench(_) => {}
+            // The guest (or whichever vCPU took the command) answered; a
+            // guest that then does not exit is stopped at this deadline.
+            Waiter::Shutdown => self.exit_deadline = Some(Instant::now() + self.config.guest_timeout),
+            Waiter::Bench(_) => {}
         }
     }
 

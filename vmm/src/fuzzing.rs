@@ -3,11 +3,15 @@
 //! guest or image file hands them over, and runs the real code on them. Not
 //! an API: hidden from the documentation, kept small.
 
+use crate::devices::paravirt::Paravirt;
 use crate::devices::Devices;
 use crate::loader::{self, Image, LoadError};
+use crate::memory::reclaim::ReclaimPolicy;
 use crate::report::guest::{self, GuestReportError};
 use crate::timings::Timings;
-use guest_abi::{port, StatsBlock, Strategy};
+use guest_abi::{
+    port, Reclaim, ReclaimRecord, StatsBlock, Strategy, ABI_VERSION, MAX_RECLAIM_RANGES, PAGE_SIZE, RECLAIM_MAGIC,
+};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -95,4 +99,127 @@ pub fn kernel_image(data: &[u8]) -> Result<GuestAddress, LoadError> {
     let _ = image.segments();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), LOAD_RAM_BYTES)]).expect("fixed layout");
     image.load(&mem)
+}
+
+/// Guest RAM of the reclaim target: two regions with a hole between, each
+/// two of the smallest chunks (128 KiB) long.
+pub const RECLAIM_RAM: [(u64, usize); 2] = [(0, 256 << 10), (512 << 10, 256 << 10)];
+
+/// What the reclaim target protects, as the builder protects the boot data
+/// and the kernel: `[start, end)`.
+pub const RECLAIM_PROTECTED: [(u64, u64); 2] = [(0, 0x1000), (0x2_0000, 0x3_0000)];
+
+/// Runs `data` as a guest's stats block and reclaim reports against the
+/// paravirtual device, and checks what the device did. The first region of
+/// RAM holds `data`; the second a pattern, so that a discard shows. Header:
+/// bytes 0..4 the stats block's address (announced on `port::STATS`), byte
+/// 4 the vCPU count, byte 5 the reclaim mode (`Reclaim` as `u32`, modulo
+/// 3), byte 6 the number of reports (1 + the byte modulo 4), and from byte
+/// 8 one 4-byte record address per report (written to `port::RECLAIM`).
+///
+/// After each report, every accepted range must be page-aligned, inside one
+/// region of RAM, clear of [`RECLAIM_PROTECTED`] and of the record's other
+/// accepted ranges, and read as zeros; every other byte of RAM must be as it
+/// was, but the record's `accepted` field; and the device's counters must
+/// agree. `Err` says which rule broke.
+pub fn reclaim_report(data: &[u8]) -> Result<(), String> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&RECLAIM_RAM.map(|(a, l)| (GuestAddress(a), l))).expect("fixed layout");
+    let n = data.len().min(RECLAIM_RAM[0].1);
+    mem.write_slice(&data[..n], GuestAddress(0)).expect("fits the first region");
+    let (a1, l1) = RECLAIM_RAM[1];
+    mem.write_slice(&vec![0x5a; l1], GuestAddress(a1)).expect("the second region");
+    let byte = |o: usize| data.get(o).copied().unwrap_or(0);
+    let word = |o: usize| u32::from_le_bytes([byte(o), byte(o + 1), byte(o + 2), byte(o + 3)]);
+    let (tx, rx) = crate::events::channel();
+    // No controller: events go nowhere (and nothing queues up).
+    drop(rx);
+    let d = Paravirt::new(mem.clone(), tx, Arc::new(Timings::new()), Arc::default());
+    d.set_vcpu_count(u32::from(byte(4)));
+    let mode = Reclaim::decode(u32::from(byte(5)) % 3).expect("three modes");
+    d.set_reclaim_policy(ReclaimPolicy::new(mode, &mem, RECLAIM_PROTECTED.to_vec()));
+    d.write(0, port::STATS, word(0));
+    let snapshot = |mem: &GuestMemoryMmap| -> Vec<Vec<u8>> {
+        RECLAIM_RAM
+            .iter()
+            .map(|&(a, l)| {
+                let mut v = vec![0u8; l];
+                mem.read_slice(&mut v, GuestAddress(a)).expect("RAM");
+                v
+            })
+            .collect()
+    };
+    let size = core::mem::size_of::<ReclaimRecord>() as u64;
+    let accepted_at = core::mem::offset_of!(ReclaimRecord, accepted) as u64;
+    for r in 0..1 + usize::from(byte(6) % 4) {
+        let gpa = u64::from(word(8 + 4 * r));
+        let before = snapshot(&mem);
+        let stats_before = d.reclaim_stats();
+        // Where the VMM may write `accepted`, and the record as it was.
+        let placed = gpa.is_multiple_of(8) && guest::range_in_ram(&mem, gpa, size);
+        let record: Option<ReclaimRecord> = placed.then(|| mem.read_obj(GuestAddress(gpa)).expect("in RAM"));
+        d.write(0, port::RECLAIM, gpa as u32);
+        let after = snapshot(&mem);
+        let stats = d.reclaim_stats();
+        let accepted = if placed { mem.read_obj::<u64>(GuestAddress(gpa + accepted_at)).expect("in RAM") } else { 0 };
+        // A record with a bad header is rejected whole: none of its ranges count.
+        let good = record.filter(|rec| {
+            rec.magic == RECLAIM_MAGIC && rec.abi_version == ABI_VERSION && rec.count as usize <= MAX_RECLAIM_RANGES
+        });
+        let ranges = good.map_or_else(Vec::new, |rec| rec.ranges[..rec.count as usize].to_vec());
+        let given = if ranges.len() >= 64 { u64::MAX } else { (1u64 << ranges.len()) - 1 };
+        if accepted & !given != 0 {
+            return Err(format!("report {r}: accepted {accepted:#x} names ranges past the {} given", ranges.len()));
+        }
+        let mut taken: Vec<(u64, u64)> = Vec::new();
+        for (i, range) in ranges.iter().enumerate().filter(|&(i, _)| accepted & (1 << i) != 0) {
+            let (s, e) = (range.start, range.start.checked_add(range.len).ok_or(format!("range {i} wraps"))?);
+            if range.len == 0 || !s.is_multiple_of(PAGE_SIZE) || !range.len.is_multiple_of(PAGE_SIZE) {
+                return Err(format!("report {r}: range {i} {range:?} accepted, empty or unaligned"));
+            }
+            if !RECLAIM_RAM.iter().any(|&(a, l)| s >= a && e <= a + l as u64) {
+                return Err(format!("report {r}: range {i} {range:?} accepted outside RAM"));
+            }
+            if RECLAIM_PROTECTED.iter().chain(&taken).any(|&(a, b)| s < b && a < e) {
+                return Err(format!("report {r}: range {i} {range:?} accepted over protected or accepted memory"));
+            }
+            if mode == Reclaim::Off {
+                return Err(format!("report {r}: range {i} accepted with reclaim off"));
+            }
+            taken.push((s, e));
+        }
+        // Zero inside what was accepted, unchanged elsewhere: what RAM must
+        // hold now, compared as a whole (fast under the fuzzer's
+        // instrumentation), then byte by byte only to say where.
+        let field = placed.then_some((gpa + accepted_at, gpa + accepted_at + 8));
+        for (((&(a, l), old), new), region) in RECLAIM_RAM.iter().zip(&before).zip(&after).zip(0..) {
+            let mut want = old.clone();
+            let end = a + l as u64;
+            let local = |(s, e): (u64, u64)| (s.clamp(a, end) - a) as usize..(e.clamp(a, end) - a) as usize;
+            for &t in &taken {
+                want[local(t)].fill(0);
+            }
+            if let Some(f) = field {
+                let f = local(f);
+                want[f.clone()].copy_from_slice(&new[f]);
+            }
+            if want != *new {
+                let off = want.iter().zip(new).position(|(w, v)| w != v).unwrap_or(0);
+                let addr = a + off as u64;
+                let (o, v) = (old[off], new[off]);
+                return Err(format!("report {r}: byte {addr:#x} (region {region}) was {o:#x}, now {v:#x}, should be {:#x}", want[off]));
+            }
+        }
+        let added = stats.ranges_accepted - stats_before.ranges_accepted;
+        if stats.events != stats_before.events + 1 || added != u64::from(accepted.count_ones()) {
+            return Err(format!("report {r}: counters {stats_before:?} then {stats:?} for accepted {accepted:#x}"));
+        }
+        let rejected = stats.ranges_rejected - stats_before.ranges_rejected;
+        if rejected == 0 && added != ranges.len() as u64 {
+            return Err(format!("report {r}: {} ranges, {added} accepted and none rejected", ranges.len()));
+        }
+        if rejected > 0 && stats.first_rejection.is_none() {
+            return Err(format!("report {r}: rejected with no reason kept"));
+        }
+    }
+    Ok(())
 }
