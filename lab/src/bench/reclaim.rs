@@ -14,7 +14,7 @@
 //! - **Churn**: a `full`, a `data` and an `off` VM, side by side, run
 //!   alloc/free cycles around the guest's reclaim reserve
 //!   (`reclaim_reserve=`, 4 MiB: targets of 2, 4 and 6 MiB in turn, then 0),
-//!   one cycle on each VM in turn. Fast cycles (no pause: faster than the
+//!   one cycle on each VM in turn (the first VM rotating). Fast cycles (no pause: faster than the
 //!   reclaim delay) and slow ones (a pause longer than the delay after each
 //!   free, so that every free is reported). Reported: the median allocation
 //!   time per VM, the ratios full / off and full / data, and the reclaim
@@ -306,12 +306,15 @@ fn median_footprint<'a>(fs: impl Iterator<Item = &'a Footprint> + Clone) -> Opti
     })
 }
 
-/// Runs `cycles` churn cycles on every VM in turn; `pause` after each free.
+/// Runs `cycles` churn cycles on every VM in turn, starting one VM further
+/// each cycle (so that no VM always goes first); `pause` after each free.
 fn churn_cycles(vms: &[Vm], cycles: usize, pause: Duration, times: &mut [Vec<f64>]) -> Result<(), BenchError> {
+    let k = vms.len().min(times.len());
     for c in 0..cycles {
-        for (vm, t) in vms.iter().zip(times.iter_mut()) {
-            t.push(vm.set_memory(CHURN_MIB[c % CHURN_MIB.len()])?);
-            vm.set_memory(0)?;
+        for j in 0..k {
+            let i = (c + j) % k;
+            times[i].push(vms[i].set_memory(CHURN_MIB[c % CHURN_MIB.len()])?);
+            vms[i].set_memory(0)?;
         }
         if !pause.is_zero() {
             std::thread::sleep(pause);
