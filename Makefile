@@ -63,7 +63,8 @@ lint: setup
 	cd guest-kernel && RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --locked --no-deps
 
 # Benchmarks (not tests; no time is asserted): boot per strategy, allocator
-# fast path, memmap init cost per struct page. Takes a few minutes; results in
+# fast path, memmap init cost per struct page, reclaim (full/data/off, churn).
+# Takes several minutes; results in
 # bench-results/bench.json, table on stdout. See docs/benchmarks.md.
 BENCH_OUT ?= bench-results
 bench: build

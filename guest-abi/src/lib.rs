@@ -356,9 +356,10 @@ pub mod reclaim_kind {
     /// inside the stats block's memmap ranges. The VMM discards them.
     pub const MEMMAP: u32 = 2;
     /// A whole [`crate::online_run`] with no initialized chunk left (aligned
-    /// to and as long as its run, outside the memmap, the kernel and the
-    /// boot data). The VMM discards it and deletes its KVM registration; the
-    /// guest writes [`crate::port::MEM_ONLINE`] again before it uses it.
+    /// to and as long as its run, outside the kernel and the boot data; its
+    /// memmap pages, if any, describe only uninitialized chunks). The VMM
+    /// discards it and deletes its KVM registration; the guest writes
+    /// [`crate::port::MEM_ONLINE`] again before it uses it.
     pub const OFFLINE: u32 = 3;
 }
 

@@ -594,16 +594,20 @@ impl Controller {
         // Timings first, then the stats address (see `ReportContext::timings`).
         let timings = self.timings.report();
         let stats_gpa = vm.devices.stats_gpa();
+        // The registration as of the reclaim counters (see `ReclaimStats::kvm`).
+        let reclaim = vm.devices.reclaim_stats();
+        let registered_bytes = reclaim.kvm.map_or_else(|| vm.devices.registered_bytes(), |k| k.registered_bytes);
+        let memslots_unregistered = reclaim.kvm.map_or(0, |k| k.memslots_deleted);
         Some(report::memory_report(&ReportContext {
             mem: &vm.mem,
             stats_gpa,
             vcpus: vm.config.machine.vcpu_count,
             tsc_khz: vm.tsc_khz,
             workload_bytes: self.workload_bytes,
-            registered_bytes: vm.devices.registered_bytes(),
+            registered_bytes,
             reclaim_mode: vm.config.machine.effective_reclaim(),
-            reclaim: vm.devices.reclaim_stats(),
-            memslots_unregistered: vm.devices.memslots_unregistered(),
+            reclaim,
+            memslots_unregistered,
             timings,
         }))
     }

@@ -490,7 +490,9 @@ impl Memmap {
     }
 
     /// Whether every frame of `r` is RAM the allocator manages (no hole, no
-    /// reserved frame, no memmap).
+    /// reserved frame, no memmap). The reclaim tests' simulated VMM checks
+    /// ranges with it.
+    #[cfg(test)]
     pub(crate) fn all_allocatable(&self, r: PfnRange) -> bool {
         if r.pages() == 0 {
             return false;
@@ -504,6 +506,57 @@ impl Memmap {
             for (kind, run) in self.runs(c) {
                 if kind != PageKind::Free && run.start < r.end && run.end > r.start {
                     return false;
+                }
+            }
+            c += 1;
+        }
+        true
+    }
+
+    /// The chunks whose struct pages lie (partly) in the memmap page at
+    /// `page` (any page-aligned physical address): `[first, last]`, or
+    /// `None` if `page` is in no section's memmap.
+    fn memmap_page_chunks(&self, page: PhysAddr) -> Option<(u64, u64)> {
+        let s = self.sections[..self.nsections].iter().position(|sec| {
+            sec.memmap_bytes > 0 && page.0 >= sec.memmap.0 && page.0 < sec.memmap.0 + sec.memmap_bytes
+        })?;
+        let first_pfn = ((s as u64) << self.section_shift)
+            + (page.0 - self.sections[s].memmap.0) / STRUCT_PAGE_SIZE;
+        let last_pfn = first_pfn + PAGE_SIZE / STRUCT_PAGE_SIZE - 1;
+        Some((self.chunk_of(Pfn(first_pfn)), self.chunk_of(Pfn(last_pfn))))
+    }
+
+    /// Whether the frames `r` (an online run) may go offline as a whole
+    /// (memory reclaim): every chunk they touch has memmap and is
+    /// uninitialized, and every frame is either RAM the allocator manages
+    /// or a memmap page that describes only uninitialized chunks. No hole,
+    /// no kernel or other reserved frame, and no struct page in use.
+    pub(crate) fn run_can_go_offline(&self, r: PfnRange) -> bool {
+        if r.pages() == 0 {
+            return false;
+        }
+        let mut c = self.chunk_of(r.start);
+        let last = self.chunk_of(Pfn(r.end.0 - 1));
+        while c <= last {
+            if self.next_chunk(c) != Some(c) || self.is_initialized(self.chunk_range(c).start) {
+                return false;
+            }
+            for (kind, run) in self.runs(c) {
+                let (s, e) = (run.start.0.max(r.start.0), run.end.0.min(r.end.0));
+                match kind {
+                    _ if s >= e => {}
+                    PageKind::Free => {}
+                    PageKind::Reserved => {
+                        let describes_only_idle = |pfn: u64| {
+                            self.memmap_page_chunks(Pfn(pfn).addr()).is_some_and(|(f, l)| {
+                                (f..=l).all(|x| !self.is_initialized(self.chunk_range(x).start))
+                            })
+                        };
+                        if !(s..e).all(describes_only_idle) {
+                            return false;
+                        }
+                    }
+                    PageKind::Hole => return false,
                 }
             }
             c += 1;

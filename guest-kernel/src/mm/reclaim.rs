@@ -295,8 +295,10 @@ pub(crate) fn pass<S: ReclaimSink>(g: &Grower<'_>, sink: &mut S) -> ReclaimOutco
         }
     }
     // What the de-initialized chunks give back: whole runs, data, memmap.
-    let mut offlined = [0u64; MAX_DEINIT_RANGES * 2];
+    let mut offlined = [0u64; MAX_DEINIT_RANGES * 4];
     let mut noffl = 0;
+    // The last memmap run looked at, and whether it went offline.
+    let mut memmap_run: Option<(u64, bool)> = None;
     for r in deinit[..ndeinit].iter().rev() {
         let (start, end) = (r.start.addr().0, r.end.addr().0);
         let mut a = start;
@@ -308,13 +310,10 @@ pub(crate) fn pass<S: ReclaimSink>(g: &Grower<'_>, sink: &mut S) -> ReclaimOutco
                 start: PhysAddr(rs).pfn_down(),
                 end: PhysAddr(rs + run).pfn_down(),
             };
-            let first = mm.chunk_of(run_pfns.start);
-            let last = mm.chunk_of(Pfn(run_pfns.end.0 - 1));
-            let idle = (first..=last).all(|x| !mm.is_initialized(mm.chunk_range(x).start));
             let seen = offlined[..noffl].contains(&rs);
             if seen {
                 // Already in this pass's report.
-            } else if idle && noffl < offlined.len() && mm.all_allocatable(run_pfns) {
+            } else if noffl < offlined.len() && mm.run_can_go_offline(run_pfns) {
                 offlined[noffl] = rs;
                 noffl += 1;
                 batch.push(reclaim_kind::OFFLINE, rs, run);
@@ -329,7 +328,32 @@ pub(crate) fn pass<S: ReclaimSink>(g: &Grower<'_>, sink: &mut S) -> ReclaimOutco
             while page < m.end.0 {
                 let (f, l) = mm.chunks_of_memmap_page(chunk, PhysAddr(page));
                 if (f..=l).all(|x| !mm.is_initialized(mm.chunk_range(x).start)) {
-                    batch.push(reclaim_kind::MEMMAP, page, PAGE_SIZE);
+                    // A run that now holds only memmap of uninitialized
+                    // chunks (and free memory of uninitialized chunks)
+                    // goes offline whole, so that its memslot goes too.
+                    let run = online_run(page);
+                    let rs = page - page % run;
+                    let offline = match memmap_run {
+                        Some((at, off)) if at == rs => off,
+                        _ if offlined[..noffl].contains(&rs) => true,
+                        _ => {
+                            let run_pfns = PfnRange {
+                                start: PhysAddr(rs).pfn_down(),
+                                end: PhysAddr(rs + run).pfn_down(),
+                            };
+                            let off = noffl < offlined.len() && mm.run_can_go_offline(run_pfns);
+                            if off {
+                                offlined[noffl] = rs;
+                                noffl += 1;
+                                batch.push(reclaim_kind::OFFLINE, rs, run);
+                            }
+                            off
+                        }
+                    };
+                    memmap_run = Some((rs, offline));
+                    if !offline {
+                        batch.push(reclaim_kind::MEMMAP, page, PAGE_SIZE);
+                    }
                 }
                 page += PAGE_SIZE;
             }
@@ -435,8 +459,25 @@ mod tests {
                     }
                     reclaim_kind::OFFLINE => {
                         assert_eq!((r.start % online_run(r.start), r.len), (0, online_run(r.start)), "{r:?}");
-                        assert!(mm.all_allocatable(pfns(r)), "{r:?} holds reserved memory");
                         assert!(chunks_idle(pfns(r)), "{r:?} offlines an initialized chunk");
+                        // Allocatable memory, or memmap that describes
+                        // only uninitialized chunks: never the kernel's.
+                        for pfn in pfns(r).start.0..pfns(r).end.0 {
+                            let one = PfnRange { start: Pfn(pfn), end: Pfn(pfn + 1) };
+                            if mm.all_allocatable(one) {
+                                continue;
+                            }
+                            let a = pfn * PAGE_SIZE;
+                            assert!(mm.memmap_ranges().any(|m| m.start.0 <= a && a < m.end.0), "{r:?} holds reserved memory at {a:#x}");
+                            let mut c = mm.next_chunk(0);
+                            while let Some(x) = c {
+                                let m = mm.chunk_memmap(x);
+                                if m.start.0 < a + PAGE_SIZE && a < m.end.0 {
+                                    assert!(!initialized(self.rig, x), "{r:?} offlines the memmap of chunk {x}");
+                                }
+                                c = mm.next_chunk(x + 1);
+                            }
+                        }
                     }
                     reclaim_kind::MEMMAP => {
                         assert!(r.start % PAGE_SIZE == 0 && r.len % PAGE_SIZE == 0, "{r:?}");
@@ -693,6 +734,13 @@ mod tests {
                 assert!(offline(a / PAGE_SIZE), "run at {a:#x} still registered");
                 a += online_run(a);
             }
+            // So are the runs of the memmap (2..6 MiB): every chunk they
+            // describe is uninitialized, so their memslots go too. The
+            // reserved run below them stays.
+            for run in [2 * MIB, 4 * MIB] {
+                assert!(offline(run / PAGE_SIZE), "memmap run at {run:#x} still registered");
+            }
+            assert!(!offline(0), "the reserved run went offline");
             assert!(!sim.dirty());
             assert_eq!(sim.pass(), ReclaimOutcome::default(), "a second pass has nothing to report");
         }

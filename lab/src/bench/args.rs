@@ -24,8 +24,14 @@ pub struct BenchArgs {
     /// Guest memory of the "all memory allocated" allocator runs, in MiB.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     pub small_mem_mib: u64,
+    /// Rounds of the reclaim benchmark (one VM per reclaim mode each).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub reclaim_rounds: usize,
+    /// Alloc/free cycles of the reclaim churn, fast and again slow (per VM).
+    #[arg(long, default_value_t = 40, value_name = "N")]
+    pub churn_cycles: usize,
     /// Which benchmarks to run (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "boot,alloc,memmap", value_name = "LIST")]
+    #[arg(long, value_delimiter = ',', default_value = "boot,alloc,memmap,reclaim", value_name = "LIST")]
     pub only: Vec<Section>,
     /// The vmm binary to benchmark [default: this executable].
     #[arg(long, value_name = "PATH")]
@@ -41,6 +47,9 @@ pub enum Section {
     Alloc,
     /// Cycles per struct page initialized.
     Memmap,
+    /// What a guest gives back after it freed 1 GiB, per reclaim mode;
+    /// reallocation and alloc/free churn.
+    Reclaim,
 }
 
 #[cfg(test)]
@@ -58,8 +67,11 @@ mod tests {
     fn defaults_and_sections_parse() {
         let a = T::try_parse_from(["bench"]).unwrap().a;
         assert_eq!((a.boot_runs, a.reps, a.pairs, a.mem_mib, a.small_mem_mib), (25, 9, 10_000_000, 2048, 256));
-        assert_eq!(a.only, vec![Section::Boot, Section::Alloc, Section::Memmap]);
+        assert_eq!(a.only, vec![Section::Boot, Section::Alloc, Section::Memmap, Section::Reclaim]);
+        assert_eq!((a.reclaim_rounds, a.churn_cycles), (3, 40));
         assert_eq!(a.out, PathBuf::from("bench-results"));
+        let a = T::try_parse_from(["bench", "--only", "reclaim", "--reclaim-rounds", "1"]).unwrap().a;
+        assert_eq!((a.only, a.reclaim_rounds), (vec![Section::Reclaim], 1));
         let a = T::try_parse_from(["bench", "--only", "memmap,boot", "--vmm", "/x/vmm"]).unwrap().a;
         assert_eq!((a.only, a.vmm), (vec![Section::Memmap, Section::Boot], Some(PathBuf::from("/x/vmm"))));
         assert!(T::try_parse_from(["bench", "--only", "disk"]).is_err());

@@ -5,6 +5,7 @@
 use super::alloc::AllocResults;
 use super::boot::BootResults;
 use super::memmap::MemmapResults;
+use super::reclaim::ReclaimResults;
 use crate::host;
 use serde::Serialize;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,6 +17,8 @@ pub struct Settings {
     pub pairs: u64,
     pub mem_mib: u64,
     pub small_mem_mib: u64,
+    pub reclaim_rounds: usize,
+    pub churn_cycles: usize,
 }
 
 /// The host, as `vmm density` describes it, plus the load around the run
@@ -46,11 +49,21 @@ pub struct BenchResults {
     pub boot: Option<BootResults>,
     pub alloc: Option<AllocResults>,
     pub memmap: Option<MemmapResults>,
+    pub reclaim: Option<ReclaimResults>,
     pub duration_s: f64,
 }
 
 fn f1(x: Option<f64>, scale: f64) -> String {
     x.map_or_else(|| "-".into(), |v| format!("{:.1}", v / scale))
+}
+
+/// Bytes as KiB (below 10 MiB) or MiB, for the reclaim table.
+fn size(b: Option<u64>) -> String {
+    match b {
+        None => "-".into(),
+        Some(b) if b < 10 << 20 => format!("{} KiB", b >> 10),
+        Some(b) => format!("{:.1} MiB", b as f64 / f64::from(1 << 20)),
+    }
 }
 
 fn r2(x: Option<f64>) -> String {
@@ -130,6 +143,79 @@ impl BenchResults {
                 }),
             );
         }
+        if let Some(r) = &self.reclaim {
+            s += &self.reclaim_table(r);
+        }
+        s
+    }
+
+    fn reclaim_table(&self, r: &ReclaimResults) -> String {
+        let mut s = format!(
+            "Reclaim: {} MiB ondemand guest holds {} MiB, frees it; reclaim_delay {} ms; median of {} rounds\n\n",
+            r.mem_mib, r.held_mib, r.delay_ms, self.settings.reclaim_rounds
+        );
+        let idle = r.variants.first().and_then(|v| v.median_idle);
+        let mut rows = vec![vec![
+            "idle (full's VM)".to_string(),
+            size(idle.map(|f| f.guest_ram_resident_bytes)),
+            size(idle.map(|f| f.memmap_resident_bytes)),
+            size(idle.map(|f| f.kvm_registered_bytes)),
+            size(idle.map(|f| f.kvm_memslot_bytes_estimate)),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ]];
+        for v in &r.variants {
+            let f = v.median_settled;
+            rows.push(vec![
+                format!("freed, {}", v.mode),
+                size(f.map(|f| f.guest_ram_resident_bytes)),
+                size(f.map(|f| f.memmap_resident_bytes)),
+                size(f.map(|f| f.kvm_registered_bytes)),
+                size(f.map(|f| f.kvm_memslot_bytes_estimate)),
+                v.median_above_idle_bytes.map_or_else(|| "-".into(), |b| format!("{:.0} KiB", b / 1024.0)),
+                v.median_settle_ms.map_or_else(|| "never".into(), |ms| format!("{ms:.0} ms")),
+                r2(v.median_realloc_ratio),
+            ]);
+        }
+        s += &markdown(
+            &["state", "guest RAM resident", "memmap resident", "KVM registered", "KVM metadata (est.)", "above idle", "settled after", "2nd / 1st 1 GiB alloc"],
+            rows,
+        );
+        let c = &r.churn;
+        s += &format!(
+            "Reclaim churn: {} fast and {} slow alloc/free cycles per VM ({:?} MiB in turn, then 0; slow = {} ms + 300 ms pause after each free), reclaim_delay {} ms\n\n",
+            c.cycles, c.cycles, c.targets_mib, c.delay_ms, c.delay_ms
+        );
+        let mut rows = Vec::new();
+        for v in &c.vms {
+            for (when, f) in &v.after {
+                rows.push(vec![
+                    v.mode.to_string(),
+                    when.to_string(),
+                    f.reclaim_events.to_string(),
+                    f.chunks_deinitialized.map_or_else(|| "-".into(), |n| n.to_string()),
+                    f.memslots_unregistered.to_string(),
+                    size(Some(f.kvm_registered_bytes)),
+                ]);
+            }
+        }
+        s += &markdown(&["mode", "after cycles", "reclaim events", "chunks de-initialized", "memslots deleted", "KVM registered"], rows);
+        for v in &c.vms {
+            s += &format!(
+                "- {}: median allocation {} ms fast, {} ms slow\n",
+                v.mode,
+                f1(v.median_fast_alloc_ms, 1.0),
+                f1(v.median_slow_alloc_ms, 1.0)
+            );
+        }
+        s += &format!(
+            "- allocation time full / off: {} fast, {} slow; full / data: {} fast, {} slow\n\n",
+            r2(c.fast_ratio_full_to_off),
+            r2(c.slow_ratio_full_to_off),
+            r2(c.fast_ratio_full_to_data),
+            r2(c.slow_ratio_full_to_data)
+        );
         s
     }
 }
@@ -159,14 +245,16 @@ mod tests {
             date_utc: "2026-01-01 00:00:00 UTC".into(),
             host: HostInfo { machine: None, loadavg_start: Some("0.50 0.40 0.30 1/100 7".into()), loadavg_end: None },
             vmm: "/x/vmm".into(),
-            settings: Settings { boot_runs: 1, reps: 1, pairs: 1, mem_mib: 2048, small_mem_mib: 256 },
+            settings: Settings { boot_runs: 1, reps: 1, pairs: 1, mem_mib: 2048, small_mem_mib: 256, reclaim_rounds: 1, churn_cycles: 1 },
             boot: None,
             alloc: None,
             memmap: None,
+            reclaim: None,
             duration_s: 0.0,
         };
         assert_eq!(r.table(), "vmm bench, 2026-01-01 00:00:00 UTC (0 CPUs, load average at start 0.50 0.40 0.30 1/100 7)\n\n");
         assert_eq!((f1(Some(1234.0), 1e3), f1(None, 1.0), r2(Some(0.5)), r2(None)), ("1.2".into(), "-".into(), "0.50x".into(), "-".into()));
+        assert_eq!((size(Some(96 << 10)), size(Some(1138 << 20)), size(None)), ("96 KiB".into(), "1138.0 MiB".into(), "-".into()));
         let t = markdown(&["a", "b"], [vec!["1".to_string(), "-".to_string()]]);
         assert_eq!(t, "| a | b |\n| --- | --- |\n| 1 | - |\n\n");
     }

@@ -4,7 +4,7 @@
 use super::args::{BenchArgs, Section};
 use super::child::{Bench, BenchError};
 use super::results::{utc_string, BenchResults, HostInfo, Settings};
-use super::{alloc, boot, memmap};
+use super::{alloc, boot, memmap, reclaim};
 use crate::host;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
@@ -19,8 +19,8 @@ pub fn run(args: BenchArgs) -> u8 {
             return 2;
         }
     };
-    if args.boot_runs == 0 || args.reps == 0 || args.pairs == 0 {
-        eprintln!("vmm bench: --boot-runs, --reps and --pairs must be at least 1");
+    if args.boot_runs == 0 || args.reps == 0 || args.pairs == 0 || args.reclaim_rounds == 0 || args.churn_cycles == 0 {
+        eprintln!("vmm bench: --boot-runs, --reps, --pairs, --reclaim-rounds and --churn-cycles must be at least 1");
         return 2;
     }
     let b = Bench { vmm, args };
@@ -36,10 +36,13 @@ pub fn run(args: BenchArgs) -> u8 {
             pairs: b.args.pairs,
             mem_mib: b.args.mem_mib,
             small_mem_mib: b.args.small_mem_mib,
+            reclaim_rounds: b.args.reclaim_rounds,
+            churn_cycles: b.args.churn_cycles,
         },
         boot: None,
         alloc: None,
         memmap: None,
+        reclaim: None,
         duration_s: 0.0,
     };
     let mut ok = true;
@@ -57,6 +60,13 @@ pub fn run(args: BenchArgs) -> u8 {
         let r = memmap::measure(&b);
         ok &= r.variants.iter().all(|v| v.median_cycles_per_page.is_some());
         results.memmap = Some(r);
+    }
+    if b.args.only.contains(&Section::Reclaim) {
+        let r = reclaim::measure(&b, b.args.reclaim_rounds, b.args.churn_cycles);
+        ok &= r.variants.iter().all(|v| v.median_settled.is_some())
+            && r.churn.fast_ratio_full_to_off.is_some()
+            && r.churn.slow_ratio_full_to_off.is_some();
+        results.reclaim = Some(r);
     }
     results.duration_s = t0.elapsed().as_secs_f64();
     results.host.loadavg_end = host::loadavg();

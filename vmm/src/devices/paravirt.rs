@@ -27,7 +27,7 @@
 
 use super::outcome::PortOutcome;
 use crate::events::{CommandDone, VmEvent};
-use crate::memory::reclaim::{self, GuestLayout, ReclaimPolicy, ReclaimStats};
+use crate::memory::reclaim::{self, GuestLayout, KvmRegistration, ReclaimPolicy, ReclaimStats};
 use crate::memory::{RegisterError, Registrar};
 use crate::report::guest as guest_report;
 use crate::metrics::Metrics;
@@ -161,7 +161,14 @@ impl Paravirt {
 
     /// What the guest's reclaim reports did so far.
     pub fn reclaim_stats(&self) -> ReclaimStats {
-        self.reclaim.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let stats = self.reclaim.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock that `reclaim_report` holds for a whole record, so
+        // the registration matches the counters.
+        let kvm = self.registrar().map(|r| KvmRegistration {
+            registered_bytes: r.registered_bytes(),
+            memslots_deleted: r.slots_deleted(),
+        });
+        ReclaimStats { kvm, ..stats.clone() }
     }
 
     /// Sets the registrar that serves `port::MEM_ONLINE`.

@@ -9,10 +9,14 @@
 //!
 //! and in every case inside one region of guest RAM, disjoint from the
 //! record's earlier accepted ranges, allowed by the VM's reclaim mode, and
-//! (`DATA`, `OFFLINE`) outside the memmap, the kernel image and the boot
-//! data. So a guest whose report is bogus can at most discard its own
-//! memory, which then reads as zeros: never the kernel the VMM loaded, the
-//! boot data, or the metadata of memory still in use.
+//! outside the kernel image and the boot data; `DATA` also outside the
+//! memmap. An `OFFLINE` run may hold memmap pages: the guest takes a run
+//! offline once its memmap describes only uninitialized chunks, so that the
+//! memslot of a run that held only memmap goes too (`MEMMAP` may discard
+//! any memmap page already, so this gives a guest nothing more). So a guest
+//! whose report is bogus can at most discard its own memory, which then
+//! reads as zeros: never the kernel the VMM loaded or the boot data; and
+//! its own metadata only where it says that metadata is unused.
 
 use guest_abi::{reclaim_kind, GpaRange, Reclaim, ReclaimRange, PAGE_SIZE};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -65,6 +69,21 @@ pub struct ReclaimStats {
     /// Why the first rejected range or record was rejected: the guest's
     /// report is not to be trusted from then on.
     pub first_rejection: Option<String>,
+    /// The registrar's figures, read under the same lock as the counters
+    /// above: a report taken while the VMM works through a record then never
+    /// shows the record's discards without its unregistrations (`GET
+    /// /memory` read the registered bytes first, and showed them lagging).
+    /// `None` when no registrar tracks the VM.
+    pub kvm: Option<KvmRegistration>,
+}
+
+/// Guest RAM registered with KVM, and memslots deleted, at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvmRegistration {
+    /// Bytes of guest RAM registered now.
+    pub registered_bytes: u64,
+    /// Memslots deleted so far because the guest took their memory offline.
+    pub memslots_deleted: u64,
 }
 
 impl ReclaimStats {
@@ -154,14 +173,14 @@ pub fn check_range(r: &ReclaimRange, policy: &ReclaimPolicy, guest: &GuestLayout
                 if !chunk.is_power_of_two() || chunk < PAGE_SIZE || !start.is_multiple_of(chunk) || !r.len.is_multiple_of(chunk) {
                     return Err(RangeError::Misaligned(chunk));
                 }
+                if in_memmap(start, end) {
+                    return Err(RangeError::Memmap);
+                }
             } else {
                 let run = guest_abi::online_run(start);
                 if !start.is_multiple_of(run) || r.len != run {
                     return Err(RangeError::NotARun(run));
                 }
-            }
-            if in_memmap(start, end) {
-                return Err(RangeError::Memmap);
             }
         }
     }
@@ -270,6 +289,8 @@ mod tests {
         // At 100 MiB the run is 8 MiB: 96..104 MiB.
         assert_eq!(check(Reclaim::Full, range(reclaim_kind::OFFLINE, 96 * MIB, 8 * MIB)), Ok(()));
         assert_eq!(check(Reclaim::Full, range(reclaim_kind::OFFLINE, 8 * MIB, 2 * MIB)), Ok(()));
+        // A run of the memmap (the guest says it describes only uninitialized chunks).
+        assert_eq!(check(Reclaim::Full, range(reclaim_kind::OFFLINE, 6 * MIB, 2 * MIB)), Ok(()));
     }
 
     #[test]
@@ -295,7 +316,6 @@ mod tests {
             (Reclaim::Full, range(reclaim_kind::MEMMAP, 20 * MIB, 4096), NotMemmap),
             (Reclaim::Full, range(reclaim_kind::OFFLINE, 96 * MIB, 4 * MIB), NotARun(8 * MIB)),
             (Reclaim::Full, range(reclaim_kind::OFFLINE, 100 * MIB, 8 * MIB), NotARun(8 * MIB)),
-            (Reclaim::Full, range(reclaim_kind::OFFLINE, 6 * MIB, CHUNK), Memmap),
             (Reclaim::Full, range(reclaim_kind::OFFLINE, 2 * MIB, CHUNK), Protected),
         ];
         for (mode, r, want) in cases {
@@ -342,8 +362,8 @@ mod tests {
     proptest! {
         /// Whatever a guest reports, every accepted range is inside RAM,
         /// touches no protected byte, is disjoint from the others accepted,
-        /// and is aligned for its kind; DATA and OFFLINE never touch the
-        /// memmap; nothing is accepted with reclaim off.
+        /// and is aligned for its kind; DATA never touches the memmap;
+        /// nothing is accepted with reclaim off.
         #[test]
         fn accepted_ranges_keep_every_rule(rs in proptest::collection::vec(any_range(), 0..64), mode in 0..3u32) {
             let mode = Reclaim::decode(mode).unwrap();
@@ -365,7 +385,7 @@ mod tests {
                 match r.kind {
                     reclaim_kind::DATA => prop_assert!(r.start % CHUNK == 0 && r.len % CHUNK == 0 && !touches_memmap),
                     reclaim_kind::OFFLINE => {
-                        prop_assert!(mode == Reclaim::Full && !touches_memmap);
+                        prop_assert!(mode == Reclaim::Full);
                         prop_assert_eq!(r.len, guest_abi::online_run(r.start));
                     }
                     reclaim_kind::MEMMAP => prop_assert!(mode == Reclaim::Full && touches_memmap),
