@@ -1,8 +1,10 @@
 //! `vmm density` end to end: a small real run (10 VMs of 256 MiB under
 //! `eager` and `ondemand`) whose report must be complete and consistent and
 //! leave no process or socket behind, a run whose floor stops the ramp, one
-//! whose task budget (`--max-tasks`) does, and one with a peer VMM beside
-//! ours (this `vmm`, standing in for Firecracker).
+//! whose task budget (`--max-tasks`) does, one with a peer VMM beside
+//! ours (this `vmm`, standing in for Firecracker), and phased workloads:
+//! a fleet that peaks and comes back down, fresh against steady state per
+//! reclaim mode, and one whose phases the floor stops.
 
 mod common;
 
@@ -244,8 +246,106 @@ fn a_peer_vmm_runs_the_same_fleet_and_is_measured_from_the_host() {
     }
     assert!(p["footprint"].is_null(), "a peer's footprint is not split by owner");
     let csv = std::fs::read_to_string(out.path().join("vms.csv")).unwrap();
-    let peer_rows = csv.lines().filter(|l| l.ends_with(",firecracker")).count();
+    let peer_rows = csv.lines().filter(|l| l.ends_with(",firecracker,,ramp")).count();
     assert_eq!(peer_rows, 2, "{csv}");
+    assert_clean(&r);
+}
+
+#[test]
+fn a_phased_fleet_comes_back_to_its_fresh_footprint_under_full_reclaim_and_not_under_off() {
+    // Every VM comes up at 8 MiB (fresh), then peaks at 64 MiB and goes back
+    // to 8 MiB; 300 ms after, the guest reports the freed memory.
+    let out = TempDir::new("density-phased");
+    let dir = out.path().to_str().unwrap();
+    let o = vmm(&[
+        "density", "--vms", "3", "--mem-mib", "256", "--strategies", "eager,ondemand", "--reclaim", "off,full",
+        "--reclaim-delay-ms", "300", "--workload", "peak:64M,hold:200ms,idle:8M", "--ramp", "3", "--peak-parallel", "2",
+        "--out", dir,
+    ]);
+    o.assert_code(0);
+    assert!(o.stdout.contains("STEADY STATE PER VM") && o.stdout.contains("skipped: eager/full"), "{o}");
+    let svg = std::fs::read_to_string(out.path().join("host_memory_over_time.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("ondemand/full") && svg.contains("eager/off"), "{svg:.300}");
+    let r = report(out.path());
+    assert_eq!(r["outcome"], "completed", "{r}");
+    assert_eq!(r["settings"]["workload_text"], "peak:64M,hold:200ms,idle:8M");
+    assert!(r["skipped"][0].as_str().unwrap().starts_with("eager/full: reclaim full needs ondemand"), "{}", r["skipped"]);
+    let runs = r["strategies"].as_array().unwrap();
+    let labels: Vec<String> = runs.iter().map(|s| format!("{}/{}", s["strategy"].as_str().unwrap(), s["reclaim"].as_str().unwrap())).collect();
+    assert_eq!(labels, ["eager/off", "ondemand/off", "ondemand/full"]);
+    let mib = (1u64 << 20) as f64;
+    for (s, label) in runs.iter().zip(&labels) {
+        let p = &s["phases"];
+        assert_eq!((u(p, "/started"), u(p, "/done"), u(p, "/stopped_before")), (3, 3, 0), "{label}: {p}");
+        assert_eq!(p["floor_reached"], false, "{label}: {p}");
+        let st = &s["steady_state"];
+        assert_eq!((u(st, "/fresh_vms"), u(st, "/vms")), (3, 3), "{label}: {st}");
+        assert_eq!(st["settled"], true, "{label}: {st}");
+        assert!(f(st, "/waited_s") >= 1.3, "{label}: waits the reclaim delay + 1 s: {st}");
+        let steps = s["steps"].as_array().unwrap();
+        assert_eq!(steps.iter().map(|x| x["phase"].as_str().unwrap()).collect::<Vec<_>>(), ["ramp", "steady"], "{label}");
+        let marks: Vec<&str> = s["timeline"]["marks"].as_array().unwrap().iter().map(|m| m[1].as_str().unwrap()).collect();
+        assert_eq!(marks, ["ramp", "phases", "settling", "steady", "stop"], "{label}");
+        assert!(s["timeline"]["samples"].as_array().unwrap().len() >= 4, "{label}");
+        for vm in s["vms"].as_array().unwrap() {
+            assert_eq!(u(vm, "/alloc_mib"), 8, "{label}");
+            assert!(f(vm, "/phases/peak_ms") > 0.0 && f(vm, "/phases/end_s") > f(vm, "/phases/start_s"), "{label}: {vm}");
+            // In steady state each VM holds its idle size again, and said so.
+            assert_eq!(u(vm, "/last_sample/workload"), 8 << 20, "{label}");
+            assert_eq!(u(vm, "/last_sample/reclaim/ranges_rejected"), 0, "{label}");
+        }
+        // The VMs' own figures (mincore on guest RAM), which no other
+        // tenant of the host moves, fresh and in steady state.
+        let (fresh, steady) = (f(st, "/fresh/guest_ram_resident"), f(st, "/steady/guest_ram_resident"));
+        let ratio = f(st, "/reported_ratio");
+        if label.ends_with("/full") {
+            assert!(steady <= fresh + mib, "{label}: {steady} resident per VM, fresh {fresh}");
+            assert!(ratio < 1.10, "{label}: steady/fresh {ratio}");
+            assert!(f(st, "/discarded_per_vm") >= 56.0 * mib, "{label}: {st}");
+        } else {
+            assert!(steady >= fresh + 50.0 * mib, "{label}: {steady} resident per VM, fresh {fresh}");
+            assert!(ratio > 3.0, "{label}: steady/fresh {ratio}");
+            assert_eq!(f(st, "/discarded_per_vm"), 0.0, "{label}: {st}");
+        }
+    }
+    let csv = std::fs::read_to_string(out.path().join("vms.csv")).unwrap();
+    assert_eq!(csv.lines().filter(|l| l.ends_with(",full,steady")).count(), 3, "{csv}");
+    assert_clean(&r);
+}
+
+#[test]
+fn the_floor_stops_the_phases_of_a_fleet_that_keeps_its_peaks() {
+    // A floor 600 MiB under MemAvailable: the fresh fleet (3 VMs at 4 MiB)
+    // fits, one 400 MiB peak fits, but under `off` the host keeps it, so a
+    // second peak would cross the floor.
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap()))
+        .unwrap()
+        >> 10;
+    let floor = (avail - 600).to_string();
+    let out = TempDir::new("density-phased-floor");
+    let dir = out.path().to_str().unwrap();
+    let o = vmm(&[
+        "density", "--vms", "3", "--mem-mib", "512", "--strategies", "ondemand", "--reclaim", "off", "--parallel", "1",
+        "--reclaim-delay-ms", "100", "--workload", "peak:400M,idle:4M", "--peak-parallel", "1", "--floor-mib", &floor,
+        "--out", dir,
+    ]);
+    o.assert_code(0);
+    let r = report(out.path());
+    assert_eq!(r["outcome"], "completed", "{r}");
+    let s = &r["strategies"][0];
+    assert_eq!(u(s, "/ready"), 3, "the fresh fleet fits: {}", s["stop_reason"]);
+    let p = &s["phases"];
+    assert_eq!(p["floor_reached"], true, "{p}");
+    assert_eq!(s["floor_reached"], true);
+    assert!(p["stop_reason"].as_str().unwrap().starts_with("floor reached"), "{p}");
+    assert_eq!((u(p, "/started"), u(p, "/done"), u(p, "/stopped_before")), (1, 1, 2), "{p}");
+    // The steady state is the VM that ran its phases; the others were stopped.
+    assert_eq!((u(s, "/steady_state/fresh_vms"), u(s, "/steady_state/vms")), (3, 1), "{}", s["steady_state"]);
+    assert_eq!(u(s, "/steps/1/sums/vms"), 1);
+    assert_eq!(u(s, "/shutdown/stopped") + u(s, "/shutdown/killed"), 1);
     assert_clean(&r);
 }
 
@@ -257,4 +357,17 @@ fn bad_density_flags_are_usage_errors() {
     vmm(&["density", "--strategies", "eager,eager"]).assert_code(2);
     vmm(&["density", "--mem-mib", "256", "--alloc-mib", "300"]).assert_code(2);
     vmm(&["density", "--alloc-mib", "9..3"]).assert_code(2);
+    for bad in [
+        &["--workload", "peak:64M,hold:2s"][..],
+        &["--workload", "peak:64M,idle:8M", "--alloc-mib", "8"],
+        &["--workload", "peak:300M,idle:8M", "--mem-mib", "256"],
+        &["--workload", "peak:64M,idle:8M", "--peak-parallel", "0"],
+        &["--strategies", "eager", "--reclaim", "full"],
+        &["--reclaim", "off,off"],
+        &["--reclaim", "some"],
+    ] {
+        let o = vmm(&[&["density"][..], bad].concat());
+        o.assert_code(2);
+        assert!(o.stderr.contains("error"), "{bad:?}: {o}");
+    }
 }

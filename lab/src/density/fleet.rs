@@ -65,6 +65,10 @@ pub struct VmSpec {
     pub strategy: String,
     pub mem_mib: u64,
     pub vcpus: u8,
+    /// `--reclaim` for our VMs (`None`: the strategy's default).
+    pub reclaim: Option<api::Reclaim>,
+    /// `--reclaim-delay-ms` for our VMs (`None`: the guest's default).
+    pub reclaim_delay_ms: Option<u32>,
     pub launcher: Launcher,
 }
 
@@ -171,8 +175,14 @@ impl Fleet {
                     .args(["--mem-mib", &spec.mem_mib.to_string()])
                     .args(["--vcpus", &spec.vcpus.to_string()])
                     .args(["--memmap-init", &spec.strategy])
-                    .args(["--serial", "none"])
-                    .stdout(Stdio::null())
+                    .args(["--serial", "none"]);
+                if let Some(r) = spec.reclaim {
+                    cmd.args(["--reclaim", r.name()]);
+                }
+                if let Some(d) = spec.reclaim_delay_ms {
+                    cmd.args(["--reclaim-delay-ms", &d.to_string()]);
+                }
+                cmd.stdout(Stdio::null())
                     .stderr(Stdio::from(log_file));
             }
             Launcher::Peer { kernel, strategy, .. } => {
@@ -230,31 +240,39 @@ impl Fleet {
     /// [`STOP_GRACE`] after the last exit; reaps them all and removes their
     /// sockets and logs.
     pub fn shutdown_all(&mut self) -> ShutdownStats {
+        self.shutdown_where(|_| true)
+    }
+
+    /// Stops the children for which `which` is true, as [`Fleet::shutdown_all`]
+    /// stops them all; the others keep running.
+    pub fn shutdown_where(&mut self, which: impl Fn(&VmProcess) -> bool) -> ShutdownStats {
         let start = Instant::now();
         let mut stats = ShutdownStats::default();
-        for vm in &self.vms {
+        let (mut stopping, keep): (Vec<VmProcess>, Vec<VmProcess>) = self.vms.drain(..).partition(|vm| which(vm));
+        self.vms = keep;
+        for vm in &stopping {
             // SAFETY: `vm.pid` is our own child, not reaped yet, so the PID
             // still names it; kill only sends a signal.
             unsafe { libc::kill(vm.pid as libc::pid_t, libc::SIGTERM) };
         }
         let mut last_progress = Instant::now();
-        while !self.vms.is_empty() && last_progress.elapsed() < STOP_GRACE {
-            let before = self.vms.len();
-            self.vms.retain_mut(|vm| match vm.child.try_wait() {
+        while !stopping.is_empty() && last_progress.elapsed() < STOP_GRACE {
+            let before = stopping.len();
+            stopping.retain_mut(|vm| match vm.child.try_wait() {
                 Ok(Some(_)) | Err(_) => {
                     forget(vm);
                     false
                 }
                 Ok(None) => true,
             });
-            if self.vms.len() < before {
-                stats.stopped += (before - self.vms.len()) as u64;
+            if stopping.len() < before {
+                stats.stopped += (before - stopping.len()) as u64;
                 last_progress = Instant::now();
             } else {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        for mut vm in self.vms.drain(..) {
+        for mut vm in stopping {
             let _ = vm.child.kill();
             let _ = vm.child.wait();
             forget(&vm);

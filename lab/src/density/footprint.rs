@@ -85,6 +85,12 @@ pub struct StepSums {
     pub proc_rss: u64,
     pub proc_pss: u64,
     pub proc_anon: u64,
+    /// Sum of the VMMs' estimates of KVM's memslot metadata.
+    pub kvm_memslot_estimate: u64,
+    /// Sum of guest RAM registered with KVM.
+    pub kvm_registered: u64,
+    /// Sum of the bytes the VMMs discarded on the guests' free page reports.
+    pub reclaim_discarded: u64,
 }
 
 /// One VM's average host footprint at a step as seen from outside any VMM,
@@ -182,6 +188,83 @@ impl Breakdown {
     }
 }
 
+/// One VM's average footprint at a step, in bytes: the host's view
+/// (`MemAvailable` drop per VM, which other tenants of the host move too)
+/// and what the VMs report of themselves (`mincore` on guest RAM, the VMM's
+/// PSS, KVM's memslot metadata), which nothing else on the host moves.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct VmFootprint {
+    /// `MemAvailable` drop per VM.
+    pub host_total: f64,
+    /// `guest_ram_resident + vmm_pss + kvm_memslot_estimate` per VM.
+    pub reported: f64,
+    pub guest_ram_resident: f64,
+    pub memmap_resident: f64,
+    pub kvm_registered: f64,
+}
+
+impl VmFootprint {
+    /// Per-VM averages from a step's sums; `None` with no VMs.
+    pub fn from_sums(s: &StepSums) -> Option<VmFootprint> {
+        if s.vms == 0 {
+            return None;
+        }
+        let n = s.vms as f64;
+        Some(VmFootprint {
+            host_total: s.mem_available_drop as f64 / n,
+            reported: (s.guest_ram_resident + s.vmm_pss + s.kvm_memslot_estimate) as f64 / n,
+            guest_ram_resident: s.guest_ram_resident as f64 / n,
+            memmap_resident: s.memmap_resident as f64 / n,
+            kvm_registered: s.kvm_registered as f64 / n,
+        })
+    }
+}
+
+/// The fleet after its phases, once reclaim has settled, against the same
+/// fleet fresh (every VM just ready, holding the idle size): the claim
+/// "a VM that peaked and came back down costs what a fresh idle VM costs".
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SteadyState {
+    /// VMs measured fresh (the ramp's last step) and in steady state (those
+    /// that ran their phases; the rest were stopped).
+    pub fresh_vms: u64,
+    pub vms: u64,
+    /// Whether the VMs' reclaim counters and residency stopped moving
+    /// before the deadline (`--steady-timeout-s`).
+    pub settled: bool,
+    /// From the end of the phases to the measurement, s.
+    pub waited_s: f64,
+    pub fresh: VmFootprint,
+    pub steady: VmFootprint,
+    /// `steady.host_total / fresh.host_total` (`None` unless both are
+    /// positive).
+    pub ratio: Option<f64>,
+    /// `steady.reported / fresh.reported`.
+    pub reported_ratio: Option<f64>,
+    /// Bytes discarded per VM on the guests' reports.
+    pub discarded_per_vm: f64,
+}
+
+impl SteadyState {
+    /// Compares the steady-state step's sums with the fresh one's; `None`
+    /// if either measured no VM.
+    pub fn compare(fresh: &StepSums, steady: &StepSums, settled: bool, waited_s: f64) -> Option<SteadyState> {
+        let (f, s) = (VmFootprint::from_sums(fresh)?, VmFootprint::from_sums(steady)?);
+        let ratio = |a: f64, b: f64| (a > 0.0 && b > 0.0).then(|| a / b);
+        Some(SteadyState {
+            fresh_vms: fresh.vms,
+            vms: steady.vms,
+            settled,
+            waited_s,
+            fresh: f,
+            steady: s,
+            ratio: ratio(s.host_total, f.host_total),
+            reported_ratio: ratio(s.reported, f.reported),
+            discarded_per_vm: steady.reclaim_discarded as f64 / steady.vms as f64,
+        })
+    }
+}
+
 /// How many VMs of `per_vm` bytes would fit between the baseline and the
 /// floor on the whole host: `(MemTotal − floor − baseline used) / per_vm`,
 /// where baseline used = `MemTotal − MemAvailable` at the baseline, i.e.
@@ -231,6 +314,7 @@ mod tests {
             proc_rss: 390 << 20,
             proc_pss: 350 << 20,
             proc_anon: 340 << 20,
+            ..StepSums::default()
         };
         let h = HostPerVm::from_sums(&s).unwrap();
         let mib = |v: f64| v / f64::from(1u32 << 20);
@@ -247,6 +331,42 @@ mod tests {
         let sum: f64 = b.parts().iter().map(|p| p.1).sum();
         assert!((sum - b.total).abs() < 1e-6);
         assert!(Breakdown::from_sums(&StepSums::default()).is_none());
+    }
+
+    #[test]
+    fn the_steady_state_is_compared_per_vm_with_the_fresh_fleet() {
+        let fresh = StepSums {
+            vms: 10,
+            mem_available_drop: 200 << 20,
+            guest_ram_resident: 150 << 20,
+            vmm_pss: 10 << 20,
+            kvm_memslot_estimate: 5 << 20,
+            kvm_registered: 1280 << 20,
+            ..StepSums::default()
+        };
+        // Four of the ten ran their phases and kept 30 MiB each more.
+        let steady = StepSums {
+            vms: 4,
+            mem_available_drop: 200 << 20,
+            guest_ram_resident: 180 << 20,
+            vmm_pss: 4 << 20,
+            kvm_memslot_estimate: 2 << 20,
+            reclaim_discarded: 8 << 20,
+            ..StepSums::default()
+        };
+        let s = SteadyState::compare(&fresh, &steady, true, 2.5).unwrap();
+        let mib = |v: f64| v / f64::from(1u32 << 20);
+        assert_eq!((s.fresh_vms, s.vms, s.settled, s.waited_s), (10, 4, true, 2.5));
+        assert_eq!((mib(s.fresh.host_total), mib(s.steady.host_total)), (20.0, 50.0));
+        assert_eq!((mib(s.fresh.reported), mib(s.steady.reported)), (16.5, 46.5));
+        assert_eq!((mib(s.fresh.kvm_registered), mib(s.discarded_per_vm)), (128.0, 2.0));
+        assert_eq!(s.ratio, Some(2.5));
+        assert!((s.reported_ratio.unwrap() - 46.5 / 16.5).abs() < 1e-12);
+        // A drop below zero (another tenant freed memory) gives no ratio.
+        let odd = StepSums { mem_available_drop: -5, ..steady };
+        assert_eq!(SteadyState::compare(&fresh, &odd, false, 0.0).unwrap().ratio, None);
+        assert!(SteadyState::compare(&StepSums::default(), &steady, true, 0.0).is_none());
+        assert!(SteadyState::compare(&fresh, &StepSums::default(), true, 0.0).is_none());
     }
 
     #[test]

@@ -17,6 +17,19 @@
 //! back to its initial `MemAvailable`. Results go to `--out` (`output`:
 //! `report.json`, `vms.csv`; `plot`: the SVGs) and a summary to stdout.
 //!
+//! With `--reclaim off,data,full` each strategy runs once per reclaim mode
+//! (a pair the VMM refuses, `full` with a strategy other than `ondemand`, is
+//! skipped with a note). With a phased `--workload` (`workload::Phased`)
+//! the ramp brings every VM up at the idle size (the fresh fleet); then the
+//! VMs run the phases, at most `--peak-parallel` above idle at once and each
+//! one only while `MemAvailable` stays above the floor plus a peak for every
+//! VM at its peak; the VMs that did not get their turn (the floor came
+//! first: `off` and `data` keep what the peaks touched) are stopped; and
+//! once the VMs' reclaim counters stop moving (after the reclaim delay, up
+//! to `--steady-timeout-s`) the fleet is measured again: the steady state,
+//! compared per VM with the fresh fleet (`footprint::SteadyState`). A thread
+//! samples `MemAvailable` all along (`timeline`) for the plot over time.
+//!
 //! Exit codes: 0 when the run completed (reaching the floor is a result, not
 //! an error), 1 when a VM or the host failed, 2 for bad flags, 130 when
 //! interrupted (SIGINT/SIGTERM/SIGHUP; the VMs are stopped and the partial
@@ -29,19 +42,20 @@ mod output;
 mod peer;
 mod plot;
 mod probe;
+mod timeline;
 mod workload;
 
-use crate::args::strategy_parser;
+use crate::args::{reclaim_parser, strategy_parser};
 use crate::host;
 use crate::stats::Distribution;
 use api::ErrorChain;
 use fleet::{Fleet, Launcher, VmSpec};
-use footprint::{Breakdown, HostPerVm, KernelPerVm, StepSums, TasksPerVm};
+use footprint::{Breakdown, HostPerVm, KernelPerVm, SteadyState, StepSums, TasksPerVm};
 use guest_abi::Strategy;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use output::{Baseline, CsvSink, CsvRow, Fit, IdleCheck, PeerReport, Report, Settings, Step, StrategyRun, VmRecord};
+use output::{Baseline, CsvSink, CsvRow, Fit, IdleCheck, PeerReport, PhasesRun, Report, Settings, Step, StrategyRun, Timeline, VmRecord};
 use peer::PeerSpec;
-use workload::AllocSpec;
+use workload::{AllocSpec, Phased};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +70,18 @@ Examples:
   vmm density --vms 3000 --strategies eager,ondemand --ramp 100 --parallel 4 --out docs/density
   vmm density --vms 200 --alloc-mib 32..256 --seed 7 --out d-work
                                             each VM allocates a seeded random 32..256 MiB
+  vmm density --vms 300 --strategies eager,ondemand --reclaim off,data,full \
+      --workload 'peak:256M,hold:2s,idle:16M' --out d-phased
+                                            every VM comes up at 16 MiB (fresh), then in
+                                            turn peaks at 256 MiB for 2 s and goes back to
+                                            16 MiB; the fleet is measured again once reclaim
+                                            settled (steady state), per strategy and mode
+                                            (eager/full is skipped: full needs ondemand)
+
+--workload phases, comma-separated, ending with exactly one idle:
+  peak:SIZE   hold SIZE (every page written), SIZE in MiB: 256M, 256MiB, 1G or 256
+  hold:TIME   keep it for TIME: 500ms, 2s, 1.5s (at most 600 s)
+  idle:SIZE   go down to SIZE and stay: the VM's size fresh and in steady state
 
 Every VM is a `vmm run --api-sock ... --serial none` child of this process. Ctrl-C
 stops them all and writes the partial results. Exit codes: 0 done (reaching the
@@ -113,6 +139,28 @@ pub struct DensityArgs {
     /// the peer part is skipped, and the report says so.
     #[arg(long, value_name = "KIND=PATH")]
     pub peer: Option<PeerSpec>,
+    /// Reclaim modes to run each strategy with, comma-separated (off, data,
+    /// full; full needs ondemand, other pairs with it are skipped with a
+    /// note) [default: each strategy's own, full for ondemand, off for the
+    /// others].
+    #[arg(long, value_parser = reclaim_parser(), value_delimiter = ',', value_name = "LIST")]
+    pub reclaim: Vec<api::Reclaim>,
+    /// How long guest memory stays free before the guest reports it, ms,
+    /// given to every VM [default: the guest's, 2000].
+    #[arg(long, value_name = "MS")]
+    pub reclaim_delay_ms: Option<u32>,
+    /// A workload that goes up and down, run by every VM after the ramp:
+    /// e.g. 'peak:256M,hold:2s,idle:16M' (see below). The run then measures
+    /// the fleet fresh and in steady state.
+    #[arg(long, value_name = "PHASES")]
+    pub workload: Option<Phased>,
+    /// VMs running their phases (above their idle size) at once, at most.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub peak_parallel: usize,
+    /// Longest wait after the phases for the VMs' reclaim counters to stop
+    /// moving, s (the wait is at least the reclaim delay + 1 s).
+    #[arg(long, default_value_t = 60, value_name = "S")]
+    pub steady_timeout_s: u64,
 }
 
 /// Why a run could not start or went wrong.
@@ -140,6 +188,10 @@ pub enum DensityError {
     Peer(#[from] peer::PeerError),
 }
 
+/// The guest's default reclaim delay (`reclaim_delay_ms=`), used to time the
+/// wait for the steady state when `--reclaim-delay-ms` is not given.
+const DEFAULT_RECLAIM_DELAY: Duration = Duration::from_millis(2000);
+
 /// One VM's measurement: its figures and raw report (none for a peer), or
 /// why not.
 type Sampled = Result<(probe::Sample, Option<String>), probe::SampleError>;
@@ -151,6 +203,8 @@ const IDLE_WINDOW: Duration = Duration::from_secs(1);
 enum Msg {
     /// Launch `index` ended (ready with its workload, or not).
     Launched(u64, Result<probe::Ready, probe::LaunchError>),
+    /// VM `index` ran its phases (or not).
+    Phased(u64, Result<probe::PhasesDone, probe::LaunchError>),
     /// SIGINT/SIGTERM/SIGHUP.
     Signal(i32),
 }
@@ -193,13 +247,63 @@ fn validate(a: &DensityArgs) -> Result<(), DensityError> {
         if let Err(e) = peer::check_executable(&p.path) {
             return bad(format!("--peer: {e}"));
         }
+        if a.workload.is_some() || !a.reclaim.is_empty() || a.reclaim_delay_ms.is_some() {
+            return bad("--peer runs a fixed --alloc-mib workload only: leave out --workload, --reclaim and --reclaim-delay-ms".into());
+        }
+    }
+    let modes: Vec<&str> = a.reclaim.iter().map(|r| r.name()).collect();
+    if (1..modes.len()).any(|i| modes[..i].contains(&modes[i])) {
+        return bad(format!("--reclaim names a mode twice: {}", modes.join(",")));
+    }
+    if !a.reclaim.is_empty() && combos(&a.strategies, &a.reclaim).0.is_empty() {
+        return bad("--reclaim full needs --strategies ondemand; no strategy and reclaim pair is left to run".into());
+    }
+    if let Some(d) = a.reclaim_delay_ms.filter(|d| *d > api::MAX_RECLAIM_DELAY_MS) {
+        return bad(format!("--reclaim-delay-ms must be at most {} (got {d})", api::MAX_RECLAIM_DELAY_MS));
+    }
+    if let Some(w) = &a.workload {
+        if a.alloc_mib != (AllocSpec::Fixed { mib: 0 }) {
+            return bad("--workload and --alloc-mib exclude each other: the workload's idle: size is what every VM holds fresh".into());
+        }
+        if w.peak_mib() >= a.mem_mib {
+            return bad(format!("--workload peaks at {} MiB, which must stay below --mem-mib {}", w.peak_mib(), a.mem_mib));
+        }
+    }
+    if a.peak_parallel == 0 {
+        return bad("--peak-parallel must be at least 1".into());
     }
     Ok(())
+}
+
+/// The strategy and reclaim mode pairs to run, in order (each strategy with
+/// every mode), and a note for each pair skipped because the VMM refuses
+/// it. No modes: each strategy once, with its default.
+fn combos(strategies: &[Strategy], modes: &[api::Reclaim]) -> (Vec<(Strategy, Option<api::Reclaim>)>, Vec<String>) {
+    if modes.is_empty() {
+        return (strategies.iter().map(|&s| (s, None)).collect(), Vec::new());
+    }
+    let (mut run, mut skipped) = (Vec::new(), Vec::new());
+    for &s in strategies {
+        for &r in modes {
+            if r == api::Reclaim::Full && s != Strategy::OnDemand {
+                skipped.push(format!(
+                    "{}/full: reclaim full needs ondemand ({} initializes the whole memmap by design)",
+                    s.name(),
+                    s.name()
+                ));
+            } else {
+                run.push((s, Some(r)));
+            }
+        }
+    }
+    (run, skipped)
 }
 
 struct Runner {
     args: DensityArgs,
     started: Instant,
+    /// When the current strategy's run started (its timeline's zero).
+    epoch: Instant,
     report: Report,
     fleet: Fleet,
     csv: CsvSink,
@@ -232,6 +336,12 @@ impl Runner {
             floor_from_flag: args.floor_mib.is_some(),
             settle_timeout_s: args.settle_timeout_s,
             ready_timeout_s: args.ready_timeout_s,
+            reclaim: args.reclaim.iter().map(|r| r.name().to_string()).collect(),
+            reclaim_delay_ms: args.reclaim_delay_ms,
+            workload: args.workload.clone(),
+            workload_text: args.workload.as_ref().map(ToString::to_string),
+            peak_parallel: args.peak_parallel,
+            steady_timeout_s: args.steady_timeout_s,
         };
         let report = Report {
             tool: "vmm density",
@@ -248,6 +358,7 @@ impl Runner {
             initial_mem_available_bytes: mem.available,
             final_mem_available_bytes: None,
             strategies: Vec::new(),
+            skipped: combos(&args.strategies, &args.reclaim).1,
             peer: match &args.peer {
                 None => PeerReport::skipped(),
                 Some(p) => PeerReport { kind: Some(p.kind), path: Some(p.path.clone()), skipped: None, strategies: Vec::new() },
@@ -271,20 +382,32 @@ impl Runner {
                 }
             })
             .map_err(|e| DensityError::Fleet(fleet::FleetError::Spawn("signal relay".into(), e)))?;
-        Ok(Runner { args, started: Instant::now(), report, fleet, csv, tx, rx, cancel, interrupted: false })
+        let now = Instant::now();
+        Ok(Runner { args, started: now, epoch: now, report, fleet, csv, tx, rx, cancel, interrupted: false })
     }
 
     fn run(mut self) -> Result<u8, DensityError> {
         let mut failure: Option<DensityError> = None;
-        let strategies = self.args.strategies.clone();
-        for (i, s) in strategies.iter().enumerate() {
+        for why in &self.report.skipped {
+            eprintln!("vmm density: skipping {why}");
+        }
+        let (pairs, _) = combos(&self.args.strategies, &self.args.reclaim);
+        for (i, (s, reclaim)) in pairs.into_iter().enumerate() {
             if self.interrupted || self.cancel.load(Ordering::SeqCst) {
                 self.interrupted = true;
                 break;
             }
-            let mut run = self.start_strategy("vmm", s.name(), i == 0)?;
-            let result = self.ramp(&mut run, &Launcher::Own);
+            let mut run = self.start_strategy("vmm", s.name(), reclaim, i == 0)?;
+            let sampler = timeline::Sampler::start(self.epoch, run.baseline.mem_available_bytes);
+            let mut result = self.ramp(&mut run, &Launcher::Own, reclaim);
+            if let (Ok(()), Some(w)) = (&result, self.args.workload.clone()) {
+                if !self.interrupted {
+                    result = self.phases_and_steady_state(&mut run, &w);
+                }
+            }
+            self.mark(&mut run, "stop");
             run.shutdown = self.fleet.shutdown_all();
+            run.timeline.samples = sampler.stop();
             finish_strategy(&mut run, &self.report);
             self.report.strategies.push(run);
             if let Err(e) = result {
@@ -333,10 +456,13 @@ impl Runner {
                 self.interrupted = true;
                 break;
             }
-            let mut run = self.start_strategy(p.kind.name(), s.name(), false)?;
+            let mut run = self.start_strategy(p.kind.name(), s.name(), None, false)?;
+            let sampler = timeline::Sampler::start(self.epoch, run.baseline.mem_available_bytes);
             let launcher = Launcher::Peer { path: p.path.clone(), kernel: kernel.clone(), strategy: *s };
-            let result = self.ramp(&mut run, &launcher);
+            let result = self.ramp(&mut run, &launcher, None);
+            self.mark(&mut run, "stop");
             run.shutdown = self.fleet.shutdown_all();
+            run.timeline.samples = sampler.stop();
             finish_strategy(&mut run, &self.report);
             self.report.peer.strategies.push(run);
             result?;
@@ -347,8 +473,14 @@ impl Runner {
 
     /// Waits for the host to come back to its initial `MemAvailable` (not
     /// for the first strategy) and takes the baseline of strategy `name`
-    /// under `vmm`.
-    fn start_strategy(&mut self, vmm: &str, name: &str, first: bool) -> Result<StrategyRun, DensityError> {
+    /// under `vmm`, with reclaim mode `reclaim`; starts the run's clock.
+    fn start_strategy(
+        &mut self,
+        vmm: &str,
+        name: &str,
+        reclaim: Option<api::Reclaim>,
+        first: bool,
+    ) -> Result<StrategyRun, DensityError> {
         let initial = self.report.initial_mem_available_bytes;
         // Tolerance: other tenants of a shared host move MemAvailable by a
         // few hundred MiB; 1% of RAM, at least 128 MiB.
@@ -371,9 +503,11 @@ impl Runner {
                 start.elapsed().as_secs_f64()
             );
         }
+        self.epoch = Instant::now();
         Ok(StrategyRun {
             vmm: vmm.to_string(),
             strategy: name.to_string(),
+            reclaim: reclaim.map(|r| r.name().to_string()),
             baseline: Baseline {
                 mem_available_bytes: avail,
                 settled,
@@ -401,25 +535,269 @@ impl Runner {
             tasks_per_vm: None,
             limit_reached: false,
             fit: Fit { measured: 0, extrapolated: None },
+            phases: None,
+            steady_state: None,
+            timeline: Timeline { samples: Vec::new(), marks: vec![(0.0, "ramp")] },
             shutdown: Default::default(),
         })
     }
 
+    /// Notes in `run`'s timeline that stage `what` begins now.
+    fn mark(&self, run: &mut StrategyRun, what: &'static str) {
+        run.timeline.marks.push((self.epoch.elapsed().as_secs_f64(), what));
+    }
+
+    /// The size every VM holds once ready: the workload's idle size, or
+    /// its `--alloc-mib` share.
+    fn alloc_for(&self, index: u64) -> u64 {
+        match &self.args.workload {
+            Some(w) => w.idle_mib(),
+            None => self.args.alloc_mib.mib_for(self.args.seed, index),
+        }
+    }
+
+    /// The largest size any VM holds once ready.
+    fn alloc_max(&self) -> u64 {
+        self.args.workload.as_ref().map_or(self.args.alloc_mib.max_mib(), Phased::idle_mib)
+    }
+
+    /// The ready VMs of the fleet that `run` launched: position, index,
+    /// PID and socket (the fleet holds this run's VMs only, and a record's
+    /// position is its index).
+    fn ready_targets(&self, run: &StrategyRun) -> Vec<(usize, u64, u32, PathBuf)> {
+        self.fleet
+            .vms()
+            .iter()
+            .filter(|p| run.vms.get(p.index as usize).is_some_and(|v| v.pid == p.pid && v.ready.is_some()))
+            .map(|p| (p.index as usize, p.index, p.pid, p.sock.clone()))
+            .collect()
+    }
+
+    /// Samples every target, on up to 8 threads.
+    fn sample_all(&self, targets: &[(usize, u64, u32, PathBuf)], ready_by: probe::ReadyBy) -> Vec<(usize, Sampled)> {
+        let workers = self.args.parallel.clamp(1, 8);
+        let chunk = targets.len().div_ceil(workers).max(1);
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = targets
+                .chunks(chunk)
+                .map(|part| {
+                    sc.spawn(move || {
+                        part.iter()
+                            .map(|(pos, index, pid, sock)| match ready_by {
+                                probe::ReadyBy::Api => (*pos, probe::sample(*index, *pid, sock).map(|(s, raw)| (s, Some(raw)))),
+                                probe::ReadyBy::Serial => (*pos, Ok((probe::sample_host(*pid), None))),
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        })
+    }
+
+    /// After the ramp: every ready VM runs the phases of `w` (at most
+    /// `--peak-parallel` at once, each only if the floor leaves room for
+    /// one more peak); those that did not get to are stopped; then, once
+    /// reclaim settled, the fleet is measured again and compared with the
+    /// ramp's last (fresh) step.
+    fn phases_and_steady_state(&mut self, run: &mut StrategyRun, w: &Phased) -> Result<(), DensityError> {
+        let Some(fresh) = run.steps.last().map(|s| s.sums) else { return Ok(()) };
+        self.run_phases(run, w)?;
+        if self.interrupted {
+            return Ok(());
+        }
+        self.mark(run, "settling");
+        let start = Instant::now();
+        let settled = self.settle(run)?;
+        if self.interrupted {
+            return Ok(());
+        }
+        let waited = start.elapsed().as_secs_f64();
+        self.mark(run, "steady");
+        let step = run.steps.len() as u64;
+        self.measure(run, step, 0, 0.0, probe::ReadyBy::Api, "steady")?;
+        let steady = run.steps.last().map(|s| s.sums).filter(|_| step + 1 == run.steps.len() as u64);
+        run.steady_state = steady.and_then(|s| SteadyState::compare(&fresh, &s, settled, waited));
+        Ok(())
+    }
+
+    /// Runs the phases over the fleet (see [`Runner::phases_and_steady_state`]).
+    fn run_phases(&mut self, run: &mut StrategyRun, w: &Phased) -> Result<(), DensityError> {
+        let targets = self.ready_targets(run);
+        let floor = self.report.settings.floor_bytes;
+        // What one VM at its peak may cost the host on top of its idle size:
+        // the pages, their memmap (1/64) and KVM's metadata (1/512) with
+        // room to spare (1/32), and 4 MiB for page tables and noise.
+        let peak = ((w.peak_mib() - w.idle_mib()) << 20) + ((w.peak_mib() << 20) / 32) + (4 << 20);
+        let parallel = self.args.peak_parallel;
+        // With nothing in flight and MemAvailable below the mark, wait this
+        // long for reclaim to give memory back before calling it the floor.
+        let grace = self.reclaim_delay() + Duration::from_secs(2);
+        let mut out = PhasesRun::default();
+        let start = Instant::now();
+        self.mark(run, "phases");
+        let (mut next, mut in_phase, mut low_since) = (0usize, 0usize, None::<Instant>);
+        let mut error: Option<DensityError> = None;
+        loop {
+            if self.cancel.load(Ordering::SeqCst) && !self.interrupted {
+                self.interrupted = true;
+                out.stop_reason = "interrupted by a signal".into();
+            }
+            let more = next < targets.len() && out.stop_reason.is_empty() && error.is_none() && !self.interrupted;
+            if !more && in_phase == 0 {
+                break;
+            }
+            if more && in_phase < parallel {
+                let avail = host::meminfo()?.available;
+                if avail >= floor + (in_phase as u64 + 1) * peak {
+                    low_since = None;
+                    let (_, index, _, sock) = targets[next].clone();
+                    let (tx, cancel, epoch, phases) = (self.tx.clone(), self.cancel.clone(), self.epoch, w.phases.clone());
+                    let spawned = std::thread::Builder::new().name("density-phases".into()).stack_size(1 << 20).spawn(move || {
+                        let _ = tx.send(Msg::Phased(index, probe::run_phases(index, &sock, &phases, epoch, &cancel)));
+                    });
+                    next += 1;
+                    match spawned {
+                        Ok(_) => {
+                            in_phase += 1;
+                            out.started += 1;
+                        }
+                        Err(e) => {
+                            out.stop_reason = "cannot start a phase thread".into();
+                            error = Some(fleet::FleetError::Spawn("phase thread".into(), e).into());
+                        }
+                    }
+                    continue;
+                }
+                if in_phase == 0 {
+                    let since = *low_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= grace {
+                        out.floor_reached = true;
+                        out.stop_reason = format!(
+                            "floor reached: MemAvailable {} MiB, floor {} MiB, and a peak needs {} MiB more; {} of {} VMs ran their phases",
+                            avail >> 20,
+                            floor >> 20,
+                            peak >> 20,
+                            out.done,
+                            targets.len()
+                        );
+                    } else {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    continue;
+                }
+            }
+            match self.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Msg::Phased(index, result)) => {
+                    in_phase -= 1;
+                    let Some(vm) = run.vms.get_mut(index as usize) else { continue };
+                    match result {
+                        Ok(done) => {
+                            vm.phases = Some(done);
+                            out.done += 1;
+                        }
+                        Err(probe::LaunchError::Interrupted) => vm.error = Some("interrupted in its phases".into()),
+                        Err(e) => {
+                            vm.error = Some(e.to_string());
+                            if error.is_none() {
+                                out.stop_reason = format!("VM failed: {e}");
+                                error = Some(e.into());
+                            }
+                        }
+                    }
+                }
+                Ok(Msg::Signal(sig)) => {
+                    self.interrupted = true;
+                    if out.stop_reason.is_empty() {
+                        out.stop_reason = format!("interrupted by signal {sig}");
+                    }
+                }
+                // No launch is in flight after the ramp.
+                Ok(Msg::Launched(..)) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // Unreachable: the runner holds a sender itself.
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        out.seconds = start.elapsed().as_secs_f64();
+        out.stopped_before = (targets.len() - next) as u64;
+        if out.floor_reached {
+            run.floor_reached = true;
+        }
+        // The steady state is that of the VMs that ran their phases.
+        let vms = &run.vms;
+        self.fleet.shutdown_where(|p| vms.get(p.index as usize).is_none_or(|v| v.phases.is_none()));
+        run.phases = Some(out);
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The reclaim delay the VMs run with.
+    fn reclaim_delay(&self) -> Duration {
+        self.args.reclaim_delay_ms.map_or(DEFAULT_RECLAIM_DELAY, |ms| Duration::from_millis(u64::from(ms)))
+    }
+
+    /// Waits for reclaim to settle: at least the reclaim delay + 1 s, then
+    /// until two rounds of the VMs' reports one second apart show the same
+    /// reclaim counters and residency, or `--steady-timeout-s`. Returns
+    /// whether it settled.
+    fn settle(&mut self, run: &StrategyRun) -> Result<bool, DensityError> {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(self.args.steady_timeout_s).max(self.reclaim_delay() + Duration::from_secs(1));
+        let first = start + self.reclaim_delay() + Duration::from_secs(1);
+        let targets = self.ready_targets(run);
+        let mut previous = None;
+        loop {
+            let wake = if previous.is_none() { first } else { Instant::now() + Duration::from_secs(1) };
+            while Instant::now() < wake.min(deadline) {
+                if self.cancel.load(Ordering::SeqCst) {
+                    self.interrupted = true;
+                    return Ok(false);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let mut sums = (0u64, 0u64, 0u64, 0u64, 0u64);
+            for (_, result) in self.sample_all(&targets, probe::ReadyBy::Api) {
+                let (s, _) = result?;
+                sums.0 += s.reclaim.events;
+                sums.1 += s.reclaim.discarded_bytes;
+                sums.2 += s.reclaim.chunks_deinitialized;
+                sums.3 += s.reclaim.memslots_unregistered;
+                sums.4 += s.guest_ram_resident;
+            }
+            if previous == Some(sums) {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            previous = Some(sums);
+        }
+    }
+
     /// One strategy's ramp, step by step, until `--vms`, the floor, a
     /// failure or a signal; then the idle check of its VMs.
-    fn ramp(&mut self, run: &mut StrategyRun, launcher: &Launcher) -> Result<(), DensityError> {
-        let spec = VmSpec { strategy: run.strategy.clone(), mem_mib: self.args.mem_mib, vcpus: self.args.vcpus, launcher: launcher.clone() };
+    fn ramp(&mut self, run: &mut StrategyRun, launcher: &Launcher, reclaim: Option<api::Reclaim>) -> Result<(), DensityError> {
+        let spec = VmSpec {
+            strategy: run.strategy.clone(),
+            mem_mib: self.args.mem_mib,
+            vcpus: self.args.vcpus,
+            reclaim,
+            reclaim_delay_ms: self.args.reclaim_delay_ms,
+            launcher: launcher.clone(),
+        };
         let ready_by = match launcher {
             Launcher::Own => probe::ReadyBy::Api,
             Launcher::Peer { .. } => probe::ReadyBy::Serial,
         };
-        let bar = progress_bar(self.args.vms, &format!("{} {}", run.vmm, run.strategy));
+        let bar = progress_bar(self.args.vms, &format!("{} {}", run.vmm, run.label()));
         let floor = self.report.settings.floor_bytes;
         let mut in_flight = 0usize;
         let mut error: Option<DensityError> = None;
         // What one more VM is expected to cost until a step has measured it:
         // generous, so in-flight launches cannot overshoot the floor.
-        let mut per_vm_estimate = (64u64 << 20) + (self.args.alloc_mib.max_mib() << 20);
+        let mut per_vm_estimate = (64u64 << 20) + (self.alloc_max() << 20);
         // Tasks one VM holds until a step has measured it: main, api,
         // signals, one per vCPU and KVM's worker.
         let mut tasks_per_vm = f64::from(self.args.vcpus) + 4.0;
@@ -463,7 +841,7 @@ impl Runner {
                     break;
                 }
                 let index = run.launched;
-                let alloc_mib = self.args.alloc_mib.mib_for(self.args.seed, index);
+                let alloc_mib = self.alloc_for(index);
                 let vm = match self.fleet.spawn(&spec, index, alloc_mib) {
                     Ok(vm) => vm,
                     Err(fleet::FleetError::Spawn(_, e)) if e.raw_os_error() == Some(libc::EAGAIN) => {
@@ -474,7 +852,16 @@ impl Runner {
                     Err(e) => return Err(e.into()),
                 };
                 let target = (vm.index, vm.pid, vm.sock.clone(), vm.log.clone(), vm.spawned_at);
-                run.vms.push(VmRecord { index, pid: vm.pid, alloc_mib, ready: None, error: None, last_sample: None, last_memory_report: None });
+                run.vms.push(VmRecord {
+                    index,
+                    pid: vm.pid,
+                    alloc_mib,
+                    ready: None,
+                    phases: None,
+                    error: None,
+                    last_sample: None,
+                    last_memory_report: None,
+                });
                 run.launched += 1;
                 launched_in_step += 1;
                 in_flight += 1;
@@ -502,16 +889,16 @@ impl Runner {
             let launch_seconds = step_start.elapsed().as_secs_f64();
             run.launch_seconds += launch_seconds;
             if let Some(e) = error.take() {
-                bar.abandon_with_message(format!("{}: failed", run.strategy));
+                bar.abandon_with_message(format!("{}: failed", run.label()));
                 return Err(e);
             }
             if self.interrupted {
                 break;
             }
             if launched_in_step > 0 {
-                let measured = self.measure(run, step, launched_in_step, launch_seconds, ready_by)?;
+                let measured = self.measure(run, step, launched_in_step, launch_seconds, ready_by, "ramp")?;
                 if let Some(b) = measured {
-                    per_vm_estimate = ((b.total.max(0.0) as u64) + (self.args.alloc_mib.max_mib() << 20)).max(8 << 20) * 2;
+                    per_vm_estimate = ((b.total.max(0.0) as u64) + (self.alloc_max() << 20)).max(8 << 20) * 2;
                 }
                 if let Some(t) = run.steps.last().and_then(|s| s.tasks_per_vm) {
                     tasks_per_vm = t.vmm_threads.max(1.0);
@@ -519,7 +906,7 @@ impl Runner {
                 open_fds = limits::open_fds().unwrap_or(open_fds);
                 step += 1;
             }
-            bar.set_message(format!("{}: {} VMs, MemAvailable {} MiB", run.strategy, run.ready, host::meminfo()?.available >> 20));
+            bar.set_message(format!("{}: {} VMs, MemAvailable {} MiB", run.label(), run.ready, host::meminfo()?.available >> 20));
         }
         if run.stop_reason.is_empty() {
             run.stop_reason =
@@ -609,13 +996,16 @@ impl Runner {
                     run.stop_reason = format!("interrupted by signal {sig}");
                 }
             }
+            // Phases start only after the ramp.
+            Ok(Msg::Phased(..)) => {}
             // Unreachable: the runner holds a sender itself.
             Err(mpsc::RecvError) => *in_flight = 0,
         }
     }
 
-    /// Measures a step: `MemAvailable`, then every ready VM's report (or,
-    /// for a peer, what `/proc` shows of it).
+    /// Measures a step of stage `phase` (`ramp` or `steady`):
+    /// `MemAvailable`, then every ready VM's report (or, for a peer, what
+    /// `/proc` shows of it).
     fn measure(
         &mut self,
         run: &mut StrategyRun,
@@ -623,38 +1013,14 @@ impl Runner {
         launched: u64,
         launch_seconds: f64,
         ready_by: probe::ReadyBy,
+        phase: &'static str,
     ) -> Result<Option<Breakdown>, DensityError> {
         let start = Instant::now();
         let mem = host::meminfo()?;
         let kernel = host::kernel_memory().ok();
         let host_tasks = limits::host_tasks();
-        // The fleet holds this strategy's VMs only (the previous ones were
-        // shut down), and a record's position is its index.
-        let targets: Vec<(usize, u64, u32, PathBuf)> = self
-            .fleet
-            .vms()
-            .iter()
-            .filter(|p| run.vms.get(p.index as usize).is_some_and(|v| v.pid == p.pid && v.ready.is_some()))
-            .map(|p| (p.index as usize, p.index, p.pid, p.sock.clone()))
-            .collect();
-        let workers = self.args.parallel.clamp(1, 8);
-        let chunk = targets.len().div_ceil(workers).max(1);
-        let results: Vec<(usize, Sampled)> = std::thread::scope(|sc| {
-            let handles: Vec<_> = targets
-                .chunks(chunk)
-                .map(|part| {
-                    sc.spawn(move || {
-                        part.iter()
-                            .map(|(pos, index, pid, sock)| match ready_by {
-                                probe::ReadyBy::Api => (*pos, probe::sample(*index, *pid, sock).map(|(s, raw)| (s, Some(raw)))),
-                                probe::ReadyBy::Serial => (*pos, Ok((probe::sample_host(*pid), None))),
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-        });
+        let targets = self.ready_targets(run);
+        let results = self.sample_all(&targets, ready_by);
         let mut sums = StepSums {
             mem_available_drop: run.baseline.mem_available_bytes as i64 - mem.available as i64,
             ..StepSums::default()
@@ -674,8 +1040,11 @@ impl Runner {
             sums.proc_rss += s.proc.rss;
             sums.proc_pss += s.proc.pss;
             sums.proc_anon += s.proc.anon;
+            sums.kvm_memslot_estimate += s.kvm_memslot_estimate;
+            sums.kvm_registered += s.kvm_registered;
+            sums.reclaim_discarded += s.reclaim.discarded_bytes;
+            self.csv.row(&CsvRow::new(run, step, phase, step_vms, &run.vms[pos], &s))?;
             let vm = &mut run.vms[pos];
-            self.csv.row(&CsvRow::new(&run.vmm, &run.strategy, step, step_vms, vm, &s))?;
             vm.last_sample = Some(s);
             vm.last_memory_report = raw.map(|r| output::RawJson(r.into_boxed_str()));
         }
@@ -697,6 +1066,7 @@ impl Runner {
         });
         run.steps.push(Step {
             step,
+            phase,
             mem_available_bytes: mem.available,
             sums,
             per_vm,

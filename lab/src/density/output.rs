@@ -3,11 +3,11 @@
 //! table printed on stdout.
 
 use super::fleet::ShutdownStats;
-use super::probe::{Ready, Sample};
-use super::footprint::{Breakdown, HostPerVm, KernelPerVm, StepSums, TasksPerVm};
+use super::probe::{PhasesDone, Ready, Sample};
+use super::footprint::{Breakdown, HostPerVm, KernelPerVm, SteadyState, StepSums, TasksPerVm};
 use super::peer::PeerKind;
 use super::limits::HostLimits;
-use super::workload::AllocSpec;
+use super::workload::{AllocSpec, Phased};
 use crate::host::HostInfo;
 use crate::stats::Distribution;
 use api::units::{bytes, micros, yes_no};
@@ -54,6 +54,9 @@ pub struct Report {
     /// `MemAvailable` after the last VM was reaped, in bytes.
     pub final_mem_available_bytes: Option<u64>,
     pub strategies: Vec<StrategyRun>,
+    /// Strategy and reclaim mode pairs that were asked for but not run
+    /// (`full` needs `ondemand`), each with why.
+    pub skipped: Vec<String>,
     /// The same fleet under the peer VMM (`--peer`), or why it was skipped.
     pub peer: PeerReport,
 }
@@ -74,6 +77,18 @@ pub struct Settings {
     pub floor_from_flag: bool,
     pub settle_timeout_s: u64,
     pub ready_timeout_s: u64,
+    /// `--reclaim`: the modes crossed with the strategies (empty: each
+    /// strategy's default).
+    pub reclaim: Vec<String>,
+    /// `--reclaim-delay-ms` given to every VM (`null`: the guest's default).
+    pub reclaim_delay_ms: Option<u32>,
+    /// `--workload`: the phases every VM runs after the ramp.
+    pub workload: Option<Phased>,
+    /// The text of `--workload`, as given.
+    pub workload_text: Option<String>,
+    /// VMs above their idle size at once, at most.
+    pub peak_parallel: usize,
+    pub steady_timeout_s: u64,
 }
 
 /// One strategy's ramp.
@@ -82,6 +97,9 @@ pub struct StrategyRun {
     /// Which VMM ran it: `vmm` (this one) or the peer's kind.
     pub vmm: String,
     pub strategy: String,
+    /// The reclaim mode the VMs ran with (`--reclaim`; `null`: the
+    /// strategy's default, which the VMs' reports name).
+    pub reclaim: Option<String>,
     pub baseline: Baseline,
     /// Whether a launch was refused because `MemAvailable` was at the floor.
     pub floor_reached: bool,
@@ -121,7 +139,50 @@ pub struct StrategyRun {
     pub limit_reached: bool,
     /// VMs that fit before the floor.
     pub fit: Fit,
+    /// The phases of `--workload` over the fleet, if one was given.
+    pub phases: Option<PhasesRun>,
+    /// The fleet in steady state against the fresh fleet (with `--workload`).
+    pub steady_state: Option<SteadyState>,
+    /// Host memory over the run, with its phases.
+    pub timeline: Timeline,
     pub shutdown: ShutdownStats,
+}
+
+impl StrategyRun {
+    /// `strategy`, or `strategy/reclaim` when a reclaim mode was set.
+    pub fn label(&self) -> String {
+        match &self.reclaim {
+            Some(r) => format!("{}/{r}", self.strategy),
+            None => self.strategy.clone(),
+        }
+    }
+}
+
+/// The phases of a phased workload over one run's fleet.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhasesRun {
+    /// VMs that started their phases, and of those, finished them.
+    pub started: u64,
+    pub done: u64,
+    /// Ready VMs that never started them (the floor came first); they were
+    /// stopped before the steady-state measurement.
+    pub stopped_before: u64,
+    /// Whether the floor stopped the phases (`stop_reason` says why).
+    pub floor_reached: bool,
+    pub stop_reason: String,
+    /// From the first phase started to the last one ended, s.
+    pub seconds: f64,
+}
+
+/// `MemAvailable` over one run, sampled every few hundred ms, and when
+/// each stage began: what `host_memory_over_time.svg` draws.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timeline {
+    /// `[seconds since the run's start, MemAvailable drop from its
+    /// baseline in bytes]`.
+    pub samples: Vec<(f64, i64)>,
+    /// `[seconds, stage]`: `ramp`, `phases`, `settling`, `steady`, `stop`.
+    pub marks: Vec<(f64, &'static str)>,
 }
 
 /// The ready VMs at the end of a ramp, watched over a short window: still
@@ -172,6 +233,9 @@ pub struct Fit {
 #[derive(Debug, Serialize)]
 pub struct Step {
     pub step: u64,
+    /// `ramp` (VMs launched in this step, fresh) or `steady` (the fleet
+    /// after its phases, once reclaim settled).
+    pub phase: &'static str,
     /// `MemAvailable` at the measurement, bytes.
     pub mem_available_bytes: u64,
     pub sums: StepSums,
@@ -198,6 +262,8 @@ pub struct VmRecord {
     pub pid: u32,
     pub alloc_mib: u64,
     pub ready: Option<Ready>,
+    /// Its run through the phases of `--workload`.
+    pub phases: Option<PhasesDone>,
     pub error: Option<String>,
     /// The VM's figures at the last step it was measured in.
     pub last_sample: Option<Sample>,
@@ -216,7 +282,7 @@ impl Serialize for RawJson {
 }
 
 /// The columns of `vms.csv`, in order: the fields of [`CsvRow`].
-pub const CSV_COLUMNS: [&str; 24] = [
+pub const CSV_COLUMNS: [&str; 26] = [
     "strategy",
     "step",
     "step_vms",
@@ -241,6 +307,8 @@ pub const CSV_COLUMNS: [&str; 24] = [
     "proc_pss_bytes",
     "proc_anon_bytes",
     "vmm",
+    "reclaim",
+    "phase",
 ];
 
 /// One `vms.csv` row: one VM at one step (times in ms with three decimals,
@@ -274,15 +342,17 @@ pub struct CsvRow<'a> {
     proc_pss_bytes: u64,
     proc_anon_bytes: u64,
     vmm: &'a str,
+    reclaim: &'a str,
+    phase: &'a str,
 }
 
 impl<'a> CsvRow<'a> {
-    /// VM `vm`'s row at step `step` (of `step_vms` VMs) with its sample
-    /// `s`, run by `vmm` (`vmm` or the peer's kind).
-    pub fn new(vmm: &'a str, strategy: &'a str, step: u64, step_vms: u64, vm: &VmRecord, s: &Sample) -> CsvRow<'a> {
+    /// VM `vm`'s row at step `step` (of `step_vms` VMs, in `phase`) of
+    /// `run` with its sample `s`.
+    pub fn new(run: &'a StrategyRun, step: u64, phase: &'a str, step_vms: u64, vm: &VmRecord, s: &Sample) -> CsvRow<'a> {
         let r = vm.ready.as_ref();
         CsvRow {
-            strategy,
+            strategy: &run.strategy,
             step,
             step_vms,
             index: vm.index,
@@ -305,7 +375,9 @@ impl<'a> CsvRow<'a> {
             proc_rss_bytes: s.proc.rss,
             proc_pss_bytes: s.proc.pss,
             proc_anon_bytes: s.proc.anon,
-            vmm,
+            vmm: &run.vmm,
+            reclaim: run.reclaim.as_deref().unwrap_or(""),
+            phase,
         }
     }
 }
@@ -387,6 +459,7 @@ fn millis(ms: f64) -> String {
 /// figure is in the unit that shows it, as in `vmm ctl --human`.
 pub fn summary(report: &Report) -> String {
     let mut t = summary_of(&report.strategies);
+    t += &steady_view(&report.strategies, &report.skipped);
     t += &host_view(report.strategies.iter().chain(&report.peer.strategies), report.peer.skipped.as_deref());
     t
 }
@@ -399,7 +472,7 @@ fn host_view<'a>(runs: impl Iterator<Item = &'a StrategyRun>, peer_skipped: Opti
     let mut t = String::from("\nHOST VIEW PER VM (the same measures for every VMM)\n");
     let row = |c: [&str; 10]| {
         let line = format!(
-            "{:<12} {:<10} {:>6} {:>10} {:>10} {:>10} {:>10} {:>6} {:>10} {:>12}",
+            "{:<12} {:<14} {:>6} {:>10} {:>10} {:>10} {:>10} {:>6} {:>10} {:>12}",
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
         );
         line.trim_end().to_string() + "\n"
@@ -412,7 +485,7 @@ fn host_view<'a>(runs: impl Iterator<Item = &'a StrategyRun>, peer_skipped: Opti
         let idle = s.idle.map_or_else(dash, |i| format!("{:.2}% {}/{}", i.cpu_percent_mean, i.alive, i.vms));
         let cells = [
             s.vmm.clone(),
-            s.strategy.clone(),
+            s.label(),
             s.fit.measured.to_string(),
             part(|h| h.total),
             part(|h| h.process_pss),
@@ -432,9 +505,9 @@ fn host_view<'a>(runs: impl Iterator<Item = &'a StrategyRun>, peer_skipped: Opti
 
 fn summary_of(strategies: &[StrategyRun]) -> String {
     let mut t = String::from("SUMMARY\n");
-    let name_width = strategies.iter().map(|s| s.strategy.len()).max().unwrap_or(0);
+    let name_width = strategies.iter().map(|s| s.label().len()).max().unwrap_or(0);
     for s in strategies {
-        let mut line = format!("{:<name_width$}  {} VMs fit", s.strategy, s.fit.measured);
+        let mut line = format!("{:<name_width$}  {} VMs fit", s.label(), s.fit.measured);
         line += if s.floor_reached { " (stopped at the floor)" } else { " (all asked for; the floor was not reached)" };
         if let Some(n) = s.fit.extrapolated {
             line += &format!(", about {n} on the whole host");
@@ -450,7 +523,7 @@ fn summary_of(strategies: &[StrategyRun]) -> String {
     t.push('\n');
     let row = |cells: [&str; 13]| {
         let line = format!(
-            "{:<10} {:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}",
+            "{:<14} {:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7}",
             cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7], cells[8], cells[9], cells[10], cells[11], cells[12]
         );
         line.trim_end().to_string() + "\n"
@@ -463,7 +536,7 @@ fn summary_of(strategies: &[StrategyRun]) -> String {
         let part = |get: fn(&Breakdown) -> f64| f.map_or_else(dash, |b| signed_bytes(get(b)));
         let ready = |get: fn(&Distribution) -> f64| s.time_to_ready_ms.as_ref().map_or_else(dash, |d| millis(get(d)));
         let cells = [
-            s.strategy.clone(),
+            s.label(),
             s.fit.measured.to_string(),
             yes_no(s.floor_reached),
             s.fit.extrapolated.map_or_else(dash, |v| v.to_string()),
@@ -478,6 +551,56 @@ fn summary_of(strategies: &[StrategyRun]) -> String {
             s.launch_throughput_vms_per_s.map_or_else(dash, |v| format!("{v:.1}")),
         ];
         t += &row(cells.each_ref().map(String::as_str));
+    }
+    t
+}
+
+/// The runs with a phased workload: per VM fresh and in steady state, by
+/// the host (`MemAvailable`) and by the VMs' own reports, with the ratios;
+/// then the pairs that were skipped.
+fn steady_view(runs: &[StrategyRun], skipped: &[String]) -> String {
+    let mut t = String::new();
+    let with: Vec<&StrategyRun> = runs.iter().filter(|s| s.phases.is_some()).collect();
+    if !with.is_empty() {
+        t += "\nSTEADY STATE PER VM (after the phases, once reclaim settled; fresh = the same fleet just ready, at the idle size)\n";
+        let row = |c: [&str; 10]| {
+            let line = format!(
+                "{:<14} {:>6} {:>10} {:>10} {:>7} {:>10} {:>10} {:>7} {:>9}  {}",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+            );
+            line.trim_end().to_string() + "\n"
+        };
+        t += &row(["run", "VMs", "fresh", "steady", "ratio", "fresh", "steady", "ratio", "settled", "phases"]);
+        t += &row(["", "", "(host)", "(host)", "", "(VMs')", "(VMs')", "", "", ""]);
+        let dash = || "-".to_string();
+        let ratio = |r: Option<f64>| r.map_or_else(dash, |r| format!("{r:.2}"));
+        for s in with {
+            let st = s.steady_state.as_ref();
+            let fig = |get: fn(&SteadyState) -> f64| st.map_or_else(dash, |st| signed_bytes(get(st)));
+            let phases = s.phases.as_ref().map_or_else(String::new, |p| {
+                let mut v = format!("{}/{} done", p.done, p.started);
+                if !p.stop_reason.is_empty() {
+                    v += &format!("; {}", p.stop_reason);
+                }
+                v
+            });
+            let cells = [
+                s.label(),
+                st.map_or_else(dash, |st| st.vms.to_string()),
+                fig(|st| st.fresh.host_total),
+                fig(|st| st.steady.host_total),
+                ratio(st.and_then(|st| st.ratio)),
+                fig(|st| st.fresh.reported),
+                fig(|st| st.steady.reported),
+                ratio(st.and_then(|st| st.reported_ratio)),
+                st.map_or_else(dash, |st| format!("{} {:.0}s", yes_no(st.settled), st.waited_s)),
+                phases,
+            ];
+            t += &row(cells.each_ref().map(String::as_str));
+        }
+    }
+    for why in skipped {
+        let _ = writeln!(t, "skipped: {why}");
     }
     t
 }
@@ -517,6 +640,7 @@ mod tests {
             pid: 42,
             alloc_mib: 16,
             ready: Some(Ready { spawn_to_ready_ms: 12.5, vmm_guest_ready_ms: Some(10.0), workload_ms: 1.25 }),
+            phases: None,
             error: None,
             last_sample: None,
             last_memory_report: None,
@@ -539,17 +663,24 @@ mod tests {
     #[test]
     fn csv_rows_match_the_header() {
         let unready = VmRecord { ready: None, ..record() };
-        let text = csv_text(&[CsvRow::new("vmm", "eager", 2, 10, &record(), &sample()), CsvRow::new("vmm", "ondemand", 0, 1, &unready, &sample())]);
+        let (eager, mut ondemand) = (run("eager", None), run("ondemand", None));
+        ondemand.reclaim = Some("full".into());
+        let text = csv_text(&[
+            CsvRow::new(&eager, 2, "ramp", 10, &record(), &sample()),
+            CsvRow::new(&ondemand, 3, "steady", 1, &unready, &sample()),
+        ]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], CSV_COLUMNS.join(","));
         assert!(lines[1].starts_with("eager,2,10,3,42,16,12.500,10.000,1.250,true,100,10,0,50,"), "{text}");
-        assert!(lines[2].starts_with("ondemand,0,1,3,42,16,,,,true,"), "{text}");
+        assert!(lines[1].ends_with(",vmm,,ramp"), "{text}");
+        assert!(lines[2].starts_with("ondemand,3,1,3,42,16,,,,true,"), "{text}");
+        assert!(lines[2].ends_with(",vmm,full,steady"), "{text}");
         assert!(lines.iter().all(|l| l.split(',').count() == CSV_COLUMNS.len()), "{text}");
     }
 
     #[test]
     fn csv_fields_are_quoted_only_when_needed() {
-        let text = csv_text(&[CsvRow::new("vmm", "a,\"b\"", 0, 1, &record(), &sample())]);
+        let text = csv_text(&[CsvRow::new(&run("a,\"b\"", None), 0, "ramp", 1, &record(), &sample())]);
         assert!(text.lines().nth(1).unwrap().starts_with("\"a,\"\"b\"\"\",0,1,"), "{text}");
     }
 
@@ -560,13 +691,13 @@ mod tests {
         sink.finish().unwrap();
         let header = CSV_COLUMNS.join(",") + "\n";
         assert_eq!(std::fs::read_to_string(dir.path().join("vms.csv")).unwrap(), header);
-        sink.row(&CsvRow::new("vmm", "eager", 0, 1, &record(), &sample())).unwrap();
+        sink.row(&CsvRow::new(&run("eager", None), 0, "ramp", 1, &record(), &sample())).unwrap();
         sink.finish().unwrap();
         let text = std::fs::read_to_string(dir.path().join("vms.csv")).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(text.starts_with(&header) && text.ends_with("\n"), "{text}");
         let mut none = CsvSink::create(None).unwrap();
-        none.row(&CsvRow::new("vmm", "eager", 0, 1, &record(), &sample())).unwrap();
+        none.row(&CsvRow::new(&run("eager", None), 0, "ramp", 1, &record(), &sample())).unwrap();
         none.finish().unwrap();
     }
 
@@ -574,6 +705,7 @@ mod tests {
         StrategyRun {
             vmm: "vmm".into(),
             strategy: strategy.into(),
+            reclaim: None,
             baseline: Baseline {
                 mem_available_bytes: 20 << 30,
                 settled: true,
@@ -601,6 +733,9 @@ mod tests {
             tasks_per_vm: None,
             limit_reached: false,
             fit: Fit { measured: 812, extrapolated: Some(18000) },
+            phases: None,
+            steady_state: None,
+            timeline: Timeline::default(),
             shutdown: ShutdownStats::default(),
         }
     }
@@ -659,12 +794,36 @@ mod tests {
         let out = host_view([&ours, &peer].into_iter(), None);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[1], "HOST VIEW PER VM (the same measures for every VMM)", "{out}");
-        assert!(lines[3].starts_with("vmm          ondemand      812    1.2 MiB"), "{out}");
+        assert!(lines[3].starts_with("vmm          ondemand          812    1.2 MiB"), "{out}");
         assert!(lines[3].contains(" 700 KiB ") && lines[3].ends_with(" 0.01% 812/812"), "{out}");
-        assert!(lines[4].starts_with("firecracker  ondemand      812          -"), "{out}");
+        assert!(lines[4].starts_with("firecracker  ondemand          812          -"), "{out}");
         assert_eq!(lines.len(), 5, "{out}");
         let out = host_view([&ours].into_iter(), Some("no --peer given"));
         assert!(out.ends_with("peer: no --peer given\n"), "{out}");
+    }
+
+    #[test]
+    fn the_steady_state_view_shows_fresh_against_steady_and_the_skipped_pairs() {
+        let fresh = StepSums { vms: 4, mem_available_drop: 40 << 20, guest_ram_resident: 36 << 20, ..StepSums::default() };
+        let steady = StepSums { vms: 2, mem_available_drop: 21 << 20, guest_ram_resident: 19 << 20, ..StepSums::default() };
+        let mut full = run("ondemand", None);
+        full.reclaim = Some("full".into());
+        full.phases = Some(PhasesRun { started: 4, done: 2, stopped_before: 0, floor_reached: false, stop_reason: String::new(), seconds: 3.0 });
+        full.steady_state = SteadyState::compare(&fresh, &steady, true, 2.4);
+        let mut off = run("eager", None);
+        off.reclaim = Some("off".into());
+        off.phases = Some(PhasesRun { started: 1, done: 1, stopped_before: 3, floor_reached: true, stop_reason: "floor reached".into(), seconds: 1.0 });
+        let skipped = ["eager/full: reclaim full needs ondemand".to_string()];
+        let out = steady_view(&[full, off, run("deferred", None)], &skipped);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[1].starts_with("STEADY STATE PER VM"), "{out}");
+        let cells: Vec<&str> = lines[4].split_whitespace().collect();
+        assert_eq!(cells, ["ondemand/full", "2", "10", "MiB", "10.5", "MiB", "1.05", "9", "MiB", "9.5", "MiB", "1.06", "yes", "2s", "2/4", "done"], "{out}");
+        assert!(lines[5].starts_with("eager/off ") && lines[5].ends_with(" -  1/1 done; floor reached"), "{out}");
+        assert_eq!(lines[6], "skipped: eager/full: reclaim full needs ondemand", "{out}");
+        assert_eq!(lines.len(), 7, "a run without phases has no row: {out}");
+        assert!(out.lines().all(|l| l == l.trim_end()), "{out}");
+        assert_eq!(steady_view(&[run("eager", None)], &[]), "");
     }
 
     #[test]

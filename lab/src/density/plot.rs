@@ -8,7 +8,11 @@
 //! - `footprint.svg`: each strategy's per-VM footprint as a stacked bar
 //!   (KVM + kernel, VMM process, guest kernel, memmap, workload);
 //! - `time_to_ready.svg`: the distribution (empirical CDF) of spawn → ready
-//!   per strategy.
+//!   per strategy;
+//! - `host_memory_over_time.svg`: the `MemAvailable` drop over each run's
+//!   time, one line per strategy and reclaim mode, with a marker where each
+//!   stage began (ramp, phases, settling, steady, stop), so a phased
+//!   workload's peaks and what reclaim gave back show.
 
 use super::output::Report;
 use plotters::drawing::DrawingAreaErrorKind;
@@ -36,8 +40,17 @@ pub enum PlotError {
 const SIZE: (u32, u32) = (960, 560);
 const FONT: &str = "sans-serif";
 
-/// Colors of the strategies, in `--strategies` order.
-const SERIES: [RGBColor; 4] = [RGBColor(0xd6, 0x27, 0x28), RGBColor(0x1f, 0x77, 0xb4), RGBColor(0x2c, 0xa0, 0x2c), RGBColor(0x94, 0x67, 0xbd)];
+/// Colors of the runs (strategy and reclaim mode), in run order.
+const SERIES: [RGBColor; 8] = [
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x17, 0xbe, 0xcf),
+];
 /// Colors of the footprint parts, in [`super::footprint::Breakdown::parts`] order.
 const PARTS: [RGBColor; 5] = [
     RGBColor(0x7f, 0x7f, 0x7f),
@@ -52,8 +65,12 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// Draws the three plots into `dir`.
 pub fn all(dir: &Path, report: &Report) -> Result<(), PlotError> {
-    let plots: [(&str, Draw); 3] =
-        [("host_memory.svg", host_memory), ("footprint.svg", footprint), ("time_to_ready.svg", time_to_ready)];
+    let plots: [(&str, Draw); 4] = [
+        ("host_memory.svg", host_memory),
+        ("footprint.svg", footprint),
+        ("time_to_ready.svg", time_to_ready),
+        ("host_memory_over_time.svg", host_memory_over_time),
+    ];
     for (name, draw) in plots {
         let path = dir.join(name);
         draw(&path, report).map_err(|source| PlotError::Draw { path, source })?;
@@ -74,7 +91,7 @@ fn host_memory(path: &Path, report: &Report) -> Result<(), DrawError> {
         .map(|s| {
             let mut pts = vec![(0.0, 0.0)];
             pts.extend(s.steps.iter().map(|st| (st.sums.vms as f64, st.sums.mem_available_drop as f64 / GIB)));
-            (s.strategy.clone(), pts)
+            (s.label(), pts)
         })
         .collect();
     // The floor, as memory used above the initial baseline.
@@ -125,7 +142,7 @@ fn footprint(path: &Path, report: &Report) -> Result<(), DrawError> {
         .filter_map(|s| {
             let b = s.footprint?;
             let n = s.fit.measured;
-            Some((format!("{} ({n} VMs)", s.strategy), b.parts().map(|(k, v)| (k, v / MIB))))
+            Some((format!("{} ({n} VMs)", s.label()), b.parts().map(|(k, v)| (k, v / MIB))))
         })
         .collect();
     let n = bars.len().max(1) as f64;
@@ -189,8 +206,8 @@ fn time_to_ready(path: &Path, report: &Report) -> Result<(), DrawError> {
             let n = ms.len() as f64;
             let pts = ms.iter().enumerate().map(|(i, &v)| (v, (i + 1) as f64 / n)).collect();
             let label = match s.time_to_ready_ms {
-                Some(d) => format!("{}: p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms", s.strategy, d.p50, d.p90, d.p99),
-                None => s.strategy.clone(),
+                Some(d) => format!("{}: p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms", s.label(), d.p50, d.p90, d.p99),
+                None => s.label(),
             };
             (label, pts)
         })
@@ -227,6 +244,61 @@ fn time_to_ready(path: &Path, report: &Report) -> Result<(), DrawError> {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
     finish(&mut chart, &root, SeriesLabelPosition::LowerRight)
+}
+
+/// The marker of each stage in [`host_memory_over_time`] (the first letter
+/// of its name, drawn on the line where the stage began).
+fn stage_letter(stage: &str) -> &'static str {
+    match stage {
+        "ramp" => "R",
+        "phases" => "P",
+        "settling" => "S",
+        "steady" => "M",
+        _ => "X",
+    }
+}
+
+fn host_memory_over_time(path: &Path, report: &Report) -> Result<(), DrawError> {
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let runs: Vec<_> = report.strategies.iter().chain(&report.peer.strategies).collect();
+    let line = |s: &super::output::StrategyRun| -> Vec<(f64, f64)> {
+        s.timeline.samples.iter().map(|&(t, drop)| (t, drop as f64 / GIB)).collect()
+    };
+    let lines: Vec<(String, Vec<(f64, f64)>)> = runs
+        .iter()
+        .map(|s| (if s.vmm == "vmm" { s.label() } else { format!("{} {}", s.vmm, s.label()) }, line(s)))
+        .collect();
+    let x_max = lines.iter().flat_map(|l| l.1.iter().map(|p| p.0)).fold(1.0, f64::max) * 1.02;
+    let y_min = lines.iter().flat_map(|l| l.1.iter().map(|p| p.1)).fold(0.0, f64::min);
+    let y_max = lines.iter().flat_map(|l| l.1.iter().map(|p| p.1)).fold(0.1, f64::max) * 1.1;
+    let workload = report.settings.workload_text.as_deref().unwrap_or("no phased workload");
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("Host memory over each run ({} MiB guests, {workload})", report.settings.mem_mib), (FONT, 20))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.0..x_max, y_min..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the run's start (R ramp, P phases, S settling, M steady-state measure, X stop)")
+        .y_desc("MemAvailable drop (GiB)")
+        .label_style((FONT, 14))
+        .draw()?;
+    for (i, ((name, pts), s)) in lines.iter().zip(&runs).enumerate() {
+        let c = color(i);
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        // Each stage's letter on the line, at the sample nearest its start.
+        let marks = s.timeline.marks.iter().filter_map(|&(t, stage)| {
+            let y = pts.iter().min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs()))?.1;
+            Some(Text::new(stage_letter(stage), (t, y), (FONT, 13).into_font().color(&c)))
+        });
+        chart.draw_series(marks)?;
+    }
+    finish(&mut chart, &root, SeriesLabelPosition::UpperRight)
 }
 
 /// Draws the legend at `position` and writes the SVG out.

@@ -8,6 +8,7 @@
 //! runner holds no file descriptor per VM between calls.
 
 use super::peer;
+use super::workload::Phase;
 use crate::host;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -158,16 +159,64 @@ fn await_api_ready(t: &Target<'_>, timeout: Duration, cancel: &AtomicBool) -> Re
     let spawn_to_ready_ms = ready_at.duration_since(t.spawned_at).as_secs_f64() * 1e3;
     let mut workload_ms = 0.0;
     if t.alloc_mib > 0 {
-        let start = Instant::now();
-        let body = json!({ "target_mib": t.alloc_mib });
-        let (status, answer) = request(t.sock, "PUT", "/guest/memory", Some(&body))
-            .map_err(|source| LaunchError::Api { index: t.index, source })?;
-        if status != 200 || answer.get("status").and_then(Value::as_str) != Some("Ok") {
-            return Err(LaunchError::Workload { index: t.index, mib: t.alloc_mib, answer: format!("{status} {answer}") });
-        }
-        workload_ms = start.elapsed().as_secs_f64() * 1e3;
+        workload_ms = set_memory(t.index, t.sock, t.alloc_mib)?;
     }
     Ok(Ready { spawn_to_ready_ms, vmm_guest_ready_ms: Some(vmm_ready_us / 1e3), workload_ms })
+}
+
+/// Makes VM `index`'s workload hold `mib` MiB (`PUT /guest/memory`, which
+/// answers once the guest holds it); returns how long that took, in ms.
+fn set_memory(index: u64, sock: &Path, mib: u64) -> Result<f64, LaunchError> {
+    let start = Instant::now();
+    let body = json!({ "target_mib": mib });
+    let (status, answer) =
+        request(sock, "PUT", "/guest/memory", Some(&body)).map_err(|source| LaunchError::Api { index, source })?;
+    if status != 200 || answer.get("status").and_then(Value::as_str) != Some("Ok") {
+        return Err(LaunchError::Workload { index, mib, answer: format!("{status} {answer}") });
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+/// How one VM went through its phases.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PhasesDone {
+    /// Seconds from the start of the run (its strategy and reclaim mode)
+    /// when the first phase began and the last one ended.
+    pub start_s: f64,
+    pub end_s: f64,
+    /// Time the `peak:` phases took to allocate and write, ms in all.
+    pub peak_ms: f64,
+    /// Time the final `idle:` took to free down to the idle size, ms.
+    pub idle_ms: f64,
+}
+
+/// Runs VM `index`'s phases one after the other; `epoch` is the run's start
+/// (for [`PhasesDone`]). A hold is cut short when the run is interrupted.
+pub fn run_phases(
+    index: u64,
+    sock: &Path,
+    phases: &[Phase],
+    epoch: Instant,
+    cancel: &AtomicBool,
+) -> Result<PhasesDone, LaunchError> {
+    let start_s = epoch.elapsed().as_secs_f64();
+    let (mut peak_ms, mut idle_ms) = (0.0, 0.0);
+    for p in phases {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(LaunchError::Interrupted);
+        }
+        match *p {
+            Phase::Peak { mib } => peak_ms += set_memory(index, sock, mib)?,
+            Phase::Idle { mib } => idle_ms += set_memory(index, sock, mib)?,
+            Phase::Hold { ms } => {
+                let until = Instant::now() + Duration::from_millis(ms);
+                while Instant::now() < until && !cancel.load(Ordering::Relaxed) {
+                    std::thread::sleep(until.saturating_duration_since(Instant::now()).min(Duration::from_millis(50)));
+                }
+            }
+        }
+    }
+    Ok(PhasesDone { start_s, end_s: epoch.elapsed().as_secs_f64(), peak_ms, idle_ms })
 }
 
 /// The last lines of a child's log, on one line, for an error message.
@@ -192,12 +241,31 @@ pub struct Sample {
     /// PSS excluding guest RAM (RSS when the kernel gives no PSS).
     pub vmm_pss: u64,
     pub kvm_memslot_estimate: u64,
+    /// Guest RAM registered with KVM.
+    pub kvm_registered: u64,
+    /// What the VMM did with the guest's free page reports (`reclaim`).
+    pub reclaim: ReclaimSample,
     /// `VmPTE` from `/proc/PID/status`.
     pub page_tables: u64,
     pub threads: u64,
     /// The whole process as `/proc/PID/smaps_rollup` sees it, guest RAM
     /// included: the figures taken the same way for our VMs and a peer's.
     pub proc: host::ProcMemory,
+}
+
+/// The reclaim counters of one VM's report (`GET /memory`'s `reclaim`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReclaimSample {
+    /// Free page reports the guest made.
+    pub events: u64,
+    /// Bytes discarded from the host, all kinds.
+    pub discarded_bytes: u64,
+    /// Chunks the guest returned to uninitialized (0 if it did not say).
+    pub chunks_deinitialized: u64,
+    /// KVM memslots deleted.
+    pub memslots_unregistered: u64,
+    /// Ranges the VMM refused.
+    pub ranges_rejected: u64,
 }
 
 /// Why a VM could not be measured.
@@ -237,6 +305,7 @@ pub fn sample_host(pid: u32) -> Sample {
 pub fn parse_sample(v: &Value) -> Option<Sample> {
     let host = |k: &str| v.pointer(&format!("/host/{k}")).and_then(Value::as_u64);
     let guest = |k: &str| v.pointer(&format!("/guest/{k}")).and_then(Value::as_u64).unwrap_or(0);
+    let reclaim = |k: &str| v.pointer(&format!("/reclaim/{k}")).and_then(Value::as_u64).unwrap_or(0);
     let rss = host("vmm_rss_bytes")?;
     Some(Sample {
         valid: v.get("valid").and_then(Value::as_bool).unwrap_or(false),
@@ -248,6 +317,14 @@ pub fn parse_sample(v: &Value) -> Option<Sample> {
         vmm_rss: rss,
         vmm_pss: host("vmm_pss_bytes").unwrap_or(rss),
         kvm_memslot_estimate: host("kvm_memslot_bytes_estimate").unwrap_or(0),
+        kvm_registered: host("kvm_registered_bytes").unwrap_or(0),
+        reclaim: ReclaimSample {
+            events: reclaim("events"),
+            discarded_bytes: reclaim("discarded_bytes"),
+            chunks_deinitialized: reclaim("chunks_deinitialized"),
+            memslots_unregistered: reclaim("memslots_unregistered"),
+            ranges_rejected: reclaim("ranges_rejected"),
+        },
         page_tables: 0,
         threads: 0,
         proc: host::ProcMemory::default(),
@@ -264,12 +341,15 @@ mod tests {
             "valid": true,
             "guest": { "memmap_bytes_initialized": 32768, "workload_bytes": 1048576, "allocated_bytes": 2097152 },
             "host": { "guest_ram_resident_bytes": 204800, "memmap_resident_bytes": 32768, "vmm_rss_bytes": 3604480,
-                      "vmm_pss_bytes": 2381824, "kvm_memslot_bytes_estimate": 4202496 }
+                      "vmm_pss_bytes": 2381824, "kvm_memslot_bytes_estimate": 4202496, "kvm_registered_bytes": 2097152 },
+            "reclaim": { "events": 3, "discarded_bytes": 8192, "chunks_deinitialized": null, "memslots_unregistered": 1 }
         });
         let s = parse_sample(&v).unwrap();
         assert!(s.valid);
         assert_eq!((s.guest_ram_resident, s.memmap_resident, s.memmap_initialized), (204800, 32768, 32768));
         assert_eq!((s.workload, s.allocated, s.vmm_rss, s.vmm_pss), (1048576, 2097152, 3604480, 2381824));
+        assert_eq!(s.kvm_registered, 2097152);
+        assert_eq!(s.reclaim, ReclaimSample { events: 3, discarded_bytes: 8192, chunks_deinitialized: 0, memslots_unregistered: 1, ranges_rejected: 0 });
         // No PSS from the kernel: RSS stands in. An invalid guest reads as 0.
         let v = json!({ "valid": false, "guest": null, "host": { "guest_ram_resident_bytes": 1, "memmap_resident_bytes": 0, "vmm_rss_bytes": 7, "vmm_pss_bytes": null } });
         let s = parse_sample(&v).unwrap();

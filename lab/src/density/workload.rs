@@ -1,10 +1,12 @@
 //! The workload each VM of a density run is given once ready: a fixed size,
 //! or a size per VM drawn from a range with a seeded generator, so that the
-//! same VM number gets the same size under every strategy.
+//! same VM number gets the same size under every strategy; or phases that go
+//! up and down ([`Phased`], `--workload 'peak:256M,hold:2s,idle:16M'`).
 
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// The workload each VM is given once ready: a fixed size, or a size drawn
 /// per VM from an inclusive range with a seeded generator.
@@ -77,6 +79,154 @@ impl AllocSpec {
     }
 }
 
+/// Longest `hold:` phase accepted: ten minutes.
+pub const MAX_HOLD: Duration = Duration::from_secs(600);
+
+/// One phase of a [`Phased`] workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    /// Hold this many MiB (every page written), through `PUT /guest/memory`.
+    Peak { mib: u64 },
+    /// Keep what is held for this long.
+    Hold { ms: u64 },
+    /// Go down to this many MiB: the size the VM idles at, fresh and in
+    /// steady state.
+    Idle { mib: u64 },
+}
+
+/// A workload that goes up and down: `peak:SIZE` and `hold:TIME` phases in
+/// any order, ending with one `idle:SIZE`, e.g. `peak:256M,hold:2s,idle:16M`.
+/// Each VM first comes up holding the idle size (the fresh fleet); then, a
+/// few VMs at a time, runs the phases and comes back down to it (the fleet
+/// in steady state, once reclaim has settled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Phased {
+    /// The phases, as given (the last is [`Phase::Idle`]).
+    pub phases: Vec<Phase>,
+}
+
+/// Why a `--workload` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhasedError {
+    /// A phase is not `NAME:VALUE` with a known name.
+    #[error("phase {0:?} is not peak:SIZE, hold:TIME or idle:SIZE (e.g. peak:256M,hold:2s,idle:16M)")]
+    Phase(String),
+    /// A size is not whole MiB or GiB.
+    #[error("size {0:?} is not a whole number of MiB or GiB (e.g. 16M, 256M, 1G)")]
+    Size(String),
+    /// A time is not in ms or s.
+    #[error("time {0:?} is not a duration in ms or s (e.g. 500ms, 2s, 1.5s)")]
+    Time(String),
+    /// A hold is longer than [`MAX_HOLD`].
+    #[error("hold {0:?} is longer than {max} s", max = MAX_HOLD.as_secs())]
+    TooLong(String),
+    /// The phases do not end with exactly one `idle:`.
+    #[error("the workload must end with one idle:SIZE phase, and have no other (e.g. peak:256M,hold:2s,idle:16M)")]
+    Idle,
+    /// No `peak:`, or a peak not above the idle size.
+    #[error("the workload needs a peak:SIZE above its idle size (got {0})")]
+    Peak(String),
+}
+
+/// `16M`, `16MiB`, `1G`, `1GiB` or a plain number of MiB, as MiB.
+fn parse_size(v: &str) -> Result<u64, PhasedError> {
+    let err = || PhasedError::Size(v.to_string());
+    let t = v.trim();
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit()).map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = num.parse().map_err(|_| err())?;
+    match unit {
+        "" | "M" | "MiB" | "m" => Ok(n),
+        "G" | "GiB" | "g" => n.checked_mul(1024).ok_or_else(err),
+        _ => Err(err()),
+    }
+}
+
+/// `500ms`, `2s`, `1.5s`, as whole ms.
+fn parse_time(v: &str) -> Result<u64, PhasedError> {
+    let err = || PhasedError::Time(v.to_string());
+    let t = v.trim();
+    let ms = if let Some(n) = t.strip_suffix("ms") {
+        n.parse::<u64>().map_err(|_| err())?
+    } else if let Some(n) = t.strip_suffix('s') {
+        let secs: f64 = n.parse().map_err(|_| err())?;
+        if !secs.is_finite() || secs < 0.0 || n.starts_with(['+', '-']) {
+            return Err(err());
+        }
+        (secs * 1000.0).round() as u64
+    } else {
+        return Err(err());
+    };
+    if ms > MAX_HOLD.as_millis() as u64 {
+        return Err(PhasedError::TooLong(v.to_string()));
+    }
+    Ok(ms)
+}
+
+impl FromStr for Phased {
+    type Err = PhasedError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut phases = Vec::new();
+        for part in s.split(',') {
+            let (name, value) = part.split_once(':').ok_or_else(|| PhasedError::Phase(part.to_string()))?;
+            phases.push(match name.trim() {
+                "peak" => Phase::Peak { mib: parse_size(value)? },
+                "hold" => Phase::Hold { ms: parse_time(value)? },
+                "idle" => Phase::Idle { mib: parse_size(value)? },
+                _ => return Err(PhasedError::Phase(part.to_string())),
+            });
+        }
+        let idles = phases.iter().filter(|p| matches!(p, Phase::Idle { .. })).count();
+        let Some(&Phase::Idle { mib: idle }) = phases.last() else { return Err(PhasedError::Idle) };
+        if idles != 1 {
+            return Err(PhasedError::Idle);
+        }
+        let w = Phased { phases };
+        if w.peak_mib() <= idle {
+            return Err(PhasedError::Peak(s.to_string()));
+        }
+        Ok(w)
+    }
+}
+
+impl fmt::Display for Phased {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.phases.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match p {
+                Phase::Peak { mib } => write!(f, "peak:{mib}M")?,
+                Phase::Hold { ms } => write!(f, "hold:{ms}ms")?,
+                Phase::Idle { mib } => write!(f, "idle:{mib}M")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Phased {
+    /// The largest size any phase holds, MiB.
+    pub fn peak_mib(&self) -> u64 {
+        self.phases
+            .iter()
+            .map(|p| match p {
+                Phase::Peak { mib } | Phase::Idle { mib } => *mib,
+                Phase::Hold { .. } => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The size the VM idles at, fresh and after its phases, MiB.
+    pub fn idle_mib(&self) -> u64 {
+        match self.phases.last() {
+            Some(Phase::Idle { mib }) => *mib,
+            _ => 0,
+        }
+    }
+}
+
 /// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed, stable
 /// generator, so a seed means the same workloads in every version.
 pub fn splitmix64(x: u64) -> u64 {
@@ -117,5 +267,35 @@ mod tests {
         let mean = a.iter().sum::<u64>() as f64 / a.len() as f64;
         assert!((mean - 144.0).abs() < 10.0, "{mean}");
         assert_eq!(AllocSpec::Fixed { mib: 5 }.mib_for(1, 99), 5);
+    }
+
+    #[test]
+    fn phased_workloads_parse_print_and_refuse_what_makes_no_sense() {
+        let w: Phased = "peak:256M,hold:2s,idle:16M".parse().unwrap();
+        assert_eq!(w.phases, vec![Phase::Peak { mib: 256 }, Phase::Hold { ms: 2000 }, Phase::Idle { mib: 16 }]);
+        assert_eq!((w.peak_mib(), w.idle_mib()), (256, 16));
+        assert_eq!(w.to_string(), "peak:256M,hold:2000ms,idle:16M");
+        assert_eq!(w.to_string().parse::<Phased>().unwrap(), w);
+        let w: Phased = "peak:1G,hold:500ms,peak:64MiB,hold:1.5s,idle:0".parse().unwrap();
+        assert_eq!((w.peak_mib(), w.idle_mib(), w.phases[3]), (1024, 0, Phase::Hold { ms: 1500 }));
+        assert_eq!("peak:8,idle:4".parse::<Phased>().unwrap().phases.len(), 2);
+        for (bad, want) in [
+            ("", "phase"),
+            ("peak256M,idle:1M", "phase"),
+            ("top:1M,idle:0", "phase"),
+            ("peak:1.5M,idle:0", "size"),
+            ("peak:1T,idle:0", "size"),
+            ("peak:-1M,idle:0", "size"),
+            ("peak:2M,hold:2,idle:0", "time"),
+            ("peak:2M,hold:-1s,idle:0", "time"),
+            ("peak:2M,hold:601s,idle:0", "longer"),
+            ("peak:2M,hold:1s", "end with one idle"),
+            ("idle:1M,peak:2M,idle:1M", "end with one idle"),
+            ("hold:1s,idle:16M", "needs a peak"),
+            ("peak:16M,idle:16M", "needs a peak"),
+        ] {
+            let e = bad.parse::<Phased>().expect_err(bad).to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 }
