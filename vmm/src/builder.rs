@@ -96,7 +96,8 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     let kvm = open_kvm(&config.kvm_path)?;
     // The boot vCPU's thread starts now: it fetches the supported CPUID and
     // installs its seccomp filter while this thread goes on (see
-    // `BootThread`); `create_vcpus` takes the CPUID from it.
+    // `BootThread`); `create_vcpus` takes the CPUID from it if it is there
+    // by then.
     let mut boot_thread = BootThread::spawn("vcpu0".into(), VCPU_STACK, kvm_cpath(&config.kvm_path)?)
         .map_err(BuildError::Thread)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);

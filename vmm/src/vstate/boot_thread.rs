@@ -8,7 +8,8 @@
 //!   JIT-compiles it, about 0.3 ms.
 //!
 //! The thread does both while the main thread creates the VM, maps guest
-//! RAM and loads the kernel, then waits for its run loop
+//! RAM and loads the kernel (which asks KVM for the CPUID itself if the
+//! thread has not got it by then), then waits for its run loop
 //! ([`BootThread::start`]). If the VM is never started (a build error, a
 //! dropped VM) the thread sees its job channel close and returns, so it
 //! never outlives what it was started for by more than that one ioctl.
@@ -50,10 +51,12 @@ impl BootThread {
         Ok(BootThread { cpuid: Some(cpuid_rx), job: job_tx, handle })
     }
 
-    /// The CPUID KVM supports, as the thread fetched it (waiting for it if
-    /// need be); `None` if it could not, or when asked a second time.
+    /// The CPUID KVM supports, if the thread has fetched it by now; `None`
+    /// if it has not yet (on a loaded host a new thread may wait
+    /// milliseconds for a CPU), could not, or was asked before. The caller
+    /// then asks KVM itself: the main thread never waits for this one.
     pub fn supported_cpuid(&mut self) -> Option<CpuId> {
-        self.cpuid.take().and_then(|rx| rx.recv().ok().flatten())
+        self.cpuid.take().and_then(|rx| rx.try_recv().ok().flatten())
     }
 
     /// Runs `job` on the thread (its seccomp filter is in place by then);
@@ -71,7 +74,7 @@ mod tests {
     #[test]
     fn the_job_runs_on_the_named_thread_and_an_unstarted_thread_returns() {
         let mut t = BootThread::spawn("vcpu7".into(), 256 << 10, c"/nonexistent/kvm".into()).unwrap();
-        assert!(t.supported_cpuid().is_none(), "no KVM there");
+        assert!(t.supported_cpuid().is_none(), "no KVM there (or not yet)");
         assert!(t.supported_cpuid().is_none(), "asked twice");
         let (tx, rx) = mpsc::channel();
         let job: Job = Box::new(move || tx.send(std::thread::current().name().map(String::from)).unwrap());
