@@ -249,7 +249,7 @@ impl ThreadKind {
     /// every program installed costs the kernel a check, a JIT compilation
     /// and an executable allocation (about 0.1 to 0.5 ms here, on the way
     /// to the guest's first instruction). The quiet denials, if any, come
-    /// first ([`quiet_denials`]), then the allow-list (anything else traps).
+    /// first (`quiet_denials`), then the allow-list (anything else traps).
     pub fn compile(self) -> Result<Vec<BpfProgram>, SeccompError> {
         let err = |e| SeccompError::Compile(self.name(), seccompiler::Error::Backend(e));
         let arch = seccompiler::TargetArch::x86_64;
