@@ -12,7 +12,8 @@ use crate::memory::reclaim::ReclaimPolicy;
 use crate::memory::{self, RamError, RegisterError, Registrar};
 use crate::metrics::Metrics;
 use crate::timings::Timings;
-use crate::vstate::vm::{Vm, VmParts};
+use crate::vstate::boot_thread::BootThread;
+use crate::vstate::vm::{Vm, VmParts, VCPU_STACK};
 use kvm_bindings::{kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::path::{Path, PathBuf};
@@ -47,6 +48,8 @@ pub enum BuildError {
     Register(#[from] RegisterError),
     #[error("cannot prepare the guest's boot data")]
     Arch(#[from] arch::ArchSetupError),
+    #[error("cannot start the boot vCPU's thread")]
+    Thread(#[source] std::io::Error),
     #[error("cannot set up vCPU {cpu}: {what}")]
     Vcpu {
         cpu: u8,
@@ -91,6 +94,12 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     //    instruction: its ELF segments, page tables, GDT, command line and
     //    boot_params (written through the host mapping; KVM is not involved).
     let kvm = open_kvm(&config.kvm_path)?;
+    // The boot vCPU's thread starts now: it fetches the supported CPUID and
+    // installs its seccomp filter while this thread goes on (see
+    // `BootThread`); `create_vcpus` takes the CPUID from it if it is there
+    // by then.
+    let mut boot_thread = BootThread::spawn("vcpu0".into(), VCPU_STACK, kvm_cpath(&config.kvm_path)?)
+        .map_err(BuildError::Thread)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
     let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages.is_enabled())?;
     let entry = image.load(&mem)?;
@@ -131,7 +140,8 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     }
 
     // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.
-    let vcpus = create_vcpus(&kvm, &vm_fd, config.machine.vcpu_count, entry)?;
+    let cpuid = boot_thread.supported_cpuid().or_else(|| kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok());
+    let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, entry)?;
 
     Ok(Vm::new(VmParts {
         config,
@@ -143,6 +153,7 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         boot_sregs: vcpus.boot_sregs,
         tsc_khz: vcpus.tsc_khz,
         events: ctx.events.clone(),
+        boot_thread: Some(boot_thread),
     }))
 }
 
@@ -153,8 +164,9 @@ struct Vcpus {
     tsc_khz: Option<u32>,
 }
 
-fn create_vcpus(kvm: &Kvm, vm_fd: &VmFd, count: u8, entry: GuestAddress) -> Result<Vcpus, BuildError> {
-    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
+/// Creates `count` vCPUs, each with `cpuid` (KVM's supported CPUID,
+/// patched per vCPU) if there is one.
+fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddress) -> Result<Vcpus, BuildError> {
     let mut out = Vcpus { fds: Vec::with_capacity(count.into()), boot_sregs: kvm_sregs::default(), tsc_khz: None };
     for cpu in 0..count {
         let vcpu_err = |what| move |source| BuildError::Vcpu { cpu, what, source };
@@ -179,11 +191,13 @@ fn create_vcpus(kvm: &Kvm, vm_fd: &VmFd, count: u8, entry: GuestAddress) -> Resu
 }
 
 fn open_kvm(path: &Path) -> Result<Kvm, BuildError> {
+    Kvm::new_with_path(kvm_cpath(path)?).map_err(|e| kvm_open_error(path, e))
+}
+
+/// `path` for `open`: a path with a NUL byte cannot name the device.
+fn kvm_cpath(path: &Path) -> Result<std::ffi::CString, BuildError> {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return Err(BuildError::KvmMissing { path: path.into() });
-    };
-    Kvm::new_with_path(cpath).map_err(|e| kvm_open_error(path, e))
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| BuildError::KvmMissing { path: path.into() })
 }
 
 /// Names why `/dev/kvm` could not be opened, with the usual fix.

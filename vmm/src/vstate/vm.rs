@@ -3,6 +3,7 @@
 //! stops them. Each vCPU runs on its own thread and reports back through
 //! [`VmEvent`]s; only the controller's thread calls into a [`Vm`].
 
+use super::boot_thread::BootThread;
 use super::stop::StopReason;
 use super::vcpu::{self, RunControl};
 use crate::arch;
@@ -22,7 +23,7 @@ use vm_memory::GuestMemoryMmap;
 
 /// Stack size of vCPU threads: the run loop needs little, and every VM of a
 /// density run pays for what its threads touch.
-const VCPU_STACK: usize = 256 << 10;
+pub const VCPU_STACK: usize = 256 << 10;
 
 /// How long a pause waits for vCPUs to leave the guest before it gives up.
 pub const PAUSE_DEADLINE: Duration = Duration::from_secs(1);
@@ -35,6 +36,10 @@ pub const STOP_DEADLINE: Duration = Duration::from_millis(500);
 
 /// Between two rounds of kicks.
 const KICK_INTERVAL: Duration = Duration::from_micros(200);
+
+/// Between two looks at a vCPU thread that reported its stop and is
+/// returning: it needs no kick, only a moment to finish.
+const RETURN_POLL: Duration = Duration::from_micros(20);
 
 /// Why a pause did not happen; the VM runs on.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +108,9 @@ pub struct VmParts {
     pub boot_sregs: kvm_sregs,
     pub tsc_khz: Option<u32>,
     pub events: EventSender,
+    /// The boot vCPU's thread, already running ahead of it (see
+    /// [`BootThread`]); without one, [`Vm::start`] spawns it.
+    pub boot_thread: Option<BootThread>,
 }
 
 /// A built VM.
@@ -119,6 +127,7 @@ pub struct Vm {
     control: Arc<RunControl>,
     /// Guest TSC frequency, to turn guest cycle counts into time.
     pub tsc_khz: Option<u32>,
+    boot_thread: Option<BootThread>,
 }
 
 impl Vm {
@@ -137,11 +146,12 @@ impl Vm {
             boot_sregs: p.boot_sregs,
             control: Arc::new(RunControl::new(n)),
             tsc_khz: p.tsc_khz,
+            boot_thread: p.boot_thread,
         }
     }
 
     fn spawn_vcpu(&mut self, cpu: u8) -> Result<(), std::io::Error> {
-        let Some(mut vcpu) = self.pending_vcpus.get_mut(cpu as usize).and_then(Option::take) else {
+        let Some(vcpu) = self.pending_vcpus.get_mut(cpu as usize).and_then(Option::take) else {
             return Ok(());
         };
         vcpu::install_kick_handler();
@@ -150,14 +160,23 @@ impl Vm {
         let tx = self.event_tx.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{cpu}"))
-            .stack_size(VCPU_STACK)
-            .spawn(move || {
+        let run = move |filtered: bool| {
+            let mut vcpu = vcpu;
+            if !filtered {
                 crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu);
-                let reason = vcpu::run(&mut vcpu, cpu, &devices, &control, &stop2);
-                let _ = tx.send(VmEvent::VcpuStopped { cpu, reason });
-            })?;
+            }
+            let reason = vcpu::run(&mut vcpu, cpu, &devices, &control, &stop2);
+            let _ = tx.send(VmEvent::VcpuStopped { cpu, reason });
+        };
+        let boot_thread = if cpu == 0 { self.boot_thread.take() } else { None };
+        let handle = match boot_thread {
+            // Its filter is in place already.
+            Some(thread) => thread.start(Box::new(move || run(true)))?,
+            None => std::thread::Builder::new()
+                .name(format!("vcpu{cpu}"))
+                .stack_size(VCPU_STACK)
+                .spawn(move || run(false))?,
+        };
         self.threads.push(VcpuThread { cpu, handle, stop, stopped: false });
         Ok(())
     }
@@ -240,6 +259,11 @@ impl Vm {
         let deadline = Instant::now() + STOP_DEADLINE;
         for t in self.threads.drain(..) {
             while !t.handle.is_finished() && Instant::now() < deadline {
+                if t.stopped {
+                    // Returning already (it reported its stop): no kick.
+                    std::thread::sleep(RETURN_POLL);
+                    continue;
+                }
                 // SAFETY: the thread is alive (not finished, not joined), so
                 // its pthread_t is valid; the signal has a handler.
                 unsafe { libc::pthread_kill(t.handle.as_pthread_t(), vcpu::kick_signal()) };
