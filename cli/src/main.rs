@@ -32,6 +32,11 @@ fn main() -> ExitCode {
     vmm::signals::block();
     let cli = args::Cli::parse();
     let timings = Arc::new(vmm::timings::Timings::starting_at(start));
+    // A VM process's allocator, set before its threads exist (see
+    // `vmm::heap`); the lab's and the client's commands keep glibc's defaults.
+    if matches!(cli.command, None | Some(args::Command::Run(_) | args::Command::Serve(_))) {
+        vmm::heap::configure();
+    }
     let Some(command) = cli.command else {
         return ExitCode::from(firecracker_cli::run(cli.firecracker, timings));
     };

@@ -68,18 +68,6 @@ fn hint(e: &StartError) -> Option<&'static str> {
     }
 }
 
-/// One malloc arena for the whole process (glibc's `M_ARENA_MAX`), set
-/// before the VM's threads exist. By default each thread that allocates
-/// (vCPU, API) gets an arena of its own, whose touched pages stay with the
-/// process: memory every idle VM pays for.
-fn one_malloc_arena() {
-    // SAFETY: mallopt only changes allocator parameters; it is called
-    // before this process starts any thread.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
 /// Sets up the seccomp filters unless `off` (`--no-seccomp`); before any
 /// VMM thread starts, since each installs its filter as it starts.
 fn enable_seccomp(off: bool) -> Result<(), u8> {
@@ -96,7 +84,6 @@ fn enable_seccomp(off: bool) -> Result<(), u8> {
 /// `vmm run`: boots the VM and runs it until the guest stops (or, with a
 /// script, until the report is printed).
 pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
-    one_malloc_arena();
     let config = args.vm_config();
     if let Err(e) = config.validate() {
         vmm::errln!("vmm: error: {}", ErrorChain(&e));
@@ -156,7 +143,6 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
 
 /// `vmm serve`: serves the API with no VM until it is configured and started.
 pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
-    one_malloc_arena();
     if let Err(code) = enable_seccomp(args.no_seccomp) {
         return code;
     }

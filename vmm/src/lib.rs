@@ -47,6 +47,7 @@ pub mod devices;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod heap;
 pub mod host;
 pub mod host_output;
 pub mod loader;

@@ -38,11 +38,7 @@ fn cycles_to_us(cycles: u64, khz: Option<u32>) -> Option<f64> {
 /// `InstanceStart`): `valid: false`, no guest view, no guest RAM yet; the
 /// VMM's own memory is measured all the same.
 pub fn not_started_report(timings: api::BootTimings) -> api::MemoryReport {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok();
-    let (rss, pss) = smaps.map_or((0, None), |s| {
-        let (r, p) = super::host::sum_smaps(&s, &[]);
-        (r, Some(p))
-    });
+    let (rss, pss) = super::host::own_memory(&[]).map_or((0, None), |(r, p)| (r, Some(p)));
     api::MemoryReport {
         valid: false,
         invalid_reason: Some("the VM is not started: no guest memory yet".into()),
