@@ -845,8 +845,9 @@ pub(crate) mod tests {
     fn the_answer_to_the_request_that_stops_the_server_closes_its_connection() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = channel();
-        let mut server = start(&dir.path().join("api.sock"), tx, Arc::default()).unwrap();
+        let mut server = bind(&dir.path().join("api.sock"), tx, Arc::default()).unwrap();
         let sock = server.path().to_path_buf();
+        let serving = server.serve().unwrap();
         // A keep-alive client: without `Connection: close` in the answer it
         // could send its next request into a closing connection.
         let client = std::thread::spawn(move || {
@@ -854,11 +855,17 @@ pub(crate) mod tests {
             let req = format!("PUT /actions HTTP/1.1\r\nHost: vmm\r\nContent-Length: {}\r\n\r\n{body}", body.len());
             raw(&sock, req.as_bytes())
         });
-        // The controller stops the server, then answers (as it does for
-        // Shutdown).
-        let Some(VmEvent::Api(call)) = rx.blocking_recv() else { panic!("no API call") };
-        server.stop_serving();
-        let _ = call.reply.send(Ok(ApiResponse::NoContent));
+        // One thread for the server and the "controller", as in a VMM: the
+        // controller answers Shutdown, then stops the server, with nothing
+        // in between that lets the connection write its answer.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let served = tokio::spawn(serving);
+            let Some(VmEvent::Api(call)) = rx.recv().await else { panic!("no API call") };
+            let _ = call.reply.send(Ok(ApiResponse::NoContent));
+            server.stop_serving();
+            served.await.unwrap();
+        });
         let r = client.join().unwrap();
         assert_eq!(r.status, 204, "{r:?}");
         assert!(r.head.to_ascii_lowercase().contains("connection: close"), "{r:?}");
