@@ -50,6 +50,9 @@ pub struct KernelMemory {
     pub slab_unreclaimable: u64,
     /// `KernelStack` (16 KiB per task here).
     pub kernel_stack: u64,
+    /// Whether the kernel stacks are vmalloc'd (`CONFIG_VMAP_STACK`, seen
+    /// in `/proc/vmallocinfo`), and so already inside `vmalloc_used`.
+    pub stacks_in_vmalloc: bool,
     /// `PageTables` (the processes' page tables).
     pub page_tables: u64,
     /// `SecPageTables` (KVM's shadow or EPT/NPT page tables; Linux 6.0+).
@@ -63,6 +66,7 @@ impl From<&procfs::Meminfo> for KernelMemory {
             slab: m.slab,
             slab_unreclaimable: m.s_unreclaim.unwrap_or(0),
             kernel_stack: m.kernel_stack.unwrap_or(0),
+            stacks_in_vmalloc: false,
             page_tables: m.page_tables.unwrap_or(0),
             sec_page_tables: m.secondary_page_tables.unwrap_or(0),
         }
@@ -71,7 +75,24 @@ impl From<&procfs::Meminfo> for KernelMemory {
 
 /// Reads the kernel's counters from `/proc/meminfo` now.
 pub fn kernel_memory() -> Result<KernelMemory, MeminfoError> {
-    Ok(KernelMemory::from(&procfs::Meminfo::current().map_err(MeminfoError::Read)?))
+    let mut k = KernelMemory::from(&procfs::Meminfo::current().map_err(MeminfoError::Read)?);
+    k.stacks_in_vmalloc = stacks_in_vmalloc();
+    Ok(k)
+}
+
+/// Whether task stacks are vmalloc'd here: looked up once in
+/// `/proc/vmallocinfo` (root only; `false` if unreadable).
+fn stacks_in_vmalloc() -> bool {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| std::fs::read_to_string("/proc/vmallocinfo").is_ok_and(|t| vmallocinfo_has_stacks(&t)))
+}
+
+/// Whether a `/proc/vmallocinfo` text shows a task stack: an area whose
+/// caller is the fork path (`alloc_thread_stack_node`, or `kernel_clone` /
+/// `copy_process` / `dup_task_struct` where it is inlined).
+fn vmallocinfo_has_stacks(text: &str) -> bool {
+    const CALLERS: [&str; 4] = ["alloc_thread_stack_node+", "kernel_clone+", "copy_process+", "dup_task_struct+"];
+    text.lines().any(|l| l.split_whitespace().nth(2).is_some_and(|c| CALLERS.iter().any(|p| c.starts_with(p))))
 }
 
 /// Reads `/proc/meminfo` now.
@@ -233,8 +254,20 @@ mod tests {
     fn the_kernel_counters_are_read_in_bytes() {
         let k = kernel_memory().unwrap();
         assert!(k.slab > 0 && k.kernel_stack > 0 && k.page_tables > 0, "{k:?}");
+        if k.stacks_in_vmalloc {
+            assert!(k.vmalloc_used >= k.kernel_stack, "vmalloc'd stacks are part of VmallocUsed: {k:?}");
+        }
         assert!(k.slab_unreclaimable <= k.slab, "{k:?}");
         assert_eq!(k.kernel_stack % 1024, 0);
+    }
+
+    #[test]
+    fn vmalloced_stacks_are_recognised_by_their_caller() {
+        let with = "0x1-0x2   20480 kernel_clone+0x9c/0x3a0 pages=4 vmalloc N0=4\n0x3-0x4 8192 acpi_os_map_iomem+0x1bc/0x1e0 ioremap\n";
+        assert!(vmallocinfo_has_stacks(with));
+        assert!(vmallocinfo_has_stacks("0x1-0x2 20480 alloc_thread_stack_node+0x5a/0x160 pages=4 vmalloc\n"));
+        assert!(!vmallocinfo_has_stacks("0x3-0x4 8192 acpi_os_map_iomem+0x1bc/0x1e0 ioremap\n0x5-0x6 4096 unpurged vm_area\n"));
+        assert!(!vmallocinfo_has_stacks(""));
     }
 
     #[test]

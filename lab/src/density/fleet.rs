@@ -24,6 +24,7 @@
 //! Only processes this module started are signalled, by their PID, and only
 //! before they are reaped (so a PID cannot have been reused).
 
+use super::cgroup::FleetCgroup;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -114,9 +115,10 @@ pub struct ShutdownStats {
 struct Registry {
     pids: Vec<u32>,
     dir: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
 }
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry { pids: Vec::new(), dir: None });
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry { pids: Vec::new(), dir: None, cgroup: None });
 
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
@@ -127,6 +129,9 @@ pub struct Fleet {
     exe: PathBuf,
     dir: PathBuf,
     vms: Vec<VmProcess>,
+    /// The children's memory cgroup, or why there is none. Declared last:
+    /// it is removed after [`Fleet`]'s `Drop` has reaped the children.
+    cgroup: Result<FleetCgroup, String>,
 }
 
 impl Fleet {
@@ -138,7 +143,15 @@ impl Fleet {
         let dir = std::env::temp_dir().join(format!("vmm-density-{}-{nanos:x}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| FleetError::WorkDir(dir.clone(), e))?;
         registry().dir = Some(dir.clone());
-        Ok(Fleet { exe, dir, vms: Vec::new() })
+        let name = dir.file_name().map_or_else(|| "vmm-density".into(), |n| n.to_string_lossy().into_owned());
+        let cgroup = FleetCgroup::create(&name).map_err(|e| e.to_string());
+        registry().cgroup = cgroup.as_ref().ok().map(|c| c.dir().to_path_buf());
+        Ok(Fleet { exe, dir, vms: Vec::new(), cgroup })
+    }
+
+    /// The children's memory cgroup, or why there is none.
+    pub fn cgroup(&self) -> Result<&FleetCgroup, &str> {
+        self.cgroup.as_ref().map_err(String::as_str)
     }
 
     /// The private directory.
@@ -200,10 +213,11 @@ impl Fleet {
         cmd.stdin(Stdio::null());
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
+        let cgroup_fd = self.cgroup.as_ref().ok().map(FleetCgroup::procs_fd);
         // SAFETY: the closure runs in the forked child before exec and calls
         // only async-signal-safe functions (sigemptyset, pthread_sigmask,
-        // prctl, getppid) on local data; it allocates nothing (the error is
-        // a raw OS error code).
+        // prctl, getppid, write) on local data; it allocates nothing (the
+        // error is a raw OS error code).
         unsafe {
             cmd.pre_exec(move || {
                 // The runner blocks SIGINT/SIGTERM/SIGHUP in every thread and
@@ -219,7 +233,12 @@ impl Fleet {
                 if libc::getppid() != parent {
                     return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
-                Ok(())
+                // Into the fleet's cgroup before exec, so that everything the
+                // VM costs is charged there from its first page.
+                match cgroup_fd {
+                    Some(fd) => super::cgroup::join_from_child(fd),
+                    None => Ok(()),
+                }
             });
         }
         let spawned_at = Instant::now();
@@ -295,7 +314,9 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.shutdown_all();
         let _ = std::fs::remove_dir_all(&self.dir);
-        registry().dir = None;
+        let mut reg = registry();
+        reg.dir = None;
+        reg.cgroup = None;
     }
 }
 
@@ -316,6 +337,9 @@ pub fn install_panic_hook() {
         kill_and_reap(&reg.pids);
         if let Some(d) = &reg.dir {
             let _ = std::fs::remove_dir_all(d);
+        }
+        if let Some(c) = &reg.cgroup {
+            let _ = std::fs::remove_dir(c);
         }
     }));
 }

@@ -17,7 +17,9 @@ pub struct KernelPerVm {
     pub kernel_stack: f64,
     pub page_tables: f64,
     pub sec_page_tables: f64,
-    /// `vmalloc_used + slab + kernel_stack + page_tables + sec_page_tables`.
+    /// `vmalloc_used + slab + kernel_stack + page_tables + sec_page_tables`,
+    /// without `kernel_stack` where the stacks are vmalloc'd (they are in
+    /// `vmalloc_used` already).
     pub total: f64,
 }
 
@@ -37,7 +39,8 @@ impl KernelPerVm {
             sec_page_tables: d(base.sec_page_tables, now.sec_page_tables),
             total: 0.0,
         };
-        k.total = k.vmalloc_used + k.slab + k.kernel_stack + k.page_tables + k.sec_page_tables;
+        let stacks = if now.stacks_in_vmalloc { 0.0 } else { k.kernel_stack };
+        k.total = k.vmalloc_used + k.slab + stacks + k.page_tables + k.sec_page_tables;
         Some(k)
     }
 }
@@ -91,6 +94,12 @@ pub struct StepSums {
     pub kvm_registered: u64,
     /// Sum of the bytes the VMMs discarded on the guests' free page reports.
     pub reclaim_discarded: u64,
+    /// The fleet's memory cgroup's rise from the strategy's baseline (see
+    /// `cgroup`): everything the host charged to the VMs' processes, their
+    /// kernel memory included. `None` without a fleet cgroup.
+    pub cgroup_rise: Option<i64>,
+    /// Of that, kernel memory (cgroup v1's kmem, v2's `kernel`).
+    pub cgroup_kernel_rise: Option<i64>,
 }
 
 /// One VM's average host footprint at a step as seen from outside any VMM,
@@ -110,6 +119,11 @@ pub struct HostPerVm {
     /// `total − process_pss`: what no process's PSS holds (KVM and the
     /// host kernel, mostly).
     pub outside_process: f64,
+    /// The fleet cgroup's rise per VM: the host's own charge for these
+    /// processes, which other tenants do not move (`None` without one).
+    pub cgroup: Option<f64>,
+    /// Of that, kernel memory.
+    pub cgroup_kernel: Option<f64>,
 }
 
 impl HostPerVm {
@@ -127,6 +141,8 @@ impl HostPerVm {
             process_pss,
             process_anon: s.proc_anon as f64 / n,
             outside_process: total - process_pss,
+            cgroup: s.cgroup_rise.map(|b| b as f64 / n),
+            cgroup_kernel: s.cgroup_kernel_rise.map(|b| b as f64 / n),
         })
     }
 }
@@ -198,6 +214,8 @@ pub struct VmFootprint {
     pub host_total: f64,
     /// `guest_ram_resident + vmm_pss + kvm_memslot_estimate` per VM.
     pub reported: f64,
+    /// The fleet cgroup's rise per VM (`None` without one).
+    pub cgroup: Option<f64>,
     pub guest_ram_resident: f64,
     pub memmap_resident: f64,
     pub kvm_registered: f64,
@@ -213,6 +231,7 @@ impl VmFootprint {
         Some(VmFootprint {
             host_total: s.mem_available_drop as f64 / n,
             reported: (s.guest_ram_resident + s.vmm_pss + s.kvm_memslot_estimate) as f64 / n,
+            cgroup: s.cgroup_rise.map(|b| b as f64 / n),
             guest_ram_resident: s.guest_ram_resident as f64 / n,
             memmap_resident: s.memmap_resident as f64 / n,
             kvm_registered: s.kvm_registered as f64 / n,
@@ -241,6 +260,9 @@ pub struct SteadyState {
     pub ratio: Option<f64>,
     /// `steady.reported / fresh.reported`.
     pub reported_ratio: Option<f64>,
+    /// `steady.cgroup / fresh.cgroup`: the host's own charge, which other
+    /// tenants do not move.
+    pub cgroup_ratio: Option<f64>,
     /// Bytes discarded per VM on the guests' reports.
     pub discarded_per_vm: f64,
 }
@@ -260,6 +282,7 @@ impl SteadyState {
             steady: s,
             ratio: ratio(s.host_total, f.host_total),
             reported_ratio: ratio(s.reported, f.reported),
+            cgroup_ratio: s.cgroup.zip(f.cgroup).and_then(|(s, f)| ratio(s, f)),
             discarded_per_vm: steady.reclaim_discarded as f64 / steady.vms as f64,
         })
     }
@@ -290,12 +313,17 @@ mod tests {
 
     #[test]
     fn kernel_counters_per_vm_are_deltas_over_the_vms() {
-        let base = KernelMemory { vmalloc_used: 1000, slab: 500, slab_unreclaimable: 300, kernel_stack: 160, page_tables: 80, sec_page_tables: 0 };
-        let now = KernelMemory { vmalloc_used: 3000, slab: 900, slab_unreclaimable: 500, kernel_stack: 480, page_tables: 60, sec_page_tables: 200 };
+        let base = KernelMemory { vmalloc_used: 1000, slab: 500, slab_unreclaimable: 300, kernel_stack: 160, page_tables: 80, sec_page_tables: 0, stacks_in_vmalloc: false };
+        let now = KernelMemory { vmalloc_used: 3000, slab: 900, slab_unreclaimable: 500, kernel_stack: 480, page_tables: 60, sec_page_tables: 200, stacks_in_vmalloc: false };
         let k = KernelPerVm::from_delta(&base, &now, 4).unwrap();
         assert_eq!((k.vmalloc_used, k.slab, k.slab_unreclaimable, k.kernel_stack), (500.0, 100.0, 50.0, 80.0));
         assert_eq!((k.page_tables, k.sec_page_tables), (-5.0, 50.0), "a counter may fall");
         assert_eq!(k.total, 500.0 + 100.0 + 80.0 - 5.0 + 50.0, "SUnreclaim is part of Slab, not added twice");
+        assert_eq!(KernelPerVm::from_delta(&base, &now, 0), None);
+        // vmalloc'd stacks are in VmallocUsed already: not added twice.
+        let vmap = KernelMemory { stacks_in_vmalloc: true, ..now };
+        let k = KernelPerVm::from_delta(&base, &vmap, 4).unwrap();
+        assert_eq!((k.kernel_stack, k.total), (80.0, 500.0 + 100.0 - 5.0 + 50.0));
         assert_eq!(KernelPerVm::from_delta(&base, &now, 0), None);
     }
 
@@ -342,6 +370,7 @@ mod tests {
             vmm_pss: 10 << 20,
             kvm_memslot_estimate: 5 << 20,
             kvm_registered: 1280 << 20,
+            cgroup_rise: Some(180 << 20),
             ..StepSums::default()
         };
         // Four of the ten ran their phases and kept 30 MiB each more.
@@ -352,6 +381,7 @@ mod tests {
             vmm_pss: 4 << 20,
             kvm_memslot_estimate: 2 << 20,
             reclaim_discarded: 8 << 20,
+            cgroup_rise: Some(90 << 20),
             ..StepSums::default()
         };
         let s = SteadyState::compare(&fresh, &steady, true, 2.5).unwrap();
@@ -362,6 +392,10 @@ mod tests {
         assert_eq!((mib(s.fresh.kvm_registered), mib(s.discarded_per_vm)), (128.0, 2.0));
         assert_eq!(s.ratio, Some(2.5));
         assert!((s.reported_ratio.unwrap() - 46.5 / 16.5).abs() < 1e-12);
+        assert_eq!((s.fresh.cgroup.map(mib), s.steady.cgroup.map(mib), s.cgroup_ratio), (Some(18.0), Some(22.5), Some(1.25)));
+        // Without a cgroup on either side there is no cgroup ratio.
+        let bare = StepSums { cgroup_rise: None, ..steady };
+        assert_eq!(SteadyState::compare(&fresh, &bare, true, 0.0).unwrap().cgroup_ratio, None);
         // A drop below zero (another tenant freed memory) gives no ratio.
         let odd = StepSums { mem_available_drop: -5, ..steady };
         assert_eq!(SteadyState::compare(&fresh, &odd, false, 0.0).unwrap().ratio, None);

@@ -35,6 +35,7 @@
 //! interrupted (SIGINT/SIGTERM/SIGHUP; the VMs are stopped and the partial
 //! results written).
 
+mod cgroup;
 mod fleet;
 mod footprint;
 mod limits;
@@ -124,6 +125,13 @@ pub struct DensityArgs {
     /// (threads, KVM's included) [default: only the host's limits].
     #[arg(long, value_name = "N")]
     pub max_tasks: Option<u64>,
+    /// Stop a ramp (and the phases of a phased workload) before the run's
+    /// VMs would hold more than this many MiB, as their memory cgroup
+    /// counts it (their memory and the kernel's on their behalf), or
+    /// without one as the MemAvailable drop: a capacity budget that other
+    /// tenants of the host do not move [default: only the floor].
+    #[arg(long, value_name = "MIB")]
+    pub max_memory_mib: Option<u64>,
     /// Write report.json, vms.csv and the SVG plots here (created if needed).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -299,6 +307,21 @@ fn combos(strategies: &[Strategy], modes: &[api::Reclaim]) -> (Vec<(Strategy, Op
     (run, skipped)
 }
 
+/// Memory left before a limit ([`Runner::memory_room`]).
+struct Room {
+    bytes: i64,
+    limit: RoomLimit,
+}
+
+/// Which memory limit is nearest.
+enum RoomLimit {
+    /// The floor under `MemAvailable` (which is `avail` now).
+    Floor { avail: u64 },
+    /// `--max-memory-mib` (`budget`) over what the fleet holds (`used`,
+    /// measured as `by` says).
+    Budget { used: u64, budget: u64, by: &'static str },
+}
+
 struct Runner {
     args: DensityArgs,
     started: Instant,
@@ -334,6 +357,7 @@ impl Runner {
             parallel: args.parallel,
             floor_bytes,
             floor_from_flag: args.floor_mib.is_some(),
+            max_memory_bytes: args.max_memory_mib.map(|m| m << 20),
             settle_timeout_s: args.settle_timeout_s,
             ready_timeout_s: args.ready_timeout_s,
             reclaim: args.reclaim.iter().map(|r| r.name().to_string()).collect(),
@@ -355,6 +379,10 @@ impl Runner {
             limits: limits::HostLimits::read(args.max_tasks),
             settings,
             work_dir: fleet.dir().to_path_buf(),
+            cgroup: match fleet.cgroup() {
+                Ok(c) => output::CgroupInfo { dir: Some(c.dir().to_path_buf()), version: Some(c.version()), unavailable: None },
+                Err(why) => output::CgroupInfo { dir: None, version: None, unavailable: Some(why.to_string()) },
+            },
             initial_mem_available_bytes: mem.available,
             final_mem_available_bytes: None,
             strategies: Vec::new(),
@@ -515,6 +543,7 @@ impl Runner {
                 target_bytes: target,
                 host_tasks: limits::host_tasks(),
                 kernel: host::kernel_memory().ok(),
+                cgroup: self.fleet.cgroup().ok().and_then(|c| c.read().ok()),
             },
             floor_reached: false,
             stop_reason: String::new(),
@@ -648,8 +677,8 @@ impl Runner {
                 break;
             }
             if more && in_phase < parallel {
-                let avail = host::meminfo()?.available;
-                if avail >= floor + (in_phase as u64 + 1) * peak {
+                let room = self.memory_room(run)?;
+                if room.bytes >= ((in_phase as u64 + 1) * peak) as i64 {
                     low_since = None;
                     let (_, index, _, sock) = targets[next].clone();
                     let (tx, cancel, epoch, phases) = (self.tx.clone(), self.cancel.clone(), self.epoch, w.phases.clone());
@@ -672,11 +701,22 @@ impl Runner {
                 if in_phase == 0 {
                     let since = *low_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= grace {
-                        out.floor_reached = true;
+                        let why = match room.limit {
+                            RoomLimit::Floor { avail } => {
+                                out.floor_reached = true;
+                                format!("floor reached: MemAvailable {} MiB, floor {} MiB", avail >> 20, floor >> 20)
+                            }
+                            RoomLimit::Budget { used, budget, by } => {
+                                out.limit_reached = true;
+                                format!(
+                                    "memory budget reached: the fleet holds {} MiB ({by}), --max-memory-mib {}",
+                                    used >> 20,
+                                    budget >> 20
+                                )
+                            }
+                        };
                         out.stop_reason = format!(
-                            "floor reached: MemAvailable {} MiB, floor {} MiB, and a peak needs {} MiB more; {} of {} VMs ran their phases",
-                            avail >> 20,
-                            floor >> 20,
+                            "{why}, and a peak needs {} MiB more; {} of {} VMs ran their phases",
                             peak >> 20,
                             out.done,
                             targets.len()
@@ -723,6 +763,9 @@ impl Runner {
         if out.floor_reached {
             run.floor_reached = true;
         }
+        if out.limit_reached {
+            run.limit_reached = true;
+        }
         // The steady state is that of the VMs that ran their phases.
         let vms = &run.vms;
         self.fleet.shutdown_where(|p| vms.get(p.index as usize).is_none_or(|v| v.phases.is_none()));
@@ -731,6 +774,23 @@ impl Runner {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// The memory left before the first memory limit: the floor under
+    /// `MemAvailable`, or `--max-memory-mib` over what the fleet holds
+    /// (its cgroup's rise from the strategy's baseline, or without one the
+    /// `MemAvailable` drop), whichever is nearer. Negative once past it.
+    fn memory_room(&self, run: &StrategyRun) -> Result<Room, DensityError> {
+        let avail = host::meminfo()?.available;
+        let floor = Room { bytes: avail as i64 - self.report.settings.floor_bytes as i64, limit: RoomLimit::Floor { avail } };
+        let Some(budget) = self.report.settings.max_memory_bytes else { return Ok(floor) };
+        let cgroup = self.fleet.cgroup().ok().and_then(|c| c.read().ok()).zip(run.baseline.cgroup);
+        let (used, by) = match cgroup {
+            Some((now, base)) => (now.usage.saturating_sub(base.usage), "by its memory cgroup"),
+            None => (run.baseline.mem_available_bytes.saturating_sub(avail), "by the MemAvailable drop"),
+        };
+        let budget_room = Room { bytes: budget as i64 - used as i64, limit: RoomLimit::Budget { used, budget, by } };
+        Ok(if budget_room.bytes < floor.bytes { budget_room } else { floor })
     }
 
     /// The reclaim delay the VMs run with.
@@ -818,14 +878,26 @@ impl Runner {
                     self.handle(self.rx.recv(), run, &bar, &mut in_flight, &mut error);
                     continue;
                 }
-                let avail = host::meminfo()?.available;
-                if avail < floor + in_flight as u64 * per_vm_estimate {
-                    run.floor_reached = true;
-                    run.stop_reason = format!(
-                        "floor reached: MemAvailable {} MiB with {in_flight} launches in flight, floor {} MiB",
-                        avail >> 20,
-                        floor >> 20
-                    );
+                let room = self.memory_room(run)?;
+                if room.bytes < (in_flight as u64 * per_vm_estimate) as i64 {
+                    match room.limit {
+                        RoomLimit::Floor { avail } => {
+                            run.floor_reached = true;
+                            run.stop_reason = format!(
+                                "floor reached: MemAvailable {} MiB with {in_flight} launches in flight, floor {} MiB",
+                                avail >> 20,
+                                floor >> 20
+                            );
+                        }
+                        RoomLimit::Budget { used, budget, by } => {
+                            run.limit_reached = true;
+                            run.stop_reason = format!(
+                                "memory budget reached: the fleet holds {} MiB ({by}) with {in_flight} launches in flight, and --max-memory-mib is {}",
+                                used >> 20,
+                                budget >> 20
+                            );
+                        }
+                    }
                     break;
                 }
                 let usage = limits::Usage {
@@ -1018,11 +1090,15 @@ impl Runner {
         let start = Instant::now();
         let mem = host::meminfo()?;
         let kernel = host::kernel_memory().ok();
+        let cgroup = self.fleet.cgroup().ok().and_then(|c| c.read().ok()).zip(run.baseline.cgroup);
         let host_tasks = limits::host_tasks();
         let targets = self.ready_targets(run);
         let results = self.sample_all(&targets, ready_by);
+        let rise = |now: u64, base: u64| now as i64 - base as i64;
         let mut sums = StepSums {
             mem_available_drop: run.baseline.mem_available_bytes as i64 - mem.available as i64,
+            cgroup_rise: cgroup.map(|(now, base)| rise(now.usage, base.usage)),
+            cgroup_kernel_rise: cgroup.and_then(|(now, base)| Some(rise(now.kernel?, base.kernel?))),
             ..StepSums::default()
         };
         let step_vms = results.len() as u64;

@@ -49,6 +49,9 @@ pub struct Report {
     pub settings: Settings,
     /// The private directory that held the sockets (removed at the end).
     pub work_dir: PathBuf,
+    /// The fleet's memory cgroup (`dir`, `version`), or why the run has
+    /// none (`unavailable`).
+    pub cgroup: CgroupInfo,
     /// `MemAvailable` when the runner started, in bytes.
     pub initial_mem_available_bytes: u64,
     /// `MemAvailable` after the last VM was reaped, in bytes.
@@ -75,6 +78,8 @@ pub struct Settings {
     pub floor_bytes: u64,
     /// Whether the floor came from `--floor-mib` or the default rule.
     pub floor_from_flag: bool,
+    /// `--max-memory-mib`, in bytes.
+    pub max_memory_bytes: Option<u64>,
     pub settle_timeout_s: u64,
     pub ready_timeout_s: u64,
     /// `--reclaim`: the modes crossed with the strategies (empty: each
@@ -169,6 +174,8 @@ pub struct PhasesRun {
     pub stopped_before: u64,
     /// Whether the floor stopped the phases (`stop_reason` says why).
     pub floor_reached: bool,
+    /// Whether `--max-memory-mib` stopped them.
+    pub limit_reached: bool,
     pub stop_reason: String,
     /// From the first phase started to the last one ended, s.
     pub seconds: f64,
@@ -218,6 +225,17 @@ pub struct Baseline {
     pub host_tasks: Option<u64>,
     /// The kernel's own counters (`/proc/meminfo`).
     pub kernel: Option<crate::host::KernelMemory>,
+    /// What the fleet's memory cgroup held (`None` without one).
+    pub cgroup: Option<super::cgroup::CgroupMemory>,
+}
+
+/// The fleet's memory cgroup in `report.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CgroupInfo {
+    pub dir: Option<PathBuf>,
+    pub version: Option<super::cgroup::Version>,
+    /// Why there is none.
+    pub unavailable: Option<String>,
 }
 
 /// VMs that fit before the floor.
@@ -470,14 +488,14 @@ pub fn summary(report: &Report) -> String {
 /// ready, and the idle check.
 fn host_view<'a>(runs: impl Iterator<Item = &'a StrategyRun>, peer_skipped: Option<&str>) -> String {
     let mut t = String::from("\nHOST VIEW PER VM (the same measures for every VMM)\n");
-    let row = |c: [&str; 10]| {
+    let row = |c: [&str; 12]| {
         let line = format!(
-            "{:<12} {:<14} {:>6} {:>10} {:>10} {:>10} {:>10} {:>6} {:>10} {:>12}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+            "{:<12} {:<14} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6} {:>10} {:>12}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11]
         );
         line.trim_end().to_string() + "\n"
     };
-    t += &row(["vmm", "strategy", "VMs", "per VM", "proc PSS", "proc anon", "kernel", "tasks", "ready p50", "idle CPU"]);
+    t += &row(["vmm", "strategy", "VMs", "per VM", "cgroup", "cg. kernel", "proc PSS", "proc anon", "kernel", "tasks", "ready p50", "idle CPU"]);
     let dash = || "-".to_string();
     for s in runs {
         let h = s.host_per_vm.as_ref();
@@ -488,6 +506,8 @@ fn host_view<'a>(runs: impl Iterator<Item = &'a StrategyRun>, peer_skipped: Opti
             s.label(),
             s.fit.measured.to_string(),
             part(|h| h.total),
+            h.and_then(|h| h.cgroup).map_or_else(dash, signed_bytes),
+            h.and_then(|h| h.cgroup_kernel).map_or_else(dash, signed_bytes),
             part(|h| h.process_pss),
             part(|h| h.process_anon),
             s.kernel_per_vm.map_or_else(dash, |k| signed_bytes(k.total)),
@@ -508,7 +528,16 @@ fn summary_of(strategies: &[StrategyRun]) -> String {
     let name_width = strategies.iter().map(|s| s.label().len()).max().unwrap_or(0);
     for s in strategies {
         let mut line = format!("{:<name_width$}  {} VMs fit", s.label(), s.fit.measured);
-        line += if s.floor_reached { " (stopped at the floor)" } else { " (all asked for; the floor was not reached)" };
+        if s.floor_reached {
+            line += " (stopped at the floor)";
+        } else if s.limit_reached {
+            // The limit's own words: which one, and its remedy.
+            line += &format!(" (stopped at a host limit: {})", s.stop_reason);
+        } else if s.fit.measured < s.asked && !s.stop_reason.is_empty() {
+            line += &format!(" (stopped: {})", s.stop_reason);
+        } else {
+            line += " (all asked for; the floor was not reached)";
+        }
         if let Some(n) = s.fit.extrapolated {
             line += &format!(", about {n} on the whole host");
         }
@@ -563,15 +592,15 @@ fn steady_view(runs: &[StrategyRun], skipped: &[String]) -> String {
     let with: Vec<&StrategyRun> = runs.iter().filter(|s| s.phases.is_some()).collect();
     if !with.is_empty() {
         t += "\nSTEADY STATE PER VM (after the phases, once reclaim settled; fresh = the same fleet just ready, at the idle size)\n";
-        let row = |c: [&str; 10]| {
+        let row = |c: [&str; 13]| {
             let line = format!(
-                "{:<14} {:>6} {:>10} {:>10} {:>7} {:>10} {:>10} {:>7} {:>9}  {}",
-                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+                "{:<14} {:>6} {:>10} {:>10} {:>7} {:>10} {:>10} {:>7} {:>10} {:>10} {:>7} {:>9}  {}",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12]
             );
             line.trim_end().to_string() + "\n"
         };
-        t += &row(["run", "VMs", "fresh", "steady", "ratio", "fresh", "steady", "ratio", "settled", "phases"]);
-        t += &row(["", "", "(host)", "(host)", "", "(VMs')", "(VMs')", "", "", ""]);
+        t += &row(["run", "VMs", "fresh", "steady", "ratio", "fresh", "steady", "ratio", "fresh", "steady", "ratio", "settled", "phases"]);
+        t += &row(["", "", "(host)", "(host)", "", "(VMs')", "(VMs')", "", "(cgroup)", "(cgroup)", "", "", ""]);
         let dash = || "-".to_string();
         let ratio = |r: Option<f64>| r.map_or_else(dash, |r| format!("{r:.2}"));
         for s in with {
@@ -593,6 +622,9 @@ fn steady_view(runs: &[StrategyRun], skipped: &[String]) -> String {
                 fig(|st| st.fresh.reported),
                 fig(|st| st.steady.reported),
                 ratio(st.and_then(|st| st.reported_ratio)),
+                st.and_then(|st| st.fresh.cgroup).map_or_else(dash, signed_bytes),
+                st.and_then(|st| st.steady.cgroup).map_or_else(dash, signed_bytes),
+                ratio(st.and_then(|st| st.cgroup_ratio)),
                 st.map_or_else(dash, |st| format!("{} {:.0}s", yes_no(st.settled), st.waited_s)),
                 phases,
             ];
@@ -713,6 +745,7 @@ mod tests {
                 target_bytes: 20 << 30,
                 host_tasks: None,
                 kernel: None,
+                cgroup: None,
             },
             floor_reached: true,
             stop_reason: "floor".into(),
@@ -752,6 +785,7 @@ mod tests {
         };
         let mut eager = run("eager", Some(Breakdown { kvm_kernel: -40.0 * 1024.0, ..f }));
         eager.floor_reached = false;
+        eager.asked = 812;
         eager.fit.extrapolated = None;
         eager.time_to_ready_ms = None;
         let out = summary_of(&[run("ondemand", Some(f)), eager, run("deferred", None)]);
@@ -767,6 +801,16 @@ mod tests {
         assert!(lines[3].starts_with("deferred  812 VMs fit (stopped at the floor), about 18000") && !lines[3].contains("per VM"), "{out}");
         assert_eq!(lines[4], "", "{out}");
         assert!(lines[5].starts_with("strategy ") && lines[5].ends_with("VMs/s"), "{out}");
+        // A ramp that ended at a host limit says which, with its remedy,
+        // not that all were asked for.
+        let mut pids = run("ondemand", None);
+        (pids.floor_reached, pids.limit_reached) = (false, true);
+        pids.stop_reason = "kernel.pid_max reached: ...; raise it with `sysctl kernel.pid_max=4194304`".into();
+        let one = summary_of(&[pids]);
+        assert!(
+            one.lines().nth(1).unwrap().starts_with("ondemand  812 VMs fit (stopped at a host limit: kernel.pid_max reached: ...; raise it with `sysctl kernel.pid_max=4194304`), about"),
+            "{one}"
+        );
         // An idle memmap is 32 KiB, not "0.03" MiB; a part below zero keeps its sign.
         let ondemand: Vec<&str> = lines[7].split_whitespace().collect();
         assert_eq!(ondemand[..6], ["ondemand", "812", "yes", "18000", "1.2", "MiB"], "{out}");
@@ -787,6 +831,8 @@ mod tests {
             process_pss: 0.5 * 1048576.0,
             process_anon: 700.0 * 1024.0,
             outside_process: 0.75 * 1048576.0,
+            cgroup: Some(1.1 * 1048576.0),
+            cgroup_kernel: Some(680.0 * 1024.0),
         });
         ours.idle = Some(IdleCheck { vms: 812, alive: 812, window_s: 1.0, cpu_percent_mean: 0.01, cpu_percent_max: 0.1 });
         let mut peer = run("ondemand", None);
@@ -794,9 +840,9 @@ mod tests {
         let out = host_view([&ours, &peer].into_iter(), None);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[1], "HOST VIEW PER VM (the same measures for every VMM)", "{out}");
-        assert!(lines[3].starts_with("vmm          ondemand          812    1.2 MiB"), "{out}");
+        assert!(lines[3].starts_with("vmm          ondemand          812    1.2 MiB    1.1 MiB    680 KiB"), "{out}");
         assert!(lines[3].contains(" 700 KiB ") && lines[3].ends_with(" 0.01% 812/812"), "{out}");
-        assert!(lines[4].starts_with("firecracker  ondemand          812          -"), "{out}");
+        assert!(lines[4].starts_with("firecracker  ondemand          812          -          -          -"), "{out}");
         assert_eq!(lines.len(), 5, "{out}");
         let out = host_view([&ours].into_iter(), Some("no --peer given"));
         assert!(out.ends_with("peer: no --peer given\n"), "{out}");
@@ -804,21 +850,25 @@ mod tests {
 
     #[test]
     fn the_steady_state_view_shows_fresh_against_steady_and_the_skipped_pairs() {
-        let fresh = StepSums { vms: 4, mem_available_drop: 40 << 20, guest_ram_resident: 36 << 20, ..StepSums::default() };
-        let steady = StepSums { vms: 2, mem_available_drop: 21 << 20, guest_ram_resident: 19 << 20, ..StepSums::default() };
+        let fresh = StepSums { vms: 4, mem_available_drop: 40 << 20, guest_ram_resident: 36 << 20, cgroup_rise: Some(38 << 20), ..StepSums::default() };
+        let steady = StepSums { vms: 2, mem_available_drop: 21 << 20, guest_ram_resident: 19 << 20, cgroup_rise: Some(19 << 20), ..StepSums::default() };
         let mut full = run("ondemand", None);
         full.reclaim = Some("full".into());
-        full.phases = Some(PhasesRun { started: 4, done: 2, stopped_before: 0, floor_reached: false, stop_reason: String::new(), seconds: 3.0 });
+        full.phases = Some(PhasesRun { started: 4, done: 2, stopped_before: 0, floor_reached: false, limit_reached: false, stop_reason: String::new(), seconds: 3.0 });
         full.steady_state = SteadyState::compare(&fresh, &steady, true, 2.4);
         let mut off = run("eager", None);
         off.reclaim = Some("off".into());
-        off.phases = Some(PhasesRun { started: 1, done: 1, stopped_before: 3, floor_reached: true, stop_reason: "floor reached".into(), seconds: 1.0 });
+        off.phases = Some(PhasesRun { started: 1, done: 1, stopped_before: 3, floor_reached: true, limit_reached: false, stop_reason: "floor reached".into(), seconds: 1.0 });
         let skipped = ["eager/full: reclaim full needs ondemand".to_string()];
         let out = steady_view(&[full, off, run("deferred", None)], &skipped);
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[1].starts_with("STEADY STATE PER VM"), "{out}");
         let cells: Vec<&str> = lines[4].split_whitespace().collect();
-        assert_eq!(cells, ["ondemand/full", "2", "10", "MiB", "10.5", "MiB", "1.05", "9", "MiB", "9.5", "MiB", "1.06", "yes", "2s", "2/4", "done"], "{out}");
+        assert_eq!(
+            cells,
+            ["ondemand/full", "2", "10", "MiB", "10.5", "MiB", "1.05", "9", "MiB", "9.5", "MiB", "1.06", "9.5", "MiB", "9.5", "MiB", "1.00", "yes", "2s", "2/4", "done"],
+            "{out}"
+        );
         assert!(lines[5].starts_with("eager/off ") && lines[5].ends_with(" -  1/1 done; floor reached"), "{out}");
         assert_eq!(lines[6], "skipped: eager/full: reclaim full needs ondemand", "{out}");
         assert_eq!(lines.len(), 7, "a run without phases has no row: {out}");
