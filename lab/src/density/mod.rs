@@ -669,6 +669,10 @@ impl Runner {
         // What one more VM is expected to cost until a step has measured it:
         // generous, so in-flight launches cannot overshoot the floor.
         let mut per_vm_estimate = (64u64 << 20) + (self.alloc_max() << 20);
+        // With a phased workload the fresh fleet leaves room for the peaks
+        // its phases will run at once (`--peak-parallel`), or the phases of
+        // a fleet that filled the host to the floor could never start.
+        let phase_room = self.args.workload.as_ref().map_or(0, |w| w.peak_cost_bytes() * self.args.peak_parallel as u64);
         // Tasks one VM holds until a step has measured it: main, api,
         // signals, one per vCPU and KVM's worker.
         let mut tasks_per_vm = f64::from(self.args.vcpus) + 4.0;
@@ -690,7 +694,7 @@ impl Runner {
                     continue;
                 }
                 let room = self.memory_room(run)?;
-                if room.bytes < (in_flight as u64 * per_vm_estimate) as i64 {
+                if room.bytes < (in_flight as u64 * per_vm_estimate + phase_room) as i64 {
                     match room.limit {
                         RoomLimit::Floor { avail } => {
                             run.floor_reached = true;
@@ -699,6 +703,9 @@ impl Runner {
                                 avail >> 20,
                                 floor >> 20
                             );
+                            if phase_room > 0 {
+                                run.stop_reason += &format!(" and {} MiB kept for the phases' peaks", phase_room >> 20);
+                            }
                         }
                         RoomLimit::Budget { used, budget, by } => {
                             run.limit_reached = true;
@@ -978,12 +985,14 @@ fn finish_strategy(run: &mut StrategyRun, report: &Report) {
     run.workload_ms = Distribution::of(ready.iter().map(|r| r.workload_ms));
     run.launch_throughput_vms_per_s = (run.launch_seconds > 0.0 && run.ready > 0).then(|| run.ready as f64 / run.launch_seconds);
     let last = run.steps.last();
+    // The fleet that fit is the ramp's, also when fewer VMs ran the phases.
+    let ramp_last = run.steps.iter().rev().find(|s| s.phase == "ramp");
     run.footprint = last.and_then(|s| s.per_vm);
     run.host_per_vm = last.and_then(|s| s.host_per_vm);
     run.kernel_per_vm = last.and_then(|s| s.kernel_per_vm);
     run.tasks_per_vm = last.and_then(|s| s.tasks_per_vm);
     run.fit = Fit {
-        measured: last.map_or(0, |s| s.sums.vms),
+        measured: ramp_last.map_or(0, |s| s.sums.vms),
         extrapolated: run.host_per_vm.and_then(|h| {
             footprint::extrapolated_fit(report.host.mem_total_bytes, report.settings.floor_bytes, run.baseline.mem_available_bytes, h.total)
         }),

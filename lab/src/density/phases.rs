@@ -45,10 +45,7 @@ impl Runner {
     fn run_phases(&mut self, run: &mut StrategyRun, w: &Phased) -> Result<(), DensityError> {
         let targets = self.ready_targets(run);
         let floor = self.report.settings.floor_bytes;
-        // What one VM at its peak may cost the host on top of its idle size:
-        // the pages, their memmap (1/64) and KVM's metadata (1/512) with
-        // room to spare (1/32), and 4 MiB for page tables and noise.
-        let peak = ((w.peak_mib() - w.idle_mib()) << 20) + ((w.peak_mib() << 20) / 32) + (4 << 20);
+        let peak = w.peak_cost_bytes();
         let parallel = self.args.peak_parallel;
         // With nothing in flight and MemAvailable below the mark, wait this
         // long for reclaim to give memory back before calling it the floor.

@@ -225,6 +225,13 @@ impl Phased {
             _ => 0,
         }
     }
+
+    /// What one VM at its peak may cost the host on top of its idle size,
+    /// bytes: the pages, their memmap (1/64) and KVM's metadata (1/512)
+    /// with room to spare (1/32), and 4 MiB for page tables and noise.
+    pub fn peak_cost_bytes(&self) -> u64 {
+        ((self.peak_mib() - self.idle_mib()) << 20) + ((self.peak_mib() << 20) / 32) + (4 << 20)
+    }
 }
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed, stable
