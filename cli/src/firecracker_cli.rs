@@ -231,7 +231,9 @@ mod tests {
     fn read_within_deadline(path: &Path) -> Result<Parsed, ConfigFileError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let p = path.to_path_buf();
-        std::thread::spawn(move || tx.send(read_config(&p)));
+        std::thread::spawn(move || {
+            let _ = tx.send(read_config(&p));
+        });
         rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_else(|_| panic!("reading {path:?} blocked"))
     }
 
