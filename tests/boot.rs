@@ -229,6 +229,25 @@ fn bad_kernel_files_are_usage_errors() {
 }
 
 #[test]
+fn config_files_that_are_not_small_regular_files_are_usage_errors() {
+    // A FIFO with no writer (opened without O_NONBLOCK, start-up waited
+    // for one forever) and a file over the 1 MiB limit: refused at once.
+    let dir = common::TempDir::new("config-file");
+    let fifo = dir.path().join("vm.json");
+    let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(status.success());
+    let o = vmm(&["--no-api", "--config-file", fifo.to_str().unwrap()]);
+    o.assert_code(2);
+    assert!(o.stderr.contains("is not a regular file"), "{o}");
+    let big = dir.path().join("big.json");
+    std::fs::File::create(&big).unwrap().set_len(8 << 30).unwrap();
+    let o = vmm(&["--no-api", "--config-file", big.to_str().unwrap()]);
+    o.assert_code(2);
+    assert!(o.stderr.contains("is larger than 1048576 bytes"), "{o}");
+    assert_eq!(o.stderr.trim().lines().count(), 1, "one line: {o}");
+}
+
+#[test]
 fn another_elf_kernel_boots_with_kernel() {
     let o = vmm(&["run", "--mem-mib", "128", "--kernel", common::embedded_kernel_path(), "--cmdline", "workload=exit"]);
     o.assert_code(0);

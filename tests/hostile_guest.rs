@@ -546,6 +546,13 @@ fn bogus_reclaim_reports_are_rejected_counted_and_cost_the_guest_only_its_own_me
     assert_eq!(r["ranges_rejected"].as_u64(), Some(bogus), "{report}");
     assert!(r["ranges_accepted"].as_u64().unwrap() >= 1, "{report}");
     assert!(r["events"].as_u64().unwrap() >= bogus.min(10), "{report}");
+    // The discarded figure is what the host had resident and released: the
+    // one good chunk the guest wrote, at least, and never more than the
+    // bytes accepted (a range accepted twice, or never touched, counts in
+    // `accepted_bytes` only; vmm/src/devices/paravirt.rs shows that).
+    let (accepted, discarded) = (r["accepted_bytes"].as_u64().unwrap(), r["discarded_bytes"].as_u64().unwrap());
+    assert!(discarded <= accepted, "{report}");
+    assert!(discarded >= 4096, "the reported chunk was written, so resident: {report}");
     // The report says why it cannot be trusted: the VMM read and validated
     // the stats block (its reason would come first), then found the
     // rejected report; the first was a record with a bad magic.

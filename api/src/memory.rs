@@ -52,7 +52,13 @@ pub struct ReclaimView {
     pub ranges_accepted: u64,
     /// Ranges (or whole reports) the VMM rejected.
     pub ranges_rejected: u64,
-    /// Bytes discarded from the host, all kinds together.
+    /// Bytes of the ranges the VMM accepted, as the guest reported them (a
+    /// range reported again counts again, as in the guest's own count).
+    pub accepted_bytes: u64,
+    /// Bytes the host had resident in the accepted ranges and released,
+    /// all kinds together (`mincore()` just before each discard): memory
+    /// reported twice, or never touched, is not counted again. At most
+    /// `accepted_bytes`.
     pub discarded_bytes: u64,
     /// Of those, free data pages.
     pub discarded_data_bytes: u64,
@@ -367,6 +373,7 @@ impl ReclaimView {
             events: 3,
             ranges_accepted: 40,
             ranges_rejected: 0,
+            accepted_bytes: (1 << 30) + (16 << 20),
             discarded_bytes: (1 << 30) + (16 << 20),
             discarded_data_bytes: 128 << 20,
             discarded_memmap_bytes: 16 << 20,

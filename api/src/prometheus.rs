@@ -255,6 +255,7 @@ impl Exposition {
             events,
             ranges_accepted,
             ranges_rejected,
+            accepted_bytes,
             discarded_bytes,
             discarded_data_bytes,
             discarded_memmap_bytes,
@@ -265,11 +266,12 @@ impl Exposition {
             chunks_deinitialized,
             delay_ms: _,
         } = r;
-        let counters: [(&'static str, &'static str, Option<u64>); 10] = [
+        let counters: [(&'static str, &'static str, Option<u64>); 11] = [
             ("vmm_reclaim_events_total", "Reports of free memory the guest made.", Some(*events)),
             ("vmm_reclaim_ranges_accepted_total", "Reported ranges the VMM accepted and discarded.", Some(*ranges_accepted)),
             ("vmm_reclaim_ranges_rejected_total", "Reported ranges (or whole reports) the VMM rejected.", Some(*ranges_rejected)),
-            ("vmm_reclaim_discarded_bytes_total", "Bytes of guest memory discarded from the host, all kinds.", Some(*discarded_bytes)),
+            ("vmm_reclaim_accepted_bytes_total", "Bytes of the reported ranges the VMM accepted.", Some(*accepted_bytes)),
+            ("vmm_reclaim_discarded_bytes_total", "Bytes the host had resident in accepted ranges and released, all kinds.", Some(*discarded_bytes)),
             ("vmm_reclaim_discarded_data_bytes_total", "Free data pages discarded from the host.", Some(*discarded_data_bytes)),
             ("vmm_reclaim_discarded_memmap_bytes_total", "Memmap pages of uninitialized chunks discarded.", Some(*discarded_memmap_bytes)),
             ("vmm_reclaim_offline_bytes_total", "Guest memory taken offline in whole runs.", Some(*offline_bytes)),

@@ -25,7 +25,7 @@ use vmm::timings::Timings;
 pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 /// The largest config file read (Firecracker's own API body limit is 50 KiB).
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The parts of Firecracker's config file that this VMM has.
 #[derive(Debug, Deserialize)]
@@ -50,7 +50,9 @@ struct ConfigFile {
 pub enum ConfigFileError {
     #[error("cannot read the config file {0:?}")]
     Read(PathBuf, #[source] std::io::Error),
-    #[error("the config file {0:?} is larger than {MAX_CONFIG_BYTES} bytes")]
+    #[error("the config file {0:?} is not a regular file (a FIFO, a device or a directory cannot be one)")]
+    NotAFile(PathBuf),
+    #[error("the config file {0:?} is larger than {MAX_CONFIG_BYTES} bytes; a configuration is a few hundred")]
     TooLarge(PathBuf),
     #[error("the config file {0:?} is not a configuration this VMM can boot")]
     Parse(PathBuf, #[source] serde_json::Error),
@@ -86,11 +88,30 @@ fn parse_config(path: &Path, text: &str) -> Result<Parsed, ConfigFileError> {
     Ok(Parsed { machine, boot: c.boot_source, ignored })
 }
 
+/// Reads the config file at `path` without ever blocking or reading more
+/// than [`MAX_CONFIG_BYTES`] + 1 bytes: opened with `O_NONBLOCK` (a FIFO
+/// does not wait for a writer), checked with `fstat` on that descriptor to
+/// be a regular file no larger than the limit, then read from it (so the
+/// file checked is the file read, and one that grows meanwhile is still cut
+/// at the limit), as the kernel image is (`vmm::config::open_kernel_image`).
 fn read_config(path: &Path) -> Result<Parsed, ConfigFileError> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| ConfigFileError::Read(path.into(), e))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_error = |e| ConfigFileError::Read(path.into(), e);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(ConfigFileError::NotAFile(path.into()));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigFileError::TooLarge(path.into()));
+    }
     let mut text = String::new();
-    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text).map_err(|e| ConfigFileError::Read(path.into(), e))?;
+    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text).map_err(read_error)?;
     if text.len() as u64 > MAX_CONFIG_BYTES {
         return Err(ConfigFileError::TooLarge(path.into()));
     }
@@ -203,6 +224,49 @@ mod tests {
         let smt = format!("{{{base}, \"machine-config\": {{\"vcpu_count\": 1, \"mem_size_mib\": 128, \"smt\": true}}}}");
         assert!(matches!(parse(&smt), Err(ConfigFileError::Machine(_))));
         assert!(matches!(parse(r#"{"boot-source": {"kernel_image_path": ""}}"#), Err(ConfigFileError::Boot(_))));
+    }
+
+    /// `read_config(path)` on another thread, failing the test (instead of
+    /// hanging it) if it blocks.
+    fn read_within_deadline(path: &Path) -> Result<Parsed, ConfigFileError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_config(&p));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_else(|_| panic!("reading {path:?} blocked"))
+    }
+
+    #[test]
+    fn a_config_file_that_is_not_a_small_regular_file_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("vm.json");
+        std::fs::write(&good, r#"{"boot-source": {"kernel_image_path": "/k"}}"#).unwrap();
+        assert!(read_within_deadline(&good).is_ok());
+        // A FIFO with no writer: opening it without O_NONBLOCK waits forever.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let e = read_within_deadline(&fifo).unwrap_err();
+        assert!(matches!(e, ConfigFileError::NotAFile(_)), "{e:?}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        for dev in ["/dev/zero", "/dev/null"] {
+            assert!(matches!(read_within_deadline(Path::new(dev)), Err(ConfigFileError::NotAFile(_))), "{dev}");
+        }
+        assert!(matches!(read_within_deadline(dir.path()), Err(ConfigFileError::NotAFile(_))), "a directory");
+        // Sparse files just past the limit and far past it: refused by size,
+        // before any byte is read; at the limit exactly, read (and not JSON).
+        let big = dir.path().join("big.json");
+        for len in [MAX_CONFIG_BYTES + 1, 64 << 30] {
+            std::fs::File::create(&big).unwrap().set_len(len).unwrap();
+            let e = read_within_deadline(&big).unwrap_err();
+            assert!(matches!(e, ConfigFileError::TooLarge(_)), "{len}: {e:?}");
+            assert!(e.to_string().contains(&MAX_CONFIG_BYTES.to_string()), "{e}");
+        }
+        std::fs::File::create(&big).unwrap().set_len(MAX_CONFIG_BYTES).unwrap();
+        assert!(matches!(read_within_deadline(&big), Err(ConfigFileError::Parse(..))));
+        assert!(matches!(read_within_deadline(&dir.path().join("none")), Err(ConfigFileError::Read(..))));
     }
 
     #[test]

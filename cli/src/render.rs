@@ -222,6 +222,7 @@ fn reclaim_view(view: &ReclaimView) -> (Vec<Field>, Vec<Field>) {
         events: text,
         ranges_accepted: text,
         ranges_rejected: text,
+        accepted_bytes: bytes,
         discarded_bytes: bytes,
         discarded_data_bytes: bytes,
         discarded_memmap_bytes: bytes,
@@ -232,7 +233,7 @@ fn reclaim_view(view: &ReclaimView) -> (Vec<Field>, Vec<Field>) {
         chunks_deinitialized: text_or_dash,
         delay_ms: text_or_dash,
     });
-    let guest = all.split_off(9);
+    let guest = all.split_off(10);
     (all, guest)
 }
 
@@ -477,6 +478,7 @@ mode                    full                     guest_reported_bytes  1.0 GiB
 events                  3                        guest_events          3
 ranges_accepted         40                       chunks_deinitialized  512
 ranges_rejected         0                        delay_ms              2000
+accepted_bytes          1.0 GiB
 discarded_bytes         1.0 GiB
 discarded_data_bytes    128 MiB
 discarded_memmap_bytes  16 MiB

@@ -849,3 +849,144 @@ impl StartError {
         matches!(self, StartError::Build(e) if e.is_usage())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The controller's decisions on the guest's deadlines, driven without
+    //! KVM: a controller with no VM takes the same paths (every VM call is
+    //! behind `self.vm`), and [`Controller::timers`] takes the time it
+    //! acts at, so a test moves time instead of sleeping.
+    use super::*;
+    use crate::vstate::stop::exit_codes;
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// A controller whose guest runs and is ready, as after a boot.
+    fn running() -> Controller {
+        let config = VmConfig { guest_timeout: TIMEOUT, ..VmConfig::default() };
+        let mut c = Controller::new(config, Arc::new(Timings::new()));
+        (c.state, c.guest_ready) = (VmState::Running, true);
+        c
+    }
+
+    /// The guest has command `seq` for `waiter`, as `wait_for` leaves it.
+    fn waiting(c: &mut Controller, seq: u64, waiter: Waiter) -> Instant {
+        let deadline = Instant::now() + TIMEOUT;
+        c.pending = Some(Pending { seq, target_mib: 0, waiter, deadline });
+        deadline
+    }
+
+    fn done(seq: u64) -> VmEvent {
+        VmEvent::CommandDone(CommandDone { seq, status: Some(CommandStatus::Ok), result0: 0, result1: 0 })
+    }
+
+    fn unresponsive(c: &Controller, what: &str) {
+        match &c.finished {
+            Some(r @ StopReason::GuestUnresponsive { what: w }) => {
+                assert!(w.contains(what), "{w}");
+                assert_eq!(r.exit_code(), i32::from(exit_codes::GUEST_UNRESPONSIVE));
+            }
+            other => panic!("finished {other:?}, not unresponsive ({what})"),
+        }
+        assert_eq!(c.state, VmState::Failed);
+        assert!(c.failure.as_deref().is_some_and(|f| f.contains(what)));
+    }
+
+    #[test]
+    fn a_guest_that_answers_the_shutdown_but_does_not_exit_is_stopped_after_one_guest_timeout() {
+        let mut c = running();
+        waiting(&mut c, 7, Waiter::Shutdown);
+        // A stale answer (another command's number) arms nothing.
+        c.handle(done(6));
+        assert!(c.pending.is_some() && c.exit_deadline.is_none());
+        let before = Instant::now();
+        c.handle(done(7));
+        let after = Instant::now();
+        assert!(c.pending.is_none(), "the shutdown command is answered");
+        let deadline = c.exit_deadline.expect("the guest gets one timeout to exit");
+        assert!(deadline >= before + TIMEOUT && deadline <= after + TIMEOUT, "one --guest-timeout after the answer");
+        // Until then nothing happens; at the deadline it is stopped, exit code 3.
+        c.timers(deadline - Duration::from_millis(1));
+        assert_eq!((c.finished.as_ref(), c.state), (None, VmState::Running));
+        c.timers(deadline);
+        unresponsive(&c, "answered the shutdown command but did not exit within 2 s");
+        assert!(c.exit_deadline.is_none(), "the deadline fires once");
+    }
+
+    #[test]
+    fn a_guest_that_exits_after_answering_the_shutdown_keeps_its_own_exit() {
+        let mut c = running();
+        waiting(&mut c, 1, Waiter::Shutdown);
+        c.handle(done(1));
+        let deadline = c.exit_deadline.unwrap();
+        c.stopped(StopReason::GuestExit(0));
+        c.timers(deadline + TIMEOUT);
+        assert_eq!(c.finished, Some(StopReason::GuestExit(0)));
+        assert_eq!((c.state, c.exit_code), (VmState::Halted, Some(0)));
+    }
+
+    #[test]
+    fn a_shutdown_command_never_answered_is_stopped_at_its_deadline() {
+        let mut c = running();
+        let deadline = waiting(&mut c, 3, Waiter::Shutdown);
+        c.timers(deadline - Duration::from_millis(1));
+        assert!(c.finished.is_none() && c.pending.is_some());
+        c.timers(deadline);
+        unresponsive(&c, "did not finish command 3 within 2 s");
+        assert!(c.pending.is_none() && c.exit_deadline.is_none());
+    }
+
+    #[test]
+    fn an_api_command_that_times_out_answers_504_and_the_vm_runs_on() {
+        let mut c = running();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let deadline = waiting(&mut c, 4, Waiter::Api(tx));
+        c.timers(deadline);
+        assert!(matches!(rx.try_recv(), Ok(Err(ApiError::GuestTimeout(t))) if t == TIMEOUT));
+        assert_eq!((c.finished.as_ref(), c.state, c.pending.is_none()), (None, VmState::Running, true));
+        // The late answer is ignored, and a graceful shutdown can be asked again.
+        c.handle(done(4));
+        assert!(c.exit_deadline.is_none());
+        assert!(c.action(api::ActionType::SendCtrlAltDel).is_ok());
+    }
+
+    #[test]
+    fn ctrl_alt_del_before_the_guest_is_ready_waits_one_guest_timeout_for_it() {
+        let mut c = running();
+        c.guest_ready = false;
+        let before = Instant::now();
+        assert!(matches!(c.action(api::ActionType::SendCtrlAltDel), Ok(ApiResponse::NoContent)));
+        assert!(c.shutdown_when_ready);
+        let deadline = c.ready_deadline.expect("a deadline for the guest to get ready");
+        assert!(deadline >= before + TIMEOUT);
+        // A second one does not push the deadline back.
+        assert!(c.action(api::ActionType::SendCtrlAltDel).is_ok());
+        assert_eq!(c.ready_deadline, Some(deadline));
+        c.timers(deadline - Duration::from_millis(1));
+        assert!(c.finished.is_none());
+        c.timers(deadline);
+        unresponsive(&c, "was not ready within 2 s");
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_refused_while_a_command_waits_or_the_vm_is_not_running() {
+        let mut c = running();
+        waiting(&mut c, 2, Waiter::Script);
+        assert!(matches!(c.action(api::ActionType::SendCtrlAltDel), Err(ApiError::InvalidState { .. })));
+        let mut c = Controller::new(VmConfig::default(), Arc::new(Timings::new()));
+        assert!(matches!(c.action(api::ActionType::SendCtrlAltDel), Err(ApiError::InvalidState { .. })));
+        // Shutdown with no VM ends the loop, as requested.
+        assert!(c.action(api::ActionType::Shutdown).is_ok());
+        assert_eq!(c.finished, Some(StopReason::Requested));
+    }
+
+    #[test]
+    fn a_guest_result_larger_than_its_ram_is_refused() {
+        let mut c = running();
+        waiting(&mut c, 5, Waiter::Script);
+        let ram = c.config.mem_bytes();
+        c.handle(VmEvent::CommandDone(CommandDone { seq: 5, status: Some(CommandStatus::Ok), result0: ram + 1, result1: 0 }));
+        assert_eq!((c.last.status, c.workload_bytes), (GuestMemoryOutcome::Invalid, 0));
+        assert_eq!(c.metrics.guest_protocol_errors.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+}

@@ -6,7 +6,7 @@
 use crate::devices::paravirt::Paravirt;
 use crate::devices::Devices;
 use crate::loader::{self, Image, LoadError};
-use crate::memory::reclaim::ReclaimPolicy;
+use crate::memory::reclaim::{ReclaimPolicy, ReclaimStats};
 use crate::report::guest::{self, GuestReportError};
 use crate::timings::Timings;
 use guest_abi::{
@@ -121,7 +121,11 @@ pub const RECLAIM_PROTECTED: [(u64, u64); 2] = [(0, 0x1000), (0x2_0000, 0x3_0000
 /// region of RAM, clear of [`RECLAIM_PROTECTED`] and of the record's other
 /// accepted ranges, and read as zeros; every other byte of RAM must be as it
 /// was, but the record's `accepted` field; and the device's counters must
-/// agree. `Err` says which rule broke.
+/// agree. Each record is then reported a second time at once, which may
+/// discard more (a range first refused as overlapping one that is now
+/// gone) but must count as discarded only memory the host still had:
+/// every page counts once, and the first report (which found all RAM
+/// resident) counts all it accepted. `Err` says which rule broke.
 pub fn reclaim_report(data: &[u8]) -> Result<(), String> {
     let mem = GuestMemoryMmap::<()>::from_ranges(&RECLAIM_RAM.map(|(a, l)| (GuestAddress(a), l))).expect("fixed layout");
     let n = data.len().min(RECLAIM_RAM[0].1);
@@ -152,41 +156,33 @@ pub fn reclaim_report(data: &[u8]) -> Result<(), String> {
     let accepted_at = core::mem::offset_of!(ReclaimRecord, accepted) as u64;
     for r in 0..1 + usize::from(byte(6) % 4) {
         let gpa = u64::from(word(8 + 4 * r));
+        // Reading every byte maps every page of RAM (a page never written
+        // maps the host's zero page), so all of it is resident now.
         let before = snapshot(&mem);
         let stats_before = d.reclaim_stats();
         // Where the VMM may write `accepted`, and the record as it was.
         let placed = gpa.is_multiple_of(8) && guest::range_in_ram(&mem, gpa, size);
-        let record: Option<ReclaimRecord> = placed.then(|| mem.read_obj(GuestAddress(gpa)).expect("in RAM"));
+        let read_record = || -> Option<ReclaimRecord> { placed.then(|| mem.read_obj(GuestAddress(gpa)).expect("in RAM")) };
+        let read_accepted = || if placed { mem.read_obj::<u64>(GuestAddress(gpa + accepted_at)).expect("in RAM") } else { 0 };
+        let record = read_record();
         d.write(0, port::RECLAIM, gpa as u32);
-        let after = snapshot(&mem);
         let stats = d.reclaim_stats();
-        let accepted = if placed { mem.read_obj::<u64>(GuestAddress(gpa + accepted_at)).expect("in RAM") } else { 0 };
-        // A record with a bad header is rejected whole: none of its ranges count.
-        let good = record.filter(|rec| {
-            rec.magic == RECLAIM_MAGIC && rec.abi_version == ABI_VERSION && rec.count as usize <= MAX_RECLAIM_RANGES
-        });
-        let ranges = good.map_or_else(Vec::new, |rec| rec.ranges[..rec.count as usize].to_vec());
-        let given = if ranges.len() >= 64 { u64::MAX } else { (1u64 << ranges.len()) - 1 };
-        if accepted & !given != 0 {
-            return Err(format!("report {r}: accepted {accepted:#x} names ranges past the {} given", ranges.len()));
+        let accepted = read_accepted();
+        let taken = accepted_ranges(r, record, accepted)?;
+        if mode == Reclaim::Off && !taken.is_empty() {
+            return Err(format!("report {r}: ranges accepted with reclaim off"));
         }
-        let mut taken: Vec<(u64, u64)> = Vec::new();
-        for (i, range) in ranges.iter().enumerate().filter(|&(i, _)| accepted & (1 << i) != 0) {
-            let (s, e) = (range.start, range.start.checked_add(range.len).ok_or(format!("range {i} wraps"))?);
-            if range.len == 0 || !s.is_multiple_of(PAGE_SIZE) || !range.len.is_multiple_of(PAGE_SIZE) {
-                return Err(format!("report {r}: range {i} {range:?} accepted, empty or unaligned"));
-            }
-            if !RECLAIM_RAM.iter().any(|&(a, l)| s >= a && e <= a + l as u64) {
-                return Err(format!("report {r}: range {i} {range:?} accepted outside RAM"));
-            }
-            if RECLAIM_PROTECTED.iter().chain(&taken).any(|&(a, b)| s < b && a < e) {
-                return Err(format!("report {r}: range {i} {range:?} accepted over protected or accepted memory"));
-            }
-            if mode == Reclaim::Off {
-                return Err(format!("report {r}: range {i} accepted with reclaim off"));
-            }
-            taken.push((s, e));
-        }
+        // The same record again, at once: nothing in it was touched since
+        // but the record's own pages, so it may release (and count) only
+        // those, and what the first report did not discard.
+        let record_pages: Vec<u64> = (gpa & !(PAGE_SIZE - 1)..gpa.saturating_add(size)).step_by(PAGE_SIZE as usize).collect();
+        let again = read_record();
+        d.write(0, port::RECLAIM, gpa as u32);
+        let stats_again = d.reclaim_stats();
+        let accepted_again = read_accepted();
+        let taken_again = accepted_ranges(r, again, accepted_again)?;
+        let after = snapshot(&mem);
+
         // Zero inside what was accepted, unchanged elsewhere: what RAM must
         // hold now, compared as a whole (fast under the fuzzer's
         // instrumentation), then byte by byte only to say where.
@@ -195,7 +191,7 @@ pub fn reclaim_report(data: &[u8]) -> Result<(), String> {
             let mut want = old.clone();
             let end = a + l as u64;
             let local = |(s, e): (u64, u64)| (s.clamp(a, end) - a) as usize..(e.clamp(a, end) - a) as usize;
-            for &t in &taken {
+            for &t in taken.iter().chain(&taken_again) {
                 want[local(t)].fill(0);
             }
             if let Some(f) = field {
@@ -209,17 +205,95 @@ pub fn reclaim_report(data: &[u8]) -> Result<(), String> {
                 return Err(format!("report {r}: byte {addr:#x} (region {region}) was {o:#x}, now {v:#x}, should be {:#x}", want[off]));
             }
         }
-        let added = stats.ranges_accepted - stats_before.ranges_accepted;
-        if stats.events != stats_before.events + 1 || added != u64::from(accepted.count_ones()) {
-            return Err(format!("report {r}: counters {stats_before:?} then {stats:?} for accepted {accepted:#x}"));
+        let ranges = good_ranges(record);
+        check_counters(r, &stats_before, &stats, accepted, &taken, ranges.len())?;
+        check_counters(r, &stats, &stats_again, accepted_again, &taken_again, good_ranges(again).len())?;
+        // The first report found every page resident, so it released all
+        // it accepted; the repeat released at least what the first did not
+        // discard, and at most that and the record's pages.
+        let bytes = |t: &[(u64, u64)]| t.iter().map(|&(s, e)| e - s).sum::<u64>();
+        let first = stats.discarded_bytes() - stats_before.discarded_bytes();
+        if first != bytes(&taken) {
+            return Err(format!("report {r}: {first} bytes counted as discarded, {} accepted, all resident", bytes(&taken)));
         }
-        let rejected = stats.ranges_rejected - stats_before.ranges_rejected;
-        if rejected == 0 && added != ranges.len() as u64 {
-            return Err(format!("report {r}: {} ranges, {added} accepted and none rejected", ranges.len()));
+        let pages = |t: &[(u64, u64)]| -> Vec<u64> { t.iter().flat_map(|&(s, e)| (s..e).step_by(PAGE_SIZE as usize)).collect() };
+        let gone = pages(&taken);
+        let repeat = pages(&taken_again);
+        let fresh = repeat.iter().filter(|p| !gone.contains(p)).count() as u64;
+        let touched = repeat.iter().filter(|p| gone.contains(p) && record_pages.contains(p)).count() as u64;
+        let second = stats_again.discarded_bytes() - stats.discarded_bytes();
+        if second < fresh * PAGE_SIZE || second > (fresh + touched) * PAGE_SIZE {
+            return Err(format!(
+                "report {r} again: {second} bytes counted as discarded; {fresh} pages not discarded before, {touched} of the record's pages"
+            ));
         }
-        if rejected > 0 && stats.first_rejection.is_none() {
-            return Err(format!("report {r}: rejected with no reason kept"));
+    }
+    Ok(())
+}
+
+/// The ranges of `record` if its header is good (a record with a bad header
+/// is rejected whole: none of its ranges count).
+fn good_ranges(record: Option<ReclaimRecord>) -> Vec<guest_abi::ReclaimRange> {
+    record
+        .filter(|rec| rec.magic == RECLAIM_MAGIC && rec.abi_version == ABI_VERSION && rec.count as usize <= MAX_RECLAIM_RANGES)
+        .map_or_else(Vec::new, |rec| rec.ranges[..rec.count as usize].to_vec())
+}
+
+/// The ranges of `record` that `accepted` names, `[start, end)`, after
+/// checking each is page-aligned, inside one region of RAM, clear of
+/// [`RECLAIM_PROTECTED`] and of the others, and that nothing is accepted
+/// with reclaim off or past the ranges given.
+fn accepted_ranges(r: usize, record: Option<ReclaimRecord>, accepted: u64) -> Result<Vec<(u64, u64)>, String> {
+    let ranges = good_ranges(record);
+    let given = if ranges.len() >= 64 { u64::MAX } else { (1u64 << ranges.len()) - 1 };
+    if accepted & !given != 0 {
+        return Err(format!("report {r}: accepted {accepted:#x} names ranges past the {} given", ranges.len()));
+    }
+    let mut taken: Vec<(u64, u64)> = Vec::new();
+    for (i, range) in ranges.iter().enumerate().filter(|&(i, _)| accepted & (1 << i) != 0) {
+        let (s, e) = (range.start, range.start.checked_add(range.len).ok_or(format!("range {i} wraps"))?);
+        if range.len == 0 || !s.is_multiple_of(PAGE_SIZE) || !range.len.is_multiple_of(PAGE_SIZE) {
+            return Err(format!("report {r}: range {i} {range:?} accepted, empty or unaligned"));
         }
+        if !RECLAIM_RAM.iter().any(|&(a, l)| s >= a && e <= a + l as u64) {
+            return Err(format!("report {r}: range {i} {range:?} accepted outside RAM"));
+        }
+        if RECLAIM_PROTECTED.iter().chain(&taken).any(|&(a, b)| s < b && a < e) {
+            return Err(format!("report {r}: range {i} {range:?} accepted over protected or accepted memory"));
+        }
+        taken.push((s, e));
+    }
+    Ok(taken)
+}
+
+/// The counters of one report, from `was` to `now`: one event, one accepted
+/// range per bit of `accepted` and its bytes, a reason kept for any
+/// rejection, and never more discarded than accepted.
+fn check_counters(
+    r: usize,
+    was: &ReclaimStats,
+    now: &ReclaimStats,
+    accepted: u64,
+    taken: &[(u64, u64)],
+    given: usize,
+) -> Result<(), String> {
+    let added = now.ranges_accepted - was.ranges_accepted;
+    if now.events != was.events + 1 || added != u64::from(accepted.count_ones()) {
+        return Err(format!("report {r}: counters {was:?} then {now:?} for accepted {accepted:#x}"));
+    }
+    let rejected = now.ranges_rejected - was.ranges_rejected;
+    if rejected == 0 && added != given as u64 {
+        return Err(format!("report {r}: {given} ranges, {added} accepted and none rejected"));
+    }
+    if rejected > 0 && now.first_rejection.is_none() {
+        return Err(format!("report {r}: rejected with no reason kept"));
+    }
+    let bytes: u64 = taken.iter().map(|&(s, e)| e - s).sum();
+    if now.accepted_bytes - was.accepted_bytes != bytes {
+        return Err(format!("report {r}: accepted_bytes {} then {}, for {bytes} bytes accepted", was.accepted_bytes, now.accepted_bytes));
+    }
+    if now.discarded_bytes() - was.discarded_bytes() > bytes || now.discarded_bytes() > now.accepted_bytes {
+        return Err(format!("report {r}: more discarded than accepted: {was:?} then {now:?}"));
     }
     Ok(())
 }

@@ -23,7 +23,10 @@
 //! [`crate::memory::reclaim::check_record`] against the VM's reclaim policy
 //! and the guest's stats block; accepted ones are discarded from the host
 //! (`OFFLINE` runs also leave KVM), and `accepted` is written back before the
-//! write returns. A rejected range makes the memory report invalid.
+//! write returns. A rejected range makes the memory report invalid. The
+//! discarded-bytes counters grow only by what the host had resident in an
+//! accepted range (see [`crate::memory::reclaim`]), so reporting the same
+//! memory twice does not inflate them.
 
 use super::outcome::PortOutcome;
 use crate::events::{CommandDone, VmEvent};
@@ -311,15 +314,18 @@ impl Paravirt {
         for (i, (r, verdict)) in ranges.iter().zip(verdicts).enumerate() {
             let done = verdict.and_then(|()| self.give_back(r).map_err(|e| e.to_string()));
             match done {
-                Ok(()) => {
+                Ok(released) => {
                     accepted |= 1 << i;
                     stats.ranges_accepted += 1;
+                    stats.accepted_bytes = stats.accepted_bytes.saturating_add(r.len);
+                    // Only what the host had resident: a range reported
+                    // again, or never touched, releases (and counts) nothing.
                     let bytes = match r.kind {
                         reclaim_kind::DATA => &mut stats.data_bytes,
                         reclaim_kind::MEMMAP => &mut stats.memmap_bytes,
                         _ => &mut stats.offline_bytes,
                     };
-                    *bytes = bytes.saturating_add(r.len);
+                    *bytes = bytes.saturating_add(released);
                 }
                 Err(why) => {
                     stats.ranges_rejected += 1;
@@ -374,7 +380,8 @@ impl Paravirt {
     }
 
     /// Discards one accepted range; an `OFFLINE` run leaves KVM first.
-    fn give_back(&self, r: &guest_abi::ReclaimRange) -> Result<(), reclaim::DiscardError> {
+    /// Returns the bytes the host had resident in it and released.
+    fn give_back(&self, r: &guest_abi::ReclaimRange) -> Result<u64, reclaim::DiscardError> {
         if r.kind == reclaim_kind::OFFLINE {
             if let Some(registrar) = self.registrar.get() {
                 if let Err(e) = registrar.unregister_run(r.start, r.len) {
@@ -793,10 +800,40 @@ mod tests {
         let st = d.reclaim_stats();
         assert_eq!((st.events, st.ranges_accepted, st.ranges_rejected), (1, 3, 2));
         assert_eq!((st.data_bytes, st.memmap_bytes, st.discarded_bytes()), (4 * MIB, 64 << 10, 4 * MIB + (64 << 10)));
+        assert_eq!(st.accepted_bytes, 4 * MIB + (64 << 10), "all of it was resident");
         let why = st.first_rejection.unwrap();
         assert!(why.contains("range 1") && why.contains("kernel"), "{why}");
         let errors = std::iter::from_fn(|| rx.try_recv().ok()).filter(|e| matches!(e, VmEvent::GuestProtocolError { .. })).count();
         assert_eq!(errors, 2);
+    }
+
+    #[test]
+    fn memory_reported_twice_or_never_touched_is_accepted_but_counts_as_discarded_only_once() {
+        let (d, _rx) = reclaim_device(guest_abi::Reclaim::Full);
+        fill(&d, 10 * MIB, 2 * MIB);
+        fill(&d, RECORD_AT, 4096);
+        let resident = crate::memory::ram_resident_bytes(&d.mem);
+        let twice = [(reclaim_kind::DATA, 10 * MIB, 2 * MIB)];
+        assert_eq!(report(&d, &twice), 0b1);
+        assert_eq!(resident - crate::memory::ram_resident_bytes(&d.mem), 2 * MIB);
+        // The same chunk again, in a second record, and a chunk the guest
+        // never touched: both accepted (they are the guest's free memory),
+        // neither released anything, so neither counts as discarded.
+        assert_eq!(report(&d, &twice), 0b1);
+        assert_eq!(report(&d, &[(reclaim_kind::DATA, 20 * MIB, 2 * MIB)]), 0b1);
+        let st = d.reclaim_stats();
+        assert_eq!((st.events, st.ranges_accepted, st.ranges_rejected), (3, 3, 0));
+        assert_eq!((st.accepted_bytes, st.data_bytes, st.discarded_bytes()), (6 * MIB, 2 * MIB, 2 * MIB));
+        // Written again in part, that part is what the next report releases.
+        fill(&d, 10 * MIB, 64 << 10);
+        assert_eq!(report(&d, &twice), 0b1);
+        let st = d.reclaim_stats();
+        assert_eq!((st.accepted_bytes, st.data_bytes), (8 * MIB, 2 * MIB + (64 << 10)));
+        // An OFFLINE run and MEMMAP pages are counted the same way.
+        fill(&d, 6 * MIB, 8 << 10);
+        assert_eq!(report(&d, &[(reclaim_kind::MEMMAP, 6 * MIB, 64 << 10), (reclaim_kind::OFFLINE, 32 * MIB, 4 * MIB)]), 0b11);
+        let st = d.reclaim_stats();
+        assert_eq!((st.accepted_bytes, st.memmap_bytes, st.offline_bytes), (8 * MIB + (64 << 10) + 4 * MIB, 8 << 10, 0));
     }
 
     #[test]

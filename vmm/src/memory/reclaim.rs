@@ -17,7 +17,20 @@
 //! whose report is bogus can at most discard its own memory, which then
 //! reads as zeros: never the kernel the VMM loaded or the boot data; and
 //! its own metadata only where it says that metadata is unused.
+//!
+//! What is counted ([`ReclaimStats`]): a range accepted adds its length to
+//! `accepted_bytes` (what the guest reported), but the discarded bytes of its
+//! kind grow only by what the host had resident in it just before the
+//! discard ([`discard`] asks `mincore()` first). So a guest that reports the
+//! same memory again and again, or memory it never touched, makes
+//! `accepted_bytes` grow and the discarded figures not: those count only
+//! what the host really released. One caveat of `mincore()`: a page the
+//! guest only read since its last discard is mapped to the host's shared
+//! zero page, which `mincore()` counts, so it counts again when reported
+//! again; the guest pays a page fault for each such page, and the host
+//! released a page-table entry for it.
 
+use super::residency;
 use guest_abi::{reclaim_kind, GpaRange, Reclaim, ReclaimRange, PAGE_SIZE};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -59,12 +72,20 @@ pub struct ReclaimStats {
     pub ranges_accepted: u64,
     /// Ranges (or whole records) rejected.
     pub ranges_rejected: u64,
-    /// Bytes of `DATA` ranges discarded.
+    /// Bytes of the ranges accepted, as the guest reported them, all kinds
+    /// together. A range reported twice (in two records) counts twice here,
+    /// as it does in the guest's own count; the guest's count never exceeds
+    /// this one.
+    pub accepted_bytes: u64,
+    /// Bytes of accepted `DATA` ranges that the host had resident and
+    /// released (at most their length, 0 for memory already discarded).
     pub data_bytes: u64,
-    /// Bytes of `MEMMAP` ranges discarded.
+    /// Bytes of accepted `MEMMAP` ranges that the host had resident and
+    /// released.
     pub memmap_bytes: u64,
-    /// Bytes of `OFFLINE` runs discarded (their memslots are deleted once
-    /// all their memory is offline).
+    /// Bytes of accepted `OFFLINE` runs that the host had resident and
+    /// released (their memslots are deleted once all their memory is
+    /// offline).
     pub offline_bytes: u64,
     /// Why the first rejected range or record was rejected: the guest's
     /// report is not to be trusted from then on.
@@ -87,7 +108,8 @@ pub struct KvmRegistration {
 }
 
 impl ReclaimStats {
-    /// Bytes accepted and discarded, all kinds together.
+    /// Bytes the host had resident and released, all kinds together: never
+    /// more than [`ReclaimStats::accepted_bytes`].
     pub fn discarded_bytes(&self) -> u64 {
         self.data_bytes.saturating_add(self.memmap_bytes).saturating_add(self.offline_bytes)
     }
@@ -232,8 +254,12 @@ pub enum DiscardError {
 /// anonymous private mapping that backs it, found through vm-memory. The
 /// guest reads zeros there afterwards, and the host backs a page again only
 /// when the guest writes it. The range must lie inside one region and be
-/// page-aligned.
-pub fn discard(mem: &GuestMemoryMmap, gpa: GuestAddress, len: u64) -> Result<(), DiscardError> {
+/// page-aligned. Returns the bytes of it that were resident (`mincore()`)
+/// just before: what the host released. That check costs one byte of
+/// `mincore()` vector per page, in batches, about what the discard itself
+/// costs in page-table walking, so a record's cost stays bounded by the
+/// size of guest RAM.
+pub fn discard(mem: &GuestMemoryMmap, gpa: GuestAddress, len: u64) -> Result<u64, DiscardError> {
     let not_ram = || DiscardError::NotRam { gpa: gpa.0, len };
     if !gpa.0.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(not_ram());
@@ -243,6 +269,7 @@ pub fn discard(mem: &GuestMemoryMmap, gpa: GuestAddress, len: u64) -> Result<(),
     if offset.checked_add(len).is_none_or(|end| end > region.len()) {
         return Err(not_ram());
     }
+    let resident = residency::resident_bytes(mem, gpa, len);
     // SAFETY: `[as_ptr + offset, + len)` lies inside one live anonymous
     // private mapping owned by `mem` (checked just above). MADV_DONTNEED
     // only drops its pages, which then read as zero; it cannot unmap or
@@ -251,7 +278,7 @@ pub fn discard(mem: &GuestMemoryMmap, gpa: GuestAddress, len: u64) -> Result<(),
     if rc != 0 {
         return Err(DiscardError::Madvise { gpa: gpa.0, len, source: std::io::Error::last_os_error() });
     }
-    Ok(())
+    Ok(resident)
 }
 
 #[cfg(test)]
@@ -343,8 +370,14 @@ mod tests {
         }
         mem.write_obj(0xcdu8, GuestAddress(4 * MIB)).unwrap();
         assert_eq!(super::super::ram_resident_bytes(&mem), 2 * MIB + PAGE_SIZE);
-        discard(&mem, GuestAddress(2 * MIB), 2 * MIB).unwrap();
+        assert_eq!(discard(&mem, GuestAddress(2 * MIB), 2 * MIB).unwrap(), 2 * MIB, "what was resident");
         assert_eq!(super::super::ram_resident_bytes(&mem), PAGE_SIZE, "only the page outside the range is left");
+        // The same range again releases nothing; written again in part, that part.
+        assert_eq!(discard(&mem, GuestAddress(2 * MIB), 2 * MIB).unwrap(), 0);
+        for page in 0..4u64 {
+            mem.write_obj(0xefu8, GuestAddress(2 * MIB + page * PAGE_SIZE)).unwrap();
+        }
+        assert_eq!(discard(&mem, GuestAddress(2 * MIB), 2 * MIB).unwrap(), 4 * PAGE_SIZE);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(4 * MIB)).unwrap(), 0xcd);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(2 * MIB + 4096)).unwrap(), 0);
         assert!(matches!(discard(&mem, GuestAddress(7 * MIB), 2 * MIB), Err(DiscardError::NotRam { .. })));

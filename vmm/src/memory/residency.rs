@@ -24,7 +24,9 @@ pub fn resident_bytes(mem: &GuestMemoryMmap, gpa: GuestAddress, len: u64) -> u64
         if lo >= hi {
             continue;
         }
-        let hi = (hi + HOST_PAGE - 1).min(r_end);
+        // Whole pages: an end already on a page boundary stays there (it
+        // used to be rounded one page further, counting the next page).
+        let hi = hi.next_multiple_of(HOST_PAGE).min(r_end);
         total += region_resident(region.as_ptr(), lo - r_start, hi - lo);
     }
     total
@@ -75,6 +77,11 @@ mod tests {
         assert_eq!(resident_bytes(&mem, GuestAddress(0), 0x2000), HOST_PAGE);
         assert_eq!(resident_bytes(&mem, GuestAddress(0x1fff), 2), HOST_PAGE);
         assert_eq!(resident_bytes(&mem, GuestAddress(0x2000), 0x10_0000), 0);
+        // A range that ends on a page boundary ends there: the written page
+        // right after it is not counted.
+        assert_eq!(resident_bytes(&mem, GuestAddress(0x20_0000), 0x10_0000), 0);
+        assert_eq!(resident_bytes(&mem, GuestAddress(0x20_0000), 0x10_0001), HOST_PAGE);
+        assert_eq!(resident_bytes(&mem, GuestAddress(0x1000), 0x1000), HOST_PAGE);
         // A host-side read of never-written memory maps the shared zero page,
         // which mincore() counts: the VMM must read only what the guest wrote.
         let _: u64 = mem.read_obj(GuestAddress(0x50_0000)).unwrap();

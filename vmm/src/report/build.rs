@@ -69,6 +69,7 @@ fn reclaim_view(ctx: &ReportContext<'_>) -> api::ReclaimView {
         events: r.events,
         ranges_accepted: r.ranges_accepted,
         ranges_rejected: r.ranges_rejected,
+        accepted_bytes: r.accepted_bytes,
         discarded_bytes: r.discarded_bytes(),
         discarded_data_bytes: r.data_bytes,
         discarded_memmap_bytes: r.memmap_bytes,
@@ -85,10 +86,10 @@ fn reclaim_view(ctx: &ReportContext<'_>) -> api::ReclaimView {
 /// updates its counts after the VMM, so they may lag, never lead), and
 /// fills them in.
 fn guest_reclaim(b: &StatsBlock, view: &mut api::ReclaimView) -> Result<(), String> {
-    if b.reclaim_reported_bytes > view.discarded_bytes {
+    if b.reclaim_reported_bytes > view.accepted_bytes {
         return Err(format!(
             "the guest says {} bytes were reclaimed; the VMM accepted {}",
-            b.reclaim_reported_bytes, view.discarded_bytes
+            b.reclaim_reported_bytes, view.accepted_bytes
         ));
     }
     if b.reclaim_events > view.events {
@@ -239,11 +240,14 @@ mod tests {
         mem
     }
 
-    fn stats(discarded: u64, events: u64, rejection: Option<&str>) -> ReclaimStats {
+    /// The VMM accepted `accepted` bytes, of which the host had half
+    /// resident (the guest's count is compared with what was accepted).
+    fn stats(accepted: u64, events: u64, rejection: Option<&str>) -> ReclaimStats {
         ReclaimStats {
             events,
             ranges_accepted: 1,
-            data_bytes: discarded,
+            accepted_bytes: accepted,
+            data_bytes: accepted / 2,
             first_rejection: rejection.map(str::to_string),
             ..Default::default()
         }
@@ -255,7 +259,8 @@ mod tests {
         let r = memory_report(&context(&mem, stats(4 << 20, 2, None)));
         assert!(r.valid, "{:?}", r.invalid_reason);
         let v = r.reclaim;
-        assert_eq!((v.mode, v.events, v.discarded_bytes, v.memslots_unregistered), (Some(api::Reclaim::Full), 2, 4 << 20, 2));
+        assert_eq!((v.mode, v.events, v.accepted_bytes, v.memslots_unregistered), (Some(api::Reclaim::Full), 2, 4 << 20, 2));
+        assert_eq!((v.discarded_bytes, v.discarded_data_bytes), (2 << 20, 2 << 20), "what the host released");
         assert_eq!((v.guest_reported_bytes, v.guest_events, v.chunks_deinitialized, v.delay_ms), (Some(4 << 20), Some(2), Some(5), Some(2000)));
     }
 
@@ -265,7 +270,7 @@ mod tests {
         let r = memory_report(&context(&mem, stats(4 << 20, 2, Some("range 0 rejected: it overlaps the kernel"))));
         assert!(!r.valid && r.guest.is_none());
         assert!(r.invalid_reason.unwrap().contains("overlaps the kernel"));
-        assert_eq!(r.reclaim.discarded_bytes, 4 << 20, "the VMM's own counts are still given");
+        assert_eq!((r.reclaim.accepted_bytes, r.reclaim.discarded_bytes), (4 << 20, 2 << 20), "the VMM's own counts are still given");
         assert_eq!(r.reclaim.guest_reported_bytes, None);
         let r = memory_report(&context(&mem, stats(2 << 20, 2, None)));
         assert!(!r.valid && r.invalid_reason.unwrap().contains("reclaimed"));
