@@ -14,11 +14,10 @@ use crate::metrics::Metrics;
 use crate::timings::Timings;
 use crate::vstate::boot_thread::BootThread;
 use crate::vstate::vm::{Vm, VmParts, VCPU_STACK};
-use kvm_bindings::{kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use vm_memory::GuestAddress;
 
 /// Why a VM could not be built. [`BuildError::is_usage`] tells the user's
 /// mistakes (exit code 2, HTTP 400) from the host's failures.
@@ -94,13 +93,14 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     //    instruction: its ELF segments, page tables, GDT, command line and
     //    boot_params (written through the host mapping; KVM is not involved).
     let kvm = open_kvm(&config.kvm_path)?;
-    // The boot vCPU's thread starts now: it fetches the supported CPUID and
-    // installs its seccomp filter while this thread goes on (see
-    // `BootThread`); `create_vcpus` takes the CPUID from it if it is there
-    // by then.
+    // The boot vCPU's thread starts now: it fetches the supported CPUID
+    // while this thread creates the VM, then creates and sets up vCPU 0
+    // and installs its seccomp filter while this thread maps RAM and loads
+    // the kernel (see `BootThread`).
     let mut boot_thread = BootThread::spawn("vcpu0".into(), VCPU_STACK, kvm_cpath(&config.kvm_path)?)
         .map_err(BuildError::Thread)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
+    boot_thread.set_up(vm_fd.clone());
     let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages.is_enabled())?;
     let entry = image.load(&mem)?;
     arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
@@ -116,6 +116,9 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     } else {
         let mut boot = image.segments();
         boot.push((0, 1));
+        // What an idle (`ondemand`) guest onlines while it boots, so that no
+        // memslot changes once its vCPU runs (see `memory::boot_online`).
+        boot.extend(predicted_boot_chunk(&config, &boot).into_iter().flatten());
         registrar.register_ranges(&boot)?;
     }
     ctx.timings.mark_once(&ctx.timings.vm_created);
@@ -139,9 +142,17 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         pv.set_reclaim_policy(ReclaimPolicy::new(config.machine.effective_reclaim(), &mem, protected));
     }
 
-    // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.
-    let cpuid = boot_thread.supported_cpuid().or_else(|| kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok());
-    let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, entry)?;
+    // 5. The vCPUs: the boot vCPU from its thread, given its entry; the
+    //    others (started only if the guest asks) with the same CPUID.
+    let boot = match boot_thread.boot_vcpu() {
+        Some(Ok(boot)) => boot,
+        Some(Err(e)) => return Err(BuildError::Vcpu { cpu: 0, what: e.what, source: e.source }),
+        None => return Err(BuildError::Thread(std::io::Error::other("the boot vCPU's thread ended before it set up its vCPU"))),
+    };
+    boot.fd.set_regs(&arch::boot_regs(entry.0)).map_err(|source| BuildError::Vcpu { cpu: 0, what: "KVM_SET_REGS", source })?;
+    let mut fds = Vec::with_capacity(config.machine.vcpu_count.into());
+    fds.push(boot.fd);
+    fds.extend(create_aps(&vm_fd, boot.cpuid.as_ref(), config.machine.vcpu_count, boot.tsc_khz)?);
 
     Ok(Vm::new(VmParts {
         config,
@@ -149,45 +160,43 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         vm_fd,
         mem,
         devices,
-        vcpus: vcpus.fds,
-        boot_sregs: vcpus.boot_sregs,
-        tsc_khz: vcpus.tsc_khz,
+        vcpus: fds,
+        boot_sregs: boot.sregs,
+        tsc_khz: boot.tsc_khz,
         events: ctx.events.clone(),
         boot_thread: Some(boot_thread),
     }))
 }
 
-/// The vCPUs of a VM, the boot one set up for entry.
-struct Vcpus {
-    fds: Vec<VcpuFd>,
-    boot_sregs: kvm_sregs,
-    tsc_khz: Option<u32>,
-}
-
-/// Creates `count` vCPUs, each with `cpuid` (KVM's supported CPUID,
-/// patched per vCPU) if there is one.
-fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddress) -> Result<Vcpus, BuildError> {
-    let mut out = Vcpus { fds: Vec::with_capacity(count.into()), boot_sregs: kvm_sregs::default(), tsc_khz: None };
-    for cpu in 0..count {
+/// Creates the application processors, vCPUs 1 to `count - 1`, each with
+/// `cpuid` (KVM's supported CPUID, patched per vCPU) if there is one. Their
+/// registers are set when the guest starts them (`Vm::start_aps`).
+fn create_aps(vm_fd: &VmFd, cpuid: Option<&CpuId>, count: u8, tsc_khz: Option<u32>) -> Result<Vec<VcpuFd>, BuildError> {
+    let mut fds = Vec::with_capacity(count.saturating_sub(1).into());
+    for cpu in 1..count {
         let vcpu_err = |what| move |source| BuildError::Vcpu { cpu, what, source };
         let vcpu = vm_fd.create_vcpu(u64::from(cpu)).map_err(vcpu_err("KVM_CREATE_VCPU"))?;
-        if let Some(c) = &cpuid {
+        if let Some(c) = cpuid {
             let mut c: CpuId = c.clone();
-            out.tsc_khz = vcpu.get_tsc_khz().ok();
-            arch::patch_cpuid(&mut c, cpu, out.tsc_khz);
+            arch::patch_cpuid(&mut c, cpu, tsc_khz);
             vcpu.set_cpuid2(&c).map_err(vcpu_err("KVM_SET_CPUID2"))?;
         }
-        if cpu == 0 {
-            let sregs = vcpu.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
-            let sregs = arch::long_mode_sregs(sregs, layout::PML4_START);
-            vcpu.set_sregs(&sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
-            vcpu.set_regs(&arch::boot_regs(entry.0)).map_err(vcpu_err("KVM_SET_REGS"))?;
-            vcpu.set_fpu(&arch::boot_fpu()).map_err(vcpu_err("KVM_SET_FPU"))?;
-            out.boot_sregs = sregs;
-        }
-        out.fds.push(vcpu);
+        fds.push(vcpu);
     }
-    Ok(out)
+    Ok(fds)
+}
+
+/// The ranges an `ondemand` guest with the default memmap layout writes
+/// while it boots ([`memory::boot_online::boot_chunk_ranges`]); `None` for
+/// other strategies and layouts, or if the user's command line chooses them.
+fn predicted_boot_chunk(config: &VmConfig, segments: &[(u64, u64)]) -> Option<[(u64, u64); 2]> {
+    let m = &config.machine;
+    if m.memmap_init != api::Strategy::OnDemand || m.memmap_on_memory || config.cmdline.contains("memmap_") {
+        return None;
+    }
+    let ram: Vec<(u64, u64)> = arch::ram_ranges(config.mem_bytes()).iter().map(|(a, l)| (a.0, *l)).collect();
+    let kernel_end = segments.iter().map(|(_, e)| *e).max()?;
+    memory::boot_online::boot_chunk_ranges(&ram, kernel_end, m.memmap_chunk_kib << 10)
 }
 
 fn open_kvm(path: &Path) -> Result<Kvm, BuildError> {
@@ -248,23 +257,58 @@ mod tests {
     }
 
     #[test]
-    fn a_small_vm_builds_with_its_boot_block_registered() {
+    fn a_small_vm_builds_with_its_boot_blocks_and_first_chunk_registered() {
         let (tx, _rx) = crate::events::channel();
         let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
         let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..Default::default() };
         c.machine.mem_size_mib = 256;
         let vm = build_microvm(c.clone(), &ctx).unwrap();
-        // The first block (boot data) and the blocks under the kernel's
-        // segments, nothing else.
+        // The first block (boot data), the blocks under the kernel's
+        // segments and the blocks of the guest's first chunk and its struct
+        // pages (2 MiB runs this low), nothing else.
         let block = guest_abi::MEMORY_BLOCK_SIZE;
+        let segments = Image::read(&c.kernel).unwrap().segments();
+        let chunk = predicted_boot_chunk(&c, &segments).expect("the default is ondemand");
         let mut blocks: Vec<u64> = vec![0];
-        for (start, end) in Image::read(&c.kernel).unwrap().segments() {
+        for (start, end) in segments.iter().chain(&chunk) {
             blocks.extend(start / block..end.div_ceil(block));
         }
         blocks.sort_unstable();
         blocks.dedup();
         assert_eq!(vm.devices.registered_bytes(), blocks.len() as u64 * block);
-        assert!(vm.devices.registered_bytes() <= 8 << 20, "{}", vm.devices.registered_bytes());
+        assert!(vm.devices.registered_bytes() <= 10 << 20, "{}", vm.devices.registered_bytes());
         assert!(ctx.timings.vm_created.get().is_some());
+        // Other strategies, or the user's own memmap words: the boot blocks only.
+        let mut eager = c.clone();
+        eager.machine.memmap_init = api::Strategy::Eager;
+        assert!(predicted_boot_chunk(&eager, &segments).is_none());
+        let user = VmConfig { cmdline: "memmap_chunk=128K".into(), ..c };
+        assert!(predicted_boot_chunk(&user, &segments).is_none());
+    }
+
+    #[test]
+    fn an_idle_guest_boots_to_ready_without_a_memslot_change() {
+        // The registration before the first entry covers everything the
+        // guest onlines while it boots: KVM's memslots stay as built.
+        let (tx, mut rx) = crate::events::channel();
+        let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
+        let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..Default::default() };
+        c.machine.mem_size_mib = 2048;
+        let mut vm = build_microvm(c, &ctx).unwrap();
+        let registrar = |vm: &Vm| vm.devices.paravirt().and_then(|p| p.registrar()).map(|r| (r.slots_used(), r.registered_bytes()));
+        let built = registrar(&vm).expect("the paravirtual device tracks registration");
+        vm.start().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match rx.try_recv() {
+                Ok(crate::events::VmEvent::Phase(guest_abi::Phase::Ready)) => break,
+                Ok(crate::events::VmEvent::VcpuStopped { reason, .. }) => panic!("stopped before ready: {reason:?}"),
+                Ok(_) => {}
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
+                Err(e) => panic!("no Ready within 60 s: {e}"),
+            }
+        }
+        assert_eq!(registrar(&vm), Some(built), "(slots, bytes) registered at build and at ready");
+        vm.stop();
     }
 }
