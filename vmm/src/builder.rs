@@ -89,21 +89,19 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     let image = Image::read(&config.kernel)?;
     let console = open_console(&config.serial, config.serial_max_bytes)?;
 
-    // 2. The KVM VM, its RAM, and what the guest finds at its first
-    //    instruction: its ELF segments, page tables, GDT, command line and
-    //    boot_params (written through the host mapping; KVM is not involved).
+    // 2. The KVM VM and its RAM, registered (3.) before any vCPU exists,
+    //    then what the guest finds at its first instruction: its ELF
+    //    segments, page tables, GDT, command line and boot_params (written
+    //    through the host mapping; KVM is not involved).
     let kvm = open_kvm(&config.kvm_path)?;
     // The boot vCPU's thread starts now: it fetches the supported CPUID
-    // while this thread creates the VM, then creates and sets up vCPU 0
-    // and installs its seccomp filter while this thread maps RAM and loads
-    // the kernel (see `BootThread`).
+    // while this thread creates the VM and registers its boot memory, then
+    // creates and sets up vCPU 0 and installs its seccomp filter while this
+    // thread loads the kernel (see `BootThread`).
     let mut boot_thread = BootThread::spawn("vcpu0".into(), VCPU_STACK, kvm_cpath(&config.kvm_path)?)
         .map_err(BuildError::Thread)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
-    boot_thread.set_up(vm_fd.clone());
     let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages.is_enabled())?;
-    let entry = image.load(&mem)?;
-    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
 
     // 3. Registration with KVM: the blocks that hold the boot data (the
     //    first) and the kernel's segments, wherever it is linked. The guest
@@ -122,6 +120,12 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         registrar.register_ranges(&boot)?;
     }
     ctx.timings.mark_once(&ctx.timings.vm_created);
+    // Only now vCPU 0: a memslot change while another thread creates a
+    // vCPU waits for that creation's SRCU read side (milliseconds on a
+    // loaded host). The kernel loads meanwhile.
+    boot_thread.set_up(vm_fd.clone());
+    let entry = image.load(&mem)?;
+    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
 
     // 4. The devices on the port bus.
     let devices = Arc::new(Devices::new(

@@ -11,11 +11,14 @@
 //! - installing the vCPU thread's seccomp filter: the kernel checks and
 //!   JIT-compiles it, about 0.3 ms.
 //!
-//! The thread fetches the CPUID while the main thread creates the VM, then
-//! creates and sets up vCPU 0 ([`BootThread::set_up`]) while the main
-//! thread maps guest RAM, loads the kernel and registers the boot memory,
-//! and hands the vCPU back ([`BootThread::boot_vcpu`]); only the entry
-//! registers, which need the loaded kernel, are left to the main thread.
+//! The thread fetches the CPUID while the main thread creates the VM and
+//! registers its boot memory, then creates and sets up vCPU 0
+//! ([`BootThread::set_up`]) while the main thread loads the kernel and
+//! writes the boot data, and hands the vCPU back
+//! ([`BootThread::boot_vcpu`]); only the entry registers, which need the
+//! loaded kernel, are left to the main thread. (The memslots go first: a
+//! memslot change while a vCPU is being created waits for the creation's
+//! SRCU read side, milliseconds on a loaded host.)
 //! It then installs its filter and waits for its run loop
 //! ([`BootThread::start`]). If the VM is never started (a build error, a
 //! dropped VM) the thread sees its channels close and returns, so it never
