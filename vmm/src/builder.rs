@@ -14,10 +14,11 @@ use crate::metrics::Metrics;
 use crate::timings::Timings;
 use crate::vstate::boot_thread::BootThread;
 use crate::vstate::vm::{Vm, VmParts, VCPU_STACK};
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use vm_memory::GuestAddress;
 
 /// Why a VM could not be built. [`BuildError::is_usage`] tells the user's
 /// mistakes (exit code 2, HTTP 400) from the host's failures.
@@ -89,19 +90,20 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     let image = Image::read(&config.kernel)?;
     let console = open_console(&config.serial, config.serial_max_bytes)?;
 
-    // 2. The KVM VM and its RAM, registered (3.) before any vCPU exists,
-    //    then what the guest finds at its first instruction: its ELF
-    //    segments, page tables, GDT, command line and boot_params (written
-    //    through the host mapping; KVM is not involved).
+    // 2. The KVM VM, its RAM, and what the guest finds at its first
+    //    instruction: its ELF segments, page tables, GDT, command line and
+    //    boot_params (written through the host mapping; KVM is not involved).
     let kvm = open_kvm(&config.kvm_path)?;
-    // The boot vCPU's thread starts now: it fetches the supported CPUID
-    // while this thread creates the VM and registers its boot memory, then
-    // creates and sets up vCPU 0 and installs its seccomp filter while this
-    // thread loads the kernel (see `BootThread`).
+    // The boot vCPU's thread starts now: it fetches the supported CPUID and
+    // installs its seccomp filter while this thread goes on (see
+    // `BootThread`); `create_vcpus` takes the CPUID from it if it is there
+    // by then.
     let mut boot_thread = BootThread::spawn("vcpu0".into(), VCPU_STACK, kvm_cpath(&config.kvm_path)?)
         .map_err(BuildError::Thread)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
     let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages.is_enabled())?;
+    let entry = image.load(&mem)?;
+    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
 
     // 3. Registration with KVM: the blocks that hold the boot data (the
     //    first) and the kernel's segments, wherever it is linked. The guest
@@ -120,12 +122,6 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         registrar.register_ranges(&boot)?;
     }
     ctx.timings.mark_once(&ctx.timings.vm_created);
-    // Only now vCPU 0: a memslot change while another thread creates a
-    // vCPU waits for that creation's SRCU read side (milliseconds on a
-    // loaded host). The kernel loads meanwhile.
-    boot_thread.set_up(vm_fd.clone());
-    let entry = image.load(&mem)?;
-    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
 
     // 4. The devices on the port bus.
     let devices = Arc::new(Devices::new(
@@ -146,17 +142,9 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         pv.set_reclaim_policy(ReclaimPolicy::new(config.machine.effective_reclaim(), &mem, protected));
     }
 
-    // 5. The vCPUs: the boot vCPU from its thread, given its entry; the
-    //    others (started only if the guest asks) with the same CPUID.
-    let boot = match boot_thread.boot_vcpu() {
-        Some(Ok(boot)) => boot,
-        Some(Err(e)) => return Err(BuildError::Vcpu { cpu: 0, what: e.what, source: e.source }),
-        None => return Err(BuildError::Thread(std::io::Error::other("the boot vCPU's thread ended before it set up its vCPU"))),
-    };
-    boot.fd.set_regs(&arch::boot_regs(entry.0)).map_err(|source| BuildError::Vcpu { cpu: 0, what: "KVM_SET_REGS", source })?;
-    let mut fds = Vec::with_capacity(config.machine.vcpu_count.into());
-    fds.push(boot.fd);
-    fds.extend(create_aps(&vm_fd, boot.cpuid.as_ref(), config.machine.vcpu_count, boot.tsc_khz)?);
+    // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.
+    let cpuid = boot_thread.supported_cpuid().or_else(|| kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok());
+    let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, entry)?;
 
     Ok(Vm::new(VmParts {
         config,
@@ -164,30 +152,45 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         vm_fd,
         mem,
         devices,
-        vcpus: fds,
-        boot_sregs: boot.sregs,
-        tsc_khz: boot.tsc_khz,
+        vcpus: vcpus.fds,
+        boot_sregs: vcpus.boot_sregs,
+        tsc_khz: vcpus.tsc_khz,
         events: ctx.events.clone(),
         boot_thread: Some(boot_thread),
     }))
 }
 
-/// Creates the application processors, vCPUs 1 to `count - 1`, each with
-/// `cpuid` (KVM's supported CPUID, patched per vCPU) if there is one. Their
-/// registers are set when the guest starts them (`Vm::start_aps`).
-fn create_aps(vm_fd: &VmFd, cpuid: Option<&CpuId>, count: u8, tsc_khz: Option<u32>) -> Result<Vec<VcpuFd>, BuildError> {
-    let mut fds = Vec::with_capacity(count.saturating_sub(1).into());
-    for cpu in 1..count {
+/// The vCPUs of a VM, the boot one set up for entry.
+struct Vcpus {
+    fds: Vec<VcpuFd>,
+    boot_sregs: kvm_sregs,
+    tsc_khz: Option<u32>,
+}
+
+/// Creates `count` vCPUs, each with `cpuid` (KVM's supported CPUID,
+/// patched per vCPU) if there is one.
+fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddress) -> Result<Vcpus, BuildError> {
+    let mut out = Vcpus { fds: Vec::with_capacity(count.into()), boot_sregs: kvm_sregs::default(), tsc_khz: None };
+    for cpu in 0..count {
         let vcpu_err = |what| move |source| BuildError::Vcpu { cpu, what, source };
         let vcpu = vm_fd.create_vcpu(u64::from(cpu)).map_err(vcpu_err("KVM_CREATE_VCPU"))?;
-        if let Some(c) = cpuid {
+        if let Some(c) = &cpuid {
             let mut c: CpuId = c.clone();
-            arch::patch_cpuid(&mut c, cpu, tsc_khz);
+            out.tsc_khz = vcpu.get_tsc_khz().ok();
+            arch::patch_cpuid(&mut c, cpu, out.tsc_khz);
             vcpu.set_cpuid2(&c).map_err(vcpu_err("KVM_SET_CPUID2"))?;
         }
-        fds.push(vcpu);
+        if cpu == 0 {
+            let sregs = vcpu.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+            let sregs = arch::long_mode_sregs(sregs, layout::PML4_START);
+            vcpu.set_sregs(&sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&arch::boot_regs(entry.0)).map_err(vcpu_err("KVM_SET_REGS"))?;
+            vcpu.set_fpu(&arch::boot_fpu()).map_err(vcpu_err("KVM_SET_FPU"))?;
+            out.boot_sregs = sregs;
+        }
+        out.fds.push(vcpu);
     }
-    Ok(fds)
+    Ok(out)
 }
 
 /// The ranges an `ondemand` guest with the default memmap layout writes
