@@ -21,7 +21,6 @@ mod runtime_dir;
 mod stdio;
 mod top;
 
-use clap::Parser;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,7 +29,7 @@ fn main() -> ExitCode {
     let start = Instant::now();
     // Before any thread exists, so every thread inherits it (see `signals`).
     vmm::signals::block();
-    let cli = args::Cli::parse();
+    let cli = args::parse();
     let timings = Arc::new(vmm::timings::Timings::starting_at(start));
     // A VM process's allocator, set before its threads exist (see
     // `vmm::heap`); the lab's and the client's commands keep glibc's defaults.

@@ -116,6 +116,9 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     } else {
         let mut boot = image.segments();
         boot.push((0, 1));
+        // What an idle (`ondemand`) guest onlines while it boots, so that no
+        // memslot changes once its vCPU runs (see `memory::boot_online`).
+        boot.extend(predicted_boot_chunk(&config, &boot).into_iter().flatten());
         registrar.register_ranges(&boot)?;
     }
     ctx.timings.mark_once(&ctx.timings.vm_created);
@@ -190,6 +193,19 @@ fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddre
     Ok(out)
 }
 
+/// The ranges an `ondemand` guest with the default memmap layout writes
+/// while it boots ([`memory::boot_online::boot_chunk_ranges`]); `None` for
+/// other strategies and layouts, or if the user's command line chooses them.
+fn predicted_boot_chunk(config: &VmConfig, segments: &[(u64, u64)]) -> Option<[(u64, u64); 2]> {
+    let m = &config.machine;
+    if m.memmap_init != api::Strategy::OnDemand || m.memmap_on_memory || config.cmdline.contains("memmap_") {
+        return None;
+    }
+    let ram: Vec<(u64, u64)> = arch::ram_ranges(config.mem_bytes()).iter().map(|(a, l)| (a.0, *l)).collect();
+    let kernel_end = segments.iter().map(|(_, e)| *e).max()?;
+    memory::boot_online::boot_chunk_ranges(&ram, kernel_end, m.memmap_chunk_kib << 10)
+}
+
 fn open_kvm(path: &Path) -> Result<Kvm, BuildError> {
     Kvm::new_with_path(kvm_cpath(path)?).map_err(|e| kvm_open_error(path, e))
 }
@@ -248,23 +264,58 @@ mod tests {
     }
 
     #[test]
-    fn a_small_vm_builds_with_its_boot_block_registered() {
+    fn a_small_vm_builds_with_its_boot_blocks_and_first_chunk_registered() {
         let (tx, _rx) = crate::events::channel();
         let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
         let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..Default::default() };
         c.machine.mem_size_mib = 256;
         let vm = build_microvm(c.clone(), &ctx).unwrap();
-        // The first block (boot data) and the blocks under the kernel's
-        // segments, nothing else.
+        // The first block (boot data), the blocks under the kernel's
+        // segments and the blocks of the guest's first chunk and its struct
+        // pages (2 MiB runs this low), nothing else.
         let block = guest_abi::MEMORY_BLOCK_SIZE;
+        let segments = Image::read(&c.kernel).unwrap().segments();
+        let chunk = predicted_boot_chunk(&c, &segments).expect("the default is ondemand");
         let mut blocks: Vec<u64> = vec![0];
-        for (start, end) in Image::read(&c.kernel).unwrap().segments() {
+        for (start, end) in segments.iter().chain(&chunk) {
             blocks.extend(start / block..end.div_ceil(block));
         }
         blocks.sort_unstable();
         blocks.dedup();
         assert_eq!(vm.devices.registered_bytes(), blocks.len() as u64 * block);
-        assert!(vm.devices.registered_bytes() <= 8 << 20, "{}", vm.devices.registered_bytes());
+        assert!(vm.devices.registered_bytes() <= 10 << 20, "{}", vm.devices.registered_bytes());
         assert!(ctx.timings.vm_created.get().is_some());
+        // Other strategies, or the user's own memmap words: the boot blocks only.
+        let mut eager = c.clone();
+        eager.machine.memmap_init = api::Strategy::Eager;
+        assert!(predicted_boot_chunk(&eager, &segments).is_none());
+        let user = VmConfig { cmdline: "memmap_chunk=128K".into(), ..c };
+        assert!(predicted_boot_chunk(&user, &segments).is_none());
+    }
+
+    #[test]
+    fn an_idle_guest_boots_to_ready_without_a_memslot_change() {
+        // The registration before the first entry covers everything the
+        // guest onlines while it boots: KVM's memslots stay as built.
+        let (tx, mut rx) = crate::events::channel();
+        let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
+        let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..Default::default() };
+        c.machine.mem_size_mib = 2048;
+        let mut vm = build_microvm(c, &ctx).unwrap();
+        let registrar = |vm: &Vm| vm.devices.paravirt().and_then(|p| p.registrar()).map(|r| (r.slots_used(), r.registered_bytes()));
+        let built = registrar(&vm).expect("the paravirtual device tracks registration");
+        vm.start().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match rx.try_recv() {
+                Ok(crate::events::VmEvent::Phase(guest_abi::Phase::Ready)) => break,
+                Ok(crate::events::VmEvent::VcpuStopped { reason, .. }) => panic!("stopped before ready: {reason:?}"),
+                Ok(_) => {}
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
+                Err(e) => panic!("no Ready within 60 s: {e}"),
+            }
+        }
+        assert_eq!(registrar(&vm), Some(built), "(slots, bytes) registered at build and at ready");
+        vm.stop();
     }
 }
