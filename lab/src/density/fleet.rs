@@ -154,6 +154,12 @@ impl Fleet {
         self.cgroup.as_ref().map_err(String::as_str)
     }
 
+    /// What the children's memory cgroup holds now (`None` without one, or
+    /// if it cannot be read).
+    pub fn cgroup_memory(&self) -> Option<super::cgroup::CgroupMemory> {
+        self.cgroup.as_ref().ok().and_then(|c| c.read().ok())
+    }
+
     /// The private directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -544,7 +544,7 @@ impl Runner {
                 target_bytes: target,
                 host_tasks: limits::host_tasks(),
                 kernel: host::kernel_memory().ok(),
-                cgroup: self.fleet.cgroup().ok().and_then(|c| c.read().ok()),
+                cgroup: self.fleet.cgroup_memory(),
             },
             floor_reached: false,
             stop_reason: String::new(),
@@ -633,7 +633,7 @@ impl Runner {
         let avail = host::meminfo()?.available;
         let floor = Room { bytes: avail as i64 - self.report.settings.floor_bytes as i64, limit: RoomLimit::Floor { avail } };
         let Some(budget) = self.report.settings.max_memory_bytes else { return Ok(floor) };
-        let cgroup = self.fleet.cgroup().ok().and_then(|c| c.read().ok()).zip(run.baseline.cgroup);
+        let cgroup = self.fleet.cgroup_memory().zip(run.baseline.cgroup);
         let (used, by) = match cgroup {
             Some((now, base)) => (now.usage.saturating_sub(base.usage), "by its memory cgroup"),
             None => (run.baseline.mem_available_bytes.saturating_sub(avail), "by the MemAvailable drop"),
@@ -908,7 +908,7 @@ impl Runner {
         let start = Instant::now();
         let mem = host::meminfo()?;
         let kernel = host::kernel_memory().ok();
-        let cgroup = self.fleet.cgroup().ok().and_then(|c| c.read().ok()).zip(run.baseline.cgroup);
+        let cgroup = self.fleet.cgroup_memory().zip(run.baseline.cgroup);
         let host_tasks = limits::host_tasks();
         let targets = self.ready_targets(run);
         let results = self.sample_all(&targets, ready_by);
