@@ -663,40 +663,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_head_cut_off_by_the_client_gets_400_also_behind_a_pipelined_request() {
-        let f = Fixture::new();
-        // The client sends, then closes its side mid-head: alone, and behind
-        // a whole request in the same write (hyper reads both at once, so
-        // the partial head was read before the first answer).
-        for before in [&b""[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"] {
-            let mut s = connect(f.sock());
-            let mut req = before.to_vec();
-            req.extend_from_slice(b"GET /machine-config HTTP/1.1\r\nHo");
-            s.write_all(&req).unwrap();
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut out = Vec::new();
-            s.read_to_end(&mut out).expect("the server closes");
-            let text = String::from_utf8_lossy(&out).into_owned();
-            assert_eq!(text.matches("HTTP/1.1 ").count(), 1 + usize::from(!before.is_empty()), "{text}");
-            let r = Raw::parse(&out[text.rfind("HTTP/1.1 ").unwrap()..]);
-            assert_eq!(r.status, 400, "{text}");
-            assert!(r.fault().contains("before the request head was complete"), "{r:?}");
-        }
-        // A client that closes between requests, or before sending anything,
-        // gets no answer it did not ask for.
-        for sent in [&b""[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"] {
-            let mut s = connect(f.sock());
-            s.write_all(sent).unwrap();
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut out = Vec::new();
-            s.read_to_end(&mut out).expect("the server closes");
-            let text = String::from_utf8_lossy(&out).into_owned();
-            assert_eq!(text.matches("HTTP/1.1 ").count(), usize::from(!sent.is_empty()), "{text}");
-            assert!(!text.contains("HTTP/1.1 400"), "{text}");
-        }
-    }
-
-    #[test]
     fn what_hyper_refuses_itself_gets_a_json_fault() {
         let f = Fixture::new();
         let bad = |r: &Raw, status: u16, says: &str| {

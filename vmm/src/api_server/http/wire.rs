@@ -43,15 +43,6 @@
 //! header timeout hits, as RFC 9112 section 9.5 allows: a 408 there could
 //! cross a request the client sends at that moment and be read as its
 //! answer.
-//!
-//! A head cut off by the client closing its side gets 400, also when it was
-//! pipelined behind a request (hyper then read it together with that
-//! request, before its answer): hyper reports that close as an incomplete
-//! message only when part of a message is in its buffer. A pipelined head
-//! left unfinished while the client waits is closed at the header timeout
-//! without a 408, like an idle connection: its bytes arrived before the
-//! last answer, and telling them from the answered request's own would take
-//! a request parser of our own (see above).
 
 use super::{handle, Context, Limits};
 use crate::api_server::connections::Admitted;
@@ -239,13 +230,7 @@ impl Exchange {
                 } else if error.is_parse() {
                     // hyper closes without writing for these (an HTTP/2 preface).
                     Some((StatusCode::BAD_REQUEST, own_answer_message(StatusCode::BAD_REQUEST, error)))
-                } else if error.is_incomplete_message() && self.read.load(Ordering::Relaxed) > 0 {
-                    // hyper ends a connection this way only when the client
-                    // closed with part of a message in hyper's buffer (a
-                    // clean close between requests ends it without an
-                    // error), or before it sent any byte at all. Not
-                    // `started_a_head`: a head pipelined behind a request
-                    // is read with it, before that request's answer.
+                } else if error.is_incomplete_message() && self.started_a_head() {
                     Some((
                         StatusCode::BAD_REQUEST,
                         "the client closed its side of the connection before the request head was complete"
