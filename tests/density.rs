@@ -141,6 +141,24 @@ fn a_small_density_run_is_complete_consistent_and_leaves_nothing_behind() {
         assert_eq!(u(s, "/shutdown/stopped") + u(s, "/shutdown/killed"), 10);
         memmap_per_vm.push(f(s, "/footprint/memmap"));
     }
+    // KVM's floor, from probe VMs in a cgroup of their own: a vCPU's first
+    // run charges kernel memory (its MMU caches), and no VM of the fleet
+    // costs the kernel less than the bare probe VM.
+    let floor = &r["kvm_floor"];
+    if r["cgroup"]["unavailable"].is_null() {
+        let k = &floor["floor"];
+        assert!(k.is_object(), "{floor}");
+        assert_eq!(u(k, "/vms"), 16);
+        assert!(u(k, "/created_bytes") > 0 && u(k, "/first_run_bytes") > 0, "{k}");
+        assert_eq!(u(k, "/kernel_bytes"), u(k, "/created_bytes") + u(k, "/first_run_bytes"));
+        for s in strategies {
+            let kernel = f(s, "/host_per_vm/cgroup_kernel");
+            assert!(kernel >= 0.9 * u(k, "/kernel_bytes") as f64, "{}: {kernel} below the floor {k}", s["strategy"]);
+        }
+        assert!(o.stdout.contains("KVM's floor on this host: a bare 1-vCPU VM that has run is charged"), "{o}");
+    } else {
+        assert!(floor["unavailable"].is_string(), "{floor}");
+    }
     // 256 MiB: eager writes all 4 MiB of memmap, ondemand a chunk or two.
     assert!(memmap_per_vm[1] < memmap_per_vm[0], "ondemand memmap {} vs eager {}", memmap_per_vm[1], memmap_per_vm[0]);
     assert!(memmap_per_vm[0] >= (4u64 << 20) as f64 * 0.9, "eager memmap {}", memmap_per_vm[0]);

@@ -147,6 +147,31 @@ fn memory_cgroup_dir(cgroup: &str, mountinfo: &str) -> Result<(PathBuf, Version)
     Err(CgroupError::NoMemoryController("the runner is in no memory cgroup".into()))
 }
 
+/// How the runner names its cgroups (and work directories):
+/// `vmm-density-<runner's PID>-<suffix>`.
+pub const NAME_PREFIX: &str = "vmm-density-";
+
+/// Removes the cgroups under `parent` that a runner left behind: named
+/// [`NAME_PREFIX`]`<pid>-…` for a PID that is not alive (`alive`) and not
+/// this process. A runner killed with SIGKILL cannot remove its own. Only
+/// empty cgroups can be removed (`rmdir` refuses one with tasks), so a live
+/// fleet is never touched; failures are ignored.
+fn remove_stale(parent: &Path, alive: impl Fn(u32) -> bool) -> Vec<PathBuf> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir(parent) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for e in entries.flatten().take(4096) {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(NAME_PREFIX)).and_then(|r| r.split('-').next()?.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != me && !alive(pid) && std::fs::remove_dir(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
 /// Reads a file of a few numbers.
 fn read_small(path: &Path) -> io::Result<String> {
     let mut s = std::fs::read_to_string(path)?;
@@ -175,6 +200,7 @@ impl FleetCgroup {
                 return Err(CgroupError::NotDelegated(parent));
             }
         }
+        remove_stale(&parent, |pid| Path::new(&format!("/proc/{pid}")).exists());
         let dir = parent.join(name);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -292,6 +318,28 @@ mod tests {
         assert_eq!(unescape(r"/a\040b"), "/a b");
         assert_eq!(unescape(r"/a\04"), r"/a\04");
         assert_eq!(unescape("plain"), "plain");
+    }
+
+    #[test]
+    fn only_empty_cgroups_of_runners_that_are_gone_are_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        for n in [format!("{NAME_PREFIX}4242-1f"), format!("{NAME_PREFIX}4243-2e"), format!("{NAME_PREFIX}{me}-3d"), "other-4242".into(), format!("{NAME_PREFIX}x-1")] {
+            std::fs::create_dir(parent.path().join(n)).unwrap();
+        }
+        // 4243 is gone too, but its cgroup still holds something (a
+        // directory stands in for a task: rmdir refuses both).
+        std::fs::create_dir(parent.path().join(format!("{NAME_PREFIX}4243-2e/child"))).unwrap();
+        let removed = remove_stale(parent.path(), |pid| pid == 1);
+        assert_eq!(removed, vec![parent.path().join(format!("{NAME_PREFIX}4242-1f"))]);
+        let mut left: Vec<String> = std::fs::read_dir(parent.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        let mut kept = vec![format!("{NAME_PREFIX}4243-2e"), format!("{NAME_PREFIX}{me}-3d"), format!("{NAME_PREFIX}x-1"), "other-4242".into()];
+        kept.sort();
+        assert_eq!(left, kept);
+        // A live runner's cgroup is kept even when empty.
+        std::fs::create_dir(parent.path().join(format!("{NAME_PREFIX}4244-1"))).unwrap();
+        assert!(remove_stale(parent.path(), |pid| pid == 4244).is_empty());
     }
 
     #[test]

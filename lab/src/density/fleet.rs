@@ -140,7 +140,7 @@ impl Fleet {
     pub fn new(exe: PathBuf) -> Result<Fleet, FleetError> {
         use std::os::unix::fs::DirBuilderExt;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("vmm-density-{}-{nanos:x}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("{}{}-{nanos:x}", super::cgroup::NAME_PREFIX, std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| FleetError::WorkDir(dir.clone(), e))?;
         registry().dir = Some(dir.clone());
         let name = dir.file_name().map_or_else(|| "vmm-density".into(), |n| n.to_string_lossy().into_owned());

@@ -38,6 +38,7 @@
 mod cgroup;
 mod fleet;
 mod footprint;
+mod kvm_floor;
 mod limits;
 mod output;
 mod peer;
@@ -346,6 +347,8 @@ impl Runner {
             std::fs::create_dir_all(out).map_err(|e| output::OutputError::Dir(out.clone(), e))?;
         }
         let csv = CsvSink::create(args.out.as_deref())?;
+        // Before the fleet and any thread of the runner exist (the probe forks).
+        let kvm_floor = kvm_floor::KvmFloorInfo::measure(&format!("{}{}-kvm-floor", cgroup::NAME_PREFIX, std::process::id()));
         let fleet = Fleet::new(exe)?;
         let settings = Settings {
             vms: args.vms,
@@ -384,6 +387,7 @@ impl Runner {
                 Ok(c) => output::CgroupInfo { dir: Some(c.dir().to_path_buf()), version: Some(c.version()), unavailable: None },
                 Err(why) => output::CgroupInfo { dir: None, version: None, unavailable: Some(why.to_string()) },
             },
+            kvm_floor,
             initial_mem_available_bytes: mem.available,
             final_mem_available_bytes: None,
             strategies: Vec::new(),

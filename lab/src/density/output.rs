@@ -52,6 +52,10 @@ pub struct Report {
     /// The fleet's memory cgroup (`dir`, `version`), or why the run has
     /// none (`unavailable`).
     pub cgroup: CgroupInfo,
+    /// KVM's own floor on this host: the kernel memory a bare 1-vCPU VM is
+    /// charged, from probe VMs in a cgroup of their own, or why it was not
+    /// measured (see `kvm_floor.rs`).
+    pub kvm_floor: super::kvm_floor::KvmFloorInfo,
     /// `MemAvailable` when the runner started, in bytes.
     pub initial_mem_available_bytes: u64,
     /// `MemAvailable` after the last VM was reaped, in bytes.
@@ -477,9 +481,26 @@ fn millis(ms: f64) -> String {
 /// figure is in the unit that shows it, as in `vmm ctl --human`.
 pub fn summary(report: &Report) -> String {
     let mut t = summary_of(&report.strategies);
+    t += &floor_line(&report.kvm_floor);
     t += &steady_view(&report.strategies, &report.skipped);
     t += &host_view(report.strategies.iter().chain(&report.peer.strategies), report.peer.skipped.as_deref());
     t
+}
+
+/// KVM's floor, under the summary: the part of "KVM + kernel" that no VMM
+/// can cut on this host.
+fn floor_line(f: &super::kvm_floor::KvmFloorInfo) -> String {
+    match (&f.floor, &f.unavailable) {
+        (Some(k), _) => format!(
+            "\nKVM's floor on this host: a bare 1-vCPU VM that has run is charged {} of kernel memory ({} to create it with a 2 MiB memslot, {} more at its vCPU's first run; mean of {} probe VMs)\n",
+            signed_bytes(k.kernel_bytes as f64),
+            signed_bytes(k.created_bytes as f64),
+            signed_bytes(k.first_run_bytes as f64),
+            k.vms
+        ),
+        (None, Some(why)) => format!("\nKVM's floor on this host: not measured ({why})\n"),
+        (None, None) => String::new(),
+    }
 }
 
 /// Every ramp, ours and the peer's, by the measures taken the same way for
@@ -528,7 +549,12 @@ fn summary_of(strategies: &[StrategyRun]) -> String {
     let name_width = strategies.iter().map(|s| s.label().len()).max().unwrap_or(0);
     for s in strategies {
         let mut line = format!("{:<name_width$}  {} VMs fit", s.label(), s.fit.measured);
-        if s.floor_reached {
+        // The ramp launched them all, and it was the phases that stopped.
+        let phases_stopped = s.phases.as_ref().filter(|p| (p.floor_reached || p.limit_reached) && s.fit.measured >= s.asked);
+        if let Some(p) = phases_stopped {
+            let at = if p.floor_reached { "the floor" } else { "the memory budget" };
+            line += &format!(" (all asked for; their phases stopped at {at}: {} of them ran theirs)", p.started);
+        } else if s.floor_reached {
             line += " (stopped at the floor)";
         } else if s.limit_reached {
             // The limit's own words: which one, and its remedy.
@@ -811,6 +837,22 @@ mod tests {
             one.lines().nth(1).unwrap().starts_with("ondemand  812 VMs fit (stopped at a host limit: kernel.pid_max reached: ...; raise it with `sysctl kernel.pid_max=4194304`), about"),
             "{one}"
         );
+        // A ramp that launched them all, whose phases then stopped at the
+        // floor, says so rather than that the ramp stopped there.
+        let phased = |asked: u64| {
+            let mut r = run("ondemand", None);
+            r.asked = asked;
+            r.reclaim = Some("off".into());
+            r.phases = Some(PhasesRun { started: 46, stopped_before: 766, floor_reached: true, stop_reason: "floor reached".into(), ..PhasesRun::default() });
+            r
+        };
+        let one = summary_of(&[phased(812)]);
+        assert!(
+            one.lines().nth(1).unwrap().starts_with("ondemand/off  812 VMs fit (all asked for; their phases stopped at the floor: 46 of them ran theirs), about"),
+            "{one}"
+        );
+        // A ramp that itself stopped at the floor still says that.
+        assert!(summary_of(&[phased(1000)]).lines().nth(1).unwrap().starts_with("ondemand/off  812 VMs fit (stopped at the floor)"));
         // An idle memmap is 32 KiB, not "0.03" MiB; a part below zero keeps its sign.
         let ondemand: Vec<&str> = lines[7].split_whitespace().collect();
         assert_eq!(ondemand[..6], ["ondemand", "812", "yes", "18000", "1.2", "MiB"], "{out}");
