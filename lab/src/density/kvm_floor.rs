@@ -38,7 +38,7 @@ const PROBE_RAM: u64 = 2 << 20;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The floor, per probe VM, in bytes of kernel memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct KvmFloor {
     /// Probe VMs the figures are the mean of.
     pub vms: u32,
@@ -49,6 +49,11 @@ pub struct KvmFloor {
     /// The two together: what a 1-vCPU VM that has run costs the host's
     /// kernel at the least.
     pub kernel_bytes: u64,
+    /// Median time to create one (the three ioctls and its registers), µs.
+    pub create_us: f64,
+    /// Median time of its vCPU's first `KVM_RUN`, from the entry to the
+    /// `hlt` exit, µs: the least a guest's first instruction costs here.
+    pub first_run_us: f64,
 }
 
 /// The floor in `report.json`, or why it was not measured.
@@ -112,7 +117,7 @@ pub fn measure(cgroup_name: &str) -> Result<KvmFloor, FloorError> {
     if pid == 0 {
         drop(read_end);
         let text = match super::cgroup::join_from_child(cg.procs_fd()).map_err(|e| e.to_string()).and_then(|()| probe(&cg)) {
-            Ok([a, b, c]) => format!("ok {a} {b} {c}"),
+            Ok([a, b, c, d, e]) => format!("ok {a} {b} {c} {d} {e}"),
             Err(e) => format!("err {e}"),
         };
         let mut out = std::fs::File::from(write_end);
@@ -160,19 +165,27 @@ fn read_with_deadline(fd: OwnedFd, deadline: Instant) -> Option<String> {
     }
 }
 
-/// `ok K0 K1 K2` (the cgroup's kernel memory before, after creating, after
-/// running) into the floor per VM.
+/// `ok K0 K1 K2 C R` (the cgroup's kernel memory before, after creating,
+/// after running; the median create and first-run times in ns) into the
+/// floor per VM.
 fn parse_answer(text: &str) -> Result<KvmFloor, FloorError> {
     if let Some(why) = text.strip_prefix("err ") {
         return Err(FloorError::Probe(why.to_string()));
     }
     let nums: Vec<u64> = text.strip_prefix("ok ").unwrap_or("").split(' ').filter_map(|v| v.parse().ok()).collect();
-    let [k0, k1, k2] = nums[..] else {
+    let [k0, k1, k2, create_ns, run_ns] = nums[..] else {
         return Err(FloorError::Probe(format!("unexpected answer {text:?}")));
     };
     let per_vm = |a: u64, b: u64| b.saturating_sub(a) / u64::from(PROBE_VMS);
     let (created, run) = (per_vm(k0, k1), per_vm(k1, k2));
-    Ok(KvmFloor { vms: PROBE_VMS, created_bytes: created, first_run_bytes: run, kernel_bytes: created + run })
+    Ok(KvmFloor {
+        vms: PROBE_VMS,
+        created_bytes: created,
+        first_run_bytes: run,
+        kernel_bytes: created + run,
+        create_us: create_ns as f64 / 1000.0,
+        first_run_us: run_ns as f64 / 1000.0,
+    })
 }
 
 /// One probe VM: its RAM, VM and vCPU.
@@ -182,8 +195,15 @@ struct ProbeVm {
     vcpu: VcpuFd,
 }
 
-/// In the child: the three readings of the cgroup's kernel memory.
-fn probe(cg: &FleetCgroup) -> Result<[u64; 3], String> {
+/// The median of some durations, in ns.
+fn median_ns(mut d: Vec<Duration>) -> u64 {
+    d.sort_unstable();
+    d.get(d.len() / 2).map_or(0, |m| m.as_nanos() as u64)
+}
+
+/// In the child: the three readings of the cgroup's kernel memory, and the
+/// median create and first-run times.
+fn probe(cg: &FleetCgroup) -> Result<[u64; 5], String> {
     let kernel = || cg.read().ok().and_then(|m| m.kernel).ok_or_else(|| "the cgroup gives no kernel figure".to_string());
     let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
     // Guest RAM first, written, so that its page tables are charged before
@@ -197,7 +217,9 @@ fn probe(cg: &FleetCgroup) -> Result<[u64; 3], String> {
     }
     let k0 = kernel()?;
     let mut vms = Vec::new();
+    let (mut create, mut run) = (Vec::new(), Vec::new());
     for mem in rams {
+        let t = Instant::now();
         let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
         let region = mem.iter().next().ok_or("no RAM region")?;
         let slot = kvm_bindings::kvm_userspace_memory_region {
@@ -214,18 +236,22 @@ fn probe(cg: &FleetCgroup) -> Result<[u64; 3], String> {
         let sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
         vcpu.set_sregs(&vmm::arch::long_mode_sregs(sregs, vmm::arch::layout::PML4_START)).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
         vcpu.set_regs(&vmm::arch::boot_regs(vmm::arch::layout::HIMEM_START)).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        create.push(t.elapsed());
         vms.push(ProbeVm { _mem: mem, _vm: vm, vcpu });
     }
     let k1 = kernel()?;
     for v in &mut vms {
-        match v.vcpu.run() {
+        let t = Instant::now();
+        let exit = v.vcpu.run();
+        run.push(t.elapsed());
+        match exit {
             Ok(VcpuExit::Hlt) => {}
             Ok(other) => return Err(format!("the probe vCPU stopped with {other:?}, not at its hlt")),
             Err(e) => return Err(format!("KVM_RUN: {e}")),
         }
     }
     let k2 = kernel()?;
-    Ok([k0, k1, k2])
+    Ok([k0, k1, k2, median_ns(create), median_ns(run)])
 }
 
 #[cfg(test)]
@@ -235,12 +261,15 @@ mod tests {
     #[test]
     fn the_answer_is_split_per_vm_and_errors_are_kept() {
         let n = u64::from(PROBE_VMS);
-        let f = parse_answer(&format!("ok 1000 {} {}", 1000 + 200 * 1024 * n, 1000 + 560 * 1024 * n)).unwrap();
+        let f = parse_answer(&format!("ok 1000 {} {} 450000 1500", 1000 + 200 * 1024 * n, 1000 + 560 * 1024 * n)).unwrap();
         assert_eq!((f.created_bytes, f.first_run_bytes, f.kernel_bytes), (200 << 10, 360 << 10, 560 << 10));
+        assert_eq!((f.create_us, f.first_run_us), (450.0, 1.5));
+        assert_eq!(median_ns(vec![Duration::from_nanos(3), Duration::from_nanos(1), Duration::from_nanos(2)]), 2);
+        assert_eq!(median_ns(Vec::new()), 0);
         assert!(matches!(parse_answer("err cannot open /dev/kvm"), Err(FloorError::Probe(m)) if m == "cannot open /dev/kvm"));
         assert!(matches!(parse_answer("ok 1 2"), Err(FloorError::Probe(_))));
         assert!(matches!(parse_answer(""), Err(FloorError::Probe(_))));
         // A cgroup that shrank (another probe's memory freed) reads as 0, not as a wrap.
-        assert_eq!(parse_answer("ok 5000 4000 4000").unwrap().kernel_bytes, 0);
+        assert_eq!(parse_answer("ok 5000 4000 4000 1 1").unwrap().kernel_bytes, 0);
     }
 }

@@ -492,11 +492,13 @@ pub fn summary(report: &Report) -> String {
 fn floor_line(f: &super::kvm_floor::KvmFloorInfo) -> String {
     match (&f.floor, &f.unavailable) {
         (Some(k), _) => format!(
-            "\nKVM's floor on this host: a bare 1-vCPU VM that has run is charged {} of kernel memory ({} to create it with a 2 MiB memslot, {} more at its vCPU's first run; mean of {} probe VMs)\n",
+            "\nKVM's floor on this host: a bare 1-vCPU VM that has run is charged {} of kernel memory ({} to create it with a 2 MiB memslot, {} more at its vCPU's first run; mean of {} probe VMs); creating one takes {} and its first run to a `hlt` {} (medians)\n",
             signed_bytes(k.kernel_bytes as f64),
             signed_bytes(k.created_bytes as f64),
             signed_bytes(k.first_run_bytes as f64),
-            k.vms
+            k.vms,
+            millis(k.create_us / 1000.0),
+            millis(k.first_run_us / 1000.0),
         ),
         (None, Some(why)) => format!("\nKVM's floor on this host: not measured ({why})\n"),
         (None, None) => String::new(),
