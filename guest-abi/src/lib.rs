@@ -45,6 +45,7 @@
 //! writes), so the VMM can read a consistent snapshot while the guest runs.
 #![no_std]
 
+pub mod cmdline;
 pub mod layout;
 
 /// The records are plain integers with no padding holes that matter and no

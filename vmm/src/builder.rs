@@ -201,18 +201,18 @@ fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddre
 /// free memory, and that chunk's struct pages), computed with the guest's
 /// own layout function ([`guest_abi::layout::ondemand_boot_ranges`]) from
 /// the inputs the guest uses: its e820 RAM, low memory and the kernel's
-/// segments reserved, and the memmap words this VMM puts on its command
-/// line. `None` for other strategies (nothing to predict that is not all
-/// of RAM), and when the user's own command line has a `memmap_` word
-/// (which the guest would take over ours).
+/// segments reserved, and the memmap words of its command line (ours and
+/// the user's, read by the guest's rules, `guest_abi::cmdline`). `None` for
+/// other strategies (nothing to predict that is not all of RAM), and for a
+/// command line the guest would refuse.
 fn ondemand_boot_ranges(
     config: &VmConfig,
     segments: &[(u64, u64)],
     mem: &vm_memory::GuestMemoryMmap,
 ) -> Option<[guest_abi::GpaRange; 2]> {
     use guest_abi::{layout, GpaRange, PAGE_SIZE};
-    let m = &config.machine;
-    if m.memmap_init != api::Strategy::OnDemand || config.cmdline.contains("memmap_") {
+    let (strategy, chunk_bytes, on_memory) = guest_abi::cmdline::memmap_words(&config.guest_cmdline()).ok()?;
+    if strategy != api::Strategy::OnDemand {
         return None;
     }
     // As the guest normalizes them: RAM rounded in, reserved memory out.
@@ -228,11 +228,7 @@ fn ondemand_boot_ranges(
         GpaRange { start: 0, len: arch::layout::HIMEM_START },
         GpaRange { start: kernel_start, len: kernel.1.next_multiple_of(PAGE_SIZE) - kernel_start },
     ];
-    let geometry = layout::MemmapGeometry {
-        chunk_bytes: m.memmap_chunk_kib << 10,
-        section_bytes: guest_abi::SECTION_SIZE,
-        on_memory: m.memmap_on_memory,
-    };
+    let geometry = layout::MemmapGeometry { chunk_bytes, section_bytes: guest_abi::SECTION_SIZE, on_memory };
     layout::ondemand_boot_ranges(&ram, &reserved, &geometry)
 }
 
@@ -324,12 +320,17 @@ mod tests {
             rec.ranges(c.mem_bytes()).expect("a valid record").iter().map(|r| (r.start, r.start + r.len)).collect();
         assert_eq!(listed, registrar.registered_ranges());
         assert_eq!(listed.iter().map(|(s, e)| e - s).sum::<u64>(), vm.devices.registered_bytes());
-        // Other strategies, or the user's own memmap words: nothing predicted.
+        // Other strategies predict nothing; the user's own memmap words
+        // count as the guest counts them (later words win).
         let mut eager = c.clone();
         eager.machine.memmap_init = api::Strategy::Eager;
         assert!(ondemand_boot_ranges(&eager, &segments, &vm.mem).is_none());
-        let user = VmConfig { cmdline: "memmap_chunk=128K".into(), ..c };
+        let user = VmConfig { cmdline: "memmap_init=eager".into(), ..c.clone() };
         assert!(ondemand_boot_ranges(&user, &segments, &vm.mem).is_none());
+        let user = VmConfig { cmdline: "memmap_chunk=128K".into(), ..c.clone() };
+        assert_eq!(ondemand_boot_ranges(&user, &segments, &vm.mem).map(|r| r[0].len), Some(128 << 10));
+        let bad = VmConfig { cmdline: "memmap_chunk=3M".into(), ..c };
+        assert!(ondemand_boot_ranges(&bad, &segments, &vm.mem).is_none(), "the guest will not boot");
     }
 
     #[test]
@@ -338,18 +339,19 @@ mod tests {
         // guest onlines while it boots: KVM's memslots stay as built, and
         // the guest, told so in its boot data, asks for nothing
         // (`MEM_ONLINE` writes), with the default layout and with its
-        // memmap on memory.
-        for on_memory in [false, true] {
-            idle_boot_to_ready(on_memory);
+        // memmap on memory, and with the user's own chunk size.
+        for (on_memory, cmdline) in [(false, ""), (true, ""), (false, "memmap_chunk=128K")] {
+            idle_boot_to_ready(on_memory, cmdline);
         }
     }
 
-    fn idle_boot_to_ready(on_memory: bool) {
+    fn idle_boot_to_ready(on_memory: bool, cmdline: &str) {
         let (tx, mut rx) = crate::events::channel();
         let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
         let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..Default::default() };
         c.machine.mem_size_mib = 2048;
         c.machine.memmap_on_memory = on_memory;
+        c.cmdline = cmdline.into();
         let mut vm = build_microvm(c, &ctx).unwrap();
         let registrar = |vm: &Vm| {
             vm.devices.paravirt().and_then(|p| p.registrar()).map(|r| (r.slots_used(), r.registered_bytes(), r.online_requests()))
@@ -367,7 +369,7 @@ mod tests {
             }
         }
         assert_eq!(built.2, 0);
-        assert_eq!(registrar(&vm), Some(built), "(slots, bytes, MEM_ONLINE writes) at build and at ready, on_memory {on_memory}");
+        assert_eq!(registrar(&vm), Some(built), "(slots, bytes, MEM_ONLINE writes) at build and at ready, on_memory {on_memory}, {cmdline:?}");
         vm.stop();
     }
 }
