@@ -33,9 +33,20 @@
 //! validates every range, discards the accepted ones from the host (the guest
 //! reads zeros there afterwards) and writes back which ones it accepted.
 //!
+//! Memory registered at boot (ABI version 4): the VMM registers with KVM,
+//! before the vCPU first runs, what the guest will online while it boots
+//! (computed with [`layout::ondemand_boot_ranges`], the function the guest
+//! places its memmap with), and lists what it registered in a
+//! [`BootOnline`] entry of the boot protocol's `setup_data` list
+//! ([`SETUP_BOOT_ONLINE`]). The guest treats those runs as online, so an
+//! idle guest boots without a [`port::MEM_ONLINE`] write.
+//!
 //! The stats block is updated under a sequence counter (odd while the guest
 //! writes), so the VMM can read a consistent snapshot while the guest runs.
 #![no_std]
+
+pub mod cmdline;
+pub mod layout;
 
 /// The records are plain integers with no padding holes that matter and no
 /// invalid bit patterns, so any bytes are a valid value: the VMM may read
@@ -55,6 +66,10 @@ mod byte_valued {
     unsafe impl vm_memory::ByteValued for super::ReclaimRange {}
     // SAFETY: as above (an array of `ReclaimRange`, itself integers).
     unsafe impl vm_memory::ByteValued for super::ReclaimRecord {}
+    // SAFETY: as above.
+    unsafe impl vm_memory::ByteValued for super::SetupDataHeader {}
+    // SAFETY: as above (an array of `GpaRange`, itself integers).
+    unsafe impl vm_memory::ByteValued for super::BootOnline {}
 }
 
 /// Version of this contract; bumped on any incompatible change. The guest
@@ -66,7 +81,11 @@ mod byte_valued {
 ///
 /// Version 3: memory reclaim ([`port::WAIT_TIMEOUT`], [`port::RECLAIM`],
 /// [`ReclaimRecord`]) and the reclaim fields of [`StatsBlock`].
-pub const ABI_VERSION: u32 = 3;
+///
+/// Version 4: the [`BootOnline`] `setup_data` entry: runs the VMM
+/// registered before the first entry, which the guest treats as online
+/// without a [`port::MEM_ONLINE`] write.
+pub const ABI_VERSION: u32 = 4;
 
 /// Returned by a read of [`port::IDENT`] when the VMM implements this contract.
 pub const PV_MAGIC: u32 = 0x4D4D_5650; // "PVMM", little-endian.
@@ -79,6 +98,8 @@ pub const MAILBOX_MAGIC: u32 = 0x584F_424D; // "MBOX"
 pub const RECLAIM_MAGIC: u32 = 0x4D4C_4352; // "RCLM"
 /// Magic at the start of [`ApBoot`].
 pub const AP_BOOT_MAGIC: u32 = 0x544F_4241; // "ABOT"
+/// Magic at the start of [`BootOnline`].
+pub const BOOT_ONLINE_MAGIC: u32 = 0x4E4F_4F42; // "BOON"
 
 /// Size of a guest page: the unit of the memmap, the allocator and `mincore`.
 pub const PAGE_SIZE: u64 = 4096;
@@ -181,6 +202,150 @@ pub const fn online_run(gpa: u64) -> u64 {
         MAX_ONLINE_RUN
     } else {
         run
+    }
+}
+
+/// The run starts of every [`online_run`] lying wholly inside
+/// `[start, end)`, in address order (runs the range only partly covers are
+/// left out).
+pub fn online_runs_in(start: u64, end: u64) -> impl Iterator<Item = u64> {
+    let mut at = start;
+    core::iter::from_fn(move || {
+        while at < end {
+            let run = online_run(at);
+            let run_start = at - at % run;
+            let run_end = run_start.checked_add(run)?;
+            at = run_end;
+            if run_start >= start && run_end <= end {
+                return Some(run_start);
+            }
+        }
+        None
+    })
+}
+
+/// `setup_data` type of a [`BootOnline`] entry. Linux's own types are small
+/// numbers (`SETUP_E820_EXT` = 1 ... `SETUP_RNG_SEED` = 9) and bit 31 is
+/// `SETUP_INDIRECT`; this one is "ONLN" in ASCII, little-endian.
+pub const SETUP_BOOT_ONLINE: u32 = 0x4E4C_4E4F;
+
+/// A `setup_data` entry's header (Linux `struct setup_data`,
+/// `arch/x86/include/uapi/asm/bootparam.h`): the list starts at
+/// `boot_params.hdr.setup_data` (offset [`SETUP_DATA_OFFSET`]) and `len`
+/// payload bytes follow the header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetupDataHeader {
+    /// Guest-physical address of the next entry; 0 ends the list.
+    pub next: u64,
+    /// The entry's type ([`SETUP_BOOT_ONLINE`] for ours).
+    pub kind: u32,
+    /// Payload bytes after this header.
+    pub len: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SetupDataHeader>() == 16);
+
+/// Offset of `hdr.setup_data` (a `u64`) in `boot_params`.
+pub const SETUP_DATA_OFFSET: u64 = 0x250;
+
+/// The guest reads `setup_data` entries only if they lie wholly in RAM
+/// below this address (the boot data area, identity-mapped at entry), and
+/// follows at most [`MAX_SETUP_DATA_ENTRIES`] of them.
+pub const SETUP_DATA_LIMIT: u64 = 0x10_0000;
+/// Most `setup_data` entries the guest follows (a cycle ends there).
+pub const MAX_SETUP_DATA_ENTRIES: usize = 16;
+
+/// Most ranges a [`BootOnline`] entry lists.
+pub const MAX_BOOT_ONLINE_RANGES: usize = 8;
+
+/// The payload of the [`SETUP_BOOT_ONLINE`] `setup_data` entry: the guest
+/// RAM the VMM registered with KVM before the vCPU first ran.
+///
+/// Each range is aligned to [`MEMORY_BLOCK_SIZE`], a whole number of
+/// blocks, and inside the guest's RAM (below the end of its highest e820
+/// RAM entry). The guest treats every [`online_run`] lying wholly inside a
+/// range as online ([`online_runs_in`]), so its first allocation there
+/// writes no [`port::MEM_ONLINE`]. A record that does not check
+/// ([`BootOnline::ranges`]) is ignored as a whole: the guest then onlines
+/// what it uses as a guest of an older VMM does. Runs the VMM registered
+/// but the guest does not use cost KVM metadata only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootOnline {
+    /// [`BOOT_ONLINE_MAGIC`].
+    pub magic: u32,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// Number of valid entries in `ranges` (at most [`MAX_BOOT_ONLINE_RANGES`]).
+    pub count: u32,
+    /// Reserved; zero.
+    pub reserved: u32,
+    /// The registered ranges.
+    pub ranges: [GpaRange; MAX_BOOT_ONLINE_RANGES],
+}
+
+const _: () = assert!(core::mem::size_of::<BootOnline>() == 16 + 16 * MAX_BOOT_ONLINE_RANGES);
+const _: () = assert!(core::mem::offset_of!(BootOnline, count) == 8);
+const _: () = assert!(core::mem::offset_of!(BootOnline, ranges) == 16);
+
+/// Why a [`BootOnline`] record is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootOnlineError {
+    /// `magic` is not [`BOOT_ONLINE_MAGIC`].
+    BadMagic,
+    /// `abi_version` is not this [`ABI_VERSION`].
+    BadVersion(u32),
+    /// `count` is above [`MAX_BOOT_ONLINE_RANGES`].
+    TooMany(u32),
+    /// Range `i` is empty, not block-aligned, or not inside RAM.
+    BadRange(usize),
+}
+
+impl core::fmt::Display for BootOnlineError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            BootOnlineError::BadMagic => f.write_str("bad magic"),
+            BootOnlineError::BadVersion(v) => write!(f, "ABI version {v}, not {ABI_VERSION}"),
+            BootOnlineError::TooMany(n) => write!(f, "{n} ranges, at most {MAX_BOOT_ONLINE_RANGES}"),
+            BootOnlineError::BadRange(i) => write!(f, "range {i} is empty, misaligned or outside RAM"),
+        }
+    }
+}
+
+impl BootOnline {
+    /// A record listing `ranges` (the first [`MAX_BOOT_ONLINE_RANGES`]).
+    pub fn new(ranges: &[GpaRange]) -> BootOnline {
+        let mut rec = BootOnline { magic: BOOT_ONLINE_MAGIC, abi_version: ABI_VERSION, ..Default::default() };
+        for (slot, r) in rec.ranges.iter_mut().zip(ranges) {
+            *slot = *r;
+            rec.count += 1;
+        }
+        rec
+    }
+
+    /// The ranges, if the whole record checks for a guest whose RAM ends
+    /// at `ram_end`: magic, version, count, and every range non-empty,
+    /// [`MEMORY_BLOCK_SIZE`]-aligned and below `ram_end`.
+    pub fn ranges(&self, ram_end: u64) -> Result<&[GpaRange], BootOnlineError> {
+        if self.magic != BOOT_ONLINE_MAGIC {
+            return Err(BootOnlineError::BadMagic);
+        }
+        if self.abi_version != ABI_VERSION {
+            return Err(BootOnlineError::BadVersion(self.abi_version));
+        }
+        let n = self.count as usize;
+        if n > MAX_BOOT_ONLINE_RANGES {
+            return Err(BootOnlineError::TooMany(self.count));
+        }
+        let ranges = &self.ranges[..n];
+        for (i, r) in ranges.iter().enumerate() {
+            let aligned = r.start % MEMORY_BLOCK_SIZE == 0 && r.len % MEMORY_BLOCK_SIZE == 0;
+            if r.len == 0 || !aligned || r.start.checked_add(r.len).is_none_or(|e| e > ram_end) {
+                return Err(BootOnlineError::BadRange(i));
+            }
+        }
+        Ok(ranges)
     }
 }
 
@@ -658,6 +823,9 @@ pub struct ApBoot {
 const _: () = assert!(core::mem::size_of::<ApBoot>() == 48);
 
 #[cfg(test)]
+extern crate std;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -712,6 +880,48 @@ mod tests {
         assert_eq!(SECTION_SIZE % DEFAULT_CHUNK_SIZE, 0);
         // `port::MEM_ONLINE` carries `gpa >> 20`: a block is whole MiBs.
         assert!(MEMORY_BLOCK_SIZE.is_power_of_two() && MEMORY_BLOCK_SIZE >= 1 << 20);
+    }
+
+    #[test]
+    fn a_boot_online_record_checks_as_a_whole() {
+        const MIB: u64 = 1 << 20;
+        let ranges = [GpaRange { start: 0, len: 6 * MIB }, GpaRange { start: 36 * MIB, len: 4 * MIB }];
+        let rec = BootOnline::new(&ranges);
+        assert_eq!(rec.ranges(2048 * MIB), Ok(&ranges[..]));
+        assert_eq!(rec.ranges(38 * MIB), Err(BootOnlineError::BadRange(1)), "past the end of RAM");
+        let bad = |f: fn(&mut BootOnline)| {
+            let mut r = rec;
+            f(&mut r);
+            r.ranges(2048 * MIB).map(|x| x.to_vec())
+        };
+        assert_eq!(bad(|r| r.magic ^= 1), Err(BootOnlineError::BadMagic));
+        assert_eq!(bad(|r| r.abi_version = 3), Err(BootOnlineError::BadVersion(3)));
+        assert_eq!(bad(|r| r.count = 9), Err(BootOnlineError::TooMany(9)));
+        assert_eq!(bad(|r| r.count = u32::MAX), Err(BootOnlineError::TooMany(u32::MAX)));
+        assert_eq!(bad(|r| r.ranges[0].start = MIB), Err(BootOnlineError::BadRange(0)), "misaligned");
+        assert_eq!(bad(|r| r.ranges[1].len = MIB), Err(BootOnlineError::BadRange(1)), "part of a block");
+        assert_eq!(bad(|r| r.ranges[1].len = 0), Err(BootOnlineError::BadRange(1)));
+        assert_eq!(bad(|r| r.ranges[1] = GpaRange { start: u64::MAX - MEMORY_BLOCK_SIZE + 1, len: 2 * MEMORY_BLOCK_SIZE }), Err(BootOnlineError::BadRange(1)));
+        // Only the first `count` ranges count; more than fit are cut.
+        assert_eq!(bad(|r| r.count = 1), Ok(ranges[..1].to_vec()));
+        assert_eq!(BootOnline::new(&[ranges[0]; 20]).count as usize, MAX_BOOT_ONLINE_RANGES);
+        assert_eq!(core::mem::offset_of!(SetupDataHeader, len), 12);
+    }
+
+    #[test]
+    fn online_runs_in_a_range_are_the_whole_ones() {
+        const MIB: u64 = 1 << 20;
+        let runs = |s, e| online_runs_in(s, e).collect::<std::vec::Vec<_>>();
+        assert_eq!(runs(0, 6 * MIB), [0, 2 * MIB, 4 * MIB]);
+        // 36..40 MiB is one 4 MiB run; 34..38 holds no run wholly.
+        assert_eq!(runs(36 * MIB, 40 * MIB), [36 * MIB]);
+        assert_eq!(runs(34 * MIB, 38 * MIB), [] as [u64; 0]);
+        assert_eq!(runs(30 * MIB, 40 * MIB), [30 * MIB, 32 * MIB, 36 * MIB]);
+        assert_eq!(runs(5, 4), [] as [u64; 0]);
+        assert_eq!(runs(u64::MAX - MIB, u64::MAX), [] as [u64; 0]);
+        for r in runs(0, 4 << 30) {
+            assert_eq!(r % online_run(r), 0);
+        }
     }
 
     #[test]

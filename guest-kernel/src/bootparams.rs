@@ -1,4 +1,10 @@
-//! Reads the Linux `boot_params` ("zero page"): the e820 map and the command line.
+//! Reads the Linux `boot_params` ("zero page"): the e820 map, the command
+//! line, and our `setup_data` entry listing the memory the VMM registered
+//! at boot (`guest_abi::BootOnline`).
+
+use guest_abi::{
+    BootOnline, SetupDataHeader, MAX_SETUP_DATA_ENTRIES, SETUP_BOOT_ONLINE, SETUP_DATA_LIMIT, SETUP_DATA_OFFSET,
+};
 
 /// Offsets in `struct boot_params` (Linux `arch/x86/include/uapi/asm/bootparam.h`).
 const E820_ENTRIES: usize = 0x1e8;
@@ -22,6 +28,9 @@ pub struct BootInfo {
     pub e820: [E820Entry; E820_MAX],
     pub e820_len: usize,
     pub cmdline: &'static str,
+    /// The VMM's [`BootOnline`] record, as found (not yet validated: see
+    /// `BootOnline::ranges`).
+    pub boot_online: Option<BootOnline>,
 }
 
 fn read<T: Copy>(addr: u64) -> T {
@@ -36,6 +45,7 @@ pub fn parse(zero_page: u64) -> BootInfo {
         e820: [E820Entry::default(); E820_MAX],
         e820_len: 0,
         cmdline: "",
+        boot_online: None,
     };
     let n = (read::<u8>(zero_page + E820_ENTRIES as u64) as usize).min(E820_MAX);
     for i in 0..n {
@@ -62,7 +72,38 @@ pub fn parse(zero_page: u64) -> BootInfo {
         let bytes = unsafe { core::slice::from_raw_parts(ptr as *const u8, len) };
         info.cmdline = core::str::from_utf8(bytes).unwrap_or("");
     }
+    info.boot_online = find_boot_online(&info, read(zero_page + SETUP_DATA_OFFSET));
     info
+}
+
+/// Walks the `setup_data` list from `first` for a [`SETUP_BOOT_ONLINE`]
+/// entry. Only entries wholly inside e820 RAM below [`SETUP_DATA_LIMIT`]
+/// are read (anything else ends the walk), and at most
+/// [`MAX_SETUP_DATA_ENTRIES`] of them, so a malformed list cannot make the
+/// kernel read outside the boot data or loop forever.
+fn find_boot_online(info: &BootInfo, first: u64) -> Option<BootOnline> {
+    let readable = |at: u64, len: u64| {
+        at.checked_add(len).is_some_and(|end| {
+            end <= SETUP_DATA_LIMIT && info.ram().any(|e| e.addr <= at && end <= e.addr.saturating_add(e.size))
+        })
+    };
+    let header = core::mem::size_of::<SetupDataHeader>() as u64;
+    let mut at = first;
+    for _ in 0..MAX_SETUP_DATA_ENTRIES {
+        if at == 0 || !readable(at, header) {
+            return None;
+        }
+        let h: SetupDataHeader = read(at);
+        let payload = at + header;
+        if h.kind == SETUP_BOOT_ONLINE
+            && h.len as usize >= core::mem::size_of::<BootOnline>()
+            && readable(payload, u64::from(h.len))
+        {
+            return Some(read(payload));
+        }
+        at = h.next;
+    }
+    None
 }
 
 impl BootInfo {

@@ -202,28 +202,10 @@ impl Config {
                 },
             };
         }
-        if let Some(v) = get(cmdline, "memmap_init") {
-            c.strategy = Strategy::from_name(v).ok_or(ConfigError { key: "memmap_init" })?;
-        }
-        if let Some(v) = get(cmdline, "memmap_chunk") {
-            c.chunk_bytes = parse_size(v)
-                .filter(|n| n.is_power_of_two())
-                .filter(|n| (guest_abi::MIN_CHUNK_SIZE..=guest_abi::SECTION_SIZE).contains(n))
-                .ok_or(ConfigError {
-                    key: "memmap_chunk",
-                })?;
-        }
-        if let Some(v) = get(cmdline, "memmap_on_memory") {
-            c.memmap_on_memory = match v {
-                "on" | "1" | "" => true,
-                "off" | "0" => false,
-                _ => {
-                    return Err(ConfigError {
-                        key: "memmap_on_memory",
-                    })
-                }
-            };
-        }
+        // The memmap words are read by the contract's rules, as the VMM
+        // reads them to compute this kernel's memmap layout.
+        (c.strategy, c.chunk_bytes, c.memmap_on_memory) =
+            guest_abi::cmdline::memmap_words(cmdline).map_err(|key| ConfigError { key })?;
         if let Some(v) = get(cmdline, "reclaim") {
             c.reclaim = Some(Reclaim::from_name(v).ok_or(ConfigError { key: "reclaim" })?);
         }

@@ -79,6 +79,13 @@ fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
         s.cpus = 1;
     });
     pv::announce();
+    // What the VMM registered before this vCPU ran is online already.
+    if let Some(rec) = &info.boot_online {
+        match rec.ranges(ram_end) {
+            Ok(ranges) => pv::mark_online(ranges),
+            Err(e) => println!("guest: boot-online record ignored: {e}"),
+        }
+    }
 
     let booted = init_memory(info, config, mapped);
     workload().set_chunk(config.chunk_bytes);

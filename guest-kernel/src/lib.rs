@@ -6,6 +6,7 @@
 //! - [`cmdline`] and [`config`]: the kernel command line and what it selects.
 #![cfg_attr(target_os = "none", no_std)]
 
-pub mod cmdline;
+/// The command line rules, which are the contract's (`guest_abi::cmdline`).
+pub use guest_abi::cmdline;
 pub mod config;
 pub mod mm;

@@ -58,6 +58,24 @@ pub fn online_memory(start: u64, end: u64) {
     }
 }
 
+/// Marks online every `guest_abi::online_run` lying wholly inside one of
+/// `ranges`: memory the VMM registered before this vCPU first ran and
+/// listed in its `guest_abi::BootOnline` entry (already validated), so
+/// that `online_memory` writes no `MEM_ONLINE` for it. Call before the
+/// memory manager first onlines anything, on the boot CPU.
+pub fn mark_online(ranges: &[guest_abi::GpaRange]) {
+    if !present() {
+        return;
+    }
+    for r in ranges {
+        for run_start in guest_abi::online_runs_in(r.start, r.start.saturating_add(r.len)) {
+            if let Some(state) = BLOCKS.get((run_start / guest_abi::MEMORY_BLOCK_SIZE) as usize) {
+                state.store(2, Ordering::Release);
+            }
+        }
+    }
+}
+
 /// The reclaim delay in ms (`reclaim_delay_ms=`, set once at boot).
 static RECLAIM_DELAY_MS: AtomicU32 = AtomicU32::new(0);
 

@@ -110,17 +110,21 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     //    onlines the others as its allocator first needs them (without the
     //    paravirtual device it cannot, so a legacy VM gets all of its RAM).
     //    Blocks are 2 MiB unless the host's memslot limit needs them larger.
+    //    What an idle (`ondemand`) guest onlines while it boots is
+    //    registered now too, so that no memslot changes once its vCPU runs,
+    //    and the guest finds all that is registered listed in its boot data
+    //    (`guest_abi::BootOnline`), so it writes no `MEM_ONLINE` for it.
     let registrar = Arc::new(Registrar::new(vm_fd.clone(), mem.clone(), kvm.get_nr_memslots()));
     if config.register_all_memory || config.legacy_only {
         registrar.register_all()?;
     } else {
         let mut boot = image.segments();
         boot.push((0, 1));
-        // What an idle (`ondemand`) guest onlines while it boots, so that no
-        // memslot changes once its vCPU runs (see `memory::boot_online`).
-        boot.extend(predicted_boot_chunk(&config, &boot).into_iter().flatten());
+        let first_chunk = ondemand_boot_ranges(&config, &image.segments(), &mem);
+        boot.extend(first_chunk.iter().flatten().map(|r| (r.start, r.start + r.len)));
         registrar.register_ranges(&boot)?;
     }
+    arch::write_boot_online(&mem, &registrar.registered_ranges())?;
     ctx.timings.mark_once(&ctx.timings.vm_created);
 
     // 4. The devices on the port bus.
@@ -193,17 +197,39 @@ fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddre
     Ok(out)
 }
 
-/// The ranges an `ondemand` guest with the default memmap layout writes
-/// while it boots ([`memory::boot_online::boot_chunk_ranges`]); `None` for
-/// other strategies and layouts, or if the user's command line chooses them.
-fn predicted_boot_chunk(config: &VmConfig, segments: &[(u64, u64)]) -> Option<[(u64, u64); 2]> {
-    let m = &config.machine;
-    if m.memmap_init != api::Strategy::OnDemand || m.memmap_on_memory || config.cmdline.contains("memmap_") {
+/// What an `ondemand` guest writes while it boots (its first chunk with
+/// free memory, and that chunk's struct pages), computed with the guest's
+/// own layout function ([`guest_abi::layout::ondemand_boot_ranges`]) from
+/// the inputs the guest uses: its e820 RAM, low memory and the kernel's
+/// segments reserved, and the memmap words of its command line (ours and
+/// the user's, read by the guest's rules, `guest_abi::cmdline`). `None` for
+/// other strategies (nothing to predict that is not all of RAM), and for a
+/// command line the guest would refuse.
+fn ondemand_boot_ranges(
+    config: &VmConfig,
+    segments: &[(u64, u64)],
+    mem: &vm_memory::GuestMemoryMmap,
+) -> Option<[guest_abi::GpaRange; 2]> {
+    use guest_abi::{layout, GpaRange, PAGE_SIZE};
+    let (strategy, chunk_bytes, on_memory) = guest_abi::cmdline::memmap_words(&config.guest_cmdline()).ok()?;
+    if strategy != api::Strategy::OnDemand {
         return None;
     }
-    let ram: Vec<(u64, u64)> = arch::ram_ranges(config.mem_bytes()).iter().map(|(a, l)| (a.0, *l)).collect();
-    let kernel_end = segments.iter().map(|(_, e)| *e).max()?;
-    memory::boot_online::boot_chunk_ranges(&ram, kernel_end, m.memmap_chunk_kib << 10)
+    // As the guest normalizes them: RAM rounded in, reserved memory out.
+    let ram: Vec<GpaRange> = arch::boot_params::e820_map(mem)
+        .iter()
+        .map(|e| (e.addr.next_multiple_of(PAGE_SIZE), (e.addr + e.size) / PAGE_SIZE * PAGE_SIZE))
+        .filter(|(s, e)| e > s)
+        .map(|(s, e)| GpaRange { start: s, len: e - s })
+        .collect();
+    let kernel = (segments.iter().map(|s| s.0).min()?, segments.iter().map(|s| s.1).max()?);
+    let kernel_start = kernel.0 / PAGE_SIZE * PAGE_SIZE;
+    let reserved = [
+        GpaRange { start: 0, len: arch::layout::HIMEM_START },
+        GpaRange { start: kernel_start, len: kernel.1.next_multiple_of(PAGE_SIZE) - kernel_start },
+    ];
+    let geometry = layout::MemmapGeometry { chunk_bytes, section_bytes: guest_abi::SECTION_SIZE, on_memory };
+    layout::ondemand_boot_ranges(&ram, &reserved, &geometry)
 }
 
 fn open_kvm(path: &Path) -> Result<Kvm, BuildError> {
@@ -228,6 +254,7 @@ fn kvm_open_error(path: &Path, e: kvm_ioctls::Error) -> BuildError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     #[test]
     fn kvm_open_errors_say_which_problem_and_the_fix() {
@@ -275,9 +302,9 @@ mod tests {
         // pages (2 MiB runs this low), nothing else.
         let block = guest_abi::MEMORY_BLOCK_SIZE;
         let segments = Image::read(&c.kernel).unwrap().segments();
-        let chunk = predicted_boot_chunk(&c, &segments).expect("the default is ondemand");
+        let chunk = ondemand_boot_ranges(&c, &segments, &vm.mem).expect("the default is ondemand");
         let mut blocks: Vec<u64> = vec![0];
-        for (start, end) in segments.iter().chain(&chunk) {
+        for (start, end) in segments.iter().copied().chain(chunk.iter().map(|r| (r.start, r.start + r.len))) {
             blocks.extend(start / block..end.div_ceil(block));
         }
         blocks.sort_unstable();
@@ -285,24 +312,50 @@ mod tests {
         assert_eq!(vm.devices.registered_bytes(), blocks.len() as u64 * block);
         assert!(vm.devices.registered_bytes() <= 10 << 20, "{}", vm.devices.registered_bytes());
         assert!(ctx.timings.vm_created.get().is_some());
-        // Other strategies, or the user's own memmap words: the boot blocks only.
+        // The guest finds every registered block listed in its boot data.
+        let registrar = vm.devices.paravirt().and_then(|p| p.registrar()).unwrap();
+        let head: u64 = vm.mem.read_obj(GuestAddress(layout::ZERO_PAGE_START + guest_abi::SETUP_DATA_OFFSET)).unwrap();
+        let rec: guest_abi::BootOnline = vm.mem.read_obj(GuestAddress(head + 16)).unwrap();
+        let listed: Vec<(u64, u64)> =
+            rec.ranges(c.mem_bytes()).expect("a valid record").iter().map(|r| (r.start, r.start + r.len)).collect();
+        assert_eq!(listed, registrar.registered_ranges());
+        assert_eq!(listed.iter().map(|(s, e)| e - s).sum::<u64>(), vm.devices.registered_bytes());
+        // Other strategies predict nothing; the user's own memmap words
+        // count as the guest counts them (later words win).
         let mut eager = c.clone();
         eager.machine.memmap_init = api::Strategy::Eager;
-        assert!(predicted_boot_chunk(&eager, &segments).is_none());
-        let user = VmConfig { cmdline: "memmap_chunk=128K".into(), ..c };
-        assert!(predicted_boot_chunk(&user, &segments).is_none());
+        assert!(ondemand_boot_ranges(&eager, &segments, &vm.mem).is_none());
+        let user = VmConfig { cmdline: "memmap_init=eager".into(), ..c.clone() };
+        assert!(ondemand_boot_ranges(&user, &segments, &vm.mem).is_none());
+        let user = VmConfig { cmdline: "memmap_chunk=128K".into(), ..c.clone() };
+        assert_eq!(ondemand_boot_ranges(&user, &segments, &vm.mem).map(|r| r[0].len), Some(128 << 10));
+        let bad = VmConfig { cmdline: "memmap_chunk=3M".into(), ..c };
+        assert!(ondemand_boot_ranges(&bad, &segments, &vm.mem).is_none(), "the guest will not boot");
     }
 
     #[test]
     fn an_idle_guest_boots_to_ready_without_a_memslot_change() {
         // The registration before the first entry covers everything the
-        // guest onlines while it boots: KVM's memslots stay as built.
+        // guest onlines while it boots: KVM's memslots stay as built, and
+        // the guest, told so in its boot data, asks for nothing
+        // (`MEM_ONLINE` writes), with the default layout and with its
+        // memmap on memory, and with the user's own chunk size.
+        for (on_memory, cmdline) in [(false, ""), (true, ""), (false, "memmap_chunk=128K")] {
+            idle_boot_to_ready(on_memory, cmdline);
+        }
+    }
+
+    fn idle_boot_to_ready(on_memory: bool, cmdline: &str) {
         let (tx, mut rx) = crate::events::channel();
         let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
         let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..Default::default() };
         c.machine.mem_size_mib = 2048;
+        c.machine.memmap_on_memory = on_memory;
+        c.cmdline = cmdline.into();
         let mut vm = build_microvm(c, &ctx).unwrap();
-        let registrar = |vm: &Vm| vm.devices.paravirt().and_then(|p| p.registrar()).map(|r| (r.slots_used(), r.registered_bytes()));
+        let registrar = |vm: &Vm| {
+            vm.devices.paravirt().and_then(|p| p.registrar()).map(|r| (r.slots_used(), r.registered_bytes(), r.online_requests()))
+        };
         let built = registrar(&vm).expect("the paravirtual device tracks registration");
         vm.start().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -315,7 +368,8 @@ mod tests {
                 Err(e) => panic!("no Ready within 60 s: {e}"),
             }
         }
-        assert_eq!(registrar(&vm), Some(built), "(slots, bytes) registered at build and at ready");
+        assert_eq!(built.2, 0);
+        assert_eq!(registrar(&vm), Some(built), "(slots, bytes, MEM_ONLINE writes) at build and at ready, on_memory {on_memory}, {cmdline:?}");
         vm.stop();
     }
 }

@@ -526,6 +526,65 @@ mod tests {
     }
 
     #[test]
+    fn an_ondemand_boot_onlines_exactly_what_the_contracts_layout_predicts() {
+        // The VMM registers `guest_abi::layout::ondemand_boot_ranges` before
+        // the guest runs; the manager's boot must online exactly those.
+        use guest_abi::layout::{ondemand_boot_ranges, MemmapGeometry};
+        use guest_abi::GpaRange;
+        use std::sync::Mutex;
+        static ONLINED: Mutex<Vec<PhysRange>> = Mutex::new(Vec::new());
+        fn hook(r: PhysRange) {
+            ONLINED.lock().unwrap().push(r);
+        }
+        let gpa = |r: &[PhysRange]| -> Vec<GpaRange> {
+            r.iter()
+                .map(|r| GpaRange {
+                    start: r.start.0,
+                    len: r.end.0 - r.start.0,
+                })
+                .collect()
+        };
+        let pc = |mib: u64| {
+            let mut ram = vec![PhysRange::from_len(0, 0x9f000)];
+            if mib <= 3072 {
+                ram.push(PhysRange::from_len(MIB, (mib - 1) * MIB));
+            } else {
+                ram.push(PhysRange::from_len(MIB, 3071 * MIB));
+                ram.push(PhysRange::from_len(4096 * MIB, (mib - 3072) * MIB));
+            }
+            ram
+        };
+        let kernel = |end: u64| [PhysRange::from_len(0, MIB), PhysRange::from_len(MIB, end - MIB)];
+        let cases = [
+            (pc(2048), kernel(5 * MIB + 0x3000), 2 * MIB, false),
+            (pc(2048), kernel(5 * MIB), 2 * MIB, true),
+            (pc(3584), kernel(5 * MIB), 2 * MIB, false),
+            (pc(128), kernel(3 * MIB), 128 << 10, false),
+            (pc(512), kernel(2 * MIB), 8 * MIB, true),
+        ];
+        for (ram, res, chunk, on_memory) in cases {
+            let c = MmConfig {
+                chunk_bytes: chunk,
+                section_bytes: guest_abi::SECTION_SIZE,
+                memmap_on_memory: on_memory,
+                ..MmConfig::new(Strategy::OnDemand)
+            };
+            let g = MemmapGeometry {
+                chunk_bytes: chunk,
+                section_bytes: guest_abi::SECTION_SIZE,
+                on_memory,
+            };
+            let want = ondemand_boot_ranges(&gpa(&ram), &gpa(&res), &g).expect("the layout fits");
+            ONLINED.lock().unwrap().clear();
+            let vm = Vm::new(c, &ram, &res);
+            vm.mm.set_online_hook(hook);
+            vm.mm.boot_init().unwrap();
+            let got = ONLINED.lock().unwrap().clone();
+            assert_eq!(gpa(&got), want, "{} MiB, chunk {chunk}, on_memory {on_memory}", ram.last().unwrap().end.0 >> 20);
+        }
+    }
+
+    #[test]
     fn memmap_on_memory_puts_each_sections_memmap_in_the_section() {
         let (ram, res) = pc_layout();
         for s in Strategy::ALL {

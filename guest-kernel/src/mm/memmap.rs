@@ -11,6 +11,10 @@
 //!
 //! [Hole]: super::page::PageState::Hole
 //!
+//! The spans and the placement are computed by the contract's
+//! [`guest_abi::layout`] functions, which the VMM also uses to predict what
+//! an `ondemand` guest onlines while it boots.
+//!
 //! Placement (`memmap_on_memory`):
 //! - `false`: every section's memmap is a slice of one array, in section
 //!   order, reserved in low memory at the first fit in RAM after the end of
@@ -33,7 +37,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use guest_abi::{MIN_CHUNK_SIZE, PAGE_SIZE, STRUCT_PAGE_SIZE};
+use guest_abi::layout::{self, MemmapGeometry};
+use guest_abi::{GpaRange, MIN_CHUNK_SIZE, PAGE_SIZE, STRUCT_PAGE_SIZE};
 
 use super::addr::{Pfn, PfnRange, PhysAddr, PhysRange, PAGE_SHIFT};
 use super::config::{MmConfig, MmInitError};
@@ -44,11 +49,11 @@ pub const MAX_RANGES: usize = 64;
 /// Highest physical address the bookkeeping covers: 64 GiB of RAM plus the
 /// PCI hole below 4 GiB, rounded up to a power of two.
 pub const MAX_PHYS_BYTES: u64 = 128 << 30;
-/// Most sections (so sections of 32 MiB or more always fit [`MAX_PHYS_BYTES`]).
-pub const MAX_SECTIONS: usize = 4096;
+/// Most sections (so sections of 32 MiB or more always fit [`MAX_PHYS_BYTES`]):
+/// the contract's [`guest_abi::layout::MAX_SECTIONS`].
+pub const MAX_SECTIONS: usize = layout::MAX_SECTIONS;
 
 const BITMAP_WORDS: usize = (MAX_PHYS_BYTES / MIN_CHUNK_SIZE / 64) as usize;
-const FOUR_GIB: u64 = 4 << 30;
 
 /// What backs a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +136,19 @@ impl RangeList {
 
     pub(crate) fn as_slice(&self) -> &[PfnRange] {
         &self.r[..self.n]
+    }
+
+    /// The ranges in bytes, as `guest_abi::layout` takes them (the first
+    /// `.1` entries).
+    fn byte_ranges(&self) -> ([GpaRange; MAX_RANGES], usize) {
+        let mut out = [GpaRange::default(); MAX_RANGES];
+        for (o, r) in out.iter_mut().zip(self.as_slice()) {
+            *o = GpaRange {
+                start: r.start.addr().0,
+                len: r.pages() * PAGE_SIZE,
+            };
+        }
+        (out, self.n)
     }
 }
 
@@ -242,26 +260,26 @@ impl Memmap {
         if ram_end.addr().0 > MAX_PHYS_BYTES {
             return Err(MmInitError::RamTooLarge);
         }
-        let sec_pages = 1u64 << self.section_shift;
-        let nsections = ram_end.0.div_ceil(sec_pages) as usize;
+        // The layout itself is the contract's (`guest_abi::layout`), so the
+        // VMM computes the same placement from the same inputs.
+        let (ram_b, reserved_b) = (self.ram.byte_ranges(), self.reserved.byte_ranges());
+        let (ram_b, reserved_b) = (&ram_b.0[..ram_b.1], &reserved_b.0[..reserved_b.1]);
+        let geometry = MemmapGeometry {
+            chunk_bytes: cfg.chunk_bytes,
+            section_bytes: cfg.section_bytes,
+            on_memory: cfg.memmap_on_memory,
+        };
+        let nsections = layout::section_count(ram_b, &geometry) as usize;
         if nsections > MAX_SECTIONS {
             return Err(MmInitError::TooManySections);
         }
         self.nsections = nsections;
 
         // Spans: from the section start to the end of its last RAM chunk.
-        let chunk_pages = 1u64 << self.chunk_shift;
-        for r in self.ram.as_slice() {
-            let mut s = (r.start.0 >> self.section_shift) as usize;
-            while (s as u64) << self.section_shift < r.end.0 {
-                let sec_start = (s as u64) << self.section_shift;
-                let end = r.end.0.min(sec_start + sec_pages);
-                let span = (end - sec_start).next_multiple_of(chunk_pages);
-                let sec = &mut self.sections[s];
-                sec.span_pages = sec.span_pages.max(span);
-                sec.memmap_bytes = (sec.span_pages * STRUCT_PAGE_SIZE).next_multiple_of(PAGE_SIZE);
-                s += 1;
-            }
+        for (s, sec) in self.sections[..nsections].iter_mut().enumerate() {
+            let span = layout::section_span(ram_b, &geometry, s as u64);
+            sec.span_pages = span / PAGE_SIZE;
+            sec.memmap_bytes = layout::memmap_bytes(span);
         }
 
         // Placement.
@@ -271,35 +289,20 @@ impl Memmap {
                 if sec.span_pages == 0 {
                     continue;
                 }
-                let lo = Pfn((s as u64) << self.section_shift);
-                let at = self
-                    .find_fit(lo, lo.add(sec_pages), sec.memmap_bytes / PAGE_SIZE)
+                let lo = (s as u64) * cfg.section_bytes;
+                let at = layout::first_fit(ram_b, reserved_b, lo, lo + cfg.section_bytes, sec.memmap_bytes)
                     .ok_or(MmInitError::MemmapDoesNotFit)?;
-                self.sections[s].memmap = at.addr();
+                self.sections[s].memmap = PhysAddr(at);
             }
         } else {
             let total: u64 = self.sections[..nsections]
                 .iter()
                 .map(|s| s.memmap_bytes)
                 .sum();
-            let four_gib = PhysAddr(FOUR_GIB).pfn_down();
-            let lo = self
-                .reserved
-                .as_slice()
-                .iter()
-                .filter(|r| r.start < four_gib)
-                .map(|r| r.end)
-                .max()
-                .unwrap_or(Pfn(0));
-            let pages = total / PAGE_SIZE;
-            let at = self
-                .find_fit(lo, four_gib.min(ram_end), pages)
+            let at = layout::memmap_array_start(ram_b, reserved_b, total)
                 .ok_or(MmInitError::MemmapDoesNotFit)?;
-            self.global = PfnRange {
-                start: at,
-                end: at.add(pages),
-            };
-            let mut next = at.addr();
+            self.global = PfnRange::outer(PhysRange::from_len(at, total));
+            let mut next = PhysAddr(at);
             for sec in self.sections[..nsections].iter_mut() {
                 sec.memmap = next;
                 next = PhysAddr(next.0 + sec.memmap_bytes);
@@ -332,30 +335,6 @@ impl Memmap {
             .sum();
         self.totals = t;
         Ok(())
-    }
-
-    /// The lowest `pages` frames of RAM in `[lo, hi)` that overlap no reserved range.
-    fn find_fit(&self, lo: Pfn, hi: Pfn, pages: u64) -> Option<Pfn> {
-        let mut cand = lo;
-        'search: loop {
-            let r = self.ram.as_slice().iter().find(|r| r.end > cand)?;
-            cand = cand.max(r.start);
-            let end = cand.add(pages);
-            if end > hi {
-                return None;
-            }
-            if end > r.end {
-                cand = r.end;
-                continue;
-            }
-            for res in self.reserved.as_slice() {
-                if res.start < end && res.end > cand {
-                    cand = res.end;
-                    continue 'search;
-                }
-            }
-            return Some(cand);
-        }
     }
 
     pub(crate) fn totals(&self) -> LayoutTotals {

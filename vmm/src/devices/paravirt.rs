@@ -270,7 +270,7 @@ impl Paravirt {
 
     fn online(&self, gpa: u64) -> PortOutcome {
         let Some(registrar) = self.registrar.get() else { return PortOutcome::Continue };
-        match registrar.register_range(gpa, gpa + 1) {
+        match registrar.online(gpa) {
             Ok(()) => PortOutcome::Continue,
             Err(e @ RegisterError::NotRam { .. }) => {
                 self.protocol_error(format_args!("guest asked to online memory that does not exist: {e}"));

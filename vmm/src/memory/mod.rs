@@ -1,15 +1,12 @@
 //! Guest RAM: its host mapping ([`ram`]), its registration with KVM
 //! ([`registrar`]), how much of it the host really backs ([`residency`]),
-//! what an idle guest onlines at boot ([`boot_online`], registered before
-//! its vCPU runs), and what the guest gives back ([`reclaim`]: checked, then
-//! discarded).
+//! and what the guest gives back ([`reclaim`]: checked, then discarded).
 //!
 //! KVM allocates its per-memslot metadata (about 2.2 MB per GiB on a PVM
 //! host) when a slot is registered, so guest RAM is registered block by block
 //! as the guest first uses it: an idle guest that uses only its first block
 //! costs KVM the metadata of one block, not of all its RAM.
 
-pub mod boot_online;
 pub mod ram;
 pub mod reclaim;
 pub mod registrar;

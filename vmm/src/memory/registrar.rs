@@ -92,6 +92,7 @@ pub struct Registrar {
     registered_bytes: AtomicU64,
     slots_used: AtomicU64,
     slots_deleted: AtomicU64,
+    online_requests: AtomicU64,
 }
 
 impl Registrar {
@@ -113,6 +114,7 @@ impl Registrar {
             registered_bytes: AtomicU64::new(0),
             slots_used: AtomicU64::new(0),
             slots_deleted: AtomicU64::new(0),
+            online_requests: AtomicU64::new(0),
         }
     }
 
@@ -292,6 +294,37 @@ impl Registrar {
         self.registered_bytes.load(Ordering::Relaxed)
     }
 
+    /// The guest's `port::MEM_ONLINE` write for `gpa`: registers the run
+    /// holding it (as [`Registrar::register_range`]) and counts the
+    /// request ([`Registrar::online_requests`]), whether or not anything
+    /// was left to register.
+    pub fn online(&self, gpa: u64) -> Result<(), RegisterError> {
+        self.online_requests.fetch_add(1, Ordering::Relaxed);
+        self.register_range(gpa, gpa.saturating_add(1))
+    }
+
+    /// `port::MEM_ONLINE` writes served so far ([`Registrar::online`]).
+    pub fn online_requests(&self) -> u64 {
+        self.online_requests.load(Ordering::Relaxed)
+    }
+
+    /// The guest-physical ranges registered now, one per memslot, by
+    /// address: what the builder lists for the guest in its
+    /// `guest_abi::BootOnline` entry.
+    pub fn registered_ranges(&self) -> Vec<(u64, u64)> {
+        let grain = self.grain;
+        let blocks = self.blocks();
+        blocks
+            .slots
+            .iter()
+            .filter_map(|(&s, &e)| {
+                let gpa = s * grain;
+                let region = self.mem.find_region(GuestAddress(gpa))?;
+                Some((gpa, (e * grain).min(region.start_addr().0 + region.len())))
+            })
+            .collect()
+    }
+
     /// Memory slots registered now.
     pub fn slots_used(&self) -> u64 {
         self.slots_used.load(Ordering::Relaxed)
@@ -382,6 +415,25 @@ mod tests {
         assert_eq!((r.registered_bytes(), r.slots_used()), (10 * BLOCK, 5));
         r.register_all().unwrap();
         assert_eq!(r.registered_bytes(), 2048 * MIB);
+    }
+
+    #[test]
+    fn registered_ranges_list_the_slots_and_onlining_them_again_is_counted_and_costs_nothing() {
+        let vm = Arc::new(kvm().create_vm().unwrap());
+        let mem = create_ram(&crate::arch::ram_ranges(3584 * MIB), false).unwrap();
+        let r = Registrar::new(vm, mem, HOST_SLOTS);
+        assert!(r.registered_ranges().is_empty());
+        // The boot blocks and the 4 MiB run at 36 MiB; a run at 4 GiB (past the hole).
+        r.register_ranges(&[(0, 1), (MIB, 5 * MIB), (36 * MIB, 38 * MIB), (4096 * MIB, 4096 * MIB + 1)]).unwrap();
+        assert_eq!(r.registered_ranges(), vec![(0, 6 * MIB), (36 * MIB, 40 * MIB), (4096 * MIB, 4224 * MIB)]);
+        let before = (r.registered_bytes(), r.slots_used());
+        for gpa in [0, 5 * MIB, 36 * MIB, 39 * MIB] {
+            r.online(gpa).unwrap();
+        }
+        assert_eq!((r.registered_bytes(), r.slots_used()), before, "all of it was registered");
+        assert_eq!(r.online_requests(), 4);
+        assert!(matches!(r.online(3 << 30), Err(RegisterError::NotRam { .. })), "the hole");
+        assert_eq!(r.online_requests(), 5, "a bad request counts too");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | `0x8ff0` | initial stack pointer |
 //! | `0x9000` | PML4, then the PDPT at `0xa000` |
 //! | `0x20000` | kernel command line (NUL-terminated, at most 4 KiB) |
+//! | `0x21000` | `setup_data` entries (the guest's `guest_abi::BootOnline`) |
 //! | `0x30000` | page directories, one per GiB of address space (2 MiB pages) |
 //! | `0x9fc00` | end of low RAM (EBDA) |
 //! | `0x100000` | the kernel's ELF segments (1 MiB, `HIMEM_START`) |
@@ -35,6 +36,10 @@ pub const PDPT_START: u64 = 0xa000;
 pub const CMDLINE_START: u64 = 0x20000;
 /// Longest command line, NUL included.
 pub const CMDLINE_MAX_SIZE: usize = 4096;
+/// `setup_data` entries, linked from `boot_params.hdr.setup_data`.
+pub const SETUP_DATA_START: u64 = 0x21000;
+/// Room for them.
+pub const SETUP_DATA_MAX_SIZE: u64 = 0x1000;
 /// Page directories, one per GiB.
 pub const PD_START: u64 = 0x30000;
 /// End of usable low memory.
@@ -56,7 +61,10 @@ pub const GIB: u64 = 1 << 30;
 
 // Page tables stay below the kernel and above the command line.
 const _: () = assert!(PD_START + (MAX_PHYS / GIB) * 4096 <= EBDA_START);
-const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= PD_START);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= SETUP_DATA_START);
+const _: () = assert!(SETUP_DATA_START + SETUP_DATA_MAX_SIZE <= PD_START);
+// The guest reads `setup_data` only below this limit.
+const _: () = assert!(SETUP_DATA_START + SETUP_DATA_MAX_SIZE <= guest_abi::SETUP_DATA_LIMIT);
 
 /// The guest RAM ranges for `mem_bytes` of memory: up to 3 GiB at 0, the rest at 4 GiB.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {

@@ -13,7 +13,7 @@ pub mod layout;
 pub mod paging;
 pub mod regs;
 
-pub use boot_data::{write_boot_data, ArchSetupError};
+pub use boot_data::{write_boot_data, write_boot_online, ArchSetupError};
 pub use cpuid::patch_cpuid;
 pub use layout::ram_ranges;
 pub use regs::{ap_regs, boot_fpu, boot_regs, long_mode_sregs};
