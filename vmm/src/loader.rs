@@ -6,8 +6,11 @@
 //! private and copy-on-write ([`crate::memory::ram::map_file`]), so that all VMs
 //! share the page-cache pages of the kernel until a guest writes one (then
 //! that page alone becomes its own). The embedded kernel is mapped from the
-//! running binary (`/proc/self/exe`, where it sits page-aligned); a
-//! `--kernel` file from that file. Partial pages (a segment's first page
+//! running binary (`/proc/self/exe`, where it sits page-aligned). A
+//! `--kernel` file is copied: a running binary cannot be written in place,
+//! but a kernel file can be, and a VM must not see its kernel change (or
+//! fault, if the file is truncated) because someone copied a new build over
+//! the path. Partial pages (a segment's first page
 //! when it does not start on a page boundary, its last when its file bytes
 //! end mid-page, so that what follows them, `.bss`, stays zero; a page two
 //! segments share) are copied. Everything is copied, as `linux-loader`
@@ -19,6 +22,7 @@ use crate::config::{open_kernel_image, KernelImage, KernelImageError, MAX_KERNEL
 use crate::memory::ram::{self, OverlayError};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::borrow::Cow;
+#[cfg(test)]
 use std::cell::Cell;
 use std::fs::File;
 use std::io::{Cursor, Read};
@@ -84,10 +88,12 @@ impl LoadError {
 enum Source {
     /// [`EMBEDDED_KERNEL`], in the running binary's file.
     Embedded,
-    /// The file the bytes were read from, kept open until the image is
-    /// loaded (the mappings then hold it).
+    /// A file the bytes were read from, kept open until the image is
+    /// loaded (the mappings then hold it): only the tests map from one,
+    /// to check the mapping against files they change.
+    #[cfg(test)]
     File(Cell<Option<File>>),
-    /// Bytes only (the fuzzers): always copied.
+    /// Bytes only (a `--kernel` file, the fuzzers): always copied.
     Bytes,
 }
 
@@ -114,12 +120,8 @@ impl Image {
                 Image { bytes: EMBEDDED_KERNEL.into(), name: "(built-in guest)".into(), source: Source::Embedded }
             }
             KernelImage::File(p) => {
-                let (file, bytes) = read_file(p)?;
-                Image {
-                    bytes: bytes.into(),
-                    name: p.display().to_string(),
-                    source: Source::File(Cell::new(Some(file))),
-                }
+                let (_file, bytes) = read_file(p)?;
+                Image { bytes: bytes.into(), name: p.display().to_string(), source: Source::Bytes }
             }
         };
         check_elf(&image.bytes).map_err(|why| LoadError::NotElf { name: image.name.clone(), why })?;
@@ -166,8 +168,8 @@ impl Image {
     }
 
     /// The file to map the image from and the offset of the image in it;
-    /// `None` if there is none (nothing is mapped then). A `--kernel` file
-    /// is handed out once.
+    /// `None` if there is none (nothing is mapped then). A test's file is
+    /// handed out once.
     fn mapping_source(&self) -> Option<(File, u64)> {
         match &self.source {
             Source::Embedded => {
@@ -175,6 +177,7 @@ impl Image {
                 offset.is_multiple_of(PAGE).then_some(())?;
                 Some((File::open("/proc/self/exe").ok()?, offset))
             }
+            #[cfg(test)]
             Source::File(file) => Some((file.take()?, 0)),
             Source::Bytes => None,
         }
@@ -599,9 +602,25 @@ mod tests {
         assert_same_as_copy(&image, &mem);
     }
 
+    /// An image read from `path` whose pages are mapped from that file, as
+    /// the embedded kernel's are from the running binary.
+    fn mapped_from(path: &std::path::Path) -> Image {
+        let (file, bytes) = read_file(path).unwrap();
+        check_elf(&bytes).unwrap();
+        Image { bytes: bytes.into(), name: path.display().to_string(), source: Source::File(Cell::new(Some(file))) }
+    }
+
     #[test]
-    fn a_kernel_file_maps_its_whole_pages_and_reads_as_a_copy() {
+    fn a_kernel_file_given_with_kernel_is_copied_not_mapped() {
         let image = Image::read(&KernelImage::File(EMBEDDED_KERNEL_PATH.into())).unwrap();
+        let mem = ram();
+        assert_eq!(image.load_into(&mem, false).unwrap().mapped, 0);
+        assert_same_as_copy(&image, &mem);
+    }
+
+    #[test]
+    fn a_mapped_file_maps_its_whole_pages_and_reads_as_a_copy() {
+        let image = mapped_from(EMBEDDED_KERNEL_PATH.as_ref());
         let mem = ram();
         let loaded = image.load_into(&mem, false).unwrap();
         assert_eq!(loaded.mapped, whole_pages(&image.bytes));
@@ -616,7 +635,7 @@ mod tests {
         let path = dir.path().join("vmlinux");
         std::fs::copy(EMBEDDED_KERNEL_PATH, &path).unwrap();
         let load = || {
-            let image = Image::read(&KernelImage::File(path.clone())).unwrap();
+            let image = mapped_from(&path);
             let mem = ram();
             assert!(image.load_into(&mem, false).unwrap().mapped > 0);
             mem
@@ -647,7 +666,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vmlinux");
         std::fs::copy(EMBEDDED_KERNEL_PATH, &path).unwrap();
-        let image = Image::read(&KernelImage::File(path.clone())).unwrap();
+        let image = mapped_from(&path);
         // Rewritten in place (same inode) between reading and loading.
         let mut changed = EMBEDDED_KERNEL.to_vec();
         let last = changed.len() - 1;
@@ -680,7 +699,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vmlinux");
         std::fs::write(&path, &bytes).unwrap();
-        let image = Image::read(&KernelImage::File(path)).unwrap();
+        let image = mapped_from(&path);
         let mem = ram();
         let first_pages = plan(EMBEDDED_KERNEL, &ram()).unwrap().runs[0].len;
         assert_eq!(image.load_into(&mem, false).unwrap().mapped, whole_pages(EMBEDDED_KERNEL) - first_pages);

@@ -90,8 +90,9 @@ fn host_range(mem: &GuestMemoryMmap, gpa: GuestAddress, len: u64) -> Result<*mut
 ///
 /// Call it before the range is registered with KVM or any vCPU runs. The
 /// pages read what the file holds when they are first touched, so the file
-/// must not change meanwhile (the loader checks the bytes after mapping;
-/// the running binary cannot be written); a file truncated under the
+/// must not change meanwhile (the loader checks the bytes after mapping,
+/// and maps only the running binary, which cannot be written); a file
+/// truncated under the
 /// mapping makes later accesses fault (`SIGBUS` in the VMM, `EFAULT` from
 /// `KVM_RUN`).
 pub fn map_file(
