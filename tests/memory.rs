@@ -343,3 +343,79 @@ fn freed_memory_goes_back_to_the_host_as_far_as_the_reclaim_mode_says() {
         }
     }
 }
+
+/// The host's view of the guest kernel's pages in one VM process, from
+/// `/proc/PID/smaps`: the mappings of `file` inside guest RAM (the run of
+/// adjacent mappings at least `ram` bytes long).
+#[derive(Debug, Default)]
+struct KernelPages {
+    size: u64,
+    rss: u64,
+    anonymous: u64,
+    shared_clean: u64,
+}
+
+fn kernel_pages(pid: u32, file: &std::path::Path, ram: u64) -> KernelPages {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    // (start, end, path, fields) per mapping.
+    let mut maps: Vec<(u64, u64, String, std::collections::HashMap<String, u64>)> = Vec::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { continue };
+            maps.push((a, b, words.nth(4).unwrap_or("").to_string(), Default::default()));
+        } else if let (Some(key), Some(kb), Some(m)) = (first.strip_suffix(':'), words.next(), maps.last_mut()) {
+            m.3.insert(key.to_string(), kb.parse::<u64>().unwrap_or(0) << 10);
+        }
+    }
+    // Guest RAM: a run of adjacent mappings spanning at least `ram`.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, m) in maps.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if maps[r.1].1 == m.0 => r.1 = i,
+            _ => runs.push((i, i)),
+        }
+    }
+    let &(lo, hi) = runs.iter().find(|r| maps[r.1].1 - maps[r.0].0 >= ram).expect("guest RAM in smaps");
+    let mut k = KernelPages::default();
+    for m in &maps[lo..=hi] {
+        if std::path::Path::new(&m.2) == file {
+            k.size += m.1 - m.0;
+            k.rss += m.3["Rss"];
+            k.anonymous += m.3["Anonymous"];
+            k.shared_clean += m.3["Shared_Clean"];
+        }
+    }
+    k
+}
+
+#[test]
+fn vms_share_the_kernel_pages_mapped_from_the_binary_and_copy_a_kernel_file() {
+    const MAPPED: u64 = 64 << 10;
+    let kernel = std::path::PathBuf::from(common::embedded_kernel_path()).canonicalize().unwrap();
+    let embedded = ["run", "--mem-mib", "2048", "--serial", "none"];
+    let vms = [
+        common::Served::start("share-a", "api.sock", &embedded),
+        common::Served::start("share-b", "api.sock", &embedded),
+        common::Served::start("share-file", "api.sock", &["run", "--mem-mib", "2048", "--serial", "none", "--kernel", kernel.to_str().unwrap()]),
+    ];
+    for vm in &vms {
+        memory_until(&vm.sock, "guest ready", |r| r["timings"]["guest_ready"].is_number() && r["valid"] == true);
+    }
+    // Two VMs of the built-in guest: the pages it runs from are the
+    // binary's page-cache pages, mapped in both processes (copied pages
+    // would be anonymous and private to each).
+    for vm in &vms[..2] {
+        let exe = std::fs::read_link(format!("/proc/{}/exe", vm.child.id())).unwrap();
+        let k = kernel_pages(vm.child.id(), &exe, 2048 * MIB);
+        assert!(k.size >= MAPPED, "the kernel's segments are mapped from {exe:?}: {k:?}");
+        assert!(k.rss - k.anonymous >= MAPPED, "the guest uses the file's pages, not copies: {k:?}");
+        assert!(k.shared_clean >= MAPPED, "shared with the other VM: {k:?}");
+    }
+    // A --kernel file is copied: a new build copied over the path must not
+    // change (or, truncated, fault) the kernel of a running VM.
+    let vm = &vms[2];
+    let k = kernel_pages(vm.child.id(), &kernel, 2048 * MIB);
+    assert_eq!(k.size, 0, "nothing of {kernel:?} is mapped: {k:?}");
+}

@@ -102,7 +102,7 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         .map_err(BuildError::Thread)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
     let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages.is_enabled())?;
-    let entry = image.load(&mem)?;
+    let entry = image.load(&mem, config.machine.huge_pages.is_enabled())?;
     arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
 
     // 3. Registration with KVM: the blocks that hold the boot data (the

@@ -98,7 +98,7 @@ pub fn kernel_image(data: &[u8]) -> Result<GuestAddress, LoadError> {
     let image = Image::from_bytes(data.to_vec(), "fuzz");
     let _ = image.segments();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), LOAD_RAM_BYTES)]).expect("fixed layout");
-    image.load(&mem)
+    image.load(&mem, false)
 }
 
 /// Guest RAM of the reclaim target: two regions with a hole between, each

@@ -1,20 +1,51 @@
 //! The kernel image: the guest built into this binary or an ELF file, checked
-//! to be an x86-64 executable and loaded into guest memory with
-//! `linux-loader`.
+//! to be an x86-64 executable and loaded into guest memory.
+//!
+//! Loading maps what it can instead of copying it: every whole page of a
+//! segment's file bytes is mapped over guest RAM from the image's file,
+//! private and copy-on-write ([`crate::memory::ram::map_file`]), so that all VMs
+//! share the page-cache pages of the kernel until a guest writes one (then
+//! that page alone becomes its own). The embedded kernel is mapped from the
+//! running binary (`/proc/self/exe`, where it sits page-aligned). A
+//! `--kernel` file is copied: a running binary cannot be written in place,
+//! but a kernel file can be, and a VM must not see its kernel change (or
+//! fault, if the file is truncated) because someone copied a new build over
+//! the path. Partial pages (a segment's first page
+//! when it does not start on a page boundary, its last when its file bytes
+//! end mid-page, so that what follows them, `.bss`, stays zero; a page two
+//! segments share) are copied. Everything is copied, as `linux-loader`
+//! does, when the RAM has huge pages, the layout is unusual, there is no
+//! file, or the mapped pages do not read exactly as the image.
 
 use crate::arch::layout::HIMEM_START;
 use crate::config::{open_kernel_image, KernelImage, KernelImageError, MAX_KERNEL_IMAGE_BYTES};
+use crate::memory::ram::{self, OverlayError};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::borrow::Cow;
+#[cfg(test)]
+use std::cell::Cell;
+use std::fs::File;
 use std::io::{Cursor, Read};
 use std::path::PathBuf;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-/// The guest kernel built from `guest-kernel/`, embedded at build time.
-pub static EMBEDDED_KERNEL: &[u8] = include_bytes!(env!("GUEST_KERNEL_PATH"));
+/// The embedded kernel's bytes, page-aligned in the binary: its pages are
+/// then whole pages of the binary's file, which [`Image::load`] maps.
+#[repr(C, align(4096))]
+struct PageAligned<T: ?Sized>(T);
+
+const EMBEDDED_LEN: usize = include_bytes!(env!("GUEST_KERNEL_PATH")).len();
+static EMBEDDED: PageAligned<[u8; EMBEDDED_LEN]> = PageAligned(*include_bytes!(env!("GUEST_KERNEL_PATH")));
+
+/// The guest kernel built from `guest-kernel/`, embedded at build time
+/// (page-aligned).
+pub static EMBEDDED_KERNEL: &[u8] = &EMBEDDED.0;
 
 /// Where the build left the embedded kernel's ELF file (tests boot it as a file).
 pub const EMBEDDED_KERNEL_PATH: &str = env!("GUEST_KERNEL_PATH");
+
+/// Host page size the kernel's segments are mapped in.
+const PAGE: u64 = 4096;
 
 /// Why the kernel image could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +67,14 @@ pub enum LoadError {
         #[source]
         source: linux_loader::loader::Error,
     },
+    /// A mapping of the image was refused and fresh memory could not be put
+    /// back over it either (the host is out of mappings or memory).
+    #[error("cannot restore guest RAM under kernel image {name}")]
+    Restore {
+        name: String,
+        #[source]
+        source: OverlayError,
+    },
 }
 
 impl LoadError {
@@ -45,18 +84,45 @@ impl LoadError {
     }
 }
 
+/// Where an image's bytes can be mapped from.
+enum Source {
+    /// [`EMBEDDED_KERNEL`], in the running binary's file.
+    Embedded,
+    /// A file the bytes were read from, kept open until the image is
+    /// loaded (the mappings then hold it): only the tests map from one,
+    /// to check the mapping against files they change.
+    #[cfg(test)]
+    File(Cell<Option<File>>),
+    /// Bytes only (a `--kernel` file, the fuzzers): always copied.
+    Bytes,
+}
+
 /// A kernel image in memory, checked to be an x86-64 ELF executable.
 pub struct Image {
     bytes: Cow<'static, [u8]>,
     name: String,
+    source: Source,
+}
+
+/// What [`Image::load_into`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loaded {
+    entry: GuestAddress,
+    /// Bytes of guest RAM mapped from the image's file (the rest copied).
+    mapped: u64,
 }
 
 impl Image {
     /// Reads and checks the image.
     pub fn read(kernel: &KernelImage) -> Result<Image, LoadError> {
         let image = match kernel {
-            KernelImage::Embedded => Image { bytes: EMBEDDED_KERNEL.into(), name: "(built-in guest)".into() },
-            KernelImage::File(p) => Image { bytes: read_file(p)?.into(), name: p.display().to_string() },
+            KernelImage::Embedded => {
+                Image { bytes: EMBEDDED_KERNEL.into(), name: "(built-in guest)".into(), source: Source::Embedded }
+            }
+            KernelImage::File(p) => {
+                let (_file, bytes) = read_file(p)?;
+                Image { bytes: bytes.into(), name: p.display().to_string(), source: Source::Bytes }
+            }
         };
         check_elf(&image.bytes).map_err(|why| LoadError::NotElf { name: image.name.clone(), why })?;
         Ok(image)
@@ -65,7 +131,7 @@ impl Image {
     /// An image from bytes already in memory, unchecked (for the fuzzers).
     #[doc(hidden)]
     pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Image {
-        Image { bytes: bytes.into(), name: name.into() }
+        Image { bytes: bytes.into(), name: name.into(), source: Source::Bytes }
     }
 
     /// The guest-physical ranges `[start, end)` its loadable segments occupy
@@ -75,27 +141,254 @@ impl Image {
         load_segments(&self.bytes)
     }
 
-    /// Loads the ELF segments into guest memory from 1 MiB up; returns the entry point.
-    pub fn load(&self, mem: &GuestMemoryMmap) -> Result<GuestAddress, LoadError> {
+    /// Loads the ELF segments into guest memory from 1 MiB up; returns the
+    /// entry point. Whole pages of the segments are mapped from the image's
+    /// file where they can be (never when `huge_pages` backs the RAM); the
+    /// rest is copied. Call it once, on fresh guest RAM, before the RAM is
+    /// registered with KVM.
+    pub fn load(&self, mem: &GuestMemoryMmap, huge_pages: bool) -> Result<GuestAddress, LoadError> {
+        self.load_into(mem, huge_pages).map(|l| l.entry)
+    }
+
+    fn load_into(&self, mem: &GuestMemoryMmap, huge_pages: bool) -> Result<Loaded, LoadError> {
+        if !huge_pages {
+            if let Some(plan) = plan(&self.bytes, mem) {
+                let mapped = self.map_runs(&plan, mem)?;
+                if mapped > 0 {
+                    if copy_rest(&self.bytes, &plan, mem) {
+                        return Ok(Loaded { entry: GuestAddress(plan.entry), mapped });
+                    }
+                    self.unmap_runs(&plan.runs, mem)?;
+                }
+            }
+        }
         let loaded = Elf::load(mem, None, &mut Cursor::new(&self.bytes[..]), Some(GuestAddress(HIMEM_START)))
             .map_err(|source| LoadError::Load { name: self.name.clone(), source })?;
-        Ok(loaded.kernel_load)
+        Ok(Loaded { entry: loaded.kernel_load, mapped: 0 })
     }
+
+    /// The file to map the image from and the offset of the image in it;
+    /// `None` if there is none (nothing is mapped then). A test's file is
+    /// handed out once.
+    fn mapping_source(&self) -> Option<(File, u64)> {
+        match &self.source {
+            Source::Embedded => {
+                let offset = exe_file_offset(EMBEDDED_KERNEL)?;
+                offset.is_multiple_of(PAGE).then_some(())?;
+                Some((File::open("/proc/self/exe").ok()?, offset))
+            }
+            #[cfg(test)]
+            Source::File(file) => Some((file.take()?, 0)),
+            Source::Bytes => None,
+        }
+    }
+
+    /// Maps the plan's runs from the image's file; returns the bytes mapped.
+    /// Nothing stays mapped (0) unless every run mapped and reads exactly
+    /// as the image: the file may have changed since it was read, or
+    /// `/proc/self/exe` may not hold this binary's bytes where expected.
+    fn map_runs(&self, plan: &Plan, mem: &GuestMemoryMmap) -> Result<u64, LoadError> {
+        if plan.runs.is_empty() {
+            return Ok(0);
+        }
+        let Some((file, base)) = self.mapping_source() else {
+            return Ok(0);
+        };
+        let mut mapped = 0;
+        for (i, run) in plan.runs.iter().enumerate() {
+            let image = &self.bytes[run.offset as usize..(run.offset + run.len) as usize];
+            let ok = base.checked_add(run.offset).is_some_and(|offset| {
+                ram::map_file(mem, GuestAddress(run.gpa), run.len, &file, offset).is_ok()
+                    && reads_as(mem, run.gpa, image)
+            });
+            if !ok {
+                // A failed MAP_FIXED may have unmapped the range too.
+                self.unmap_runs(&plan.runs[..=i], mem)?;
+                return Ok(0);
+            }
+            mapped += run.len;
+        }
+        Ok(mapped)
+    }
+
+    /// Puts fresh RAM back over `runs`.
+    fn unmap_runs(&self, runs: &[Run], mem: &GuestMemoryMmap) -> Result<(), LoadError> {
+        for run in runs {
+            ram::map_anonymous(mem, GuestAddress(run.gpa), run.len)
+                .map_err(|source| LoadError::Restore { name: self.name.clone(), source })?;
+        }
+        Ok(())
+    }
+}
+
+/// One `PT_LOAD` segment with file bytes, as loaded: `filesz` bytes of the
+/// image from `offset` at guest-physical `paddr`, zero up to `memsz`.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// Whole pages of one segment's file bytes, mapped from the image's file:
+/// `len` bytes of the image from `offset` at guest-physical `gpa`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    gpa: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// How an image is loaded when its pages can be mapped: the segments (all
+/// copied but for their runs) and the runs.
+#[derive(Debug)]
+struct Plan {
+    entry: u64,
+    segments: Vec<Segment>,
+    runs: Vec<Run>,
+}
+
+/// The plan for loading `image` into `mem` with mapped pages, or `None` when
+/// anything is unusual (then `linux-loader` copies it, or says what is
+/// wrong). Usual is: the header `linux-loader` accepts (program headers of
+/// 56 bytes past the ELF header, the entry at or above 1 MiB), no `PT_NOTE`
+/// (whose PVH note `linux-loader` would parse), and `PT_LOAD` segments with
+/// their file bytes inside the image and guest RAM, `filesz <= memsz`, that
+/// do not overlap each other.
+fn plan(image: &[u8], mem: &GuestMemoryMmap) -> Option<Plan> {
+    const PT_LOAD: u32 = 1;
+    const PT_NOTE: u32 = 4;
+    let u16_at = |o: usize| field::<2>(image, o, 0).map(u16::from_le_bytes);
+    let u32_at = |o: usize, at: usize| field::<4>(image, o, at).map(u32::from_le_bytes);
+    let u64_at = |o: usize, at: usize| field::<8>(image, o, at).map(u64::from_le_bytes);
+    let (entry, phoff, entsize, count) = (u64_at(0x18, 0)?, u64_at(0x20, 0)?, u16_at(0x36)?, u16_at(0x38)?);
+    if entsize != 56 || phoff < 64 || entry < HIMEM_START {
+        return None;
+    }
+    let mut segments = Vec::new();
+    for i in 0..usize::from(count) {
+        let h = usize::try_from(phoff).ok()?.checked_add(i * 56)?;
+        match u32_at(h, 0)? {
+            PT_NOTE => return None,
+            PT_LOAD => {}
+            _ => continue,
+        }
+        let s = Segment {
+            offset: u64_at(h, 8)?,
+            paddr: u64_at(h, 0x18)?,
+            filesz: u64_at(h, 0x20)?,
+            memsz: u64_at(h, 0x28)?,
+        };
+        if s.filesz == 0 {
+            continue; // `linux-loader` skips these too
+        }
+        let file_end = s.offset.checked_add(s.filesz)?;
+        s.paddr.checked_add(s.memsz)?;
+        if file_end > image.len() as u64
+            || s.filesz > s.memsz
+            || !mem.check_range(GuestAddress(s.paddr), s.filesz as usize)
+        {
+            return None;
+        }
+        segments.push(s);
+    }
+    let mut by_addr = segments.clone();
+    by_addr.sort_by_key(|s| s.paddr);
+    if by_addr.windows(2).any(|w| w[0].paddr + w[0].memsz > w[1].paddr) {
+        return None;
+    }
+    let runs = segments
+        .iter()
+        .filter(|s| s.offset % PAGE == s.paddr % PAGE)
+        .filter_map(|s| {
+            let gpa = s.paddr.next_multiple_of(PAGE);
+            let end = (s.paddr + s.filesz) / PAGE * PAGE;
+            (gpa < end).then_some(Run { gpa, offset: s.offset + (gpa - s.paddr), len: end - gpa })
+        })
+        .collect();
+    Some(Plan { entry, segments, runs })
+}
+
+/// Copies every segment's file bytes but its run (the rest of guest RAM is
+/// fresh, so what lies past `filesz` reads as zero); false if guest memory
+/// refused a write (nothing the plan let through).
+fn copy_rest(image: &[u8], plan: &Plan, mem: &GuestMemoryMmap) -> bool {
+    plan.segments.iter().all(|s| {
+        let end = s.paddr + s.filesz;
+        let run = plan.runs.iter().find(|r| r.gpa >= s.paddr && r.gpa + r.len <= end);
+        let pieces = match run {
+            Some(r) => [(s.paddr, r.gpa), (r.gpa + r.len, end)],
+            None => [(s.paddr, end), (end, end)],
+        };
+        pieces.iter().filter(|(a, b)| a < b).all(|&(a, b)| {
+            let from = (s.offset + (a - s.paddr)) as usize;
+            mem.write_slice(&image[from..from + (b - a) as usize], GuestAddress(a)).is_ok()
+        })
+    })
+}
+
+/// Whether guest memory from `gpa` reads exactly `expected`.
+fn reads_as(mem: &GuestMemoryMmap, gpa: u64, expected: &[u8]) -> bool {
+    let mut page = [0u8; PAGE as usize];
+    expected.chunks(PAGE as usize).enumerate().all(|(i, want)| {
+        let got = &mut page[..want.len()];
+        mem.read_slice(got, GuestAddress(gpa + (i as u64) * PAGE)).is_ok() && got == want
+    })
+}
+
+/// The offset in the running executable's file of `bytes`, found from the
+/// program headers of the running executable (`dl_iterate_phdr`, whose
+/// first object is always the executable): `bytes` must lie in the file
+/// bytes of one of its `PT_LOAD` segments.
+fn exe_file_offset(bytes: &[u8]) -> Option<u64> {
+    const PT_LOAD: u32 = 1;
+    struct Query {
+        start: u64,
+        end: u64,
+        found: Option<u64>,
+    }
+    unsafe extern "C" fn first_object(info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> i32 {
+        // SAFETY: `data` is the `Query` that `exe_file_offset` passed, alive
+        // and not otherwise borrowed for the duration of the call; `info` is
+        // glibc's description of a loaded object, valid during the callback,
+        // with `dlpi_phnum` program headers at `dlpi_phdr` (or none).
+        let (query, info) = unsafe { (&mut *data.cast::<Query>(), &*info) };
+        let phdrs = if info.dlpi_phdr.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: see above: glibc's program header table of the object.
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+        };
+        query.found = phdrs.iter().filter(|h| h.p_type == PT_LOAD).find_map(|h| {
+            let start = info.dlpi_addr.checked_add(h.p_vaddr)?;
+            let end = start.checked_add(h.p_filesz)?;
+            (start <= query.start && query.end <= end).then(|| h.p_offset + (query.start - start))
+        });
+        1 // the executable only
+    }
+    let start = bytes.as_ptr() as u64;
+    let mut query = Query { start, end: start + bytes.len() as u64, found: None };
+    // SAFETY: the callback only reads what glibc hands it and writes `query`,
+    // which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(first_object), (&raw mut query).cast()) };
+    query.found
 }
 
 /// Reads a kernel file opened by [`open_kernel_image`] (regular, at most
 /// [`MAX_KERNEL_IMAGE_BYTES`], never blocking), reading at most one byte past
 /// the cap so a file that grows meanwhile is refused, not read forever.
-fn read_file(path: &std::path::Path) -> Result<Vec<u8>, LoadError> {
+fn read_file(path: &std::path::Path) -> Result<(File, Vec<u8>), LoadError> {
     let (file, len) = open_kernel_image(path)?;
     let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    file.take(MAX_KERNEL_IMAGE_BYTES + 1)
+    (&file)
+        .take(MAX_KERNEL_IMAGE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
     if bytes.len() as u64 > MAX_KERNEL_IMAGE_BYTES {
         return Err(KernelImageError::TooLarge { path: path.to_path_buf(), bytes: bytes.len() as u64 }.into());
     }
-    Ok(bytes)
+    Ok((file, bytes))
 }
 
 /// The `[p_paddr, p_paddr + p_memsz)` of every `PT_LOAD` header of a 64-bit
@@ -241,5 +534,198 @@ mod tests {
         assert!(matches!(e, LoadError::File(KernelImageError::NotAFile { .. })), "{e}");
         let ok = Image::read(&KernelImage::File(EMBEDDED_KERNEL_PATH.into())).unwrap();
         assert_eq!(&ok.bytes[..], EMBEDDED_KERNEL);
+    }
+
+    /// Fresh guest RAM for loading tests: 8 MiB holds the guest kernel with
+    /// its `.bss` and stacks.
+    fn ram() -> GuestMemoryMmap {
+        crate::memory::create_ram(&[(GuestAddress(0), 8 << 20)], false).unwrap()
+    }
+
+    /// Guest RAM from 1 MiB to the end of the image's last segment.
+    fn kernel_bytes(image: &Image, mem: &GuestMemoryMmap) -> Vec<u8> {
+        let end = image.segments().iter().map(|s| s.1).max().unwrap().next_multiple_of(PAGE);
+        let mut out = vec![0u8; (end - HIMEM_START) as usize];
+        mem.read_slice(&mut out, GuestAddress(HIMEM_START)).unwrap();
+        out
+    }
+
+    /// Bytes of guest RAM a copy loads into `mem`, as `linux-loader` does.
+    fn copied(image: &Image) -> (GuestMemoryMmap, Loaded) {
+        let mem = ram();
+        let loaded = image.load_into(&mem, true).unwrap();
+        assert_eq!(loaded.mapped, 0, "huge pages: copied");
+        (mem, loaded)
+    }
+
+    /// Every whole page of every segment's file bytes, for the guest kernel.
+    fn whole_pages(image: &[u8]) -> u64 {
+        let plan = plan(image, &ram()).unwrap();
+        plan.runs.iter().map(|r| r.len).sum()
+    }
+
+    /// What the copy gives, from 1 MiB to past the last segment: every
+    /// segment's file bytes, zero past `p_filesz` (`.bss`) and between.
+    fn assert_same_as_copy(image: &Image, mem: &GuestMemoryMmap) {
+        let (copy, _) = copied(image);
+        let (got, want) = (kernel_bytes(image, mem), kernel_bytes(image, &copy));
+        if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
+            panic!("guest RAM differs from the copy at {:#x}", HIMEM_START + at as u64);
+        }
+        for s in plan(&image.bytes, mem).unwrap().segments {
+            let mut tail = vec![0xffu8; (s.memsz - s.filesz) as usize];
+            mem.read_slice(&mut tail, GuestAddress(s.paddr + s.filesz)).unwrap();
+            assert!(tail.iter().all(|b| *b == 0), "past p_filesz of the segment at {:#x}", s.paddr);
+        }
+    }
+
+    #[test]
+    fn the_embedded_kernel_is_page_aligned_and_found_in_the_running_binary() {
+        assert!((EMBEDDED_KERNEL.as_ptr() as u64).is_multiple_of(PAGE));
+        let offset = exe_file_offset(EMBEDDED_KERNEL).expect("in a PT_LOAD segment of this binary");
+        let mut exe = std::fs::read("/proc/self/exe").unwrap();
+        exe.drain(..offset as usize);
+        assert!(exe.starts_with(EMBEDDED_KERNEL), "the bytes at {offset:#x} of /proc/self/exe");
+        let heap = vec![0u8; 16].into_boxed_slice();
+        assert_eq!(exe_file_offset(&heap), None, "on the heap, not in the file");
+    }
+
+    #[test]
+    fn the_embedded_kernel_maps_its_whole_pages_and_reads_as_a_copy() {
+        let image = Image::read(&KernelImage::Embedded).unwrap();
+        let mem = ram();
+        let loaded = image.load_into(&mem, false).unwrap();
+        // .text, .rodata and .data: most of the image's pages.
+        assert_eq!(loaded.mapped, whole_pages(EMBEDDED_KERNEL));
+        assert!(loaded.mapped >= 64 << 10, "{loaded:?}");
+        assert_eq!(loaded, Loaded { mapped: loaded.mapped, ..copied(&image).1 });
+        assert_same_as_copy(&image, &mem);
+    }
+
+    /// An image read from `path` whose pages are mapped from that file, as
+    /// the embedded kernel's are from the running binary.
+    fn mapped_from(path: &std::path::Path) -> Image {
+        let (file, bytes) = read_file(path).unwrap();
+        check_elf(&bytes).unwrap();
+        Image { bytes: bytes.into(), name: path.display().to_string(), source: Source::File(Cell::new(Some(file))) }
+    }
+
+    #[test]
+    fn a_kernel_file_given_with_kernel_is_copied_not_mapped() {
+        let image = Image::read(&KernelImage::File(EMBEDDED_KERNEL_PATH.into())).unwrap();
+        let mem = ram();
+        assert_eq!(image.load_into(&mem, false).unwrap().mapped, 0);
+        assert_same_as_copy(&image, &mem);
+    }
+
+    #[test]
+    fn a_mapped_file_maps_its_whole_pages_and_reads_as_a_copy() {
+        let image = mapped_from(EMBEDDED_KERNEL_PATH.as_ref());
+        let mem = ram();
+        let loaded = image.load_into(&mem, false).unwrap();
+        assert_eq!(loaded.mapped, whole_pages(&image.bytes));
+        assert_same_as_copy(&image, &mem);
+        // The file is handed out once: loading again copies.
+        assert_eq!(image.load_into(&ram(), false).unwrap().mapped, 0);
+    }
+
+    #[test]
+    fn a_guest_write_to_a_mapped_page_changes_neither_the_file_nor_another_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmlinux");
+        std::fs::copy(EMBEDDED_KERNEL_PATH, &path).unwrap();
+        let load = || {
+            let image = mapped_from(&path);
+            let mem = ram();
+            assert!(image.load_into(&mem, false).unwrap().mapped > 0);
+            mem
+        };
+        let (a, b) = (load(), load());
+        let at = GuestAddress(HIMEM_START + PAGE); // inside .text, mapped
+        let before: u64 = b.read_obj(at).unwrap();
+        a.write_obj(!before, at).unwrap();
+        assert_eq!(a.read_obj::<u64>(at).unwrap(), !before, "the guest reads what it wrote");
+        assert_eq!(b.read_obj::<u64>(at).unwrap(), before, "another VM's copy is its own");
+        assert_eq!(std::fs::read(&path).unwrap(), EMBEDDED_KERNEL, "the file is never written");
+    }
+
+    #[test]
+    fn huge_pages_and_bytes_without_a_file_are_copied() {
+        let image = Image::read(&KernelImage::Embedded).unwrap();
+        let (mem, loaded) = copied(&image);
+        assert_eq!(loaded.entry, image.load_into(&ram(), false).unwrap().entry);
+        assert_same_as_copy(&image, &mem);
+        let bytes = Image::from_bytes(EMBEDDED_KERNEL.to_vec(), "bytes");
+        let mem = ram();
+        assert_eq!(bytes.load_into(&mem, false).unwrap().mapped, 0);
+        assert_same_as_copy(&bytes, &mem);
+    }
+
+    #[test]
+    fn a_file_changed_after_it_was_read_is_copied_as_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmlinux");
+        std::fs::copy(EMBEDDED_KERNEL_PATH, &path).unwrap();
+        let image = mapped_from(&path);
+        // Rewritten in place (same inode) between reading and loading.
+        let mut changed = EMBEDDED_KERNEL.to_vec();
+        let last = changed.len() - 1;
+        for b in &mut changed[0x1000..last] {
+            *b = !*b;
+        }
+        std::fs::write(&path, &changed).unwrap();
+        let mem = ram();
+        assert_eq!(image.load_into(&mem, false).unwrap().mapped, 0, "the mapped bytes are checked");
+        assert_same_as_copy(&image, &mem);
+    }
+
+    #[test]
+    fn a_segment_whose_offset_is_not_page_congruent_is_copied_alone() {
+        // The first segment's file bytes moved to the end of the image, at an
+        // offset 8 bytes past a page boundary: it cannot be mapped, the
+        // others still are.
+        let mut bytes = EMBEDDED_KERNEL.to_vec();
+        let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
+        let first = plan(&bytes, &ram()).unwrap().segments[0];
+        let h = (0..usize::from(u16::from_le_bytes([bytes[0x38], bytes[0x39]])))
+            .map(|i| phoff + i * 56)
+            .find(|&h| bytes[h] == 1)
+            .unwrap();
+        let moved = bytes.len().next_multiple_of(PAGE as usize) + 8;
+        let data = bytes[first.offset as usize..(first.offset + first.filesz) as usize].to_vec();
+        bytes.resize(moved, 0);
+        bytes.extend_from_slice(&data);
+        bytes[h + 8..h + 16].copy_from_slice(&(moved as u64).to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmlinux");
+        std::fs::write(&path, &bytes).unwrap();
+        let image = mapped_from(&path);
+        let mem = ram();
+        let first_pages = plan(EMBEDDED_KERNEL, &ram()).unwrap().runs[0].len;
+        assert_eq!(image.load_into(&mem, false).unwrap().mapped, whole_pages(EMBEDDED_KERNEL) - first_pages);
+        assert_same_as_copy(&image, &mem);
+    }
+
+    #[test]
+    fn unusual_layouts_have_no_plan() {
+        let mem = ram();
+        assert!(plan(EMBEDDED_KERNEL, &mem).is_some());
+        // Too little RAM for the segments.
+        let small = crate::memory::create_ram(&[(GuestAddress(0), 1 << 20)], false).unwrap();
+        assert!(plan(EMBEDDED_KERNEL, &small).is_none());
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[0x36] = 55; // program header size
+        assert!(plan(&img, &mem).is_none());
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[0x18..0x20].copy_from_slice(&0x1000u64.to_le_bytes()); // entry below 1 MiB
+        assert!(plan(&img, &mem).is_none());
+        // The second segment moved onto the first.
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        let phoff = u64::from_le_bytes(img[0x20..0x28].try_into().unwrap()) as usize;
+        img[phoff + 56 + 0x18..phoff + 56 + 0x20].copy_from_slice(&HIMEM_START.to_le_bytes());
+        assert!(plan(&img, &mem).is_none());
+        // The embedded kernel loaded from such an image still loads (copied).
+        let image = Image::from_bytes(img, "overlapping");
+        assert_eq!(image.load_into(&mem, false).unwrap().mapped, 0);
     }
 }
