@@ -310,3 +310,52 @@ fn a_kernel_linked_above_the_first_memory_block_boots() {
     o.assert_code(71);
     assert!(o.stderr.contains("guest exited with code 7"), "{o}");
 }
+
+/// Processes whose command line mentions `token` (the test's scratch
+/// directory, so only what this test started).
+fn processes_naming(token: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(token)
+        })
+        .collect()
+}
+
+#[test]
+fn a_vm_left_to_the_process_exit_keeps_its_exit_code_output_and_cleanup() {
+    // `vmm run` exits without tearing its VM down itself (the kernel does
+    // it at exit): the exit code, the whole report and the timings line are
+    // there, the API socket is removed, and the process, its vCPU thread
+    // and KVM's task are gone once it is reaped.
+    let dir = common::TempDir::new("fast-exit");
+    let sock = dir.path().join("vm.sock");
+    let sock_arg = sock.to_str().unwrap().to_string();
+    for (cmdline, code) in [("workload=exit", 0), ("workload=panic", 101)] {
+        let args = ["run", "--mem-mib", "256", "--serial", "stderr", "--cmdline", cmdline, "--report", "json"];
+        let mut child = Command::new(common::vmm_path())
+            .args(args)
+            .args(["--api-sock", &sock_arg])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (mut stdout, mut stderr) = (String::new(), String::new());
+        child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "{cmdline}: {stdout}\n{stderr}");
+        if code == 0 {
+            let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+            assert!(report["timings"]["guest_ready"].is_number(), "{report}");
+        }
+        assert!(stderr.contains("boot timings") && stderr.contains("vm stopped"), "{stderr}");
+        assert!(!sock.exists(), "the API socket is removed");
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} is reaped with all its tasks");
+        let left = processes_naming(dir.path().to_str().unwrap());
+        assert!(left.is_empty(), "processes left behind: {left:?}");
+    }
+}
