@@ -138,7 +138,6 @@ pub fn run(args: RunArgs, timings: Arc<Timings>) -> u8 {
         vmm::outln!("{}", serde_json::json!({ "bench_alloc_free": b }));
     }
     print_timings(&timings);
-    leave_to_process_exit(ctl);
     exit_code(reason)
 }
 
@@ -164,30 +163,12 @@ pub fn serve(args: ServeArgs, timings: Arc<Timings>) -> u8 {
     let reason = ctl.run(Some(&mut server));
     server.shutdown();
     match reason {
-        Ok(reason) => {
-            leave_to_process_exit(ctl);
-            exit_code(reason)
-        }
+        Ok(reason) => exit_code(reason),
         Err(e) => {
             vmm::errln!("vmm: error: {}", ErrorChain(&e));
             1
         }
     }
-}
-
-/// Hands a controller whose VM has stopped to the process exit that follows
-/// instead of dropping it. What its drop would do (close the KVM VM, whose
-/// shadow page tables, memslots and debugfs entries the kernel then frees;
-/// unmap guest RAM) the kernel does at exit anyway, and faster there, with
-/// the whole address space torn down at once: skipping it took about 2 ms
-/// off a 2 GiB VM's exec → exit (docs/benchmarks.md). Nothing is lost: the
-/// vCPU threads were joined (or are left to the exit, as a drop would leave
-/// them) and the console flushed when the VM stopped, every line the VMM
-/// prints was written unbuffered, and the caller has already removed the
-/// API socket. Only for the end of `main`'s command: a controller left here
-/// holds its VM until the process exits.
-fn leave_to_process_exit(ctl: Controller) {
-    std::mem::forget(ctl);
 }
 
 /// Prints why the VM stopped (and a guest's nonzero exit code on stdout)
