@@ -6,8 +6,11 @@
 //!   process (by default every thread that allocates gets one of its own),
 //!   and fixed thresholds. glibc otherwise raises its mmap threshold each
 //!   time a large block is freed, so that later large buffers come from the
-//!   heap and their pages stay with the process. It also notes where the
-//!   main thread's stack lies, for [`trim_stack`].
+//!   heap and their pages stay with the process. It also notes which
+//!   thread is the main one, for [`trim_stack`], which reads where that
+//!   thread's stack lies the first time it runs there (glibc reads
+//!   `/proc/self/maps` for it, tens of µs better spent after the VM started
+//!   than before).
 //! - [`configure`] also turns off glibc's per-thread cache ("tcache") for
 //!   the calling (main) thread. That cache keeps up to seven freed blocks of
 //!   each small size per thread, scattered over the heap, where no trim can
@@ -42,7 +45,8 @@ pub const TRIM_THRESHOLD_BYTES: i32 = 32 << 10;
 /// Sets glibc's allocator up for a small process; call it before any thread
 /// is started (`M_ARENA_MAX` only holds for arenas not yet made).
 pub fn configure() {
-    MAIN_STACK.get_or_init(current_stack);
+    // SAFETY: pthread_self has no preconditions.
+    MAIN_THREAD.get_or_init(|| unsafe { libc::pthread_self() });
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes allocator parameters, which glibc reads
     // under its own locks; the caller runs it before starting threads.
@@ -86,7 +90,11 @@ pub const STACK_KEEP_BYTES: usize = 8 << 10;
 
 const PAGE_BYTES: usize = 4096;
 
-/// The main thread's stack, `[low, high)`, noted by [`configure`].
+/// The main thread, noted by [`configure`].
+static MAIN_THREAD: OnceLock<libc::pthread_t> = OnceLock::new();
+
+/// The main thread's stack, `[low, high)`, read by the first [`trim_stack`]
+/// on that thread.
 static MAIN_STACK: OnceLock<Option<(usize, usize)>> = OnceLock::new();
 
 /// The calling thread's stack as glibc knows it, `[low, high)`: for the main
@@ -118,7 +126,19 @@ fn stack_pointer() -> usize {
 /// [`STACK_KEEP_BYTES`]; does nothing on another thread or before
 /// [`configure`].
 pub fn trim_stack() {
-    if let Some(Some(stack)) = MAIN_STACK.get().copied() {
+    trim_stack_with(&MAIN_THREAD, &MAIN_STACK);
+}
+
+/// [`trim_stack`] with the main thread and its stack's bounds kept in `main`
+/// and `stack`.
+fn trim_stack_with(main: &OnceLock<libc::pthread_t>, stack: &OnceLock<Option<(usize, usize)>>) {
+    let Some(&main) = main.get() else { return };
+    // SAFETY: pthread_self and pthread_equal have no preconditions; `main`
+    // is a thread that existed (the main thread outlives every call here).
+    if unsafe { libc::pthread_equal(main, libc::pthread_self()) } == 0 {
+        return;
+    }
+    if let Some(stack) = *stack.get_or_init(current_stack) {
         trim_stack_in(stack);
     }
 }
@@ -184,6 +204,26 @@ mod tests {
         assert!((low..high).contains(&stack_pointer()), "{low:#x}..{high:#x}");
         // Not the main thread's: trimming is a no-op here.
         trim_stack();
+    }
+
+    #[test]
+    fn the_main_stack_is_read_by_the_first_trim_on_the_main_thread_only() {
+        let (main, stack) = (OnceLock::new(), OnceLock::new());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                trim_stack_with(&main, &stack);
+                assert!(stack.get().is_none(), "no main thread noted yet");
+                // SAFETY: no preconditions.
+                main.set(unsafe { libc::pthread_self() }).unwrap();
+                std::thread::scope(|s| {
+                    s.spawn(|| trim_stack_with(&main, &stack));
+                });
+                assert!(stack.get().is_none(), "another thread's trim reads nothing");
+                trim_stack_with(&main, &stack);
+                let (low, high) = stack.get().copied().flatten().expect("read on the main thread");
+                assert!((low..high).contains(&stack_pointer()), "{low:#x}..{high:#x}");
+            });
+        });
     }
 
     #[test]
