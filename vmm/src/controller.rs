@@ -618,6 +618,7 @@ impl Controller {
             tsc_khz: vm.tsc_khz,
             workload_bytes: self.workload_bytes,
             registered_bytes,
+            registered_ranges: vm.devices.paravirt().and_then(|p| p.registrar()).map(|r| r.registered_ranges()),
             reclaim_mode: vm.config.machine.effective_reclaim(),
             reclaim,
             memslots_unregistered,

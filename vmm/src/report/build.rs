@@ -18,6 +18,12 @@ pub struct ReportContext<'a> {
     pub workload_bytes: u64,
     /// Guest RAM registered with KVM now.
     pub registered_bytes: u64,
+    /// The registered ranges `[start, end)`, where the VMM tracks them
+    /// (`None`: all of RAM is registered). Only they can hold guest pages
+    /// (the guest cannot touch the rest, and the VMM writes only there), so
+    /// residency is measured over them alone: `mincore` over all of a
+    /// 2 GiB guest takes about 0.8 ms, over an idle guest's 10 MiB a few µs.
+    pub registered_ranges: Option<Vec<(u64, u64)>>,
     /// The reclaim mode the VM runs with.
     pub reclaim_mode: api::Reclaim,
     /// What the guest's reclaim reports did.
@@ -111,7 +117,10 @@ pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
     let mut host = api::HostMemoryView {
         guest_ram_bytes: ram,
         kvm_registered_bytes: registered,
-        guest_ram_resident_bytes: memory::ram_resident_bytes(mem),
+        guest_ram_resident_bytes: match &ctx.registered_ranges {
+            Some(ranges) => ranges.iter().map(|&(s, e)| memory::resident_bytes(mem, GuestAddress(s), e.saturating_sub(s))).sum(),
+            None => memory::ram_resident_bytes(mem),
+        },
         memmap_resident_bytes: 0,
         memmap_range_bytes: 0,
         vmm_rss_bytes: rss,
@@ -206,6 +215,7 @@ mod tests {
             tsc_khz: None,
             workload_bytes: 0,
             registered_bytes: 0,
+            registered_ranges: None,
             reclaim_mode: api::Reclaim::Full,
             reclaim,
             memslots_unregistered: 2,
@@ -262,6 +272,19 @@ mod tests {
         assert_eq!((v.mode, v.events, v.accepted_bytes, v.memslots_unregistered), (Some(api::Reclaim::Full), 2, 4 << 20, 2));
         assert_eq!((v.discarded_bytes, v.discarded_data_bytes), (2 << 20, 2 << 20), "what the host released");
         assert_eq!((v.guest_reported_bytes, v.guest_events, v.chunks_deinitialized, v.delay_ms), (Some(4 << 20), Some(2), Some(5), Some(2000)));
+    }
+
+    #[test]
+    fn residency_is_measured_over_the_registered_ranges_where_they_are_known() {
+        let mem = ram_with_block(4 << 20, 2); // the stats block's page, at 4 KiB
+        mem.write_obj(1u64, GuestAddress(40 << 20)).unwrap();
+        let all = memory_report(&context(&mem, stats(4 << 20, 2, None))).host.guest_ram_resident_bytes;
+        assert_eq!(all, 2 * PAGE_SIZE, "untracked: all of RAM");
+        let mut c = context(&mem, stats(4 << 20, 2, None));
+        c.registered_ranges = Some(vec![(0, 2 << 20)]);
+        assert_eq!(memory_report(&c).host.guest_ram_resident_bytes, PAGE_SIZE, "the page at 40 MiB is outside");
+        c.registered_ranges = Some(vec![(0, 2 << 20), (40 << 20, 42 << 20)]);
+        assert_eq!(memory_report(&c).host.guest_ram_resident_bytes, all);
     }
 
     #[test]
