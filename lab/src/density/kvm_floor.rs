@@ -195,10 +195,9 @@ struct ProbeVm {
     vcpu: VcpuFd,
 }
 
-/// The median of some durations, in ns.
-fn median_ns(mut d: Vec<Duration>) -> u64 {
-    d.sort_unstable();
-    d.get(d.len() / 2).map_or(0, |m| m.as_nanos() as u64)
+/// The median of some durations, in ns (0 for none).
+fn median_ns(d: Vec<Duration>) -> u64 {
+    crate::stats::Sorted::new(d.iter().map(|x| x.as_nanos() as f64)).median().map_or(0, |m| m as u64)
 }
 
 /// In the child: the three readings of the cgroup's kernel memory, and the
