@@ -400,22 +400,29 @@ fn vms_share_the_kernel_pages_mapped_from_the_binary_and_copy_a_kernel_file() {
         common::Served::start("share-b", "api.sock", &embedded),
         common::Served::start("share-file", "api.sock", &["run", "--mem-mib", "2048", "--serial", "none", "--kernel", kernel.to_str().unwrap()]),
     ];
-    for vm in &vms {
-        memory_until(&vm.sock, "guest ready", |r| r["timings"]["guest_ready"].is_number() && r["valid"] == true);
-    }
+    let reports: Vec<Value> = vms
+        .iter()
+        .map(|vm| memory_until(&vm.sock, "guest ready", |r| r["timings"]["guest_ready"].is_number() && r["valid"] == true))
+        .collect();
     // Two VMs of the built-in guest: the pages it runs from are the
     // binary's page-cache pages, mapped in both processes (copied pages
     // would be anonymous and private to each).
-    for vm in &vms[..2] {
+    for (vm, report) in vms[..2].iter().zip(&reports) {
         let exe = std::fs::read_link(format!("/proc/{}/exe", vm.child.id())).unwrap();
         let k = kernel_pages(vm.child.id(), &exe, 2048 * MIB);
         assert!(k.size >= MAPPED, "the kernel's segments are mapped from {exe:?}: {k:?}");
         assert!(k.rss - k.anonymous >= MAPPED, "the guest uses the file's pages, not copies: {k:?}");
         assert!(k.shared_clean >= MAPPED, "shared with the other VM: {k:?}");
+        // The report says how much of resident guest RAM is those shared
+        // pages (an idle guest writes no more of them after Ready).
+        let shared = report["host"]["guest_ram_shared_bytes"].as_u64().unwrap();
+        assert_eq!(shared, k.rss - k.anonymous, "{report}");
+        assert!(shared < report["host"]["guest_ram_resident_bytes"].as_u64().unwrap(), "{report}");
     }
     // A --kernel file is copied: a new build copied over the path must not
     // change (or, truncated, fault) the kernel of a running VM.
     let vm = &vms[2];
     let k = kernel_pages(vm.child.id(), &kernel, 2048 * MIB);
     assert_eq!(k.size, 0, "nothing of {kernel:?} is mapped: {k:?}");
+    assert_eq!(reports[2]["host"]["guest_ram_shared_bytes"], 0, "{}", reports[2]);
 }

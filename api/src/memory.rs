@@ -138,6 +138,12 @@ pub struct HostMemoryView {
     pub guest_ram_bytes: u64,
     /// Of that, bytes resident on the host.
     pub guest_ram_resident_bytes: u64,
+    /// Of the resident bytes, those still mapped from the page cache: the
+    /// built-in kernel's pages that the guest has not written, mapped from
+    /// the VMM's binary and shared by every VM on the host (so not this VM's
+    /// own cost). `null` if `/proc/self/smaps` could not be read.
+    #[serde(default)]
+    pub guest_ram_shared_bytes: Option<u64>,
     /// Resident bytes of the guest's memmap ranges.
     pub memmap_resident_bytes: u64,
     /// Size of the guest's memmap ranges.
@@ -320,6 +326,7 @@ impl HostMemoryView {
         HostMemoryView {
             guest_ram_bytes: 2 << 30,
             guest_ram_resident_bytes: 40 << 20,
+            guest_ram_shared_bytes: Some(96 << 10),
             memmap_resident_bytes: 2 << 20,
             memmap_range_bytes: 32 << 20,
             vmm_rss_bytes: 6 << 20,
@@ -444,6 +451,7 @@ mod tests {
             host: HostMemoryView {
                 guest_ram_bytes: 1 << 30,
                 guest_ram_resident_bytes: 0,
+                guest_ram_shared_bytes: None,
                 memmap_resident_bytes: 0,
                 memmap_range_bytes: 0,
                 vmm_rss_bytes: 0,

@@ -257,7 +257,12 @@ fn samples() -> Vec<Sample> {
         ),
         sample("MemoryReport", false, report_full(), report_minimal()),
         sample("GuestMemoryView", false, GuestMemoryView::example(), guest_min),
-        sample("HostMemoryView", false, HostMemoryView::example(), HostMemoryView { vmm_pss_bytes: None, ..HostMemoryView::example() }),
+        sample(
+            "HostMemoryView",
+            false,
+            HostMemoryView::example(),
+            HostMemoryView { vmm_pss_bytes: None, guest_ram_shared_bytes: None, ..HostMemoryView::example() },
+        ),
         sample("BootTimings", false, BootTimings::example(), BootTimings::default()),
         sample("ReclaimView", false, ReclaimView::example(), ReclaimView::default()),
         sample(

@@ -218,6 +218,7 @@ impl Exposition {
         let HostMemoryView {
             guest_ram_bytes,
             guest_ram_resident_bytes,
+            guest_ram_shared_bytes,
             memmap_resident_bytes,
             memmap_range_bytes,
             vmm_rss_bytes,
@@ -226,9 +227,14 @@ impl Exposition {
             kvm_memslot_bytes_estimate,
             kvm_estimate_note: _,
         } = host;
-        let gauges: [(&'static str, &'static str, Option<u64>); 8] = [
+        let gauges: [(&'static str, &'static str, Option<u64>); 9] = [
             ("vmm_guest_ram_bytes", "Guest RAM mapped for the guest.", Some(*guest_ram_bytes)),
             ("vmm_guest_ram_resident_bytes", "Guest RAM resident on the host.", Some(*guest_ram_resident_bytes)),
+            (
+                "vmm_guest_ram_shared_bytes",
+                "Resident guest RAM still mapped from the page cache, shared by every VM.",
+                *guest_ram_shared_bytes,
+            ),
             ("vmm_memmap_resident_bytes", "Memmap bytes resident on the host.", Some(*memmap_resident_bytes)),
             ("vmm_memmap_range_bytes", "Size of the guest's memmap ranges.", Some(*memmap_range_bytes)),
             ("vmm_process_rss_bytes", "The VMM process's resident set size, without guest RAM.", Some(*vmm_rss_bytes)),

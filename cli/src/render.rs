@@ -382,6 +382,7 @@ fn host_view(view: &HostMemoryView) -> Vec<Field> {
     shown!(view => HostMemoryView {
         guest_ram_bytes: bytes,
         guest_ram_resident_bytes: bytes,
+        guest_ram_shared_bytes: bytes,
         memmap_resident_bytes: bytes,
         memmap_range_bytes: bytes,
         vmm_rss_bytes: bytes,
@@ -443,14 +444,14 @@ memmap strategy: ondemand
 GUEST (its stats block)                        HOST (measured by the VMM)
 pages_total               524288 (2 GiB)       guest_ram_bytes             2 GiB
 pages_initialized         32768 (128 MiB)      guest_ram_resident_bytes    40 MiB
-pages_allocated           1000 (3.9 MiB)       memmap_resident_bytes       2 MiB
-pages_free                30000 (117.2 MiB)    memmap_range_bytes          32 MiB
-pages_reserved            1768 (6.9 MiB)       vmm_rss_bytes               6 MiB
-memmap_bytes_reserved     32 MiB               vmm_pss_bytes               5 MiB
-memmap_bytes_initialized  2 MiB                kvm_registered_bytes        128 MiB
-chunks_total              1024                 kvm_memslot_bytes_estimate  4 MiB
-chunks_initialized        64                   kvm_estimate_note           rmap 8 B per 4 KiB page
-chunk_bytes               2 MiB
+pages_allocated           1000 (3.9 MiB)       guest_ram_shared_bytes      96 KiB
+pages_free                30000 (117.2 MiB)    memmap_resident_bytes       2 MiB
+pages_reserved            1768 (6.9 MiB)       memmap_range_bytes          32 MiB
+memmap_bytes_reserved     32 MiB               vmm_rss_bytes               6 MiB
+memmap_bytes_initialized  2 MiB                vmm_pss_bytes               5 MiB
+chunks_total              1024                 kvm_registered_bytes        128 MiB
+chunks_initialized        64                   kvm_memslot_bytes_estimate  4 MiB
+chunk_bytes               2 MiB                kvm_estimate_note           rmap 8 B per 4 KiB page
 grow_events               3
 init_cycles               123456
 init_us                   41.5 µs
@@ -643,8 +644,8 @@ guest and host agree  yes (memmap initialized 2 MiB, resident 2 MiB)
         // The host column starts at one offset on every line.
         let col = lines[1].find("HOST").unwrap();
         assert_eq!(lines[2].find("guest_ram_bytes"), Some(col), "{out}");
-        assert_eq!(lines[7].find("vmm_pss_bytes"), Some(col), "{out}");
-        assert!(lines[7].ends_with("vmm_pss_bytes               -"), "{out}");
+        assert_eq!(lines[8].find("vmm_pss_bytes"), Some(col), "{out}");
+        assert!(lines[8].ends_with("vmm_pss_bytes               -"), "{out}");
         assert!(!out.contains("pages_total"), "{out}");
         assert!(out.contains("process_start            0.0 µs"), "{out}");
         assert!(out.contains("guest_ready              -\n"), "{out}");

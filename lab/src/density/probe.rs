@@ -232,6 +232,10 @@ fn log_tail(log: &Path) -> String {
 pub struct Sample {
     /// Whether the guest's half of the report was valid.
     pub valid: bool,
+    /// Guest RAM resident on the host and this VM's own: the report's
+    /// `guest_ram_resident_bytes` less its `guest_ram_shared_bytes` (the
+    /// built-in kernel's pages still mapped from the page cache, which the
+    /// host holds once for every VM, not once per VM).
     pub guest_ram_resident: u64,
     pub memmap_resident: u64,
     pub memmap_initialized: u64,
@@ -309,7 +313,7 @@ pub fn parse_sample(v: &Value) -> Option<Sample> {
     let rss = host("vmm_rss_bytes")?;
     Some(Sample {
         valid: v.get("valid").and_then(Value::as_bool).unwrap_or(false),
-        guest_ram_resident: host("guest_ram_resident_bytes")?,
+        guest_ram_resident: host("guest_ram_resident_bytes")?.saturating_sub(host("guest_ram_shared_bytes").unwrap_or(0)),
         memmap_resident: host("memmap_resident_bytes")?,
         memmap_initialized: guest("memmap_bytes_initialized"),
         workload: guest("workload_bytes"),
@@ -355,5 +359,8 @@ mod tests {
         let s = parse_sample(&v).unwrap();
         assert_eq!((s.valid, s.vmm_pss, s.workload), (false, 7, 0));
         assert!(parse_sample(&json!({ "fault_message": "x" })).is_none());
+        // Pages shared from the page cache are not the VM's own.
+        let v = json!({ "host": { "guest_ram_resident_bytes": 204800, "guest_ram_shared_bytes": 98304, "memmap_resident_bytes": 0, "vmm_rss_bytes": 7 } });
+        assert_eq!(parse_sample(&v).unwrap().guest_ram_resident, 106496);
     }
 }

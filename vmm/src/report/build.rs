@@ -44,7 +44,7 @@ fn cycles_to_us(cycles: u64, khz: Option<u32>) -> Option<f64> {
 /// `InstanceStart`): `valid: false`, no guest view, no guest RAM yet; the
 /// VMM's own memory is measured all the same.
 pub fn not_started_report(timings: api::BootTimings) -> api::MemoryReport {
-    let (rss, pss) = super::host::own_memory(&[]).map_or((0, None), |(r, p)| (r, Some(p)));
+    let (rss, pss) = super::host::own_memory(&[]).map_or((0, None), |s| (s.rss, Some(s.pss)));
     api::MemoryReport {
         valid: false,
         invalid_reason: Some("the VM is not started: no guest memory yet".into()),
@@ -54,6 +54,7 @@ pub fn not_started_report(timings: api::BootTimings) -> api::MemoryReport {
             guest_ram_bytes: 0,
             kvm_registered_bytes: 0,
             guest_ram_resident_bytes: 0,
+            guest_ram_shared_bytes: None,
             memmap_resident_bytes: 0,
             memmap_range_bytes: 0,
             vmm_rss_bytes: rss,
@@ -113,7 +114,8 @@ pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
     let mem = ctx.mem;
     let ram = memory::ram::ram_bytes(mem);
     let registered = ctx.registered_bytes;
-    let (rss, pss) = vmm_own_memory(mem).map_or((0, None), |(r, p)| (r, Some(p)));
+    let own = vmm_own_memory(mem);
+    let (rss, pss) = own.map_or((0, None), |s| (s.rss, Some(s.pss)));
     let mut host = api::HostMemoryView {
         guest_ram_bytes: ram,
         kvm_registered_bytes: registered,
@@ -121,6 +123,7 @@ pub fn memory_report(ctx: &ReportContext<'_>) -> api::MemoryReport {
             Some(ranges) => ranges.iter().map(|&(s, e)| memory::resident_bytes(mem, GuestAddress(s), e.saturating_sub(s))).sum(),
             None => memory::ram_resident_bytes(mem),
         },
+        guest_ram_shared_bytes: own.map(|s| s.skipped_file),
         memmap_resident_bytes: 0,
         memmap_range_bytes: 0,
         vmm_rss_bytes: rss,
