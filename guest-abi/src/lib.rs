@@ -46,6 +46,7 @@
 #![no_std]
 
 pub mod cmdline;
+pub mod entry_note;
 pub mod layout;
 
 /// The records are plain integers with no padding holes that matter and no

@@ -148,7 +148,12 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
 
     // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.
     let cpuid = boot_thread.supported_cpuid().or_else(|| kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok());
-    let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, entry)?;
+    //    The boot vCPU starts at the guest's ring-3 entry if its image has a
+    //    valid note, except on `--legacy-only`, which boots as Firecracker
+    //    does (at `_start`, in ring 0).
+    let ring3 = image.ring3_entry().ok().filter(|_| !config.legacy_only);
+    let boot = BootEntry { entry, ring3: ring3.as_ref().map(|e| (&mem, e)) };
+    let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, &boot)?;
 
     Ok(Vm::new(VmParts {
         config,
@@ -171,9 +176,19 @@ struct Vcpus {
     tsc_khz: Option<u32>,
 }
 
+/// Where the boot vCPU starts: the ELF entry in ring 0 (Linux 64-bit boot
+/// protocol), or, when the image has a valid ring-3 entry note, there, with
+/// the guest memory whose GDT and TSS that entry needs written.
+struct BootEntry<'a> {
+    entry: GuestAddress,
+    ring3: Option<(&'a vm_memory::GuestMemoryMmap, &'a guest_abi::entry_note::Ring3Entry)>,
+}
+
 /// Creates `count` vCPUs, each with `cpuid` (KVM's supported CPUID,
-/// patched per vCPU) if there is one.
-fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddress) -> Result<Vcpus, BuildError> {
+/// patched per vCPU) if there is one. The boot vCPU starts at `boot`'s
+/// ring-3 entry if it has one that the guest's descriptors and KVM accept,
+/// else at its ELF entry in ring 0.
+fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, boot: &BootEntry) -> Result<Vcpus, BuildError> {
     let mut out = Vcpus { fds: Vec::with_capacity(count.into()), boot_sregs: kvm_sregs::default(), tsc_khz: None };
     for cpu in 0..count {
         let vcpu_err = |what| move |source| BuildError::Vcpu { cpu, what, source };
@@ -185,12 +200,23 @@ fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddre
             vcpu.set_cpuid2(&c).map_err(vcpu_err("KVM_SET_CPUID2"))?;
         }
         if cpu == 0 {
-            let sregs = vcpu.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
-            let sregs = arch::long_mode_sregs(sregs, layout::PML4_START);
-            vcpu.set_sregs(&sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
-            vcpu.set_regs(&arch::boot_regs(entry.0)).map_err(vcpu_err("KVM_SET_REGS"))?;
+            let initial = vcpu.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+            // Application processors start from these sregs too, with every
+            // segment and table register replaced (`Vm::start_aps`).
+            let ring3 = boot
+                .ring3
+                .and_then(|(mem, e)| arch::ring3_entry_state(mem, initial, e).ok())
+                .filter(|(s, r)| vcpu.set_sregs(s).and_then(|()| vcpu.set_regs(r)).is_ok());
+            out.boot_sregs = match ring3 {
+                Some((sregs, _)) => sregs,
+                None => {
+                    let sregs = arch::long_mode_sregs(initial, layout::PML4_START);
+                    vcpu.set_sregs(&sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
+                    vcpu.set_regs(&arch::boot_regs(boot.entry.0)).map_err(vcpu_err("KVM_SET_REGS"))?;
+                    sregs
+                }
+            };
             vcpu.set_fpu(&arch::boot_fpu()).map_err(vcpu_err("KVM_SET_FPU"))?;
-            out.boot_sregs = sregs;
         }
         out.fds.push(vcpu);
     }
