@@ -600,6 +600,9 @@ pub mod stats_flags {
     pub const FULLY_INITIALIZED: u32 = 1 << 2;
     /// The grow check's jump sites are patched out of the allocator's code.
     pub const JUMP_SITES_PATCHED: u32 = 1 << 3;
+    /// The boot CPU entered at the image's ring-3 entry
+    /// ([`crate::entry_note`]): no ring-0 prologue ran.
+    pub const RING3_ENTRY: u32 = 1 << 4;
     /// The block was filled by a test workload with deliberate garbage.
     pub const TEST_CORRUPT: u32 = 1 << 31;
 }

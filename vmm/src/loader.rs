@@ -935,4 +935,112 @@ mod tests {
         let image = Image::from_bytes(img, "overlapping");
         assert_eq!(image.load_into(&mem, false).unwrap().mapped, 0);
     }
+
+    /// The file offset of the embedded kernel's `PT_NOTE` header and of its
+    /// ring-3 entry record (past the 12-byte note header and the padded name).
+    fn note_offsets(image: &[u8]) -> (usize, usize) {
+        let phoff = u64::from_le_bytes(image[0x20..0x28].try_into().unwrap()) as usize;
+        let count = usize::from(u16::from_le_bytes([image[0x38], image[0x39]]));
+        let h = (0..count).map(|i| phoff + i * 56).find(|&h| image[h] == 4).expect("a PT_NOTE header");
+        let offset = u64::from_le_bytes(image[h + 8..h + 16].try_into().unwrap()) as usize;
+        assert_eq!(&image[offset + 12..offset + 21], entry_note::NOTE_NAME);
+        (h, offset + 24)
+    }
+
+    /// The embedded kernel with its ring-3 entry record changed by `f`.
+    fn with_record(f: impl FnOnce(&mut Ring3Entry)) -> Image {
+        let mut bytes = EMBEDDED_KERNEL.to_vec();
+        let (_, at) = note_offsets(&bytes);
+        let mut e = Ring3Entry::decode(&bytes[at..at + entry_note::ENTRY_SIZE]).unwrap();
+        f(&mut e);
+        bytes[at..at + entry_note::ENTRY_SIZE].copy_from_slice(&e.to_bytes());
+        Image::from_bytes(bytes, "patched")
+    }
+
+    #[test]
+    fn the_embedded_kernel_publishes_a_valid_ring3_entry() {
+        let image = Image::read(&KernelImage::Embedded).unwrap();
+        let e = image.ring3_entry().unwrap();
+        let elf_entry = u64::from_le_bytes(EMBEDDED_KERNEL[0x18..0x20].try_into().unwrap());
+        assert!(e.entry > elf_entry, "past `_start`'s ring-0 prologue: {e:x?}");
+        assert_eq!((e.user_cs & 3, e.user_ss & 3, e.tss_selector), (3, 3, 0x28));
+        let segments = image.segments();
+        for addr in [e.entry, e.cr3, e.gdt_base, e.idt_base, e.tss_base, e.stack_top - 1, e.rsp0 - 1] {
+            assert!(segments.iter().any(|&(s, end)| (s..end).contains(&addr)), "{addr:#x}");
+        }
+        // The note does not stop the kernel's pages being mapped.
+        assert!(plan(EMBEDDED_KERNEL, &ram()).is_some());
+    }
+
+    #[test]
+    fn a_bad_or_missing_ring3_entry_note_is_refused() {
+        use Ring3EntryError as E;
+        let bad = |f: fn(&mut Ring3Entry)| with_record(f).ring3_entry().unwrap_err();
+        assert_eq!(bad(|e| e.version = 2), E::Record(EntryNoteError::BadVersion(2)));
+        assert_eq!(bad(|e| e.magic = 0), E::Record(EntryNoteError::BadMagic(0)));
+        assert_eq!(bad(|e| e.size = 8), E::Record(EntryNoteError::BadSize(8)));
+        // Addresses outside the image, or in the wrong kind of segment.
+        assert!(matches!(bad(|e| e.entry = 0x1000), E::Outside { what: "entry", .. }));
+        assert!(matches!(bad(|e| e.entry = e.gdt_base), E::Outside { what: "entry", .. }), "not executable");
+        assert!(matches!(bad(|e| e.cr3 = u64::MAX & !0xfff), E::Outside { what: "page table", .. }));
+        assert!(matches!(bad(|e| e.gdt_base = u64::MAX - 7), E::Outside { what: "GDT", .. }), "wraps");
+        assert!(matches!(bad(|e| e.tss_base = 0x8000_0000), E::Outside { what: "TSS", .. }));
+        assert!(matches!(bad(|e| e.stack_top = 0), E::Outside { .. }));
+        assert!(matches!(bad(|e| e.rsp0 = 0x10), E::Outside { .. }));
+        // Alignment and limits.
+        assert!(matches!(bad(|e| e.cr3 += 8), E::Misaligned { what: "page table", .. }));
+        assert!(matches!(bad(|e| e.stack_top -= 8), E::Misaligned { .. }));
+        assert!(matches!(bad(|e| e.gdt_limit = 0x10), E::Invalid { what: "GDT limit", .. }));
+        assert!(matches!(bad(|e| e.idt_limit = 0x7), E::Invalid { what: "IDT limit", .. }));
+        assert!(matches!(bad(|e| e.tss_limit = 50), E::Invalid { what: "TSS limit", .. }));
+        // Selectors: privilege, table, inside the GDT, apart from the TSS.
+        assert!(matches!(bad(|e| e.user_cs = 0x20), E::Invalid { what: "user code selector", .. }));
+        assert!(matches!(bad(|e| e.user_ss = 0x1f), E::Invalid { what: "user data selector", .. }), "LDT");
+        assert!(matches!(bad(|e| e.user_ss = 0x3), E::Invalid { .. }), "null");
+        assert!(matches!(bad(|e| e.tss_selector = e.gdt_limit & !7), E::Invalid { what: "TSS selector", .. }));
+        assert!(matches!(bad(|e| e.tss_selector = (e.user_cs & !7) - 8), E::Invalid { what: "TSS selector", .. }));
+        // A truncated note, a note past the end of the image, no note.
+        let (h, at) = note_offsets(EMBEDDED_KERNEL);
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[h + 0x20..h + 0x28].copy_from_slice(&40u64.to_le_bytes()); // p_filesz: the record cut short
+        assert_eq!(Image::from_bytes(img.clone(), "cut").ring3_entry().unwrap_err(), E::MalformedNotes);
+        assert!(plan(&img, &ram()).is_none(), "linux-loader decides about a malformed note");
+        img[h + 8..h + 16].copy_from_slice(&(EMBEDDED_KERNEL.len() as u64 - 8).to_le_bytes());
+        assert_eq!(Image::from_bytes(img.clone(), "past").ring3_entry().unwrap_err(), E::MalformedNotes);
+        // A descriptor shorter than the record (n_descsz and p_filesz cut).
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[at - 20..at - 16].copy_from_slice(&(entry_note::ENTRY_SIZE as u32 - 8).to_le_bytes());
+        let filesz = u64::from_le_bytes(img[h + 0x20..h + 0x28].try_into().unwrap());
+        img[h + 0x20..h + 0x28].copy_from_slice(&(filesz - 8).to_le_bytes());
+        let short = Image::from_bytes(img, "short").ring3_entry();
+        assert_eq!(short, Err(E::Record(EntryNoteError::BadSize(entry_note::ENTRY_SIZE - 8))));
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[h..h + 4].copy_from_slice(&0u32.to_le_bytes()); // PT_NULL
+        assert_eq!(Image::from_bytes(img, "none").ring3_entry().unwrap_err(), E::Missing);
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[at - 12..at - 3].copy_from_slice(b"MVMGUESS\0");
+        assert_eq!(Image::from_bytes(img, "other").ring3_entry().unwrap_err(), E::Missing);
+    }
+
+    #[test]
+    fn notes_are_walked_without_trusting_their_sizes() {
+        let note = |namesz: u32, descsz: u32, body: &[u8]| {
+            let mut n = [namesz.to_le_bytes(), descsz.to_le_bytes(), 7u32.to_le_bytes()].concat();
+            n.extend_from_slice(body);
+            n
+        };
+        let two = [note(4, 5, b"Xen\0abcde\0\0\0"), note(2, 0, b"ab\0\0")].concat();
+        let walked = notes(&two).unwrap();
+        assert_eq!(walked.len(), 2);
+        assert_eq!((walked[0].name, walked[0].desc, walked[1].name), (&b"Xen\0"[..], &b"abcde"[..], &b"ab"[..]));
+        for bad in [note(u32::MAX, 0, b""), note(4, u32::MAX, b"abcd"), note(0, 0, b"")[..11].to_vec()] {
+            assert_eq!(notes(&bad), None);
+        }
+        // A PVH note goes to linux-loader (which reads it), not the mapped plan.
+        let (_, at) = note_offsets(EMBEDDED_KERNEL);
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[at - 20..at - 16].copy_from_slice(&4u32.to_le_bytes());
+        img[at - 12..at - 8].copy_from_slice(b"Xen\0");
+        assert!(plan(&img, &ram()).is_none());
+    }
 }

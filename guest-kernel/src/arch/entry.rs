@@ -158,11 +158,14 @@ _start_ring3:
     or rax, rdx
     mov r14, rax                    // TSC at entry
     xor edi, edi                    // CPU 0
+    mov ecx, 1                      // entered in ring 3
+    jmp 4f
 
 3:  // Ring 3. .bss is zero at entry (fresh guest RAM past p_filesz; see
     // docs/boot-protocol.md): clearing it would make the host back every
     // .bss page at every boot.
-    mov rdi, rdi                    // cpu
+    xor ecx, ecx                    // entered through the ring-0 prologue
+4:  mov rdi, rdi                    // cpu
     mov rsi, r15                    // boot_params (0 on APs)
     mov rdx, r14                    // TSC at entry
     and rsp, -16
