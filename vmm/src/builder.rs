@@ -385,10 +385,13 @@ mod tests {
         }
     }
 
-    /// The [`guest_abi::stats_flags`] the guest published.
+    /// The [`guest_abi::stats_flags`] the guest published, in a stats block
+    /// that the report accepts.
     fn guest_flags(vm: &Vm) -> u32 {
         let at = vm.devices.stats_gpa().expect("the guest published its stats block");
-        vm.mem.read_obj::<guest_abi::StatsBlock>(at).unwrap().flags
+        let b = crate::report::guest::read_snapshot(&vm.mem, at).unwrap();
+        crate::report::guest::validate(&b, &vm.mem, 1).unwrap();
+        b.flags
     }
 
     fn idle_boot_to_ready(on_memory: bool, cmdline: &str) {
