@@ -41,6 +41,12 @@
 //! ([`SETUP_BOOT_ONLINE`]). The guest treats those runs as online, so an
 //! idle guest boots without a [`port::MEM_ONLINE`] write.
 //!
+//! Starting in ring 3 ([`entry_note`]): the guest's ELF image carries a
+//! note that says what its ring-0 prologue sets up, so that a VMM that
+//! reads it can start the boot CPU in ring 3 (on PVM, every ring-0
+//! instruction is emulated). A VMM that does not read it enters at the ELF
+//! entry as step 1 says.
+//!
 //! The stats block is updated under a sequence counter (odd while the guest
 //! writes), so the VMM can read a consistent snapshot while the guest runs.
 #![no_std]

@@ -968,8 +968,11 @@ mod tests {
         for addr in [e.entry, e.cr3, e.gdt_base, e.idt_base, e.tss_base, e.stack_top - 1, e.rsp0 - 1] {
             assert!(segments.iter().any(|&(s, end)| (s..end).contains(&addr)), "{addr:#x}");
         }
-        // The note does not stop the kernel's pages being mapped.
+        // The note does not stop the kernel's pages being mapped, and
+        // `linux-loader` (Firecracker's loader too) reads past it: no PVH entry.
         assert!(plan(EMBEDDED_KERNEL, &ram()).is_some());
+        let loaded = Elf::load(&ram(), None, &mut Cursor::new(EMBEDDED_KERNEL), Some(GuestAddress(HIMEM_START))).unwrap();
+        assert_eq!(loaded.pvh_boot_cap, linux_loader::loader::elf::PvhBootCapability::PvhEntryNotPresent);
     }
 
     #[test]
