@@ -371,29 +371,6 @@ mod tests {
         }
     }
 
-    /// Waits for the guest's `Ready` (panics if its vCPU stops first).
-    fn wait_ready(rx: &mut crate::events::EventReceiver) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            match rx.try_recv() {
-                Ok(crate::events::VmEvent::Phase(guest_abi::Phase::Ready)) => break,
-                Ok(crate::events::VmEvent::VcpuStopped { reason, .. }) => panic!("stopped before ready: {reason:?}"),
-                Ok(_) => {}
-                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
-                Err(e) => panic!("no Ready within 60 s: {e}"),
-            }
-        }
-    }
-
-    /// The [`guest_abi::stats_flags`] the guest published, in a stats block
-    /// that the report accepts.
-    fn guest_flags(vm: &Vm) -> u32 {
-        let at = vm.devices.stats_gpa().expect("the guest published its stats block");
-        let b = crate::report::guest::read_snapshot(&vm.mem, at).unwrap();
-        crate::report::guest::validate(&b, &vm.mem, 1).unwrap();
-        b.flags
-    }
-
     fn idle_boot_to_ready(on_memory: bool, cmdline: &str) {
         let (tx, mut rx) = crate::events::channel();
         let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
@@ -407,9 +384,16 @@ mod tests {
         };
         let built = registrar(&vm).expect("the paravirtual device tracks registration");
         vm.start().unwrap();
-        wait_ready(&mut rx);
-        // The built-in guest came in at its ring-3 entry.
-        assert_ne!(guest_flags(&vm) & guest_abi::stats_flags::RING3_ENTRY, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match rx.try_recv() {
+                Ok(crate::events::VmEvent::Phase(guest_abi::Phase::Ready)) => break,
+                Ok(crate::events::VmEvent::VcpuStopped { reason, .. }) => panic!("stopped before ready: {reason:?}"),
+                Ok(_) => {}
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
+                Err(e) => panic!("no Ready within 60 s: {e}"),
+            }
+        }
         assert_eq!(built.2, 0);
         assert_eq!(registrar(&vm), Some(built), "(slots, bytes, MEM_ONLINE writes) at build and at ready, on_memory {on_memory}, {cmdline:?}");
         vm.stop();
@@ -449,7 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn kernels_without_the_note_and_ring_0_guests_boot_to_ready() {
+    fn guests_boot_to_ready_through_the_ring3_entry_and_without_the_note() {
         // The built-in kernel with its PT_NOTE header blanked (PT_NULL).
         let mut bytes = crate::loader::EMBEDDED_KERNEL.to_vec();
         let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
@@ -463,6 +447,8 @@ mod tests {
         assert!(Image::read(&no_note).unwrap().ring3_entry().is_err());
         let ring3 = guest_abi::stats_flags::RING3_ENTRY;
         for (c, flag) in [
+            // The built-in guest, 2 GiB ondemand: at its ring-3 entry.
+            (VmConfig::default(), ring3),
             (VmConfig { kernel: no_note, ..Default::default() }, 0),
             // The ring-0 kernel: the ring-3 entry, then the #UD gate to ring 0.
             (VmConfig { cmdline: "cpl=0".into(), ..Default::default() }, ring3),
@@ -477,5 +463,28 @@ mod tests {
             assert_eq!(guest_flags(&vm) & ring3, flag);
             vm.stop();
         }
+    }
+
+    /// Waits for the guest's `Ready` (panics if its vCPU stops first).
+    fn wait_ready(rx: &mut crate::events::EventReceiver) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match rx.try_recv() {
+                Ok(crate::events::VmEvent::Phase(guest_abi::Phase::Ready)) => break,
+                Ok(crate::events::VmEvent::VcpuStopped { reason, .. }) => panic!("stopped before ready: {reason:?}"),
+                Ok(_) => {}
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
+                Err(e) => panic!("no Ready within 60 s: {e}"),
+            }
+        }
+    }
+
+    /// The [`guest_abi::stats_flags`] the guest published, in a stats block
+    /// that the report accepts.
+    fn guest_flags(vm: &Vm) -> u32 {
+        let at = vm.devices.stats_gpa().expect("the guest published its stats block");
+        let b = crate::report::guest::read_snapshot(&vm.mem, at).unwrap();
+        crate::report::guest::validate(&b, &vm.mem, 1).unwrap();
+        b.flags
     }
 }
