@@ -41,11 +41,18 @@
 //! ([`SETUP_BOOT_ONLINE`]). The guest treats those runs as online, so an
 //! idle guest boots without a [`port::MEM_ONLINE`] write.
 //!
+//! Starting in ring 3 ([`entry_note`]): the guest's ELF image carries a
+//! note that says what its ring-0 prologue sets up, so that a VMM that
+//! reads it can start the boot CPU in ring 3 (on PVM, every ring-0
+//! instruction is emulated). A VMM that does not read it enters at the ELF
+//! entry as step 1 says.
+//!
 //! The stats block is updated under a sequence counter (odd while the guest
 //! writes), so the VMM can read a consistent snapshot while the guest runs.
 #![no_std]
 
 pub mod cmdline;
+pub mod entry_note;
 pub mod layout;
 
 /// The records are plain integers with no padding holes that matter and no
@@ -599,6 +606,9 @@ pub mod stats_flags {
     pub const FULLY_INITIALIZED: u32 = 1 << 2;
     /// The grow check's jump sites are patched out of the allocator's code.
     pub const JUMP_SITES_PATCHED: u32 = 1 << 3;
+    /// The boot CPU entered at the image's ring-3 entry
+    /// ([`crate::entry_note`]): no ring-0 prologue ran.
+    pub const RING3_ENTRY: u32 = 1 << 4;
     /// The block was filled by a test workload with deliberate garbage.
     pub const TEST_CORRUPT: u32 = 1 << 31;
 }

@@ -18,12 +18,15 @@ static RAM: [[AtomicU64; 2]; 8] = [const { [const { AtomicU64::new(0) }; 2] }; 8
 
 /// Entered in ring 3 from `arch::entry` on every CPU.
 #[no_mangle]
-pub extern "C" fn kernel_entry(cpu: u64, boot_params: u64, tsc_entry: u64) -> ! {
+pub extern "C" fn kernel_entry(cpu: u64, boot_params: u64, tsc_entry: u64, ring3_entry: u64) -> ! {
     if cpu != 0 {
         smp::ap_main(cpu)
     }
     idt::init();
     TSC_ENTRY.store(tsc_entry, Ordering::Relaxed);
+    if ring3_entry != 0 {
+        stats::entered_in_ring3();
+    }
     let info = bootparams::parse(boot_params);
     let config = match Config::parse(info.cmdline) {
         Ok(c) => c,
@@ -77,6 +80,7 @@ fn boot(info: &bootparams::BootInfo, config: &Config) -> ! {
     pv::publish_stats(|s| {
         s.tsc_entry = TSC_ENTRY.load(Ordering::Relaxed);
         s.cpus = 1;
+        s.flags |= stats::entry_flags();
     });
     pv::announce();
     // What the VMM registered before this vCPU ran is online already.

@@ -2,7 +2,8 @@
 //! ring 3 (or ring 0 with `cpl=0`), manages memory with a lazily initialized
 //! memmap, and serves the VMM's commands.
 //!
-//! Boot flow (boot CPU): `_start` (ring 0, `arch::entry`) → [`kernel_entry`]
+//! Boot flow (boot CPU): `_start` (ring 0, `arch::entry`), or `_start_ring3`
+//! for a VMM that read the image's ring-3 entry note → [`kernel_entry`]
 //! (ring 3): fill the IDT, parse `boot_params` and the command line, move to
 //! ring 0 if asked, probe the paravirtual interface, map all RAM, set up the
 //! memory manager, announce readiness, run the workload.

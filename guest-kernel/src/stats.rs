@@ -10,6 +10,25 @@ use guest_kernel::mm::GROW_CHECK;
 /// Set by `workload=corrupt-stats`: every publication writes garbage.
 static CORRUPT: AtomicBool = AtomicBool::new(false);
 
+/// Set when the boot CPU came in at the ring-3 entry (`_start_ring3`).
+static RING3_ENTRY: AtomicBool = AtomicBool::new(false);
+
+/// Records that the boot CPU entered at the ring-3 entry of the image's
+/// note, so that every publication says so
+/// (`guest_abi::stats_flags::RING3_ENTRY`).
+pub fn entered_in_ring3() {
+    RING3_ENTRY.store(true, Ordering::Relaxed);
+}
+
+/// The [`guest_abi::stats_flags`] bits of how the boot CPU entered.
+pub fn entry_flags() -> u32 {
+    if RING3_ENTRY.load(Ordering::Relaxed) {
+        guest_abi::stats_flags::RING3_ENTRY
+    } else {
+        0
+    }
+}
+
 /// Makes every later publication write garbage (`workload=corrupt-stats`).
 pub fn corrupt() {
     CORRUPT.store(true, Ordering::Relaxed);
@@ -28,6 +47,7 @@ pub fn publish_memory_stats() {
         if patched {
             s.flags |= guest_abi::stats_flags::JUMP_SITES_PATCHED;
         }
+        s.flags |= entry_flags();
         if st.fully_initialized && s.tsc_fully_initialized == 0 {
             s.tsc_fully_initialized = rdtsc();
         }

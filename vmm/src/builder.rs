@@ -148,7 +148,12 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
 
     // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.
     let cpuid = boot_thread.supported_cpuid().or_else(|| kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok());
-    let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, entry)?;
+    //    The boot vCPU starts at the guest's ring-3 entry if its image has a
+    //    valid note, except on `--legacy-only`, which boots as Firecracker
+    //    does (at `_start`, in ring 0).
+    let ring3 = image.ring3_entry().ok().filter(|_| !config.legacy_only);
+    let boot = BootEntry { entry, ring3: ring3.as_ref().map(|e| (&mem, e)) };
+    let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, &boot)?;
 
     Ok(Vm::new(VmParts {
         config,
@@ -171,9 +176,19 @@ struct Vcpus {
     tsc_khz: Option<u32>,
 }
 
+/// Where the boot vCPU starts: the ELF entry in ring 0 (Linux 64-bit boot
+/// protocol), or, when the image has a valid ring-3 entry note, there, with
+/// the guest memory whose GDT and TSS that entry needs written.
+struct BootEntry<'a> {
+    entry: GuestAddress,
+    ring3: Option<(&'a vm_memory::GuestMemoryMmap, &'a guest_abi::entry_note::Ring3Entry)>,
+}
+
 /// Creates `count` vCPUs, each with `cpuid` (KVM's supported CPUID,
-/// patched per vCPU) if there is one.
-fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddress) -> Result<Vcpus, BuildError> {
+/// patched per vCPU) if there is one. The boot vCPU starts at `boot`'s
+/// ring-3 entry if it has one that the guest's descriptors and KVM accept,
+/// else at its ELF entry in ring 0.
+fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, boot: &BootEntry) -> Result<Vcpus, BuildError> {
     let mut out = Vcpus { fds: Vec::with_capacity(count.into()), boot_sregs: kvm_sregs::default(), tsc_khz: None };
     for cpu in 0..count {
         let vcpu_err = |what| move |source| BuildError::Vcpu { cpu, what, source };
@@ -185,12 +200,23 @@ fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, entry: GuestAddre
             vcpu.set_cpuid2(&c).map_err(vcpu_err("KVM_SET_CPUID2"))?;
         }
         if cpu == 0 {
-            let sregs = vcpu.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
-            let sregs = arch::long_mode_sregs(sregs, layout::PML4_START);
-            vcpu.set_sregs(&sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
-            vcpu.set_regs(&arch::boot_regs(entry.0)).map_err(vcpu_err("KVM_SET_REGS"))?;
+            let initial = vcpu.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+            // Application processors start from these sregs too, with every
+            // segment and table register replaced (`Vm::start_aps`).
+            let ring3 = boot
+                .ring3
+                .and_then(|(mem, e)| arch::ring3_entry_state(mem, initial, e).ok())
+                .filter(|(s, r)| vcpu.set_sregs(s).and_then(|()| vcpu.set_regs(r)).is_ok());
+            out.boot_sregs = match ring3 {
+                Some((sregs, _)) => sregs,
+                None => {
+                    let sregs = arch::long_mode_sregs(initial, layout::PML4_START);
+                    vcpu.set_sregs(&sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
+                    vcpu.set_regs(&arch::boot_regs(boot.entry.0)).map_err(vcpu_err("KVM_SET_REGS"))?;
+                    sregs
+                }
+            };
             vcpu.set_fpu(&arch::boot_fpu()).map_err(vcpu_err("KVM_SET_FPU"))?;
-            out.boot_sregs = sregs;
         }
         out.fds.push(vcpu);
     }
@@ -371,5 +397,94 @@ mod tests {
         assert_eq!(built.2, 0);
         assert_eq!(registrar(&vm), Some(built), "(slots, bytes, MEM_ONLINE writes) at build and at ready, on_memory {on_memory}, {cmdline:?}");
         vm.stop();
+    }
+
+    /// A KVM VM with 64 MiB of RAM holding `image`, and the image's entry.
+    fn vm_with(image: &Image) -> (Kvm, VmFd, vm_memory::GuestMemoryMmap, GuestAddress) {
+        let kvm = Kvm::new().unwrap();
+        let vm_fd = kvm.create_vm().unwrap();
+        let mem = memory::create_ram(&arch::ram_ranges(64 << 20), false).unwrap();
+        let entry = image.load(&mem, false).unwrap();
+        (kvm, vm_fd, mem, entry)
+    }
+
+    #[test]
+    fn the_boot_vcpu_starts_at_a_valid_ring3_entry_and_in_ring_0_otherwise() {
+        let image = Image::read(&crate::config::KernelImage::Embedded).unwrap();
+        let e = image.ring3_entry().unwrap();
+        let (_kvm, vm_fd, mem, entry) = vm_with(&image);
+        let vcpus = create_vcpus(&vm_fd, None, 2, &BootEntry { entry, ring3: Some((&mem, &e)) }).unwrap();
+        let (s, r) = (vcpus.fds[0].get_sregs().unwrap(), vcpus.fds[0].get_regs().unwrap());
+        assert_eq!((s.cs.selector, s.cs.dpl, s.ss.selector, s.ss.dpl), (e.user_cs, 3, e.user_ss, 3));
+        assert_eq!((s.tr.selector, s.tr.base, s.gdt.base, s.idt.base, s.cr3), (e.tss_selector, e.tss_base, e.gdt_base, e.idt_base, e.cr3));
+        assert_eq!((r.rip, r.rsp, r.rflags), (e.entry, e.stack_top, 0x2));
+        assert_eq!(vcpus.boot_sregs.cs.dpl, 3);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(e.tss_base + 4)).unwrap(), e.rsp0, "TSS.RSP0 as the prologue sets it");
+        // Without a note: the ELF entry, in ring 0, on the VMM's GDT.
+        let (_kvm, vm_fd, _mem, entry) = vm_with(&image);
+        let vcpus = create_vcpus(&vm_fd, None, 1, &BootEntry { entry, ring3: None }).unwrap();
+        let (s, r) = (vcpus.fds[0].get_sregs().unwrap(), vcpus.fds[0].get_regs().unwrap());
+        assert_eq!((s.cs.dpl, s.cr3, r.rip), (0, layout::PML4_START, entry.0));
+        // A note whose user selectors name the guest's kernel segments.
+        let (_kvm, vm_fd, mem, entry) = vm_with(&image);
+        let kernel = guest_abi::entry_note::Ring3Entry { user_cs: 0x08 | 3, user_ss: 0x10 | 3, ..e };
+        let vcpus = create_vcpus(&vm_fd, None, 1, &BootEntry { entry, ring3: Some((&mem, &kernel)) }).unwrap();
+        assert_eq!((vcpus.fds[0].get_sregs().unwrap().cs.dpl, vcpus.fds[0].get_regs().unwrap().rip), (0, entry.0));
+    }
+
+    #[test]
+    fn guests_boot_to_ready_through_the_ring3_entry_and_without_the_note() {
+        // The built-in kernel with its PT_NOTE header blanked (PT_NULL).
+        let mut bytes = crate::loader::EMBEDDED_KERNEL.to_vec();
+        let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
+        let count = usize::from(u16::from_le_bytes([bytes[0x38], bytes[0x39]]));
+        let h = (0..count).map(|i| phoff + i * 56).find(|&h| bytes[h] == 4).expect("a PT_NOTE header");
+        bytes[h..h + 4].copy_from_slice(&0u32.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmlinux-no-note");
+        std::fs::write(&path, &bytes).unwrap();
+        let no_note = crate::config::KernelImage::File(path);
+        assert!(Image::read(&no_note).unwrap().ring3_entry().is_err());
+        let ring3 = guest_abi::stats_flags::RING3_ENTRY;
+        for (c, flag) in [
+            // The built-in guest, 2 GiB ondemand: at its ring-3 entry.
+            (VmConfig::default(), ring3),
+            (VmConfig { kernel: no_note, ..Default::default() }, 0),
+            // The ring-0 kernel: the ring-3 entry, then the #UD gate to ring 0.
+            (VmConfig { cmdline: "cpl=0".into(), ..Default::default() }, ring3),
+        ] {
+            let (tx, mut rx) = crate::events::channel();
+            let ctx = BuildContext { timings: Arc::default(), metrics: Arc::default(), events: tx };
+            let mut c = VmConfig { serial: crate::config::SerialTarget::None, ..c };
+            c.machine.mem_size_mib = 2048;
+            let mut vm = build_microvm(c, &ctx).unwrap();
+            vm.start().unwrap();
+            wait_ready(&mut rx);
+            assert_eq!(guest_flags(&vm) & ring3, flag);
+            vm.stop();
+        }
+    }
+
+    /// Waits for the guest's `Ready` (panics if its vCPU stops first).
+    fn wait_ready(rx: &mut crate::events::EventReceiver) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match rx.try_recv() {
+                Ok(crate::events::VmEvent::Phase(guest_abi::Phase::Ready)) => break,
+                Ok(crate::events::VmEvent::VcpuStopped { reason, .. }) => panic!("stopped before ready: {reason:?}"),
+                Ok(_) => {}
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
+                Err(e) => panic!("no Ready within 60 s: {e}"),
+            }
+        }
+    }
+
+    /// The [`guest_abi::stats_flags`] the guest published, in a stats block
+    /// that the report accepts.
+    fn guest_flags(vm: &Vm) -> u32 {
+        let at = vm.devices.stats_gpa().expect("the guest published its stats block");
+        let b = crate::report::guest::read_snapshot(&vm.mem, at).unwrap();
+        crate::report::guest::validate(&b, &vm.mem, 1).unwrap();
+        b.flags
     }
 }

@@ -91,14 +91,20 @@ pub fn port_io(data: &[u8]) {
 /// Guest RAM the kernel-image target loads into.
 pub const LOAD_RAM_BYTES: usize = 4 << 20;
 
-/// Checks `data` as a kernel image, lists its segments and loads it into
-/// 4 MiB of guest RAM, as the builder does; returns the entry point.
+/// Checks `data` as a kernel image, lists its segments, reads its ring-3
+/// entry note, loads it into 4 MiB of guest RAM and applies the note there,
+/// as the builder does; returns the entry point.
 pub fn kernel_image(data: &[u8]) -> Result<GuestAddress, LoadError> {
     loader::check_elf(data).map_err(|why| LoadError::NotElf { name: "fuzz".into(), why })?;
     let image = Image::from_bytes(data.to_vec(), "fuzz");
     let _ = image.segments();
+    let ring3 = image.ring3_entry();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), LOAD_RAM_BYTES)]).expect("fixed layout");
-    image.load(&mem, false)
+    let entry = image.load(&mem, false)?;
+    if let Ok(e) = ring3 {
+        let _ = crate::arch::ring3_entry_state(&mem, kvm_bindings::kvm_sregs::default(), &e);
+    }
+    Ok(entry)
 }
 
 /// Guest RAM of the reclaim target: two regions with a hole between, each

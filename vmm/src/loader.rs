@@ -16,10 +16,15 @@
 //! segments share) are copied. Everything is copied, as `linux-loader`
 //! does, when the RAM has huge pages, the layout is unusual, there is no
 //! file, or the mapped pages do not read exactly as the image.
+//!
+//! The image may publish a ring-3 entry note (`guest_abi::entry_note`):
+//! [`Image::ring3_entry`] finds it and checks every value against the
+//! image's own segments; the builder then starts the boot vCPU in ring 3.
 
 use crate::arch::layout::HIMEM_START;
 use crate::config::{open_kernel_image, KernelImage, KernelImageError, MAX_KERNEL_IMAGE_BYTES};
 use crate::memory::ram::{self, OverlayError};
+use guest_abi::entry_note::{self, EntryNoteError, Ring3Entry};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::borrow::Cow;
 #[cfg(test)]
@@ -84,6 +89,26 @@ impl LoadError {
     }
 }
 
+/// Why an image's ring-3 entry note cannot be used (the boot vCPU then
+/// enters at the ELF entry in ring 0, as without a note).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Ring3EntryError {
+    #[error("no ring-3 entry note")]
+    Missing,
+    #[error("malformed PT_NOTE segment")]
+    MalformedNotes,
+    #[error("bad ring-3 entry record: {0}")]
+    Record(EntryNoteError),
+    /// An address (with the bytes that must follow it) is not inside one
+    /// loaded identity-mapped (`p_vaddr` = `p_paddr`) segment.
+    #[error("{what} at {addr:#x} is outside the image's segments")]
+    Outside { what: &'static str, addr: u64 },
+    #[error("{what} {value:#x} is not aligned to {align}")]
+    Misaligned { what: &'static str, value: u64, align: u64 },
+    #[error("bad {what} {value:#x}")]
+    Invalid { what: &'static str, value: u64 },
+}
+
 /// Where an image's bytes can be mapped from.
 enum Source {
     /// [`EMBEDDED_KERNEL`], in the running binary's file.
@@ -139,6 +164,23 @@ impl Image {
     /// Headers that do not fit in the image are skipped: loading refuses them.
     pub fn segments(&self) -> Vec<(u64, u64)> {
         load_segments(&self.bytes)
+    }
+
+    /// The boot CPU's ring-3 entry, from the image's `MVMGUEST` note,
+    /// checked: the record decodes ([`Ring3Entry::decode`]); every address
+    /// lies, with what it points at, inside one `PT_LOAD` segment whose
+    /// virtual and physical addresses agree (the entry in an executable one,
+    /// within its file bytes); page tables 4 KiB aligned, stacks 16, the GDT
+    /// and IDT 8; limits that fit whole descriptors; selectors inside the GDT,
+    /// of the right privilege, the TSS's not overlapping the user segments.
+    /// The descriptors themselves are checked where they are read from guest
+    /// memory (`arch::regs::ring3_entry_state`).
+    pub fn ring3_entry(&self) -> Result<Ring3Entry, Ring3EntryError> {
+        let desc = find_note(&self.bytes, entry_note::NOTE_NAME, entry_note::NOTE_TYPE)?
+            .ok_or(Ring3EntryError::Missing)?;
+        let e = Ring3Entry::decode(desc).map_err(Ring3EntryError::Record)?;
+        check_ring3_entry(&e, &program_headers(&self.bytes))?;
+        Ok(e)
     }
 
     /// Loads the ELF segments into guest memory from 1 MiB up; returns the
@@ -252,8 +294,9 @@ struct Plan {
 /// The plan for loading `image` into `mem` with mapped pages, or `None` when
 /// anything is unusual (then `linux-loader` copies it, or says what is
 /// wrong). Usual is: the header `linux-loader` accepts (program headers of
-/// 56 bytes past the ELF header, the entry at or above 1 MiB), no `PT_NOTE`
-/// (whose PVH note `linux-loader` would parse), and `PT_LOAD` segments with
+/// 56 bytes past the ELF header, the entry at or above 1 MiB), `PT_NOTE`
+/// segments of well-formed notes none of which is a PVH (`Xen`) note, which
+/// `linux-loader` would parse, and `PT_LOAD` segments with
 /// their file bytes inside the image and guest RAM, `filesz <= memsz`, that
 /// do not overlap each other.
 fn plan(image: &[u8], mem: &GuestMemoryMmap) -> Option<Plan> {
@@ -270,7 +313,16 @@ fn plan(image: &[u8], mem: &GuestMemoryMmap) -> Option<Plan> {
     for i in 0..usize::from(count) {
         let h = usize::try_from(phoff).ok()?.checked_add(i * 56)?;
         match u32_at(h, 0)? {
-            PT_NOTE => return None,
+            // A note `linux-loader` reads as it does ours (no PVH entry, no
+            // header past the segment) changes nothing; others go to it.
+            PT_NOTE => {
+                let (offset, filesz) = (u64_at(h, 8)?, u64_at(h, 0x20)?);
+                let notes = notes(segment_bytes(image, offset, filesz)?)?;
+                if notes.iter().any(|n| n.name == PVH_NOTE_NAME) {
+                    return None;
+                }
+                continue;
+            }
             PT_LOAD => {}
             _ => continue,
         }
@@ -416,6 +468,161 @@ fn load_segments(image: &[u8]) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+/// The name of the PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`).
+const PVH_NOTE_NAME: &[u8] = b"Xen\0";
+
+/// One ELF program header, as far as the ring-3 entry note needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Phdr {
+    kind: u32,
+    flags: u32,
+    offset: u64,
+    vaddr: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// Every program header of the image that fits in it (a header past the
+/// end ends the list).
+fn program_headers(image: &[u8]) -> Vec<Phdr> {
+    let u16_at = |o: usize| field::<2>(image, o, 0).map(u16::from_le_bytes);
+    let u32_at = |o: usize, at: usize| field::<4>(image, o, at).map(u32::from_le_bytes);
+    let u64_at = |o: usize, at: usize| field::<8>(image, o, at).map(u64::from_le_bytes);
+    let (Some(phoff), Some(56), Some(count)) = (u64_at(0x20, 0), u16_at(0x36), u16_at(0x38)) else {
+        return Vec::new();
+    };
+    let header = |i: usize| {
+        let h = usize::try_from(phoff).ok()?.checked_add(i.checked_mul(56)?)?;
+        Some(Phdr {
+            kind: u32_at(h, 0)?,
+            flags: u32_at(h, 4)?,
+            offset: u64_at(h, 8)?,
+            vaddr: u64_at(h, 0x10)?,
+            paddr: u64_at(h, 0x18)?,
+            filesz: u64_at(h, 0x20)?,
+            memsz: u64_at(h, 0x28)?,
+        })
+    };
+    (0..usize::from(count)).map_while(header).collect()
+}
+
+/// The `filesz` bytes of the image from `offset`, if they are all in it.
+fn segment_bytes(image: &[u8], offset: u64, filesz: u64) -> Option<&[u8]> {
+    let start = usize::try_from(offset).ok()?;
+    image.get(start..start.checked_add(usize::try_from(filesz).ok()?)?)
+}
+
+/// One ELF note: its name (with the NUL), type and descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Note<'a> {
+    name: &'a [u8],
+    kind: u32,
+    desc: &'a [u8],
+}
+
+/// The notes of one `PT_NOTE` segment's bytes: 12-byte headers (`n_namesz`,
+/// `n_descsz`, `n_type`), name and descriptor each padded to 4 bytes (padding
+/// after the last descriptor may be missing, as `linux-loader` allows). `None`
+/// if a header, name or descriptor runs past the segment.
+fn notes(mut bytes: &[u8]) -> Option<Vec<Note<'_>>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let word = |o: usize| field::<4>(bytes, o, 0).map(u32::from_le_bytes);
+        let (namesz, descsz, kind) = (word(0)? as usize, word(4)? as usize, word(8)?);
+        let name_end = 12usize.checked_add(namesz)?;
+        let desc_start = name_end.checked_next_multiple_of(4)?;
+        let desc_end = desc_start.checked_add(descsz)?;
+        let name = bytes.get(12..name_end)?;
+        let desc = bytes.get(desc_start..desc_end)?;
+        out.push(Note { name, kind, desc });
+        let next = desc_end.checked_next_multiple_of(4)?;
+        bytes = bytes.get(next..).unwrap_or_default();
+    }
+    Some(out)
+}
+
+/// The descriptor of the first note named `name` of type `kind` in the
+/// image's `PT_NOTE` segments; `Ok(None)` if there is none.
+fn find_note<'a>(image: &'a [u8], name: &[u8], kind: u32) -> Result<Option<&'a [u8]>, Ring3EntryError> {
+    const PT_NOTE: u32 = 4;
+    for h in program_headers(image).iter().filter(|h| h.kind == PT_NOTE) {
+        let bytes = segment_bytes(image, h.offset, h.filesz).ok_or(Ring3EntryError::MalformedNotes)?;
+        let found = notes(bytes).ok_or(Ring3EntryError::MalformedNotes)?;
+        if let Some(n) = found.iter().find(|n| n.name == name && n.kind == kind) {
+            return Ok(Some(n.desc));
+        }
+    }
+    Ok(None)
+}
+
+/// Checks a decoded [`Ring3Entry`] against the image's program headers (see
+/// [`Image::ring3_entry`]).
+fn check_ring3_entry(e: &Ring3Entry, headers: &[Phdr]) -> Result<(), Ring3EntryError> {
+    const PT_LOAD: u32 = 1;
+    const PF_X: u32 = 1;
+    // `[addr, addr + len)` inside one identity-mapped loaded segment
+    // (within its file bytes if `file`), executable if `exec`.
+    let inside = |what, addr: u64, len: u64, exec: bool, file: bool| {
+        let fits = |h: &&Phdr| {
+            let size = if file { h.filesz } else { h.memsz };
+            let end = addr.checked_add(len);
+            h.kind == PT_LOAD
+                && h.vaddr == h.paddr
+                && (!exec || h.flags & PF_X != 0)
+                && addr >= h.paddr
+                && end.is_some_and(|end| h.paddr.checked_add(size).is_some_and(|seg_end| end <= seg_end))
+        };
+        headers.iter().find(fits).map(|_| ()).ok_or(Ring3EntryError::Outside { what, addr })
+    };
+    let aligned = |what, value: u64, align: u64| {
+        if value.is_multiple_of(align) {
+            Ok(())
+        } else {
+            Err(Ring3EntryError::Misaligned { what, value, align })
+        }
+    };
+    let invalid = |what, value: u16| Err(Ring3EntryError::Invalid { what, value: value.into() });
+    inside("entry", e.entry, 1, true, true)?;
+    aligned("boot stack top", e.stack_top, 16)?;
+    inside("boot stack top", e.stack_top.wrapping_sub(16), 16, false, false)?;
+    aligned("ring-0 stack top", e.rsp0, 16)?;
+    inside("ring-0 stack top", e.rsp0.wrapping_sub(16), 16, false, false)?;
+    aligned("page table", e.cr3, 4096)?;
+    inside("page table", e.cr3, 4096, false, true)?;
+    aligned("GDT", e.gdt_base, 8)?;
+    let gdt_size = u64::from(e.gdt_limit) + 1;
+    if !gdt_size.is_multiple_of(8) {
+        return invalid("GDT limit", e.gdt_limit);
+    }
+    inside("GDT", e.gdt_base, gdt_size, false, true)?;
+    aligned("IDT", e.idt_base, 8)?;
+    let idt_size = u64::from(e.idt_limit) + 1;
+    if !idt_size.is_multiple_of(16) {
+        return invalid("IDT limit", e.idt_limit);
+    }
+    inside("IDT", e.idt_base, idt_size, false, false)?;
+    if e.tss_limit < 103 {
+        return invalid("TSS limit", e.tss_limit);
+    }
+    inside("TSS", e.tss_base, u64::from(e.tss_limit) + 1, false, false)?;
+    // Selectors: GDT (TI = 0), not null, the descriptor inside the limit,
+    // the user ones with RPL 3, the TSS's (16 bytes) with RPL 0 and apart.
+    for (what, sel, rpl, bytes) in
+        [("user code selector", e.user_cs, 3, 8), ("user data selector", e.user_ss, 3, 8), ("TSS selector", e.tss_selector, 0, 16)]
+    {
+        let index = u64::from(sel & !7);
+        if sel & 3 != rpl || sel & 4 != 0 || index == 0 || index + bytes > gdt_size {
+            return invalid(what, sel);
+        }
+    }
+    let tss = e.tss_selector & !7;
+    if [e.user_cs & !7, e.user_ss & !7].iter().any(|&s| s == tss || s == tss + 8) || e.user_cs & !7 == e.user_ss & !7 {
+        return invalid("TSS selector", e.tss_selector);
+    }
+    Ok(())
 }
 
 /// The `N` bytes at `base + at` in `image`, or `None` if they are not all
@@ -727,5 +934,116 @@ mod tests {
         // The embedded kernel loaded from such an image still loads (copied).
         let image = Image::from_bytes(img, "overlapping");
         assert_eq!(image.load_into(&mem, false).unwrap().mapped, 0);
+    }
+
+    /// The file offset of the embedded kernel's `PT_NOTE` header and of its
+    /// ring-3 entry record (past the 12-byte note header and the padded name).
+    fn note_offsets(image: &[u8]) -> (usize, usize) {
+        let phoff = u64::from_le_bytes(image[0x20..0x28].try_into().unwrap()) as usize;
+        let count = usize::from(u16::from_le_bytes([image[0x38], image[0x39]]));
+        let h = (0..count).map(|i| phoff + i * 56).find(|&h| image[h] == 4).expect("a PT_NOTE header");
+        let offset = u64::from_le_bytes(image[h + 8..h + 16].try_into().unwrap()) as usize;
+        assert_eq!(&image[offset + 12..offset + 21], entry_note::NOTE_NAME);
+        (h, offset + 24)
+    }
+
+    /// The embedded kernel with its ring-3 entry record changed by `f`.
+    fn with_record(f: impl FnOnce(&mut Ring3Entry)) -> Image {
+        let mut bytes = EMBEDDED_KERNEL.to_vec();
+        let (_, at) = note_offsets(&bytes);
+        let mut e = Ring3Entry::decode(&bytes[at..at + entry_note::ENTRY_SIZE]).unwrap();
+        f(&mut e);
+        bytes[at..at + entry_note::ENTRY_SIZE].copy_from_slice(&e.to_bytes());
+        Image::from_bytes(bytes, "patched")
+    }
+
+    #[test]
+    fn the_embedded_kernel_publishes_a_valid_ring3_entry() {
+        let image = Image::read(&KernelImage::Embedded).unwrap();
+        let e = image.ring3_entry().unwrap();
+        let elf_entry = u64::from_le_bytes(EMBEDDED_KERNEL[0x18..0x20].try_into().unwrap());
+        assert!(e.entry > elf_entry, "past `_start`'s ring-0 prologue: {e:x?}");
+        assert_eq!((e.user_cs & 3, e.user_ss & 3, e.tss_selector), (3, 3, 0x28));
+        let segments = image.segments();
+        for addr in [e.entry, e.cr3, e.gdt_base, e.idt_base, e.tss_base, e.stack_top - 1, e.rsp0 - 1] {
+            assert!(segments.iter().any(|&(s, end)| (s..end).contains(&addr)), "{addr:#x}");
+        }
+        // The note does not stop the kernel's pages being mapped, and
+        // `linux-loader` (Firecracker's loader too) reads past it: no PVH entry.
+        assert!(plan(EMBEDDED_KERNEL, &ram()).is_some());
+        let loaded = Elf::load(&ram(), None, &mut Cursor::new(EMBEDDED_KERNEL), Some(GuestAddress(HIMEM_START))).unwrap();
+        assert_eq!(loaded.pvh_boot_cap, linux_loader::loader::elf::PvhBootCapability::PvhEntryNotPresent);
+    }
+
+    #[test]
+    fn a_bad_or_missing_ring3_entry_note_is_refused() {
+        use Ring3EntryError as E;
+        let bad = |f: fn(&mut Ring3Entry)| with_record(f).ring3_entry().unwrap_err();
+        assert_eq!(bad(|e| e.version = 2), E::Record(EntryNoteError::BadVersion(2)));
+        assert_eq!(bad(|e| e.magic = 0), E::Record(EntryNoteError::BadMagic(0)));
+        assert_eq!(bad(|e| e.size = 8), E::Record(EntryNoteError::BadSize(8)));
+        // Addresses outside the image, or in the wrong kind of segment.
+        assert!(matches!(bad(|e| e.entry = 0x1000), E::Outside { what: "entry", .. }));
+        assert!(matches!(bad(|e| e.entry = e.gdt_base), E::Outside { what: "entry", .. }), "not executable");
+        assert!(matches!(bad(|e| e.cr3 = !0xfff), E::Outside { what: "page table", .. }));
+        assert!(matches!(bad(|e| e.gdt_base = u64::MAX - 7), E::Outside { what: "GDT", .. }), "wraps");
+        assert!(matches!(bad(|e| e.tss_base = 0x8000_0000), E::Outside { what: "TSS", .. }));
+        assert!(matches!(bad(|e| e.stack_top = 0), E::Outside { .. }));
+        assert!(matches!(bad(|e| e.rsp0 = 0x10), E::Outside { .. }));
+        // Alignment and limits.
+        assert!(matches!(bad(|e| e.cr3 += 8), E::Misaligned { what: "page table", .. }));
+        assert!(matches!(bad(|e| e.stack_top -= 8), E::Misaligned { .. }));
+        assert!(matches!(bad(|e| e.gdt_limit = 0x10), E::Invalid { what: "GDT limit", .. }));
+        assert!(matches!(bad(|e| e.idt_limit = 0x7), E::Invalid { what: "IDT limit", .. }));
+        assert!(matches!(bad(|e| e.tss_limit = 50), E::Invalid { what: "TSS limit", .. }));
+        // Selectors: privilege, table, inside the GDT, apart from the TSS.
+        assert!(matches!(bad(|e| e.user_cs = 0x20), E::Invalid { what: "user code selector", .. }));
+        assert!(matches!(bad(|e| e.user_ss = 0x1f), E::Invalid { what: "user data selector", .. }), "LDT");
+        assert!(matches!(bad(|e| e.user_ss = 0x3), E::Invalid { .. }), "null");
+        assert!(matches!(bad(|e| e.tss_selector = e.gdt_limit & !7), E::Invalid { what: "TSS selector", .. }));
+        assert!(matches!(bad(|e| e.tss_selector = (e.user_cs & !7) - 8), E::Invalid { what: "TSS selector", .. }));
+        // A truncated note, a note past the end of the image, no note.
+        let (h, at) = note_offsets(EMBEDDED_KERNEL);
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[h + 0x20..h + 0x28].copy_from_slice(&40u64.to_le_bytes()); // p_filesz: the record cut short
+        assert_eq!(Image::from_bytes(img.clone(), "cut").ring3_entry().unwrap_err(), E::MalformedNotes);
+        assert!(plan(&img, &ram()).is_none(), "linux-loader decides about a malformed note");
+        img[h + 8..h + 16].copy_from_slice(&(EMBEDDED_KERNEL.len() as u64 - 8).to_le_bytes());
+        assert_eq!(Image::from_bytes(img.clone(), "past").ring3_entry().unwrap_err(), E::MalformedNotes);
+        // A descriptor shorter than the record (n_descsz and p_filesz cut).
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[at - 20..at - 16].copy_from_slice(&(entry_note::ENTRY_SIZE as u32 - 8).to_le_bytes());
+        let filesz = u64::from_le_bytes(img[h + 0x20..h + 0x28].try_into().unwrap());
+        img[h + 0x20..h + 0x28].copy_from_slice(&(filesz - 8).to_le_bytes());
+        let short = Image::from_bytes(img, "short").ring3_entry();
+        assert_eq!(short, Err(E::Record(EntryNoteError::BadSize(entry_note::ENTRY_SIZE - 8))));
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[h..h + 4].copy_from_slice(&0u32.to_le_bytes()); // PT_NULL
+        assert_eq!(Image::from_bytes(img, "none").ring3_entry().unwrap_err(), E::Missing);
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[at - 12..at - 3].copy_from_slice(b"MVMGUESS\0");
+        assert_eq!(Image::from_bytes(img, "other").ring3_entry().unwrap_err(), E::Missing);
+    }
+
+    #[test]
+    fn notes_are_walked_without_trusting_their_sizes() {
+        let note = |namesz: u32, descsz: u32, body: &[u8]| {
+            let mut n = [namesz.to_le_bytes(), descsz.to_le_bytes(), 7u32.to_le_bytes()].concat();
+            n.extend_from_slice(body);
+            n
+        };
+        let two = [note(4, 5, b"Xen\0abcde\0\0\0"), note(2, 0, b"ab\0\0")].concat();
+        let walked = notes(&two).unwrap();
+        assert_eq!(walked.len(), 2);
+        assert_eq!((walked[0].name, walked[0].desc, walked[1].name), (&b"Xen\0"[..], &b"abcde"[..], &b"ab"[..]));
+        for bad in [note(u32::MAX, 0, b""), note(4, u32::MAX, b"abcd"), note(0, 0, b"")[..11].to_vec()] {
+            assert_eq!(notes(&bad), None);
+        }
+        // A PVH note goes to linux-loader (which reads it), not the mapped plan.
+        let (_, at) = note_offsets(EMBEDDED_KERNEL);
+        let mut img = EMBEDDED_KERNEL.to_vec();
+        img[at - 20..at - 16].copy_from_slice(&4u32.to_le_bytes());
+        img[at - 12..at - 8].copy_from_slice(b"Xen\0");
+        assert!(plan(&img, &ram()).is_none());
     }
 }

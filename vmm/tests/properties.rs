@@ -201,6 +201,74 @@ proptest! {
         image.extend(tail);
         let _ = fuzzing::kernel_image(&image);
     }
+
+    #[test]
+    fn ring3_entry_notes_never_panic_and_an_accepted_one_points_into_the_image(
+        fields in proptest::collection::vec(any::<u64>(), 7),
+        small in proptest::collection::vec(any::<u16>(), 6),
+        header_ok in any::<bool>(),
+        near in any::<bool>(),
+    ) {
+        use guest_abi::entry_note::{Ring3Entry, ENTRY_MAGIC, ENTRY_SIZE, ENTRY_VERSION};
+        // The built-in kernel with its record replaced: a valid header (or
+        // not) and arbitrary values, or values near the real ones.
+        let mut image = vmm::loader::EMBEDDED_KERNEL.to_vec();
+        let phoff = u64::from_le_bytes(image[0x20..0x28].try_into().unwrap()) as usize;
+        let count = usize::from(u16::from_le_bytes([image[0x38], image[0x39]]));
+        let h = (0..count).map(|i| phoff + i * 56).find(|&h| image[h] == 4).unwrap();
+        let at = u64::from_le_bytes(image[h + 8..h + 16].try_into().unwrap()) as usize + 24;
+        let real = Ring3Entry::decode(&image[at..at + ENTRY_SIZE]).unwrap();
+        let e = if near {
+            // One field of the real record moved a little (or a selector's
+            // low bits flipped): the checks decide at the edges.
+            let mut e = Ring3Entry { magic: if header_ok { ENTRY_MAGIC } else { fields[0] as u32 }, ..real };
+            let delta = (fields[1] % 64).wrapping_sub(32);
+            match small[0] % 10 {
+                0 => e.entry = e.entry.wrapping_add(delta),
+                1 => e.stack_top = e.stack_top.wrapping_add(delta),
+                2 => e.cr3 = e.cr3.wrapping_add(delta),
+                3 => e.gdt_base = e.gdt_base.wrapping_add(delta),
+                4 => e.idt_base = e.idt_base.wrapping_add(delta),
+                5 => e.tss_base = e.tss_base.wrapping_add(delta),
+                6 => e.rsp0 = e.rsp0.wrapping_add(delta),
+                7 => e.tss_selector ^= small[1] & 0x1f,
+                8 => e.user_cs ^= small[1] & 0x1f,
+                _ => e.user_ss ^= small[1] & 0x1f,
+            }
+            e
+        } else {
+            Ring3Entry {
+                magic: if header_ok { ENTRY_MAGIC } else { fields[0] as u32 },
+                version: if header_ok { ENTRY_VERSION } else { (fields[0] >> 32) as u32 },
+                size: if header_ok { ENTRY_SIZE as u32 } else { fields[1] as u32 },
+                tss_selector: small[0],
+                user_cs: small[1],
+                user_ss: small[2],
+                gdt_limit: small[3],
+                idt_limit: small[4],
+                tss_limit: small[5],
+                entry: fields[0],
+                stack_top: fields[1],
+                cr3: fields[2],
+                gdt_base: fields[3],
+                idt_base: fields[4],
+                tss_base: fields[5],
+                rsp0: fields[6],
+            }
+        };
+        image[at..at + ENTRY_SIZE].copy_from_slice(&e.to_bytes());
+        let image = vmm::loader::Image::from_bytes(image, "prop");
+        if let Ok(got) = image.ring3_entry() {
+            prop_assert_eq!(got, e);
+            let segments = image.segments();
+            for addr in [e.entry, e.cr3, e.gdt_base, e.idt_base, e.tss_base, e.stack_top - 1, e.rsp0 - 1] {
+                prop_assert!(segments.iter().any(|&(s, end)| (s..end).contains(&addr)), "{:#x}", addr);
+            }
+        }
+        // Applied to guest RAM that does not hold the image: errors, never a panic.
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 64 << 10)]).unwrap();
+        let _ = vmm::arch::ring3_entry_state(&mem, kvm_bindings::kvm_sregs::default(), &e);
+    }
 }
 
 #[test]

@@ -14,8 +14,12 @@
 //! triple-faults, which the VMM reports.
 //!
 //! The boot CPU enters at `_start` (Linux 64-bit boot protocol: long mode,
-//! `RSI` = `boot_params`); application processors enter at `ap_start` with
-//! `RDI` = CPU index and `RSP` = their stack (see `guest_abi::ApBoot`).
+//! `RSI` = `boot_params`), or, from a VMM that reads the image's ring-3
+//! entry note (`guest_abi::entry_note`, emitted below), at `_start_ring3`
+//! already in ring 3 with the state the prologue would have set up, so that
+//! it runs no ring-0 instruction at all; application processors enter at
+//! `ap_start` with `RDI` = CPU index and `RSP` = their stack (see
+//! `guest_abi::ApBoot`).
 
 use core::arch::global_asm;
 
@@ -143,10 +147,25 @@ ap_start:                           // RDI = CPU index, RSP = its stack
     push rax
     iretq
 
+    // Ring-3 entry of the boot CPU, for a VMM that read the MVMGUEST note
+    // (guest_abi::entry_note): it set up what the prologue above does, and
+    // RSP = top of BOOT_STACK, RSI = boot_params. No ring-0 instruction runs.
+    .global _start_ring3
+_start_ring3:
+    mov r15, rsi                    // boot_params
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov r14, rax                    // TSC at entry
+    xor edi, edi                    // CPU 0
+    mov ecx, 1                      // entered in ring 3
+    jmp 4f
+
 3:  // Ring 3. .bss is zero at entry (fresh guest RAM past p_filesz; see
     // docs/boot-protocol.md): clearing it would make the host back every
     // .bss page at every boot.
-    mov rdi, rdi                    // cpu
+    xor ecx, ecx                    // entered through the ring-0 prologue
+4:  mov rdi, rdi                    // cpu
     mov rsi, r15                    // boot_params (0 on APs)
     mov rdx, r14                    // TSC at entry
     and rsp, -16
@@ -204,6 +223,35 @@ TSS_ARRAY:
 IDT_PTR:
     .word 256 * 16 - 1
     .quad IDT
+
+    // The ring-3 entry note (guest_abi::entry_note): name, then a
+    // guest_abi::entry_note::Ring3Entry with what the prologue of `_start`
+    // sets up for the boot CPU. Its own output section (linker.ld), so that
+    // the linker gives it a PT_NOTE program header.
+    .section .note.mvmguest, "a", @note
+    .balign 8
+    .long 9                         // n_namesz
+    .long {note_size}               // n_descsz
+    .long {note_type}               // n_type
+    .asciz "MVMGUEST"
+    .balign 4
+    .long {note_magic}
+    .long {note_version}
+    .long {note_size}
+    .word 0x28                      // the boot CPU's TSS descriptor
+    .word {ucs}
+    .word {uds}
+    .word GDT_END - GDT - 1
+    .word 256 * 16 - 1
+    .word {tss_limit}
+    .quad _start_ring3
+    .quad BOOT_STACK + {boot_stack}
+    .quad PML4
+    .quad GDT
+    .quad IDT
+    .quad TSS_ARRAY
+    .quad RING0_STACKS + {r0_size}
+    .balign 4
     "#,
     boot_stack = const BOOT_STACK_SIZE,
     tss_stride = const TSS_STRIDE,
@@ -215,4 +263,8 @@ IDT_PTR:
     max_cpus = const MAX_CPUS,
     bitmap_bytes = const guest_abi::IO_BITMAP_PORTS as usize / 8,
     tss_pad = const TSS_STRIDE - TSS_LIMIT - 1,
+    note_size = const guest_abi::entry_note::ENTRY_SIZE,
+    note_type = const guest_abi::entry_note::NOTE_TYPE,
+    note_magic = const guest_abi::entry_note::ENTRY_MAGIC,
+    note_version = const guest_abi::entry_note::ENTRY_VERSION,
 );

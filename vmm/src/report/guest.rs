@@ -75,7 +75,8 @@ pub fn validate(b: &StatsBlock, mem: &GuestMemoryMmap, vcpus: u8) -> Result<Stra
     let known = stats_flags::GROW_CHECK_ON
         | stats_flags::MEMMAP_ON_MEMORY
         | stats_flags::FULLY_INITIALIZED
-        | stats_flags::JUMP_SITES_PATCHED;
+        | stats_flags::JUMP_SITES_PATCHED
+        | stats_flags::RING3_ENTRY;
     if b.flags & stats_flags::TEST_CORRUPT != 0 {
         return Err(Bad("the guest marked it as test garbage".into()));
     }

@@ -32,6 +32,14 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     }
 }
 
+/// The two words of a present 64-bit TSS descriptor for `base` and `limit`,
+/// marked busy (type 11), as `ltr` leaves it: the state of a descriptor
+/// whose TSS is loaded in `TR`.
+pub fn tss_descriptor(base: u64, limit: u16) -> [u64; 2] {
+    let low = u64::from(limit) | (base & 0xff_ffff) << 16 | 0x8b << 40 | ((base >> 24) & 0xff) << 56;
+    [low, base >> 32]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +55,13 @@ mod tests {
         assert_eq!((tss.selector, tss.type_, tss.s, tss.g), (24, 0xb, 0, 1));
         let null = segment_from_gdt(0, 0);
         assert_eq!(null.unusable, 1);
+    }
+
+    #[test]
+    fn a_tss_descriptor_splits_its_base_as_the_hardware_reads_it() {
+        let [low, high] = tss_descriptor(0x1234_5678_9abc_def0, 0x127);
+        let tss = segment_from_gdt(low, 5);
+        assert_eq!((tss.base, tss.limit, tss.type_, tss.s, tss.present, tss.g), (0x9abc_def0, 0x127, 0xb, 0, 1, 0));
+        assert_eq!(high, 0x1234_5678);
     }
 }
