@@ -186,19 +186,22 @@ pub(crate) struct LayoutTotals {
     pub memmap_bytes: u64,
 }
 
-/// The memmap layout and the init bitmap.
+/// The memmap layout and the init bitmap. `repr(C)`, with the scalars first
+/// and each table after them in the order a boot touches them, so that a
+/// small guest's layout (its ranges and first sections) fits one page.
+#[repr(C)]
 pub(crate) struct Memmap {
     direct_map: *mut u8,
     chunk_shift: u32,
     section_shift: u32,
     on_memory: bool,
-    ram: RangeList,
-    reserved: RangeList,
     /// The single memmap array (empty when `on_memory`).
     global: PfnRange,
     nsections: usize,
-    sections: [Section; MAX_SECTIONS],
     totals: LayoutTotals,
+    ram: RangeList,
+    reserved: RangeList,
+    sections: [Section; MAX_SECTIONS],
     bitmap: [AtomicU64; BITMAP_WORDS],
 }
 
