@@ -812,4 +812,15 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn what_a_boot_writes_of_the_manager_shares_its_first_page() {
+        use core::mem::offset_of;
+        // A 2 GiB guest in 128 MiB sections: 16 section entries.
+        let end = offset_of!(MemoryManager, setup) + offset_of!(Setup, memmap) + Memmap::header_bytes(16);
+        assert!(end <= 4096, "the boot-written header ends at {end:#x}");
+        assert_eq!(core::mem::align_of::<MemoryManager>(), 4096);
+        assert!(offset_of!(Setup, cfg) < offset_of!(Setup, memmap));
+        assert!(offset_of!(MemoryManager, state) < offset_of!(MemoryManager, setup));
+    }
 }
