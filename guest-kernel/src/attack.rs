@@ -238,7 +238,9 @@ const WINDOW: u64 = 512 * GIB;
 
 #[repr(C, align(4096))]
 struct Table([u64; 512]);
+#[link_section = ".bss_pages"]
 static mut WINDOW_PDPT: Table = Table([0; 512]);
+#[link_section = ".bss_pages"]
 static mut WINDOW_PD: Table = Table([0; 512]);
 
 /// Maps the 2 MiB page holding guest-physical `gpa` at window slot `slot`;
@@ -554,6 +556,7 @@ fn race(cpu: u64) -> ! {
 
 /// The record `attack-reclaim` sends (its own, so that the kernel's reclaim
 /// passes keep theirs).
+#[link_section = ".bss_pages"]
 static BOGUS: pv::Shared<ReclaimRecord> = pv::Shared::new(zero_record());
 
 const fn zero_record() -> ReclaimRecord {

@@ -15,18 +15,25 @@ const E820_MAX: usize = 128;
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
 
-/// One e820 entry.
+/// One e820 entry, as `boot_params` holds it (20 bytes, unaligned).
 #[derive(Clone, Copy, Debug, Default)]
+#[repr(C, packed)]
 pub struct E820Entry {
     pub addr: u64,
     pub size: u64,
     pub kind: u32,
 }
 
-/// What the kernel takes from `boot_params`.
+const _: () = assert!(core::mem::size_of::<E820Entry>() == 20);
+
+/// What the kernel takes from `boot_params`: small, since it lives on the
+/// boot stack (a copy of the 128-entry e820 table took 3 KiB there, copied
+/// again on the way to `boot`, and every boot stack page costs the host a
+/// page).
 pub struct BootInfo {
-    pub e820: [E820Entry; E820_MAX],
-    pub e820_len: usize,
+    /// The e820 table, in the zero page itself (never written after the
+    /// VMM, like the command line).
+    pub e820: &'static [E820Entry],
     pub cmdline: &'static str,
     /// The VMM's [`BootOnline`] record, as found (not yet validated: see
     /// `BootOnline::ranges`).
@@ -41,22 +48,14 @@ fn read<T: Copy>(addr: u64) -> T {
 
 /// Parses the zero page at `zero_page`.
 pub fn parse(zero_page: u64) -> BootInfo {
-    let mut info = BootInfo {
-        e820: [E820Entry::default(); E820_MAX],
-        e820_len: 0,
-        cmdline: "",
-        boot_online: None,
-    };
     let n = (read::<u8>(zero_page + E820_ENTRIES as u64) as usize).min(E820_MAX);
-    for i in 0..n {
-        let at = zero_page + (E820_TABLE + i * 20) as u64;
-        info.e820[i] = E820Entry {
-            addr: read(at),
-            size: read(at + 8),
-            kind: read(at + 16),
-        };
-    }
-    info.e820_len = n;
+    // SAFETY: the table's `n` <= 128 entries of 20 bytes end at 0xcd0, inside
+    // the identity-mapped zero page, which nothing writes after the VMM
+    // (the kernel reads it only while booting, and reserves low memory, where
+    // the VMM puts it, before its allocator hands out a page); `E820Entry`
+    // is packed (alignment 1) and any bytes are a valid value.
+    let e820 = unsafe { core::slice::from_raw_parts((zero_page + E820_TABLE as u64) as *const E820Entry, n) };
+    let mut info = BootInfo { e820, cmdline: "", boot_online: None };
     let ptr = read::<u32>(zero_page + CMD_LINE_PTR as u64) as u64;
     let max = match read::<u32>(zero_page + CMDLINE_SIZE as u64) {
         0 => 2048,
@@ -109,9 +108,10 @@ fn find_boot_online(info: &BootInfo, first: u64) -> Option<BootOnline> {
 impl BootInfo {
     /// Usable RAM ranges.
     pub fn ram(&self) -> impl Iterator<Item = &E820Entry> {
-        self.e820[..self.e820_len]
-            .iter()
-            .filter(|e| e.kind == E820_RAM && e.size > 0)
+        self.e820.iter().filter(|e| {
+            let (kind, size) = (e.kind, e.size);
+            kind == E820_RAM && size > 0
+        })
     }
 
     /// End (exclusive) of the highest usable RAM.

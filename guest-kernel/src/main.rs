@@ -37,4 +37,5 @@ mod workload;
 
 /// The kernel's memory manager (one zone, all RAM).
 #[cfg(target_os = "none")]
+#[link_section = ".bss_pages"]
 pub static MM: guest_kernel::mm::MemoryManager = guest_kernel::mm::MemoryManager::empty();

@@ -26,9 +26,14 @@ pub fn present() -> bool {
 
 /// Per-run state of guest RAM registration, indexed by the block number of
 /// the run's start (`guest_abi::online_run`): 0 not online, 1 being
-/// onlined by some CPU, 2 online.
-static BLOCKS: [core::sync::atomic::AtomicU8; MAX_BLOCKS] = [const { core::sync::atomic::AtomicU8::new(0) }; MAX_BLOCKS];
+/// onlined by some CPU, 2 online. 32-byte aligned only to fix its place in
+/// `.bss` (after the small statics and the IDT, see `linker.ld`), so that
+/// the part a small guest uses shares a page with them.
+static BLOCKS: Blocks = Blocks([const { core::sync::atomic::AtomicU8::new(0) }; MAX_BLOCKS]);
 const MAX_BLOCKS: usize = (crate::arch::paging::MAX_PHYS / guest_abi::MEMORY_BLOCK_SIZE) as usize;
+
+#[repr(C, align(32))]
+struct Blocks([core::sync::atomic::AtomicU8; MAX_BLOCKS]);
 
 /// Makes sure the VMM has registered the memory of `[start, end)` with KVM
 /// before this CPU (or any other) uses it: one `MEM_ONLINE` write per
@@ -41,7 +46,7 @@ pub fn online_memory(start: u64, end: u64) {
     let mut run_start = start - start % guest_abi::online_run(start);
     while run_start < end {
         let b = run_start / guest_abi::MEMORY_BLOCK_SIZE;
-        let Some(state) = BLOCKS.get(b as usize) else { return };
+        let Some(state) = BLOCKS.0.get(b as usize) else { return };
         match state.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
                 outl(port::MEM_ONLINE, (run_start >> 20) as u32);
@@ -69,7 +74,7 @@ pub fn mark_online(ranges: &[guest_abi::GpaRange]) {
     }
     for r in ranges {
         for run_start in guest_abi::online_runs_in(r.start, r.start.saturating_add(r.len)) {
-            if let Some(state) = BLOCKS.get((run_start / guest_abi::MEMORY_BLOCK_SIZE) as usize) {
+            if let Some(state) = BLOCKS.0.get((run_start / guest_abi::MEMORY_BLOCK_SIZE) as usize) {
                 state.store(2, Ordering::Release);
             }
         }
@@ -99,6 +104,7 @@ pub fn set_wait_timeout(ms: u32) {
 
 /// The record the boot CPU reports reclaimed memory in (only it runs
 /// reclaim passes, between commands).
+#[link_section = ".bss_pages"]
 static RECLAIM: Shared<ReclaimRecord> = Shared(UnsafeCell::new(zero_record()));
 
 const fn zero_record() -> ReclaimRecord {
@@ -130,7 +136,7 @@ impl ReclaimSink for ReclaimPort {
         let accepted = if n == 64 { accepted } else { accepted & ((1 << n) - 1) };
         for (i, r) in record.ranges[..n].iter().enumerate() {
             if r.kind == reclaim_kind::OFFLINE && accepted & (1 << i) != 0 {
-                if let Some(state) = BLOCKS.get((r.start / guest_abi::MEMORY_BLOCK_SIZE) as usize) {
+                if let Some(state) = BLOCKS.0.get((r.start / guest_abi::MEMORY_BLOCK_SIZE) as usize) {
                     state.store(0, Ordering::Release);
                 }
             }
@@ -154,7 +160,8 @@ pub fn exit(code: u32) -> ! {
     crate::arch::reset()
 }
 
-/// A page-aligned cell shared with the VMM.
+/// A page-aligned cell shared with the VMM. A static of it goes in
+/// `.bss_pages` (`#[link_section = ".bss_pages"]`, see `linker.ld`).
 #[repr(C, align(4096))]
 pub struct Shared<T>(UnsafeCell<T>);
 // SAFETY: the stats block is written only under its sequence counter by the
@@ -172,7 +179,9 @@ impl<T> Shared<T> {
     }
 }
 
+#[link_section = ".bss_pages"]
 pub static STATS: Shared<StatsBlock> = Shared(UnsafeCell::new(zero_stats()));
+#[link_section = ".bss_pages"]
 pub static MAILBOX: Shared<Mailbox> = Shared(UnsafeCell::new(Mailbox {
     magic: 0,
     abi_version: 0,

@@ -40,6 +40,7 @@ pub fn cpu_count() -> u32 {
     arch::inl(port::CPU_COUNT).clamp(1, entry::MAX_CPUS as u32)
 }
 
+#[link_section = ".bss_pages"]
 static AP_BOOT: pv::Shared<ApBoot> = pv::Shared::new(ApBoot {
     magic: 0, abi_version: 0, entry: 0, cr3: 0, stacks_base: 0, stack_size: 0, cpu_count: 0, reserved: 0,
 });

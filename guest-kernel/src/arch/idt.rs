@@ -49,7 +49,10 @@ impl Gate {
     }
 }
 
-#[repr(C, align(4096))]
+/// 16-byte aligned (as the SDM advises), not page-aligned: the linker
+/// script sorts it after the small statics, so that the 32 gates `init`
+/// writes share their page (see `linker.ld`).
+#[repr(C, align(16))]
 pub struct Idt(UnsafeCell<[Gate; 256]>);
 // SAFETY: written only by `init` on the boot CPU before any other CPU runs.
 unsafe impl Sync for Idt {}

@@ -42,7 +42,9 @@ const STATE_BUSY: u8 = 1;
 const STATE_READY: u8 = 2;
 const STATE_FAILED: u8 = 3;
 
-/// What `init` fixes for the manager's lifetime.
+/// What `init` fixes for the manager's lifetime. `repr(C)`: the small
+/// fields ahead of the memmap's tables (see [`MemoryManager`]).
+#[repr(C)]
 struct Setup {
     cfg: MmConfig,
     clock: Option<fn() -> u64>,
@@ -54,12 +56,19 @@ struct Setup {
 /// Its bookkeeping is fixed-size and inside it (about 200 KiB, mostly the
 /// init bitmap), so it lives in a `static` created by [`MemoryManager::empty`]
 /// and is set up in place by [`MemoryManager::init`].
+///
+/// Laid out for a small boot working set (`repr(C)`, page-aligned): the
+/// fields every boot writes (the state, the zone, the counters, the
+/// configuration and the memmap's layout header with its first section
+/// entries) come first and share the manager's first page; the big tables
+/// follow, and a boot writes only the first entries of each.
+#[repr(C, align(4096))]
 pub struct MemoryManager {
     state: AtomicU8,
-    setup: UnsafeCell<Setup>,
-    zone: SpinLock<Zone>,
     growth: GrowState,
     shares: ParallelShares,
+    zone: SpinLock<Zone>,
+    setup: UnsafeCell<Setup>,
 }
 
 // SAFETY: `setup` is written only by `init` while `state` is BUSY (no reader
@@ -802,5 +811,16 @@ mod tests {
                 prop_assert_eq!(vm.mm.stats().allocated_pages, owned.values().map(|o| 1u64 << o).sum::<u64>());
             }
         }
+    }
+
+    #[test]
+    fn what_a_boot_writes_of_the_manager_shares_its_first_page() {
+        use core::mem::offset_of;
+        // A 2 GiB guest in 128 MiB sections: 16 section entries.
+        let end = offset_of!(MemoryManager, setup) + offset_of!(Setup, memmap) + Memmap::header_bytes(16);
+        assert!(end <= 4096, "the boot-written header ends at {end:#x}");
+        assert_eq!(core::mem::align_of::<MemoryManager>(), 4096);
+        assert!(offset_of!(Setup, cfg) < offset_of!(Setup, memmap));
+        assert!(offset_of!(MemoryManager, state) < offset_of!(MemoryManager, setup));
     }
 }

@@ -94,13 +94,24 @@ impl RangeList {
         n: 0,
     };
 
-    /// Normalizes caller ranges: page-rounded (`inner` for RAM, outward for
-    /// reserved memory), empty ones dropped, sorted, overlaps merged.
+    /// A list of `input`, normalized as [`RangeList::set`] does.
+    #[cfg(test)]
     fn build(input: &[PhysRange], inner: bool) -> Result<RangeList, MmInitError> {
+        let mut l = RangeList::EMPTY;
+        l.set(input, inner)?;
+        Ok(l)
+    }
+
+    /// Makes `self` the normalized `input`: page-rounded (`inner` for RAM,
+    /// outward for reserved memory), empty ones dropped, sorted, overlaps
+    /// merged. Sorts and merges in place, so no list is built on the stack
+    /// (two lists of [`MAX_RANGES`] were 2 KiB of boot stack). Leaves `self`
+    /// alone on error.
+    fn set(&mut self, input: &[PhysRange], inner: bool) -> Result<(), MmInitError> {
         if input.len() > MAX_RANGES {
             return Err(MmInitError::TooManyRanges);
         }
-        let mut l = RangeList::EMPTY;
+        self.n = 0;
         for r in input {
             let p = if inner {
                 PfnRange::inner(*r)
@@ -111,27 +122,30 @@ impl RangeList {
                 continue;
             }
             // Insertion sort by start.
-            let mut i = l.n;
-            while i > 0 && l.r[i - 1].start > p.start {
-                l.r[i] = l.r[i - 1];
+            let mut i = self.n;
+            while i > 0 && self.r[i - 1].start > p.start {
+                self.r[i] = self.r[i - 1];
                 i -= 1;
             }
-            l.r[i] = p;
-            l.n += 1;
+            self.r[i] = p;
+            self.n += 1;
         }
-        let mut out = RangeList::EMPTY;
-        for p in &l.r[..l.n] {
-            match out.n.checked_sub(1) {
-                Some(last) if out.r[last].end >= p.start => {
-                    out.r[last].end = out.r[last].end.max(p.end);
+        // Merge: `out` <= `i`, so entry `i` is read before anything lands on it.
+        let mut out = 0usize;
+        for i in 0..self.n {
+            let p = self.r[i];
+            match out.checked_sub(1) {
+                Some(last) if self.r[last].end >= p.start => {
+                    self.r[last].end = self.r[last].end.max(p.end);
                 }
                 _ => {
-                    out.r[out.n] = *p;
-                    out.n += 1;
+                    self.r[out] = p;
+                    out += 1;
                 }
             }
         }
-        Ok(out)
+        self.n = out;
+        Ok(())
     }
 
     pub(crate) fn as_slice(&self) -> &[PfnRange] {
@@ -186,19 +200,22 @@ pub(crate) struct LayoutTotals {
     pub memmap_bytes: u64,
 }
 
-/// The memmap layout and the init bitmap.
+/// The memmap layout and the init bitmap. `repr(C)`, with the scalars first
+/// and each table after them in the order a boot touches them, so that a
+/// small guest's layout (its ranges and first sections) fits one page.
+#[repr(C)]
 pub(crate) struct Memmap {
     direct_map: *mut u8,
     chunk_shift: u32,
     section_shift: u32,
     on_memory: bool,
-    ram: RangeList,
-    reserved: RangeList,
     /// The single memmap array (empty when `on_memory`).
     global: PfnRange,
     nsections: usize,
-    sections: [Section; MAX_SECTIONS],
     totals: LayoutTotals,
+    ram: RangeList,
+    reserved: RangeList,
+    sections: [Section; MAX_SECTIONS],
     bitmap: [AtomicU64; BITMAP_WORDS],
 }
 
@@ -238,6 +255,14 @@ impl Memmap {
         }
     }
 
+    /// Bytes from the start of a `Memmap` to the end of its first `n`
+    /// section entries: what a boot writes of the layout, for a guest with
+    /// `n` sections (the init bitmap excepted).
+    #[cfg(test)]
+    pub(crate) const fn header_bytes(n: usize) -> usize {
+        core::mem::offset_of!(Memmap, sections) + n * core::mem::size_of::<Section>()
+    }
+
     /// Computes the layout. Writes nothing but `self` (not the memmap).
     /// `cfg` must be valid ([`MmConfig::validate`]).
     pub(crate) fn build(
@@ -251,8 +276,8 @@ impl Memmap {
         self.chunk_shift = (cfg.chunk_bytes >> PAGE_SHIFT).trailing_zeros();
         self.section_shift = (cfg.section_bytes >> PAGE_SHIFT).trailing_zeros();
         self.on_memory = cfg.memmap_on_memory;
-        self.ram = RangeList::build(ram, true)?;
-        self.reserved = RangeList::build(reserved, false)?;
+        self.ram.set(ram, true)?;
+        self.reserved.set(reserved, false)?;
         let ram_end = match self.ram.as_slice().last() {
             Some(r) => r.end,
             None => return Err(MmInitError::NoRam),
@@ -802,6 +827,30 @@ mod tests {
         );
         let l = RangeList::build(&[PhysRange::from_len(0x800, 0x1000)], true).unwrap();
         assert!(l.as_slice().is_empty());
+    }
+
+    #[test]
+    fn setting_a_list_replaces_it_and_an_error_leaves_it_alone() {
+        let mut l = RangeList::build(&[PhysRange::from_len(0, 0x10_000)], false).unwrap();
+        l.set(
+            &[
+                PhysRange::from_len(0x9000, 0x1000),
+                PhysRange::from_len(0x2000, 0x3000),
+                PhysRange::from_len(0x4000, 0x2000),
+                PhysRange::from_len(0x7000, 0x1000),
+            ],
+            false,
+        )
+        .unwrap();
+        let want = [
+            PfnRange { start: Pfn(2), end: Pfn(6) },
+            PfnRange { start: Pfn(7), end: Pfn(8) },
+            PfnRange { start: Pfn(9), end: Pfn(10) },
+        ];
+        assert_eq!(l.as_slice(), &want);
+        let many = [PhysRange::from_len(0, 4096); MAX_RANGES + 1];
+        assert!(matches!(l.set(&many, false), Err(MmInitError::TooManyRanges)));
+        assert_eq!(l.as_slice(), &want);
     }
 
     #[test]
