@@ -172,22 +172,28 @@ _start_ring3:
     call kernel_entry               // by name: crate::kernel's #[no_mangle] fn
     ud2
 
-    // Static identity map of the first GiB with 2 MiB pages, user-accessible
-    // (the kernel runs in ring 3). More is mapped at boot by paging::map_ram.
+    // Static identity map of the first two GiB with 2 MiB pages,
+    // user-accessible (the kernel runs in ring 3); the second GiB's page
+    // directory is paging::PD1. More is mapped at boot by paging::map_ram.
+    // Every entry has its accessed bit (and the 2 MiB pages their dirty bit)
+    // set already: a page walk then has nothing to write, so on a
+    // shadow-paging host these pages stay the image's shared page-cache
+    // pages instead of becoming a private copy in every VM.
     .section .data.pagetables, "aw"
     .balign 4096
     .global PML4
 PML4:
-    .quad PDPT + 0x7
+    .quad PDPT + 0x27
     .fill 511, 8, 0
     .global PDPT
 PDPT:
-    .quad PD0 + 0x7
-    .fill 511, 8, 0
+    .quad PD0 + 0x27
+    .quad PD1 + 0x27
+    .fill 510, 8, 0
 PD0:
     .set i, 0
     .rept 512
-    .quad (i << 21) | 0x87
+    .quad (i << 21) | 0xe7
     .set i, i + 1
     .endr
 

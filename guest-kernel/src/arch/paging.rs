@@ -1,10 +1,11 @@
 //! Identity mapping of all RAM, user-accessible (the kernel runs in ring 3).
 //!
-//! The first GiB is mapped by static tables (`entry.rs`). [`map_ram`] maps the
-//! rest with 2 MiB pages: the second GiB with a page directory filled at
-//! build time (`PD1`, in `.data`), the others by writing spare page
-//! directories from `.noinit`, and links them into the PDPT. It runs in ring 3, natively: only the PDPT
-//! writes trap (the PDPT is a live page table that the hypervisor shadows).
+//! The first two GiB are mapped by static tables (`entry.rs`, whose PDPT
+//! links the second GiB's page directory `PD1`, filled at build time, in
+//! `.data`). [`map_ram`] maps the rest with 2 MiB pages, by writing spare page
+//! directories from `.noinit`, and links them into the PDPT. It runs in ring
+//! 3, natively: only the PDPT writes trap (the PDPT is a live page table that
+//! the hypervisor shadows). A guest of at most 2 GiB writes no page table.
 //! Entries go from not-present to present, so no TLB flush is needed.
 
 use super::entry::PDPT;
@@ -35,6 +36,8 @@ unsafe impl Sync for PageDirectory {}
 /// (a spare directory written at boot costs each VM a page of host memory).
 /// Its accessed and dirty bits are set so that a shadow-paging hypervisor,
 /// which sets them on a page walk, has no reason to write (and so copy) it.
+/// `entry.rs`'s PDPT links it by name.
+#[export_name = "PD1"]
 static PD1: PageDirectory = PageDirectory(UnsafeCell::new(gib_entries(1, ACCESSED_DIRTY)));
 
 /// The 512 entries that identity-map GiB `g` with 2 MiB pages.
@@ -57,20 +60,17 @@ pub fn map_ram(end: u64) -> u64 {
     let end = end.min(MAX_PHYS);
     let gibs = end.div_ceil(GIB) as usize;
     let pdpt = (&raw const PDPT) as *mut u64;
-    for g in 1..gibs {
-        let pd = if g == 1 {
-            PD1.0.get() as *mut u64
-        } else {
-            // SAFETY: g - 2 < SPARE_PDS because end <= MAX_PHYS; the spare
-            // tables are used only here, once, on the boot CPU.
-            let pd = unsafe { (&raw mut SPARE.0[g - 2]) as *mut u64 };
-            for i in 0..512u64 {
-                let phys = g as u64 * GIB + (i << 21);
-                // SAFETY: `i` < 512, inside this page directory.
-                unsafe { pd.add(i as usize).write_volatile(phys | PD_ENTRY) };
-            }
-            pd
-        };
+    // GiB 1 is linked statically (`entry.rs`): writing its entry again, even
+    // with the same value, would make the PDPT a private page.
+    for g in 2..gibs {
+        // SAFETY: g - 2 < SPARE_PDS because end <= MAX_PHYS; the spare
+        // tables are used only here, once, on the boot CPU.
+        let pd = unsafe { (&raw mut SPARE.0[g - 2]) as *mut u64 };
+        for i in 0..512u64 {
+            let phys = g as u64 * GIB + (i << 21);
+            // SAFETY: `i` < 512, inside this page directory.
+            unsafe { pd.add(i as usize).write_volatile(phys | PD_ENTRY) };
+        }
         // SAFETY: `g` < 64 < 512; the PDPT is the kernel's own page table,
         // mapped writable; the entry was not present before.
         unsafe { pdpt.add(g).write_volatile(pd as u64 | 0x7) };
