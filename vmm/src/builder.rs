@@ -103,7 +103,9 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
     let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages.is_enabled())?;
     let entry = image.load(&mem, config.machine.huge_pages.is_enabled())?;
-    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
+    // The boot GDT and page tables follow with the vCPUs, only if a vCPU
+    // enters through them (`create_vcpus`).
+    arch::write_boot_info(&mem, &config.guest_cmdline())?;
 
     // 3. Registration with KVM: the blocks that hold the boot data (the
     //    first) and the kernel's segments, wherever it is linked. The guest
@@ -152,7 +154,7 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     //    valid note, except on `--legacy-only`, which boots as Firecracker
     //    does (at `_start`, in ring 0).
     let ring3 = image.ring3_entry().ok().filter(|_| !config.legacy_only);
-    let boot = BootEntry { entry, ring3: ring3.as_ref().map(|e| (&mem, e)) };
+    let boot = BootEntry { entry, ring3: ring3.as_ref().map(|e| (&mem, e)), tables: Some((&mem, config.legacy_only)) };
     let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, &boot)?;
 
     Ok(Vm::new(VmParts {
@@ -182,6 +184,11 @@ struct Vcpus {
 struct BootEntry<'a> {
     entry: GuestAddress,
     ring3: Option<(&'a vm_memory::GuestMemoryMmap, &'a guest_abi::entry_note::Ring3Entry)>,
+    /// Where to write the VMM's boot GDT and page tables
+    /// ([`arch::write_entry_tables`], the flag being its `first_gib_only`)
+    /// if a vCPU needs them: the boot vCPU entering in ring 0, or
+    /// application processors (which use the GDT).
+    tables: Option<(&'a vm_memory::GuestMemoryMmap, bool)>,
 }
 
 /// Creates `count` vCPUs, each with `cpuid` (KVM's supported CPUID,
@@ -207,6 +214,11 @@ fn create_vcpus(vm_fd: &VmFd, cpuid: Option<CpuId>, count: u8, boot: &BootEntry)
                 .ring3
                 .and_then(|(mem, e)| arch::ring3_entry_state(mem, initial, e).ok())
                 .filter(|(s, r)| vcpu.set_sregs(s).and_then(|()| vcpu.set_regs(r)).is_ok());
+            if ring3.is_none() || count > 1 {
+                if let Some((mem, first_gib_only)) = boot.tables {
+                    arch::write_entry_tables(mem, first_gib_only)?;
+                }
+            }
             out.boot_sregs = match ring3 {
                 Some((sregs, _)) => sregs,
                 None => {
@@ -413,7 +425,7 @@ mod tests {
         let image = Image::read(&crate::config::KernelImage::Embedded).unwrap();
         let e = image.ring3_entry().unwrap();
         let (_kvm, vm_fd, mem, entry) = vm_with(&image);
-        let vcpus = create_vcpus(&vm_fd, None, 2, &BootEntry { entry, ring3: Some((&mem, &e)) }).unwrap();
+        let vcpus = create_vcpus(&vm_fd, None, 2, &BootEntry { entry, ring3: Some((&mem, &e)), tables: None }).unwrap();
         let (s, r) = (vcpus.fds[0].get_sregs().unwrap(), vcpus.fds[0].get_regs().unwrap());
         assert_eq!((s.cs.selector, s.cs.dpl, s.ss.selector, s.ss.dpl), (e.user_cs, 3, e.user_ss, 3));
         assert_eq!((s.tr.selector, s.tr.base, s.gdt.base, s.idt.base, s.cr3), (e.tss_selector, e.tss_base, e.gdt_base, e.idt_base, e.cr3));
@@ -422,13 +434,13 @@ mod tests {
         assert_eq!(mem.read_obj::<u64>(GuestAddress(e.tss_base + 4)).unwrap(), e.rsp0, "TSS.RSP0 as the prologue sets it");
         // Without a note: the ELF entry, in ring 0, on the VMM's GDT.
         let (_kvm, vm_fd, _mem, entry) = vm_with(&image);
-        let vcpus = create_vcpus(&vm_fd, None, 1, &BootEntry { entry, ring3: None }).unwrap();
+        let vcpus = create_vcpus(&vm_fd, None, 1, &BootEntry { entry, ring3: None, tables: None }).unwrap();
         let (s, r) = (vcpus.fds[0].get_sregs().unwrap(), vcpus.fds[0].get_regs().unwrap());
         assert_eq!((s.cs.dpl, s.cr3, r.rip), (0, layout::PML4_START, entry.0));
         // A note whose user selectors name the guest's kernel segments.
         let (_kvm, vm_fd, mem, entry) = vm_with(&image);
         let kernel = guest_abi::entry_note::Ring3Entry { user_cs: 0x08 | 3, user_ss: 0x10 | 3, ..e };
-        let vcpus = create_vcpus(&vm_fd, None, 1, &BootEntry { entry, ring3: Some((&mem, &kernel)) }).unwrap();
+        let vcpus = create_vcpus(&vm_fd, None, 1, &BootEntry { entry, ring3: Some((&mem, &kernel)), tables: None }).unwrap();
         assert_eq!((vcpus.fds[0].get_sregs().unwrap().cs.dpl, vcpus.fds[0].get_regs().unwrap().rip), (0, entry.0));
     }
 

@@ -36,12 +36,39 @@ pub enum ArchSetupError {
 /// With `first_gib_only` the page tables map only the first GiB, as
 /// Firecracker's do.
 pub fn write_boot_data(mem: &GuestMemoryMmap, cmdline: &str, first_gib_only: bool) -> Result<(), ArchSetupError> {
+    write_boot_info(mem, cmdline)?;
+    write_entry_tables(mem, first_gib_only)
+}
+
+/// Writes what every guest reads, however it is entered: the command line
+/// and `boot_params` (the first half of [`write_boot_data`]).
+pub fn write_boot_info(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), ArchSetupError> {
     if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
         return Err(ArchSetupError::CmdlineTooLong { len: cmdline.len(), max: CMDLINE_MAX_SIZE - 1 });
     }
     if cmdline.contains('\0') {
         return Err(ArchSetupError::CmdlineNul);
     }
+    let gm = |what| move |source| ArchSetupError::GuestMemory { what, source };
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_START)).map_err(gm("the command line"))?;
+
+    let params = build_boot_params(mem, cmdline.len());
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+        &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
+        mem,
+    )
+    .map_err(ArchSetupError::BootParams)
+}
+
+/// Writes the boot GDT, IDT and identity page tables that a vCPU entering
+/// in ring 0 at the kernel's ELF entry runs on (the second half of
+/// [`write_boot_data`]); application processors use the GDT. A single
+/// vCPU started at the guest's ring-3 entry (`guest_abi::entry_note`) uses
+/// the guest's own tables, so the builder leaves these five pages unwritten
+/// then, and the host never backs them.
+pub fn write_entry_tables(mem: &GuestMemoryMmap, first_gib_only: bool) -> Result<(), ArchSetupError> {
     let gm = |what| move |source| ArchSetupError::GuestMemory { what, source };
     for (i, e) in BOOT_GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_START + i as u64 * 8)).map_err(gm("the GDT"))?;
@@ -55,16 +82,7 @@ pub fn write_boot_data(mem: &GuestMemoryMmap, cmdline: &str, first_gib_only: boo
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_le_bytes()).collect();
         mem.write_slice(&bytes, GuestAddress(addr)).map_err(gm("page tables"))?;
     }
-    let mut bytes = cmdline.as_bytes().to_vec();
-    bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_START)).map_err(gm("the command line"))?;
-
-    let params = build_boot_params(mem, cmdline.len());
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
-        &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
-        mem,
-    )
-    .map_err(ArchSetupError::BootParams)
+    Ok(())
 }
 
 /// Lists `registered` (guest-physical `[start, end)` ranges registered with

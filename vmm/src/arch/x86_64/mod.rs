@@ -14,7 +14,7 @@ pub mod layout;
 pub mod paging;
 pub mod regs;
 
-pub use boot_data::{write_boot_data, write_boot_online, ArchSetupError};
+pub use boot_data::{write_boot_data, write_boot_info, write_boot_online, write_entry_tables, ArchSetupError};
 pub use cpuid::patch_cpuid;
 pub use layout::ram_ranges;
 pub use regs::{ap_regs, boot_fpu, boot_regs, long_mode_sregs, ring3_entry_state, Ring3SetupError};
