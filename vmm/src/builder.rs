@@ -12,12 +12,12 @@ use crate::memory::reclaim::ReclaimPolicy;
 use crate::memory::{self, RamError, RegisterError, Registrar};
 use crate::metrics::Metrics;
 use crate::timings::Timings;
-use crate::vstate::boot_thread::BootThread;
+use crate::vstate::boot_thread::{BootThread, Job};
 use crate::vstate::vm::{Vm, VmParts, VCPU_STACK};
 use kvm_bindings::{kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use vm_memory::GuestAddress;
 
 /// Why a VM could not be built. [`BuildError::is_usage`] tells the user's
@@ -90,9 +90,7 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     let image = Image::read(&config.kernel)?;
     let console = open_console(&config.serial, config.serial_max_bytes)?;
 
-    // 2. The KVM VM, its RAM, and what the guest finds at its first
-    //    instruction: its ELF segments, page tables, GDT, command line and
-    //    boot_params (written through the host mapping; KVM is not involved).
+    // 2. The KVM VM and its RAM.
     let kvm = open_kvm(&config.kvm_path)?;
     // The boot vCPU's thread starts now: it fetches the supported CPUID and
     // installs its seccomp filter while this thread goes on (see
@@ -102,8 +100,6 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         .map_err(BuildError::Thread)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
     let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages.is_enabled())?;
-    let entry = image.load(&mem, config.machine.huge_pages.is_enabled())?;
-    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
 
     // 3. Registration with KVM: the blocks that hold the boot data (the
     //    first) and the kernel's segments, wherever it is linked. The guest
@@ -114,18 +110,31 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     //    registered now too, so that no memslot changes once its vCPU runs,
     //    and the guest finds all that is registered listed in its boot data
     //    (`guest_abi::BootOnline`), so it writes no `MEM_ONLINE` for it.
+    //    Every memslot KVM adds waits for an SRCU grace period (0.1 to
+    //    several ms), and nothing but the first `KVM_RUN` needs them, so
+    //    the boot ranges (known from the config, the image and the RAM) are
+    //    registered on the boot vCPU's thread, ahead of its run loop, while
+    //    this thread goes on (the rest of this step, steps 4 and 5); step 6
+    //    waits for them.
     let registrar = Arc::new(Registrar::new(vm_fd.clone(), mem.clone(), kvm.get_nr_memslots()));
-    if config.register_all_memory || config.legacy_only {
+    let registration = if config.register_all_memory || config.legacy_only {
         registrar.register_all()?;
+        ctx.timings.mark_once(&ctx.timings.vm_created);
+        None
     } else {
         let mut boot = image.segments();
         boot.push((0, 1));
         let first_chunk = ondemand_boot_ranges(&config, &image.segments(), &mem);
         boot.extend(first_chunk.iter().flatten().map(|r| (r.start, r.start + r.len)));
-        registrar.register_ranges(&boot)?;
-    }
-    arch::write_boot_online(&mem, &registrar.registered_ranges())?;
-    ctx.timings.mark_once(&ctx.timings.vm_created);
+        Some(PendingRegistration::start(&boot_thread, registrar.clone(), boot, ctx.timings.clone()))
+    };
+
+    //    Meanwhile, what the guest finds at its first instruction: its ELF
+    //    segments, page tables, GDT, command line and boot_params (written
+    //    through the host mapping; KVM reads none of it before the first
+    //    `KVM_RUN`).
+    let entry = image.load(&mem, config.machine.huge_pages.is_enabled())?;
+    arch::write_boot_data(&mem, &config.guest_cmdline(), config.legacy_only)?;
 
     // 4. The devices on the port bus.
     let devices = Arc::new(Devices::new(
@@ -138,7 +147,7 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     ));
     if let Some(pv) = devices.paravirt() {
         pv.set_vcpu_count(u32::from(config.machine.vcpu_count));
-        pv.set_registrar(registrar);
+        pv.set_registrar(registrar.clone());
         // What the guest may give back: never the boot data (low memory)
         // or the kernel's segments.
         let mut protected = image.segments();
@@ -149,6 +158,14 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.
     let cpuid = boot_thread.supported_cpuid().or_else(|| kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok());
     let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, entry)?;
+
+    // 6. The boot registration (step 3) has finished before the VM exists,
+    //    so the vCPU never runs without it and its failure fails the build;
+    //    the guest's boot data lists exactly what it registered.
+    if let Some(pending) = registration {
+        pending.wait()?;
+    }
+    arch::write_boot_online(&mem, &registrar.registered_ranges())?;
 
     Ok(Vm::new(VmParts {
         config,
@@ -162,6 +179,43 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         events: ctx.events.clone(),
         boot_thread: Some(boot_thread),
     }))
+}
+
+/// The boot ranges' registration (step 3), handed to the boot vCPU's thread.
+struct PendingRegistration {
+    registrar: Arc<Registrar>,
+    ranges: Vec<(u64, u64)>,
+    timings: Arc<Timings>,
+    result: mpsc::Receiver<Result<(), RegisterError>>,
+}
+
+impl PendingRegistration {
+    /// Has `thread` register `ranges` ahead of its run loop, or registers
+    /// them now on this thread if `thread` is gone.
+    fn start(thread: &BootThread, registrar: Arc<Registrar>, ranges: Vec<(u64, u64)>, timings: Arc<Timings>) -> Self {
+        let (tx, result) = mpsc::channel();
+        let (r, g, t) = (registrar.clone(), ranges.clone(), timings.clone());
+        let job: Job = Box::new(move || {
+            let _ = tx.send(register_boot(&r, &g, &t));
+        });
+        if let Err(job) = thread.ahead(job) {
+            job();
+        }
+        PendingRegistration { registrar, ranges, timings, result }
+    }
+
+    /// Waits for the registration's result; registers the ranges here if
+    /// the thread ended without running the job.
+    fn wait(self) -> Result<(), RegisterError> {
+        self.result.recv().unwrap_or_else(|_| register_boot(&self.registrar, &self.ranges, &self.timings))
+    }
+}
+
+/// Registers the boot `ranges` and marks `vm_created` once they are.
+fn register_boot(registrar: &Registrar, ranges: &[(u64, u64)], timings: &Timings) -> Result<(), RegisterError> {
+    registrar.register_ranges(ranges)?;
+    timings.mark_once(&timings.vm_created);
+    Ok(())
 }
 
 /// The vCPUs of a VM, the boot one set up for entry.
