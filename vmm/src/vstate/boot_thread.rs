@@ -141,7 +141,7 @@ mod tests {
         drop(gone);
         let t = BootThread { cpuid: None, jobs, handle: std::thread::spawn(|| {}) };
         let (tx, rx) = mpsc::channel();
-        let back = t.ahead(Box::new(move || tx.send(()).unwrap())).err().expect("the job comes back");
+        let Err(back) = t.ahead(Box::new(move || tx.send(()).unwrap())) else { panic!("the job comes back") };
         assert!(rx.try_recv().is_err(), "not run");
         back();
         assert!(rx.try_recv().is_ok(), "the caller can run it");
