@@ -12,12 +12,12 @@ use crate::memory::reclaim::ReclaimPolicy;
 use crate::memory::{self, RamError, RegisterError, Registrar};
 use crate::metrics::Metrics;
 use crate::timings::Timings;
-use crate::vstate::boot_thread::{BootThread, Job};
+use crate::vstate::boot_thread::BootThread;
 use crate::vstate::vm::{Vm, VmParts, VCPU_STACK};
 use kvm_bindings::{kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use vm_memory::GuestAddress;
 
 /// Why a VM could not be built. [`BuildError::is_usage`] tells the user's
@@ -113,11 +113,14 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     //    Every memslot KVM adds waits for an SRCU grace period (0.1 to
     //    several ms), and nothing but the first `KVM_RUN` needs them, so
     //    the boot ranges (known from the config, the image and the RAM) are
-    //    registered on the boot vCPU's thread, ahead of its run loop, while
-    //    this thread goes on (the rest of this step, steps 4 and 5); step 6
+    //    handed to the boot vCPU's thread, to register ahead of its run loop
+    //    while this thread goes on (the rest of this step, step 4). If the
+    //    thread has not begun by step 5 (it is still fetching the CPUID, or
+    //    not yet scheduled on a loaded host), this thread registers them
+    //    itself then, so that the thread fetches the CPUID meanwhile; step 6
     //    waits for them.
     let registrar = Arc::new(Registrar::new(vm_fd.clone(), mem.clone(), kvm.get_nr_memslots()));
-    let registration = if config.register_all_memory || config.legacy_only {
+    let mut registration = if config.register_all_memory || config.legacy_only {
         registrar.register_all()?;
         ctx.timings.mark_once(&ctx.timings.vm_created);
         None
@@ -126,7 +129,8 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         boot.push((0, 1));
         let first_chunk = ondemand_boot_ranges(&config, &image.segments(), &mem);
         boot.extend(first_chunk.iter().flatten().map(|r| (r.start, r.start + r.len)));
-        Some(PendingRegistration::start(&boot_thread, registrar.clone(), boot, ctx.timings.clone()))
+        let (r, g, t) = (registrar.clone(), boot.clone(), ctx.timings.clone());
+        Some((boot_thread.hand(move || register_boot(&r, &g, &t)), boot))
     };
 
     //    Meanwhile, what the guest finds at its first instruction: its ELF
@@ -156,14 +160,19 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     }
 
     // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.
+    if let Some((handed, _)) = registration.as_mut() {
+        handed.run_here_unless_begun();
+    }
     let cpuid = boot_thread.supported_cpuid().or_else(|| kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok());
     let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, entry)?;
 
     // 6. The boot registration (step 3) has finished before the VM exists,
     //    so the vCPU never runs without it and its failure fails the build;
     //    the guest's boot data lists exactly what it registered.
-    if let Some(pending) = registration {
-        pending.wait()?;
+    if let Some((handed, boot)) = registration {
+        // `None`: the thread began and ended without finishing (it cannot
+        // panic in a release build, which aborts); register here.
+        handed.wait().unwrap_or_else(|| register_boot(&registrar, &boot, &ctx.timings))?;
     }
     arch::write_boot_online(&mem, &registrar.registered_ranges())?;
 
@@ -179,36 +188,6 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         events: ctx.events.clone(),
         boot_thread: Some(boot_thread),
     }))
-}
-
-/// The boot ranges' registration (step 3), handed to the boot vCPU's thread.
-struct PendingRegistration {
-    registrar: Arc<Registrar>,
-    ranges: Vec<(u64, u64)>,
-    timings: Arc<Timings>,
-    result: mpsc::Receiver<Result<(), RegisterError>>,
-}
-
-impl PendingRegistration {
-    /// Has `thread` register `ranges` ahead of its run loop, or registers
-    /// them now on this thread if `thread` is gone.
-    fn start(thread: &BootThread, registrar: Arc<Registrar>, ranges: Vec<(u64, u64)>, timings: Arc<Timings>) -> Self {
-        let (tx, result) = mpsc::channel();
-        let (r, g, t) = (registrar.clone(), ranges.clone(), timings.clone());
-        let job: Job = Box::new(move || {
-            let _ = tx.send(register_boot(&r, &g, &t));
-        });
-        if let Err(job) = thread.ahead(job) {
-            job();
-        }
-        PendingRegistration { registrar, ranges, timings, result }
-    }
-
-    /// Waits for the registration's result; registers the ranges here if
-    /// the thread ended without running the job.
-    fn wait(self) -> Result<(), RegisterError> {
-        self.result.recv().unwrap_or_else(|_| register_boot(&self.registrar, &self.ranges, &self.timings))
-    }
 }
 
 /// Registers the boot `ranges` and marks `vm_created` once they are.

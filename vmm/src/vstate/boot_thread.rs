@@ -24,7 +24,7 @@ use crate::seccomp::{self, ThreadKind};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 use std::ffi::CString;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// What the thread runs: a job ahead of the run loop, or the vCPU's run loop.
@@ -37,6 +37,9 @@ enum Message {
     /// Run it, then return: the vCPU's run loop ([`BootThread::start`]).
     Run(Job),
 }
+
+/// Work for [`BootThread::hand`], which returns a `T`.
+type Work<T> = Box<dyn FnOnce() -> T + Send>;
 
 /// A vCPU thread that runs ahead of its vCPU.
 pub struct BootThread {
@@ -88,6 +91,24 @@ impl BootThread {
         })
     }
 
+    /// Hands `work` to the thread as an ahead-job ([`BootThread::ahead`])
+    /// that the caller may take back while the thread has not begun it
+    /// ([`Handed::run_here_unless_begun`]): whoever begins it first runs
+    /// it, once. If the thread is gone, the caller runs it.
+    pub fn hand<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Handed<T> {
+        let work: Arc<Mutex<Option<Work<T>>>> = Arc::new(Mutex::new(Some(Box::new(work))));
+        let (tx, result) = mpsc::channel();
+        let slot = work.clone();
+        // A job that comes back (the thread is gone) is dropped: the work
+        // stays in its slot for the caller.
+        let _ = self.ahead(Box::new(move || {
+            if let Some(work) = take(&slot) {
+                let _ = tx.send(work());
+            }
+        }));
+        Handed { work, result, here: None }
+    }
+
     /// Runs `job` on the thread once the ahead-jobs sent before it have run
     /// (its seccomp filter is in place by then); returns the thread's
     /// handle.
@@ -97,6 +118,42 @@ impl BootThread {
             .map_err(|_| std::io::Error::other("the vCPU thread ended before its vCPU started"))?;
         Ok(self.handle)
     }
+}
+
+/// Work handed to the boot thread ([`BootThread::hand`]), run by the thread
+/// ahead of its run loop or by the caller, whichever begins it first.
+pub struct Handed<T> {
+    work: Arc<Mutex<Option<Work<T>>>>,
+    result: mpsc::Receiver<T>,
+    here: Option<T>,
+}
+
+impl<T> Handed<T> {
+    /// Runs the work on this thread now unless the boot thread has begun
+    /// it (or it ran here before); returns whether it ran here now.
+    pub fn run_here_unless_begun(&mut self) -> bool {
+        match take(&self.work) {
+            Some(work) => {
+                self.here = Some(work());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The work's result: waits for the boot thread if it began the work,
+    /// runs it here if nobody has. `None` if the thread began it and ended
+    /// without finishing it.
+    pub fn wait(mut self) -> Option<T> {
+        self.run_here_unless_begun();
+        self.here.or_else(|| self.result.recv().ok())
+    }
+}
+
+/// Takes the work out of its slot: the one who gets it runs it.
+fn take<T>(slot: &Mutex<Option<Work<T>>>) -> Option<Work<T>> {
+    // A plain slot, consistent at every step: a panic elsewhere leaves it usable.
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 #[cfg(test)]
@@ -146,5 +203,37 @@ mod tests {
         back();
         assert!(rx.try_recv().is_ok(), "the caller can run it");
         assert!(t.start(Box::new(|| {})).is_err());
+    }
+
+    #[test]
+    fn handed_work_runs_once_on_whichever_thread_begins_it() {
+        let name = || std::thread::current().name().map(String::from);
+        // The thread is held up by an ahead-job until the caller lets it
+        // go, so the caller takes the work back before the thread begins it.
+        let t = BootThread::spawn("vcpu5".into(), 256 << 10, c"/nonexistent/kvm".into()).unwrap();
+        let (go, held) = mpsc::channel::<()>();
+        assert!(t.ahead(Box::new(move || held.recv().unwrap())).is_ok());
+        let mut h = t.hand(name);
+        assert!(h.run_here_unless_begun(), "the thread has not begun it");
+        assert!(!h.run_here_unless_begun(), "it ran once");
+        go.send(()).unwrap();
+        assert_eq!(h.wait(), Some(name()), "run here");
+        t.start(Box::new(|| {})).unwrap().join().unwrap();
+
+        // The thread begins it first (its run job starts after it): the
+        // caller can no longer take it back and waits for its result.
+        let t = BootThread::spawn("vcpu6".into(), 256 << 10, c"/nonexistent/kvm".into()).unwrap();
+        let mut h = t.hand(name);
+        let (ran, ran_rx) = mpsc::channel();
+        t.start(Box::new(move || ran.send(()).unwrap())).unwrap().join().unwrap();
+        ran_rx.recv().unwrap();
+        assert!(!h.run_here_unless_begun(), "begun by the thread");
+        assert_eq!(h.wait(), Some(Some("vcpu6".to_string())));
+
+        // Handed to a thread that is gone: the caller runs it.
+        let (jobs, gone) = mpsc::channel();
+        drop(gone);
+        let t = BootThread { cpuid: None, jobs, handle: std::thread::spawn(|| {}) };
+        assert_eq!(t.hand(name).wait(), Some(name()));
     }
 }
