@@ -6,10 +6,14 @@
 //!   host `cpuid` instruction the kernel runs to answer it traps;
 //! - installing the vCPU thread's seccomp filter: the kernel checks and
 //!   JIT-compiles it, about 0.3 ms;
-//! - whatever the builder hands it to run ahead of the run loop
+//! - whatever the builder gives it to run ahead of the run loop
 //!   ([`BootThread::ahead`]): the boot memslots, whose every
 //!   `KVM_SET_USER_MEMORY_REGION` waits for an SRCU grace period (a kworker
-//!   round trip, 0.1 to several ms).
+//!   round trip, 0.1 to several ms). They are *handed* to it
+//!   ([`BootThread::hand`]): work the main thread takes back and runs
+//!   itself if the thread has not begun it by the time the main thread
+//!   would rather not wait (the thread still fetching the CPUID, or not yet
+//!   scheduled on a busy host).
 //!
 //! The thread does the first two while the main thread creates the VM, maps
 //! guest RAM and loads the kernel (which asks KVM for the CPUID itself if the
