@@ -90,9 +90,7 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     let image = Image::read(&config.kernel)?;
     let console = open_console(&config.serial, config.serial_max_bytes)?;
 
-    // 2. The KVM VM, its RAM, and what the guest finds at its first
-    //    instruction: its ELF segments, page tables, GDT, command line and
-    //    boot_params (written through the host mapping; KVM is not involved).
+    // 2. The KVM VM and its RAM.
     let kvm = open_kvm(&config.kvm_path)?;
     // The boot vCPU's thread starts now: it fetches the supported CPUID and
     // installs its seccomp filter while this thread goes on (see
@@ -102,10 +100,6 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         .map_err(BuildError::Thread)?;
     let vm_fd = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
     let mem = memory::create_ram(&arch::ram_ranges(config.mem_bytes()), config.machine.huge_pages.is_enabled())?;
-    let entry = image.load(&mem, config.machine.huge_pages.is_enabled())?;
-    // The boot GDT and page tables follow with the vCPUs, only if a vCPU
-    // enters through them (`create_vcpus`).
-    arch::write_boot_info(&mem, &config.guest_cmdline())?;
 
     // 3. Registration with KVM: the blocks that hold the boot data (the
     //    first) and the kernel's segments, wherever it is linked. The guest
@@ -116,18 +110,36 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     //    registered now too, so that no memslot changes once its vCPU runs,
     //    and the guest finds all that is registered listed in its boot data
     //    (`guest_abi::BootOnline`), so it writes no `MEM_ONLINE` for it.
+    //    Every memslot KVM adds waits for an SRCU grace period (0.1 to
+    //    several ms), and nothing but the first `KVM_RUN` needs them, so
+    //    the boot ranges (known from the config, the image and the RAM) are
+    //    handed to the boot vCPU's thread, to register ahead of its run loop
+    //    while this thread goes on (the rest of this step, step 4). If the
+    //    thread has not begun by step 5 (it is still fetching the CPUID, or
+    //    not yet scheduled on a loaded host), this thread registers them
+    //    itself then, so that the thread fetches the CPUID meanwhile; step 6
+    //    waits for them.
     let registrar = Arc::new(Registrar::new(vm_fd.clone(), mem.clone(), kvm.get_nr_memslots()));
-    if config.register_all_memory || config.legacy_only {
+    let mut registration = if config.register_all_memory || config.legacy_only {
         registrar.register_all()?;
+        ctx.timings.mark_once(&ctx.timings.vm_created);
+        None
     } else {
         let mut boot = image.segments();
         boot.push((0, 1));
         let first_chunk = ondemand_boot_ranges(&config, &image.segments(), &mem);
         boot.extend(first_chunk.iter().flatten().map(|r| (r.start, r.start + r.len)));
-        registrar.register_ranges(&boot)?;
-    }
-    arch::write_boot_online(&mem, &registrar.registered_ranges())?;
-    ctx.timings.mark_once(&ctx.timings.vm_created);
+        let (r, g, t) = (registrar.clone(), boot.clone(), ctx.timings.clone());
+        Some((boot_thread.hand(move || register_boot(&r, &g, &t)), boot))
+    };
+
+    //    Meanwhile, what the guest finds at its first instruction: its ELF
+    //    segments, command line and boot_params (written through the host
+    //    mapping; KVM reads none of it before the first `KVM_RUN`). The
+    //    boot GDT and page tables follow with the vCPUs, only if a vCPU
+    //    enters through them (`create_vcpus`).
+    let entry = image.load(&mem, config.machine.huge_pages.is_enabled())?;
+    arch::write_boot_info(&mem, &config.guest_cmdline())?;
 
     // 4. The devices on the port bus.
     let devices = Arc::new(Devices::new(
@@ -140,7 +152,7 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     ));
     if let Some(pv) = devices.paravirt() {
         pv.set_vcpu_count(u32::from(config.machine.vcpu_count));
-        pv.set_registrar(registrar);
+        pv.set_registrar(registrar.clone());
         // What the guest may give back: never the boot data (low memory)
         // or the kernel's segments.
         let mut protected = image.segments();
@@ -149,6 +161,9 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     }
 
     // 5. The vCPUs: CPUID for each, the boot vCPU's registers for 64-bit entry.
+    if let Some((handed, _)) = registration.as_mut() {
+        handed.run_here_unless_begun();
+    }
     let cpuid = boot_thread.supported_cpuid().or_else(|| kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok());
     //    The boot vCPU starts at the guest's ring-3 entry if its image has a
     //    valid note, except on `--legacy-only`, which boots as Firecracker
@@ -156,6 +171,16 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
     let ring3 = image.ring3_entry().ok().filter(|_| !config.legacy_only);
     let boot = BootEntry { entry, ring3: ring3.as_ref().map(|e| (&mem, e)), tables: Some((&mem, config.legacy_only)) };
     let vcpus = create_vcpus(&vm_fd, cpuid, config.machine.vcpu_count, &boot)?;
+
+    // 6. The boot registration (step 3) has finished before the VM exists,
+    //    so the vCPU never runs without it and its failure fails the build;
+    //    the guest's boot data lists exactly what it registered.
+    if let Some((handed, boot)) = registration {
+        // `None`: the thread began and ended without finishing (it cannot
+        // panic in a release build, which aborts); register here.
+        handed.wait().unwrap_or_else(|| register_boot(&registrar, &boot, &ctx.timings))?;
+    }
+    arch::write_boot_online(&mem, &registrar.registered_ranges())?;
 
     Ok(Vm::new(VmParts {
         config,
@@ -169,6 +194,13 @@ pub fn build_microvm(config: VmConfig, ctx: &BuildContext) -> Result<Vm, BuildEr
         events: ctx.events.clone(),
         boot_thread: Some(boot_thread),
     }))
+}
+
+/// Registers the boot `ranges` and marks `vm_created` once they are.
+fn register_boot(registrar: &Registrar, ranges: &[(u64, u64)], timings: &Timings) -> Result<(), RegisterError> {
+    registrar.register_ranges(ranges)?;
+    timings.mark_once(&timings.vm_created);
+    Ok(())
 }
 
 /// The vCPUs of a VM, the boot one set up for entry.

@@ -186,8 +186,9 @@ impl Image {
     /// Loads the ELF segments into guest memory from 1 MiB up; returns the
     /// entry point. Whole pages of the segments are mapped from the image's
     /// file where they can be (never when `huge_pages` backs the RAM); the
-    /// rest is copied. Call it once, on fresh guest RAM, before the RAM is
-    /// registered with KVM.
+    /// rest is copied. Call it once, on fresh guest RAM, before the boot
+    /// vCPU first runs (the RAM may be registered with KVM by then: KVM
+    /// looks up the host mapping only when the guest touches a page).
     pub fn load(&self, mem: &GuestMemoryMmap, huge_pages: bool) -> Result<GuestAddress, LoadError> {
         self.load_into(mem, huge_pages).map(|l| l.entry)
     }
