@@ -390,6 +390,18 @@ mod tests {
             rec.ranges(c.mem_bytes()).expect("a valid record").iter().map(|r| (r.start, r.start + r.len)).collect();
         assert_eq!(listed, registrar.registered_ranges());
         assert_eq!(listed.iter().map(|(s, e)| e - s).sum::<u64>(), vm.devices.registered_bytes());
+        // One vCPU, started at the built-in guest's ring-3 entry: the VMM's
+        // boot GDT and page tables are not written (their pages stay
+        // unbacked); with a second vCPU (whose start uses the GDT) they are.
+        let low = |vm: &Vm| {
+            [layout::GDT_START, layout::PML4_START, layout::PDPT_START, layout::PD_START]
+                .map(|a| memory::resident_bytes(&vm.mem, GuestAddress(a), 1))
+        };
+        assert_eq!(low(&vm), [0; 4]);
+        let mut two = c.clone();
+        two.machine.vcpu_count = 2;
+        let vm2 = build_microvm(two, &ctx).unwrap();
+        assert!(low(&vm2).iter().all(|&b| b == 4096), "{:?}", low(&vm2));
         // Other strategies predict nothing; the user's own memmap words
         // count as the guest counts them (later words win).
         let mut eager = c.clone();
