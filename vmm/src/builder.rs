@@ -440,16 +440,7 @@ mod tests {
         };
         let built = registrar(&vm).expect("the paravirtual device tracks registration");
         vm.start().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            match rx.try_recv() {
-                Ok(crate::events::VmEvent::Phase(guest_abi::Phase::Ready)) => break,
-                Ok(crate::events::VmEvent::VcpuStopped { reason, .. }) => panic!("stopped before ready: {reason:?}"),
-                Ok(_) => {}
-                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
-                Err(e) => panic!("no Ready within 60 s: {e}"),
-            }
-        }
+        wait_ready(&mut rx);
         assert_eq!(built.2, 0);
         assert_eq!(registrar(&vm), Some(built), "(slots, bytes, MEM_ONLINE writes) at build and at ready, on_memory {on_memory}, {cmdline:?}");
         vm.stop();
