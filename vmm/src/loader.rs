@@ -304,21 +304,19 @@ fn plan(image: &[u8], mem: &GuestMemoryMmap) -> Option<Plan> {
     const PT_LOAD: u32 = 1;
     const PT_NOTE: u32 = 4;
     let u16_at = |o: usize| field::<2>(image, o, 0).map(u16::from_le_bytes);
-    let u32_at = |o: usize, at: usize| field::<4>(image, o, at).map(u32::from_le_bytes);
     let u64_at = |o: usize, at: usize| field::<8>(image, o, at).map(u64::from_le_bytes);
     let (entry, phoff, entsize, count) = (u64_at(0x18, 0)?, u64_at(0x20, 0)?, u16_at(0x36)?, u16_at(0x38)?);
-    if entsize != 56 || phoff < 64 || entry < HIMEM_START {
+    let headers = program_headers(image);
+    if entsize != 56 || phoff < 64 || entry < HIMEM_START || headers.len() != usize::from(count) {
         return None;
     }
     let mut segments = Vec::new();
-    for i in 0..usize::from(count) {
-        let h = usize::try_from(phoff).ok()?.checked_add(i * 56)?;
-        match u32_at(h, 0)? {
+    for h in &headers {
+        match h.kind {
             // A note `linux-loader` reads as it does ours (no PVH entry, no
             // header past the segment) changes nothing; others go to it.
             PT_NOTE => {
-                let (offset, filesz) = (u64_at(h, 8)?, u64_at(h, 0x20)?);
-                let notes = notes(segment_bytes(image, offset, filesz)?)?;
+                let notes = notes(segment_bytes(image, h.offset, h.filesz)?)?;
                 if notes.iter().any(|n| n.name == PVH_NOTE_NAME) {
                     return None;
                 }
@@ -327,12 +325,7 @@ fn plan(image: &[u8], mem: &GuestMemoryMmap) -> Option<Plan> {
             PT_LOAD => {}
             _ => continue,
         }
-        let s = Segment {
-            offset: u64_at(h, 8)?,
-            paddr: u64_at(h, 0x18)?,
-            filesz: u64_at(h, 0x20)?,
-            memsz: u64_at(h, 0x28)?,
-        };
+        let s = Segment { offset: h.offset, paddr: h.paddr, filesz: h.filesz, memsz: h.memsz };
         if s.filesz == 0 {
             continue; // `linux-loader` skips these too
         }
@@ -474,7 +467,8 @@ fn load_segments(image: &[u8]) -> Vec<(u64, u64)> {
 /// The name of the PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`).
 const PVH_NOTE_NAME: &[u8] = b"Xen\0";
 
-/// One ELF program header, as far as the ring-3 entry note needs it.
+/// One ELF program header, as far as the mapped-load plan and the ring-3
+/// entry note need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Phdr {
     kind: u32,
